@@ -1,0 +1,175 @@
+//! Types shared by the kernel programs (`mesh-ebpf`) and the node agent (`mesh-agent`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so the byte layout the kernel
+//! sees is the one user space writes. Addresses are always stored as 16 bytes: IPv4 as
+//! an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), so one map serves both families.
+//! Addresses are in network byte order (as the kernel hands them out), ports in host
+//! byte order.
+#![no_std]
+
+/// `SO_MARK` set on every socket the agent opens. The `connect4/6` programs never
+/// redirect a socket carrying it, so the agent cannot capture its own traffic.
+pub const BYPASS_MARK: u32 = 0x0004_d3a1;
+
+/// Outbound listener the agent holds inside each enrolled pod's network namespace.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture (PERMISSIVE) inside each enrolled pod's network namespace.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Inbound mTLS (HBONE) listener inside each enrolled pod's network namespace.
+pub const INBOUND_TUNNEL_PORT: u16 = 15008;
+/// Prometheus metrics, on the node.
+pub const METRICS_PORT: u16 = 15020;
+/// Readiness, on the node.
+pub const READINESS_PORT: u16 = 15021;
+
+/// Map names, one definition shared by the kernel object and the loader.
+pub mod maps {
+    /// netns cookie -> [`super::EnrolledNetns`]: network namespaces of enrolled pods.
+    pub const ENROLLED_NETNS: &str = "MESH_ENROLLED_NETNS";
+    /// [`super::ServiceKey`] -> [`super::ServiceValue`]: mesh services (ClusterIP, port, proto).
+    pub const SERVICES: &str = "MESH_SERVICES";
+    /// socket cookie -> [`super::OrigDst`]: written by `connect4/6`, read by `getpeername4/6`
+    /// and by `sock_ops` to fill [`PEER_ORIG_DST`].
+    pub const SOCK_ORIG_DST: &str = "MESH_SOCK_ORIG_DST";
+    /// [`super::PeerKey`] -> [`super::OrigDst`]: the same record, keyed by what the agent
+    /// sees on the accepted socket (netns of the listener, client address and port).
+    pub const PEER_ORIG_DST: &str = "MESH_PEER_ORIG_DST";
+    /// Per-CPU counters, indexed by [`super::counters`].
+    pub const COUNTERS: &str = "MESH_COUNTERS";
+}
+
+/// Program names in the object file.
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const GETPEERNAME4: &str = "mesh_getpeername4";
+    pub const GETPEERNAME6: &str = "mesh_getpeername6";
+    pub const SOCK_OPS: &str = "mesh_sock_ops";
+}
+
+/// Bounds of every map. LRU maps hold entries that may be orphaned (a socket that
+/// closes before the agent reads its record); the hash maps are owned by the agent.
+pub mod limits {
+    pub const ENROLLED_NETNS: u32 = 4096;
+    pub const SERVICES: u32 = 65536;
+    pub const SOCK_ORIG_DST: u32 = 65536;
+    pub const PEER_ORIG_DST: u32 = 65536;
+}
+
+/// Indices into the per-CPU counter array.
+pub mod counters {
+    /// connect() from an enrolled netns to a mesh service, redirected to the agent.
+    pub const REDIRECTED: u32 = 0;
+    /// connect() from an enrolled netns that carried the bypass mark.
+    pub const BYPASS_MARK: u32 = 1;
+    /// connect() from an enrolled netns to a destination that is not a mesh service.
+    pub const NOT_A_SERVICE: u32 = 2;
+    /// A record could not be written (map full, or the kernel refused).
+    pub const MAP_UPDATE_FAILED: u32 = 3;
+    /// getpeername() answered with the original destination.
+    pub const PEERNAME_RESTORED: u32 = 4;
+    pub const LEN: u32 = 8;
+}
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Value of [`maps::ENROLLED_NETNS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledNetns {
+    /// Reserved for per-pod flags (inbound mode, ...). Zero today.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`maps::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// ClusterIP, 16 bytes, network byte order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Service port, host byte order.
+    pub port: u16,
+    /// IP protocol number ([`PROTO_TCP`], ...).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`maps::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Reserved for per-service flags. Zero today.
+    pub flags: u32,
+}
+
+/// The destination an application asked for before `connect4/6` rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network namespace cookie of the socket that called connect().
+    pub netns_cookie: u64,
+    /// Original destination address, 16 bytes, network byte order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Original destination port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of [`maps::PEER_ORIG_DST`]: the client end of a redirected connection as the
+/// agent sees it on the socket it accepted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// Network namespace cookie of the pod (the agent knows it from the listener).
+    pub netns_cookie: u64,
+    /// Client address, 16 bytes, network byte order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Client port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The 16-byte form of an IPv4 address in network byte order, as `::ffff:a.b.c.d`.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, made of integers and byte arrays, with all
+    // padding spelled out as fields, so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::EnrolledNetns {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PeerKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EnrolledNetns>(), 8);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 4);
+        assert_eq!(size_of::<OrigDst>(), 32);
+        assert_eq!(size_of::<PeerKey>(), 32);
+    }
+
+    #[test]
+    fn v4_mapped_is_the_ipv6_mapped_form() {
+        assert_eq!(
+            v4_mapped([10, 96, 0, 20]),
+            core::net::Ipv4Addr::new(10, 96, 0, 20)
+                .to_ipv6_mapped()
+                .octets()
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! Kernel programs of the mesh. Small on purpose: they find out whether a socket
+//! belongs to the mesh and record or restore addresses; every decision that needs
+//! policy lives in the agent.
+#![no_std]
+#![no_main]
+
+mod addr;
+mod connect;
+mod maps;
+mod peername;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic, so this is
+    // never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,33 @@
+//! The maps, named as in `mesh_common::maps` (the static's name is the map's name).
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use mesh_common::{EnrolledNetns, OrigDst, PeerKey, ServiceKey, ServiceValue, counters, limits};
+
+#[map]
+pub static MESH_ENROLLED_NETNS: HashMap<u64, EnrolledNetns> =
+    HashMap::with_max_entries(limits::ENROLLED_NETNS, 0);
+
+#[map]
+pub static MESH_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(limits::SERVICES, 0);
+
+#[map]
+pub static MESH_SOCK_ORIG_DST: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(limits::SOCK_ORIG_DST, 0);
+
+#[map]
+pub static MESH_PEER_ORIG_DST: LruHashMap<PeerKey, OrigDst> =
+    LruHashMap::with_max_entries(limits::PEER_ORIG_DST, 0);
+
+#[map]
+pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::LEN, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = MESH_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs do not migrate while running.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,53 @@
+//! `sock_ops`: when a redirected connection is established, re-key its original
+//! destination by what the agent sees on the accepted socket (pod netns, client
+//! address, client port). The source port is only known once the kernel has bound it,
+//! which is why `connect4/6` cannot write this record itself.
+//!
+//! ACTIVE_ESTABLISHED runs on the client as it processes the SYN-ACK, before it sends
+//! the final ACK, so the record exists before the agent can accept the connection.
+use aya_ebpf::{
+    EbpfContext, bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie,
+    macros::sock_ops, programs::SockOpsContext,
+};
+use core::ptr::addr_of_mut;
+use mesh_common::{PeerKey, counters};
+
+use crate::{
+    addr::read_ip6,
+    maps::{MESH_PEER_ORIG_DST, MESH_SOCK_ORIG_DST, count},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[sock_ops]
+pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        record_peer(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn record_peer(ctx: &SockOpsContext) -> Option<()> {
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the map can change it.
+    let orig = unsafe { MESH_SOCK_ORIG_DST.get(&cookie) }.copied()?;
+    let addr = match ctx.family() {
+        AF_INET => mesh_common::v4_mapped(ctx.local_ip4().to_ne_bytes()),
+        // SAFETY: local_ip6 is a readable 4-word field of the context.
+        AF_INET6 => read_ip6(unsafe { addr_of_mut!((*ctx.ops).local_ip6) }),
+        _ => return None,
+    };
+    let key = PeerKey {
+        netns_cookie: orig.netns_cookie,
+        addr,
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    if MESH_PEER_ORIG_DST.insert(&key, &orig, 0).is_err() {
+        count(counters::MAP_UPDATE_FAILED);
+    }
+    Some(())
+}
