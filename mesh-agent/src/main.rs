@@ -1,12 +1,41 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
-    let mut ebpf = aya::Ebpf::load(obj).unwrap();
-    for (name, p) in ebpf.programs_mut() {
-        let r = match p {
-            aya::programs::Program::CgroupSockAddr(p) => p.load(),
-            aya::programs::Program::SockOps(p) => p.load(),
-            _ => Ok(()),
-        };
-        println!("{name}: {:?}", r);
+//! `mesh-agent`: the node agent. Everything lives in modules named for their concern;
+//! this file only parses the command line and starts the runtime.
+#![forbid(clippy::unwrap_used)]
+
+mod app;
+mod bpf;
+mod cli;
+mod config;
+mod inpod;
+mod proxy;
+mod state;
+mod telemetry;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    match cli.command {
+        cli::Command::Run(args) => {
+            telemetry::init_logging(args.log_format, "info");
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("mesh-agent: cannot start the runtime: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(app::run(args)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("mesh-agent: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

@@ -27,7 +27,12 @@ pub fn write_ip6(words: *mut [u32; 4], addr: &[u8; 16]) {
     let base = words.cast::<u32>();
     let mut i = 0;
     while i < 4 {
-        let w = u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]]);
+        let w = u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ]);
         // SAFETY: `words` points at a writable 4-word field of a context struct.
         unsafe { write_volatile(base.add(i), w) };
         i += 1;

@@ -47,7 +47,11 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     if capture(&ctx, dst, port).is_some() {
         // An IPv4-mapped destination goes out as IPv4, so it must land on the IPv4
         // listener; a real IPv6 destination lands on the [::1] listener.
-        let lo = if is_v4_mapped(&dst) { &LOOPBACK_V4_MAPPED } else { &LOOPBACK_V6 };
+        let lo = if is_v4_mapped(&dst) {
+            &LOOPBACK_V4_MAPPED
+        } else {
+            &LOOPBACK_V6
+        };
         // SAFETY: user_ip6 and user_port are writable in connect6.
         unsafe {
             write_ip6(addr_of_mut!((*sa).user_ip6), lo);
@@ -81,7 +85,12 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Option<()> 
     }
 
     let port = u16::from_be(port_field as u16);
-    let key = ServiceKey { addr: dst, port, proto: PROTO_TCP, _pad: 0 };
+    let key = ServiceKey {
+        addr: dst,
+        port,
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
     // SAFETY: read-only lookup.
     if unsafe { MESH_SERVICES.get(&key) }.is_none() {
         count(counters::NOT_A_SERVICE);
@@ -90,7 +99,12 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Option<()> 
 
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst { netns_cookie: netns, addr: dst, port, _pad: [0; 6] };
+    let orig = OrigDst {
+        netns_cookie: netns,
+        addr: dst,
+        port,
+        _pad: [0; 6],
+    };
     if MESH_SOCK_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
         // Without a record the agent could not route the connection: leave it alone
         // rather than hand the agent a connection it must refuse.

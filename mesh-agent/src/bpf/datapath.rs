@@ -1,0 +1,209 @@
+//! Loading, attaching and pinning the kernel programs, and taking them away again.
+//!
+//! Layout under the per-node pin directory:
+//!   <pin_dir>/maps/<MAP>     every map, so bpftool and a restarted agent can see them
+//!   <pin_dir>/links/<prog>   every cgroup link
+//! A clean shutdown removes all of it, which detaches the programs (a link lives as long
+//! as a pin or an fd refers to it). Stale pins from an agent that crashed are removed
+//! at start, so two generations never run side by side.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use mesh_common::{counters, programs};
+use tracing::{debug, info, warn};
+
+use super::maps::MeshMaps;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot open cgroup {}: {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare pin directory {}: {source}", path.display())]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name}: link: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("pinning {what}: {source}")]
+    Pin {
+        what: String,
+        source: aya::pin::PinError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+}
+
+/// The kernel object, as compiled by build.rs from `mesh-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
+
+/// The loaded and attached data path. Dropping it without [`Datapath::shutdown`] leaves
+/// the pins (and so the programs) in place, as after a crash.
+pub struct Datapath {
+    // Kept alive: owns the program and map fds.
+    _ebpf: Ebpf,
+    links: Vec<PinnedLink>,
+    pin_dir: PathBuf,
+    pub maps: std::sync::Arc<MeshMaps>,
+}
+
+impl Datapath {
+    pub fn load(cgroup: &Path, pin_dir: &Path) -> Result<Datapath, DatapathError> {
+        let pin_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatapathError::PinDir { path, source }
+        };
+        remove_pins(pin_dir).map_err(pin_err(pin_dir))?;
+        let link_dir = pin_dir.join("links");
+        let map_dir = pin_dir.join("maps");
+        std::fs::create_dir_all(&link_dir).map_err(pin_err(&link_dir))?;
+        std::fs::create_dir_all(&map_dir).map_err(pin_err(&map_dir))?;
+
+        let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let mut ebpf = Ebpf::load(OBJECT)?;
+
+        // AllowMultiple: coexist with other programs on the same cgroup (systemd's,
+        // a CNI's) instead of replacing them.
+        let mode = CgroupAttachMode::AllowMultiple;
+        let mut links = Vec::new();
+        let mut attached = Vec::new();
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog_err = |source| DatapathError::Program { name, source };
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { name })?
+                .try_into()
+                .map_err(prog_err)?;
+            prog.load().map_err(prog_err)?;
+            let id = prog.attach(&cgroup_file, mode).map_err(prog_err)?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err)?)
+                .map_err(|source| DatapathError::Link { name, source })?;
+            links.push(pin_link(link, &link_dir, name)?);
+            attached.push(name);
+        }
+        {
+            let name = programs::SOCK_OPS;
+            let prog_err = |source| DatapathError::Program { name, source };
+            let prog: &mut SockOps = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { name })?
+                .try_into()
+                .map_err(prog_err)?;
+            prog.load().map_err(prog_err)?;
+            let id = prog.attach(&cgroup_file, mode).map_err(prog_err)?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err)?)
+                .map_err(|source| DatapathError::Link { name, source })?;
+            links.push(pin_link(link, &link_dir, name)?);
+            attached.push(name);
+        }
+
+        for (name, map) in ebpf.maps() {
+            map.pin(map_dir.join(name))
+                .map_err(|source| DatapathError::Pin {
+                    what: format!("map {name}"),
+                    source,
+                })?;
+        }
+        let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf)?);
+        info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), programs = ?attached,
+            "eBPF programs attached");
+        Ok(Datapath {
+            _ebpf: ebpf,
+            links,
+            pin_dir: pin_dir.to_owned(),
+            maps,
+        })
+    }
+
+    /// Detaches every program and removes every pin and the pin directory.
+    pub fn shutdown(self) {
+        let Datapath {
+            _ebpf,
+            links,
+            pin_dir,
+            maps,
+        } = self;
+        let c = maps.counters();
+        info!(
+            redirected = c[counters::REDIRECTED as usize],
+            bypass_mark = c[counters::BYPASS_MARK as usize],
+            not_a_service = c[counters::NOT_A_SERVICE as usize],
+            map_update_failed = c[counters::MAP_UPDATE_FAILED as usize],
+            peername_restored = c[counters::PEERNAME_RESTORED as usize],
+            "kernel counters"
+        );
+        for link in links {
+            match link.unpin() {
+                // Dropping the last fd of an unpinned link detaches the program.
+                Ok(fd_link) => drop(fd_link),
+                Err(e) => warn!(error = %e, "cannot unpin link"),
+            }
+        }
+        drop(maps);
+        drop(_ebpf);
+        if let Err(e) = remove_pins(&pin_dir) {
+            warn!(dir = %pin_dir.display(), error = %e, "cannot remove pins");
+        }
+        info!(pins = %pin_dir.display(), "eBPF programs detached and unpinned");
+    }
+}
+
+fn pin_link(link: FdLink, dir: &Path, name: &'static str) -> Result<PinnedLink, DatapathError> {
+    link.pin(dir.join(name))
+        .map_err(|source| DatapathError::Pin {
+            what: format!("link {name}"),
+            source,
+        })
+}
+
+/// Removes a pin directory tree. On bpffs, unlinking a pin drops the kernel reference:
+/// a stale link pin removed here detaches the program it held.
+fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {
+            debug!(dir = %dir.display(), "removed pins");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

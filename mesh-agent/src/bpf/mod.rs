@@ -1,0 +1,9 @@
+//! Everything that touches the kernel's eBPF objects: finding cgroup v2 and bpffs,
+//! loading and attaching the programs, and typed access to the maps.
+mod datapath;
+mod fs;
+mod maps;
+
+pub use datapath::Datapath;
+pub use fs::{cgroup2_mount, ensure_bpffs};
+pub use maps::{MeshMaps, ServiceAddr};

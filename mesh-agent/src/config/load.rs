@@ -1,0 +1,171 @@
+//! Reading a config directory: every `*.yaml` / `*.yml` file, each holding one or more
+//! YAML documents, each document one Kubernetes object. Either the whole directory is
+//! valid and becomes a new [`Config`], or the first error is returned and the caller
+//! keeps the config it had.
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::{
+    error::{ConfigError, FieldError},
+    model::Config,
+    translate,
+};
+
+/// The kinds the agent understands, by `apiVersion` and `kind`.
+const KNOWN: &[(&str, &str)] = &[
+    ("v1", "Service"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),
+    ("v1", "Pod"),
+];
+
+/// Lists the config files of `dir` in a stable order. Hidden files are skipped, so an
+/// editor's swap files and Kubernetes' `..data` links do not count twice.
+pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if yaml && !name.starts_with('.') && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    for path in config_files(dir)? {
+        let text = fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        load_text(&path, &text, &mut config, &mut seen)?;
+    }
+    Ok(config)
+}
+
+/// Parses one file's text into `config`. `seen` catches an object defined twice.
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    config: &mut Config,
+    seen: &mut HashMap<String, PathBuf>,
+) -> Result<(), ConfigError> {
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document = index + 1;
+        let value = Value::deserialize(doc).map_err(|e| ConfigError::Yaml {
+            path: path.to_owned(),
+            document,
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        let object_err = |object: String, source: FieldError| ConfigError::Object {
+            path: path.to_owned(),
+            object,
+            source,
+        };
+        let api_version = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+        let label = describe(&value, kind, document);
+        if api_version.is_empty() {
+            return Err(object_err(
+                label,
+                FieldError::new("apiVersion", "is required"),
+            ));
+        }
+        if kind.is_empty() {
+            return Err(object_err(label, FieldError::new("kind", "is required")));
+        }
+        if !KNOWN.contains(&(api_version, kind)) {
+            let known: Vec<String> = KNOWN.iter().map(|(a, k)| format!("{a}/{k}")).collect();
+            return Err(object_err(
+                label,
+                FieldError::new(
+                    "kind",
+                    format!(
+                        "{api_version}/{kind} is not supported; expected one of {}",
+                        known.join(", ")
+                    ),
+                ),
+            ));
+        }
+        let key = format!("{kind} {}", label_name(&value));
+        if let Some(first) = seen.get(&key) {
+            return Err(ConfigError::Duplicate {
+                path: path.to_owned(),
+                object: label,
+                first: first.clone(),
+            });
+        }
+        seen.insert(key, path.to_owned());
+
+        let result = match kind {
+            "Service" => typed(value)
+                .and_then(|s| translate::service(&s))
+                .map(|s| config.services.push(s)),
+            "EndpointSlice" => typed(value)
+                .and_then(|s| translate::endpoint_slice(&s))
+                .map(|s| config.endpoint_slices.push(s)),
+            _ => typed(value)
+                .and_then(|p| translate::pod(&p))
+                .map(|p| config.pods.push(p)),
+        };
+        result.map_err(|e| object_err(label, e))?;
+    }
+    Ok(())
+}
+
+/// Deserializes into a k8s-openapi type, reporting the path of the offending field.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." {
+            "(object)".to_owned()
+        } else {
+            field
+        };
+        FieldError::new(field, e.into_inner().to_string())
+    })
+}
+
+fn label_name(value: &Value) -> String {
+    let meta = value.get("metadata");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match meta.and_then(|m| m.get("name")).and_then(Value::as_str) {
+        Some(name) => format!("{ns}/{name}"),
+        None => format!("{ns}/(unnamed)"),
+    }
+}
+
+/// `Service default/web`, or `document 3` when the object has no kind yet.
+fn describe(value: &Value, kind: &str, document: usize) -> String {
+    if kind.is_empty() {
+        format!("document {document}")
+    } else {
+        format!("{kind} {}", label_name(value))
+    }
+}

@@ -1,0 +1,16 @@
+//! Config: Kubernetes objects from a directory of YAML files, watched and hot-reloaded.
+mod error;
+mod load;
+mod model;
+mod translate;
+mod watch;
+
+#[cfg(test)]
+pub use error::ConfigError;
+#[cfg(test)]
+pub use load::load_dir;
+pub use model::*;
+pub use watch::{ConfigWatch, Generation};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+use std::{collections::HashMap, path::Path};
+
+use super::{load::load_text, *};
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    load_text(
+        Path::new("/cfg/app.yaml"),
+        text,
+        &mut config,
+        &mut HashMap::new(),
+    )?;
+    Ok(config)
+}
+
+fn err(text: &str) -> String {
+    match parse(text) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const GOOD: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.1.5]
+  nodeName: node-1
+- addresses: [10.244.2.5]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: shop
+  annotations: {mesh.dev/netns: /var/run/netns/client}
+spec:
+  nodeName: node-1
+  serviceAccountName: shopper
+  containers: [{name: c, image: busybox}]
+status: {podIP: 10.244.1.9}
+---
+"#;
+
+#[test]
+fn parses_services_slices_and_pods() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.services.len(), 1);
+    let svc = &c.services[0];
+    assert_eq!(svc.id.to_string(), "shop/web");
+    assert_eq!(
+        svc.cluster_ips,
+        vec!["10.96.0.20".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(svc.ports[0].target_port, TargetPort::Number(8080));
+    let slice = &c.endpoint_slices[0];
+    assert_eq!(slice.service_name, "web");
+    assert!(
+        slice.endpoints[0].ready,
+        "absent ready condition means ready"
+    );
+    assert!(!slice.endpoints[1].ready);
+    let pod = &c.pods[0];
+    assert_eq!(pod.node_name.as_deref(), Some("node-1"));
+    assert_eq!(pod.service_account, "shopper");
+    assert_eq!(
+        pod.netns.as_deref(),
+        Some(Path::new("/var/run/netns/client"))
+    );
+    assert!(pod.enroll);
+}
+
+#[test]
+fn malformed_yaml_names_the_file_and_position() {
+    let e = err("apiVersion: v1\nkind: Service\nmetadata: {name: web\n");
+    assert!(
+        e.starts_with("/cfg/app.yaml: document 1: malformed YAML"),
+        "{e}"
+    );
+    assert!(e.contains("line"), "{e}");
+}
+
+#[test]
+fn unknown_kind_names_the_object_and_field() {
+    let e = err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\n");
+    assert!(
+        e.starts_with("/cfg/app.yaml: ConfigMap default/settings: field `kind`"),
+        "{e}"
+    );
+    assert!(e.contains("not supported"), "{e}");
+}
+
+#[test]
+fn invalid_service_port_names_the_field() {
+    let e = err(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 70000}]\n",
+    );
+    assert_eq!(
+        e,
+        "/cfg/app.yaml: Service default/web: field `spec.ports[0].port`: 70000 is not a port number (1-65535)"
+    );
+}
+
+#[test]
+fn wrongly_typed_field_reports_its_path() {
+    let e = err(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: eighty}]\n",
+    );
+    assert!(
+        e.starts_with("/cfg/app.yaml: Service default/web: field `spec.ports[0].port`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_cluster_ip_and_missing_label_are_rejected() {
+    let e = err(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.999}\n",
+    );
+    assert!(e.contains("field `spec.clusterIP`"), "{e}");
+    let e = err(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n",
+    );
+    assert!(
+        e.contains("EndpointSlice default/s: field `metadata.labels[kubernetes.io/service-name]`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_objects_are_rejected() {
+    let doc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {}\n";
+    let e = err(&format!("{doc}---\n{doc}"));
+    assert!(e.contains("Service default/web is defined twice"), "{e}");
+}
+
+#[test]
+fn headless_services_have_no_cluster_ip() {
+    let c = parse("apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None, ports: [{port: 5432}]}\n").unwrap();
+    assert!(c.services[0].cluster_ips.is_empty());
+}
+
+#[test]
+fn load_dir_reads_only_yaml_files_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("a.yml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
+    std::fs::write(dir.path().join(".swap.yaml"), "not yaml: [").unwrap();
+    let c = load_dir(dir.path()).unwrap();
+    let names: Vec<_> = c.services.iter().map(|s| s.id.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+}

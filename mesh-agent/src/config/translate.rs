@@ -1,0 +1,219 @@
+//! Kubernetes objects (k8s-openapi types) -> the agent's model, checking every field the
+//! data path relies on. The same functions will serve objects from the Kubernetes API.
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use super::{
+    error::FieldError,
+    model::{
+        ENROLL_ANNOTATION, Endpoint, EndpointSlice, NETNS_ANNOTATION, NamespacedName, Pod,
+        Protocol, SERVICE_NAME_LABEL, Service, ServicePort, SlicePort, TargetPort,
+    },
+};
+
+type Result<T> = std::result::Result<T, FieldError>;
+
+pub fn object_id(meta: &ObjectMeta) -> Result<NamespacedName> {
+    let name = match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => n.to_owned(),
+        _ => return Err(FieldError::new("metadata.name", "is required")),
+    };
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    Ok(NamespacedName { namespace, name })
+}
+
+fn port(value: i32, field: String) -> Result<u16> {
+    match u16::try_from(value) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(FieldError::new(
+            field,
+            format!("{value} is not a port number (1-65535)"),
+        )),
+    }
+}
+
+fn protocol(value: Option<&str>, field: String) -> Result<Protocol> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => Err(FieldError::new(
+            field,
+            format!("unknown protocol {other:?} (TCP, UDP or SCTP)"),
+        )),
+    }
+}
+
+fn ip(value: &str, field: String) -> Result<IpAddr> {
+    value
+        .parse()
+        .map_err(|_| FieldError::new(field, format!("{value:?} is not an IP address")))
+}
+
+pub fn service(svc: &core::Service) -> Result<Service> {
+    let id = object_id(&svc.metadata)?;
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or_else(|| FieldError::new("spec", "is required"))?;
+
+    let mut cluster_ips = Vec::new();
+    match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => {
+            for (i, v) in ips.iter().enumerate() {
+                if v != "None" {
+                    cluster_ips.push(ip(v, format!("spec.clusterIPs[{i}]"))?);
+                }
+            }
+        }
+        (_, Some(v)) if v != "None" && !v.is_empty() => {
+            cluster_ips.push(ip(v, "spec.clusterIP".to_owned())?)
+        }
+        _ => {}
+    }
+
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let svc_port = port(p.port, format!("spec.ports[{i}].port"))?;
+        let target_port = match &p.target_port {
+            None => TargetPort::Number(svc_port),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(port(*n, format!("spec.ports[{i}].targetPort"))?)
+            }
+            Some(IntOrString::String(s)) if s.is_empty() => {
+                return Err(FieldError::new(
+                    format!("spec.ports[{i}].targetPort"),
+                    "is empty",
+                ));
+            }
+            Some(IntOrString::String(s)) => TargetPort::Name(s.clone()),
+        };
+        ports.push(ServicePort {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port: svc_port,
+            target_port,
+            protocol: protocol(p.protocol.as_deref(), format!("spec.ports[{i}].protocol"))?,
+        });
+    }
+    Ok(Service {
+        id,
+        cluster_ips,
+        ports,
+    })
+}
+
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice> {
+    let id = object_id(&slice.metadata)?;
+    let service_name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned()
+        .ok_or_else(|| {
+            FieldError::new(
+                format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                "is required: it names the Service this slice belongs to",
+            )
+        })?;
+    match slice.address_type.as_str() {
+        "IPv4" | "IPv6" => {}
+        other => {
+            return Err(FieldError::new(
+                "addressType",
+                format!("{other:?} is not supported (IPv4 or IPv6)"),
+            ));
+        }
+    }
+
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(n) = p.port else {
+            return Err(FieldError::new(format!("ports[{i}].port"), "is required"));
+        };
+        ports.push(SlicePort {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port: port(n, format!("ports[{i}].port"))?,
+            protocol: protocol(p.protocol.as_deref(), format!("ports[{i}].protocol"))?,
+        });
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        let mut addresses = Vec::new();
+        for (j, a) in e.addresses.iter().enumerate() {
+            addresses.push(ip(a, format!("endpoints[{i}].addresses[{j}]"))?);
+        }
+        if addresses.is_empty() {
+            return Err(FieldError::new(
+                format!("endpoints[{i}].addresses"),
+                "is empty",
+            ));
+        }
+        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        endpoints.push(Endpoint {
+            addresses,
+            ready,
+            node_name: e.node_name.clone(),
+        });
+    }
+    Ok(EndpointSlice {
+        id,
+        service_name,
+        ports,
+        endpoints,
+    })
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a: &BTreeMap<String, String>| a.get(key))
+        .map(String::as_str)
+}
+
+pub fn pod(pod: &core::Pod) -> Result<Pod> {
+    let id = object_id(&pod.metadata)?;
+    let spec = pod.spec.as_ref();
+    let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+        Some(v) => Some(ip(v, "status.podIP".to_owned())?),
+        None => None,
+    };
+    let netns = match annotation(&pod.metadata, NETNS_ANNOTATION) {
+        Some(p) if p.starts_with('/') => Some(PathBuf::from(p)),
+        Some(p) => {
+            return Err(FieldError::new(
+                format!("metadata.annotations[{NETNS_ANNOTATION}]"),
+                format!("{p:?} is not an absolute path to a network namespace"),
+            ));
+        }
+        None => None,
+    };
+    let enroll = match annotation(&pod.metadata, ENROLL_ANNOTATION) {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            return Err(FieldError::new(
+                format!("metadata.annotations[{ENROLL_ANNOTATION}]"),
+                format!("{other:?} is not \"true\" or \"false\""),
+            ));
+        }
+    };
+    Ok(Pod {
+        id,
+        node_name: spec.and_then(|s| s.node_name.clone()),
+        ip,
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned()),
+        netns,
+        enroll,
+    })
+}

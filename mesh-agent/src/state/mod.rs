@@ -1,0 +1,5 @@
+//! What the proxy consults for each connection, rebuilt from each config generation
+//! and swapped in whole: a connection sees one consistent generation.
+mod routes;
+
+pub use routes::RouteTable;
