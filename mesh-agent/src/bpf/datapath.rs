@@ -101,9 +101,10 @@ impl Datapath {
         })?;
         let mut ebpf = Ebpf::load(OBJECT)?;
 
-        // AllowMultiple: coexist with other programs on the same cgroup (systemd's,
-        // a CNI's) instead of replacing them.
-        let mode = CgroupAttachMode::AllowMultiple;
+        // aya attaches through bpf_link (kernel 5.7+). A cgroup link always coexists
+        // with other programs on the same cgroup (systemd's, a CNI's) and the kernel
+        // rejects any attach flag on it, so the mode must be the default (flags 0).
+        let mode = CgroupAttachMode::Single;
         let mut links = Vec::new();
         let mut attached = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {

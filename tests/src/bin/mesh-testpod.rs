@@ -1,0 +1,347 @@
+//! The workload of the simulated cluster: a server and the client scenarios the tests
+//! drive. Clients print one JSON object on stdout.
+//!
+//! Wire protocol: the client sends one command line, then:
+//!   WHO            server answers "<name> <client ip:port>\n" and closes
+//!   ECHO           server echoes until EOF, then shuts down its side
+//!   SINK           server reads until EOF, answers "<bytes> <sha256>\n"
+//!   SOURCE <n>     server sends n bytes and shuts down its side, then reads until EOF
+//!                  and appends "SOURCE-TAIL <bytes> <sha256>" to its --log file
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// Open `count` connections at once, then ask each who answers.
+    Who {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// SO_MARK for the sockets (the agent's bypass mark, to prove it is honoured).
+        #[arg(long)]
+        mark: Option<u32>,
+    },
+    /// getpeername() of a connection, as the application sees it.
+    Peername {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// Send `bytes` then half-close; the server answers with what it received.
+    Sink {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Receive `bytes` until the server half-closes, then send `then` bytes.
+    Source {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long)]
+        then: u64,
+    },
+    /// Hold `count` echo connections open at once, use each, close all.
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// One echo connection: prints "ready", then echoes each stdin line through it.
+    Stream {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+}
+
+/// Deterministic bytes (xorshift64), so both ends can agree on a checksum.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let b = self.0.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    raise_fd_limit();
+    match Cli::parse().cmd {
+        Cmd::Serve { name, port, log } => serve(name, port, log).await,
+        Cmd::Who { addr, count, mark } => {
+            let mut conns = Vec::new();
+            for _ in 0..count {
+                conns.push(connect(addr, mark).await?);
+            }
+            let mut tasks = Vec::new();
+            for mut c in conns {
+                tasks.push(tokio::spawn(async move {
+                    c.write_all(b"WHO\n").await?;
+                    let mut s = String::new();
+                    c.read_to_string(&mut s).await?;
+                    anyhow::Ok(s.trim().to_owned())
+                }));
+            }
+            let mut replies = Vec::new();
+            for t in tasks {
+                replies.push(t.await??);
+            }
+            println!("{}", json!({ "replies": replies }));
+            Ok(())
+        }
+        Cmd::Peername { addr } => {
+            let mut c = connect(addr, None).await?;
+            let peer = c.peer_addr()?;
+            c.write_all(b"WHO\n").await?;
+            let mut s = String::new();
+            c.read_to_string(&mut s).await?;
+            println!("{}", json!({ "peer": peer.to_string(), "who": s.trim() }));
+            Ok(())
+        }
+        Cmd::Sink { addr, bytes } => {
+            let mut c = connect(addr, None).await?;
+            c.write_all(b"SINK\n").await?;
+            let (sent_sha, sent) = send_pattern(&mut c, bytes, 7).await?;
+            c.shutdown().await?; // half-close: the server must still be able to answer
+            let mut reply = String::new();
+            c.read_to_string(&mut reply).await?;
+            println!(
+                "{}",
+                json!({ "sent": sent, "sent_sha": sent_sha, "reply": reply.trim() })
+            );
+            Ok(())
+        }
+        Cmd::Source { addr, bytes, then } => {
+            let mut c = connect(addr, None).await?;
+            c.write_all(format!("SOURCE {bytes}\n").as_bytes()).await?;
+            let (got, sha) = drain(&mut c).await?;
+            // The server has half-closed; our direction must still work.
+            let (then_sha, then_sent) = send_pattern(&mut c, then, 11).await?;
+            c.shutdown().await?;
+            let (after, _) = drain(&mut c).await?;
+            let mut expect = Sha256::new();
+            let mut p = Pattern(5);
+            let mut left = bytes;
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                p.fill(&mut buf[..n]);
+                expect.update(&buf[..n]);
+                left -= n as u64;
+            }
+            println!(
+                "{}",
+                json!({ "received": got, "sha": sha, "expected_sha": hex(&expect.finalize()),
+                        "then_sent": then_sent, "then_sha": then_sha, "after_eof": after })
+            );
+            Ok(())
+        }
+        Cmd::Hold { addr, count } => {
+            let mut conns = Vec::new();
+            let mut failed = 0usize;
+            for _ in 0..count {
+                match connect(addr, None).await {
+                    Ok(c) => conns.push(c),
+                    Err(_) => failed += 1,
+                }
+            }
+            let mut tasks = Vec::new();
+            for (i, mut c) in conns.into_iter().enumerate() {
+                tasks.push(tokio::spawn(async move {
+                    let msg = format!("ECHO\nhello {i:08}");
+                    c.write_all(msg.as_bytes()).await?;
+                    let mut buf = vec![0u8; 14];
+                    c.read_exact(&mut buf).await?;
+                    anyhow::ensure!(buf == format!("hello {i:08}").as_bytes(), "wrong echo");
+                    anyhow::Ok(c)
+                }));
+            }
+            let mut open = Vec::new();
+            for t in tasks {
+                match t.await? {
+                    Ok(c) => open.push(c),
+                    Err(_) => failed += 1,
+                }
+            }
+            let ok = open.len();
+            drop(open);
+            println!("{}", json!({ "ok": ok, "failed": failed }));
+            Ok(())
+        }
+        Cmd::Stream { addr } => {
+            let c = connect(addr, None).await?;
+            let (r, mut w) = c.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"ECHO\n").await?;
+            println!("ready");
+            let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+            while let Some(line) = stdin.next_line().await? {
+                w.write_all(format!("{line}\n").as_bytes()).await?;
+                let mut echo = String::new();
+                r.read_line(&mut echo).await?;
+                println!("{}", echo.trim_end());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, mark: Option<u32>) -> anyhow::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&sock).set_mark(mark)?;
+    }
+    tokio::time::timeout(Duration::from_secs(5), sock.connect(addr))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect {addr}"))
+}
+
+async fn send_pattern(c: &mut TcpStream, bytes: u64, seed: u64) -> anyhow::Result<(String, u64)> {
+    let mut p = Pattern(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        c.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    Ok((hex(&h.finalize()), bytes))
+}
+
+async fn drain<R: AsyncReadExt + Unpin>(r: &mut R) -> anyhow::Result<(u64, String)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((total, hex(&h.finalize())));
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn serve(name: String, port: u16, log: Option<PathBuf>) -> anyhow::Result<()> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    sock.set_only_v6(false)?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    sock.listen(4096)?;
+    let listener = TcpListener::from_std(sock.into())?;
+    eprintln!("{name} listening on {port}");
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let name = name.clone();
+        let log = log.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, peer, &name, log).await {
+                eprintln!("{name}: {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    log: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("WHO") => {
+            r.get_mut()
+                .write_all(format!("{name} {peer}\n").as_bytes())
+                .await?;
+        }
+        Some("ECHO") => {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                r.get_mut().write_all(&buf[..n]).await?;
+            }
+            r.get_mut().shutdown().await?;
+        }
+        Some("SINK") => {
+            let (n, sha) = drain(&mut r).await?;
+            r.get_mut()
+                .write_all(format!("{n} {sha}\n").as_bytes())
+                .await?;
+        }
+        Some("SOURCE") => {
+            let n: u64 = words.next().context("SOURCE needs a length")?.parse()?;
+            send_pattern(r.get_mut(), n, 5).await?;
+            r.get_mut().shutdown().await?;
+            let (tail, sha) = drain(&mut r).await?;
+            if let Some(log) = log {
+                use std::io::Write as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)?;
+                writeln!(f, "SOURCE-TAIL {tail} {sha}")?;
+            }
+        }
+        other => anyhow::bail!("unknown command {other:?}"),
+    }
+    Ok(())
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

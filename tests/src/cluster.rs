@@ -1,0 +1,515 @@
+//! The simulated cluster: nodes, pods, agents, and their cleanup.
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::proc::{enter, ip_in, run};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The agent's readiness port (DESIGN.md).
+pub const READINESS_PORT: u16 = 15021;
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub index: u8,
+    /// Name of the node's network namespace (`ip netns`).
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub fabric_ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub ip: IpAddr,
+    pub netns: String,
+    pub netns_path: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    /// The config directory the agents watch.
+    pub config_dir: PathBuf,
+    /// Logs and scratch files.
+    pub work_dir: PathBuf,
+    pub agent_bin: PathBuf,
+    pub testpod_bin: PathBuf,
+    /// Root of this cluster's pins (one bpffs subdirectory per cluster).
+    pub bpffs: PathBuf,
+    cgroup_root: PathBuf,
+    fabric: String,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    agents: Vec<(String, Child)>,
+    /// Workload pids, killed on drop.
+    tracked: Vec<u32>,
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(name)
+}
+
+/// The cgroup v2 mount, from mountinfo (as the agent finds it).
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup v2 mount")
+}
+
+/// Makes sure /sys/fs/bpf is a bpffs.
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Creates the fabric and the nodes. `agent_bin` and `testpod_bin` are the binaries
+    /// to run as agents and workloads.
+    pub fn new(nodes: &[&str], agent_bin: &Path, testpod_bin: &Path) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(
+            nix::unistd::geteuid().is_root(),
+            "the simulated cluster needs root"
+        );
+        ensure_bpffs()?;
+        let prefix = format!(
+            "mt{}x{}",
+            std::process::id() % 100_000,
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let work_dir = std::env::temp_dir().join(format!("mesh-{prefix}"));
+        let config_dir = work_dir.join("config");
+        fs::create_dir_all(&config_dir)?;
+        let cgroup_root = cgroup2_mount()?.join("mesh-tests").join(&prefix);
+        fs::create_dir_all(&cgroup_root)?;
+        let mut cluster = Cluster {
+            fabric: format!("{prefix}-fab"),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            prefix,
+            config_dir,
+            work_dir,
+            agent_bin: agent_bin.to_owned(),
+            testpod_bin: testpod_bin.to_owned(),
+            cgroup_root,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            agents: Vec::new(),
+            tracked: Vec::new(),
+        };
+        run("ip", &["netns", "add", &cluster.fabric])?;
+        ip_in(&cluster.fabric, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&cluster.fabric, &["link", "set", "br0", "up"])?;
+        for (i, name) in nodes.iter().enumerate() {
+            cluster.add_node(name, (i + 1) as u8)?;
+        }
+        // Every node learns every other node's pod subnet; nothing else is routed.
+        for a in &cluster.nodes {
+            for b in cluster.nodes.iter().filter(|b| b.index != a.index) {
+                ip_in(
+                    &a.netns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.244.{}.0/24", b.index),
+                        "via",
+                        &b.fabric_ip.to_string(),
+                    ],
+                )?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    fn add_node(&mut self, name: &str, index: u8) -> anyhow::Result<()> {
+        let netns = format!("{}-{name}", self.prefix);
+        run("ip", &["netns", "add", &netns])?;
+        ip_in(&netns, &["link", "set", "lo", "up"])?;
+        let fabric_ip = Ipv4Addr::new(172, 30, 0, index);
+        let peer = format!("n{index}");
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "fab0",
+                "netns",
+                &netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                &self.fabric,
+            ],
+        )?;
+        ip_in(&self.fabric, &["link", "set", &peer, "master", "br0", "up"])?;
+        ip_in(
+            &netns,
+            &["addr", "add", &format!("{fabric_ip}/24"), "dev", "fab0"],
+        )?;
+        ip_in(&netns, &["link", "set", "fab0", "up"])?;
+        ip_in(&netns, &["link", "add", "cbr0", "type", "bridge"])?;
+        ip_in(
+            &netns,
+            &[
+                "addr",
+                "add",
+                &format!("10.244.{index}.1/24"),
+                "dev",
+                "cbr0",
+            ],
+        )?;
+        ip_in(&netns, &["link", "set", "cbr0", "up"])?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        let cgroup = self.cgroup_root.join(name);
+        fs::create_dir_all(&cgroup)?;
+        self.nodes.push(Node {
+            name: name.to_owned(),
+            index,
+            netns,
+            cgroup,
+            fabric_ip,
+        });
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Adds a pod on `node`: its own netns and cgroup, wired to the node's bridge.
+    pub fn add_pod(&mut self, node: &str, name: &str) -> anyhow::Result<Pod> {
+        let n = self.node(node).clone();
+        let k = self.pods.len() + 1;
+        let host_octet = 10 + self.pods.iter().filter(|p| p.node == node).count() as u8;
+        let ip = Ipv4Addr::new(10, 244, n.index, host_octet);
+        let netns = format!("{}-{name}", self.prefix);
+        run("ip", &["netns", "add", &netns])?;
+        ip_in(&netns, &["link", "set", "lo", "up"])?;
+        let host_if = format!("p{k}");
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "netns", &n.netns, "type", "veth", "peer", "name", "eth0",
+                "netns", &netns,
+            ],
+        )?;
+        ip_in(&n.netns, &["link", "set", &host_if, "master", "cbr0", "up"])?;
+        ip_in(&netns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        ip_in(
+            &netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{}.1", n.index),
+            ],
+        )?;
+        let cgroup = n.cgroup.join(name);
+        fs::create_dir_all(&cgroup)?;
+        let pod = Pod {
+            name: name.to_owned(),
+            node: node.to_owned(),
+            ip: IpAddr::V4(ip),
+            netns_path: netns_path(&netns),
+            netns,
+            cgroup,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// The Pod object for the config directory.
+    pub fn pod_yaml(&self, pod: &Pod, enrolled: bool) -> String {
+        crate::yaml::pod(
+            &pod.name,
+            &pod.node,
+            pod.ip,
+            &pod.netns_path.display().to_string(),
+            enrolled,
+        )
+    }
+
+    /// Writes a config file atomically (write then rename), as a careful operator would.
+    pub fn write_config(&self, file: &str, content: &str) -> anyhow::Result<()> {
+        let tmp = self.config_dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, content)?;
+        fs::rename(&tmp, self.config_dir.join(file))?;
+        Ok(())
+    }
+
+    pub fn agent_log_path(&self, node: &str) -> PathBuf {
+        self.work_dir.join(format!("{node}-agent.log"))
+    }
+
+    pub fn agent_log(&self, node: &str) -> String {
+        fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
+    }
+
+    /// Starts the agent of `node` in the node's netns and in a cgroup under the node's
+    /// (so the node's programs see the agent's own sockets too), and waits until it
+    /// reports ready.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let n = self.node(node).clone();
+        let cgroup = n.cgroup.join("mesh-agent");
+        fs::create_dir_all(&cgroup)?;
+        let log = fs::File::create(self.agent_log_path(node))?;
+        let mut cmd = Command::new(&self.agent_bin);
+        cmd.args(["run", "--node-name", node, "--config-dir"])
+            .arg(&self.config_dir)
+            .arg("--cgroup")
+            .arg(&n.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(["--connect-timeout", "2s"])
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        enter(&mut cmd, &netns_path(&n.netns), Some(&cgroup))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.agent_bin.display()))?;
+        self.agents.push((node.to_owned(), child));
+        self.wait_ready(node, Duration::from_secs(30))
+    }
+
+    /// Polls the agent's readiness endpoint from inside the node's netns.
+    pub fn wait_ready(&mut self, node: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((_, child)) = self.agents.iter_mut().find(|(n, _)| n == node)
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "agent {node} exited with {status}:\n{}",
+                    self.agent_log(node)
+                );
+            }
+            if self
+                .readiness(node)
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent {node} not ready after {timeout:?}:\n{}",
+                    self.agent_log(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// (status code, body) of GET /healthz/ready on the node's agent.
+    pub fn readiness(&self, node: &str) -> anyhow::Result<(u16, String)> {
+        let n = self.node(node);
+        let addr = SocketAddr::from((n.fabric_ip, READINESS_PORT));
+        let resp = in_netns(&netns_path(&n.netns), move || -> anyhow::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(
+                b"GET /healthz/ready HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n",
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((code, resp))
+    }
+
+    /// Sends SIGTERM to the agent of `node` and waits for it to exit.
+    pub fn stop_agent(&mut self, node: &str) -> anyhow::Result<std::process::ExitStatus> {
+        let idx = self
+            .agents
+            .iter()
+            .position(|(n, _)| n == node)
+            .context("no such agent")?;
+        let (_, mut child) = self.agents.remove(idx);
+        terminate(&mut child, Duration::from_secs(10))
+    }
+
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, c)| c.id())
+    }
+
+    /// Starts `mesh-testpod ARGS` inside `pod`, stdin and stdout piped. The process is
+    /// killed when the cluster is dropped.
+    pub fn spawn(&mut self, pod: &Pod, args: &[&str]) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(&self.testpod_bin);
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        enter(&mut cmd, &pod.netns_path, Some(&pod.cgroup))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.testpod_bin.display()))?;
+        self.tracked.push(child.id());
+        Ok(child)
+    }
+
+    /// Runs `mesh-testpod ARGS` inside `pod` to completion and returns its stdout;
+    /// fails (with stderr) on a non-zero exit or after `timeout`.
+    pub fn run_in(
+        &mut self,
+        pod: &Pod,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let mut child = self.spawn(pod, args)?;
+        drop(child.stdin.take());
+        let deadline = Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "mesh-testpod {} in {} timed out after {timeout:?}",
+                    args.join(" "),
+                    pod.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "mesh-testpod {} in {} failed ({}): {}{}",
+                args.join(" "),
+                pod.name,
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `path`; sockets it
+/// creates stay in that namespace.
+pub fn in_netns<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let ns = fs::File::open(path)?;
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    use nix::{
+        sys::signal::{Signal, kill},
+        unistd::Pid,
+    };
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "process {} ignored SIGTERM for {grace:?}; killed",
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        use nix::{
+            sys::signal::{Signal, kill},
+            unistd::Pid,
+        };
+        for pid in self.tracked.drain(..) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+        }
+        for (_, mut agent) in self.agents.drain(..) {
+            let _ = terminate(&mut agent, Duration::from_secs(10));
+        }
+        for pod in self.pods.drain(..) {
+            let _ = run("ip", &["netns", "del", &pod.netns]);
+            let _ = fs::remove_dir(&pod.cgroup);
+        }
+        for node in self.nodes.drain(..) {
+            let _ = run("ip", &["netns", "del", &node.netns]);
+            let _ = fs::remove_dir(node.cgroup.join("mesh-agent"));
+            let _ = fs::remove_dir(&node.cgroup);
+        }
+        let _ = run("ip", &["netns", "del", &self.fabric]);
+        let _ = fs::remove_dir(&self.cgroup_root);
+        // Pins an agent failed to remove (the tests check that it did).
+        let _ = fs::remove_dir_all(&self.bpffs);
+        if std::env::var_os("MESH_TEST_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}

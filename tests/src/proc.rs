@@ -1,0 +1,61 @@
+//! Starting processes inside a pod or node: in its network namespace and its cgroup.
+//!
+//! The child joins the cgroup and the netns in `pre_exec`, before exec, so its very
+//! first socket is already subject to the node's programs. Only raw syscalls on fds
+//! opened before fork run there (no allocation after fork).
+use std::{
+    fs::{File, OpenOptions},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
+    process::Command,
+};
+
+/// Makes `cmd` start inside `netns` (a netns file) and `cgroup` (a cgroup v2 directory).
+pub fn enter(cmd: &mut Command, netns: &Path, cgroup: Option<&Path>) -> std::io::Result<()> {
+    let ns = File::open(netns)?;
+    let procs = match cgroup {
+        Some(c) => Some(
+            OpenOptions::new()
+                .write(true)
+                .open(c.join("cgroup.procs"))?,
+        ),
+        None => None,
+    };
+    // SAFETY: the closure only calls write(2) and setns(2) on fds owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Runs a command and fails with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip` inside a named netns.
+pub fn ip_in(netns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}

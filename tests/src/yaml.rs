@@ -1,0 +1,39 @@
+//! Config objects for the simulated cluster, as the YAML an operator would write.
+use std::net::IpAddr;
+
+pub fn service(name: &str, vip: IpAddr, port: u16, target_port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  clusterIP: {vip}\n  ports:\n  - {{name: tcp, port: {port}, targetPort: {target_port}}}\n---\n"
+    )
+}
+
+/// An EndpointSlice for `service` with one ready endpoint per address.
+pub fn endpoint_slice(service: &str, port: u16, endpoints: &[IpAddr]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: {service}-slice\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\n\
+         addressType: IPv4\nports: [{{name: tcp, port: {port}}}]\nendpoints:\n"
+    );
+    if endpoints.is_empty() {
+        s = s.replace("endpoints:\n", "endpoints: []\n");
+    }
+    for ip in endpoints {
+        s.push_str(&format!("- addresses: [\"{ip}\"]\n"));
+    }
+    s.push_str("---\n");
+    s
+}
+
+pub fn pod(name: &str, node: &str, ip: IpAddr, netns: &str, enrolled: bool) -> String {
+    let enroll = if enrolled {
+        ""
+    } else {
+        "\n    mesh.dev/enroll: \"false\""
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    mesh.dev/netns: {netns}{enroll}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: mesh-testpod}}]\n\
+         status: {{podIP: \"{ip}\"}}\n---\n"
+    )
+}

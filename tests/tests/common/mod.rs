@@ -1,0 +1,91 @@
+//! Shared setup of the end-to-end tests.
+#![allow(dead_code)]
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Mutex,
+    time::Duration,
+};
+
+pub use mesh_tests::{Cluster, Pod, yaml};
+
+/// The tests share the kernel's cgroup root and bpffs: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/mesh-agent
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("mesh-agent");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p mesh-agent` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn cluster(nodes: &[&str]) -> Cluster {
+    Cluster::new(
+        nodes,
+        &agent_bin(),
+        env!("CARGO_BIN_EXE_mesh-testpod").as_ref(),
+    )
+    .expect("creating the simulated cluster")
+}
+
+pub const PORT: u16 = 8080;
+pub const SECS: Duration = Duration::from_secs(30);
+
+pub fn vip(last: u8) -> IpAddr {
+    IpAddr::from([10, 96, 0, last])
+}
+
+pub fn sa(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
+/// Starts `mesh-testpod serve` in `pod` with the pod's name as its identity.
+pub fn serve(c: &mut Cluster, pod: &Pod) {
+    let log = c.work_dir.join(format!("{}.log", pod.name));
+    let mut child = c
+        .spawn(
+            pod,
+            &[
+                "serve",
+                "--name",
+                &pod.name,
+                "--port",
+                &PORT.to_string(),
+                "--log",
+                &log.display().to_string(),
+            ],
+        )
+        .expect("start server");
+    // Wait until it listens (it prints to stderr when it does).
+    use std::io::BufRead as _;
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut msg = String::new();
+    err.read_line(&mut msg).expect("server output");
+    assert!(
+        msg.contains("listening"),
+        "server did not start: {msg:?} {:?}",
+        child.try_wait()
+    );
+    std::mem::forget(child); // killed by the cluster on drop
+}
+
+pub fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"))
+}
