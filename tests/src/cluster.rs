@@ -262,6 +262,11 @@ impl Cluster {
         Ok(pod)
     }
 
+    /// The IP of a pod added earlier.
+    pub fn pod_ip(&self, name: &str) -> IpAddr {
+        self.pods.iter().find(|p| p.name == name).map(|p| p.ip).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
     /// The Pod object for the config directory.
     pub fn pod_yaml(&self, pod: &Pod, enrolled: bool) -> String {
         crate::yaml::pod(

@@ -1,0 +1,96 @@
+//! Who is redirected and who is not, and whose connection is whose.
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+
+/// Service `decoy` has a ClusterIP that is really pod `direct`'s address, with its
+/// endpoint on pod `meshed`. A connection that reaches `direct` was not redirected; one
+/// that reaches `meshed` went through the agent.
+#[test]
+fn non_enrolled_pods_and_the_agents_own_connections_are_not_redirected() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let enrolled = c.add_pod("node-1", "enrolled").unwrap();
+    let outsider = c.add_pod("node-1", "outsider").unwrap();
+    let direct = c.add_pod("node-1", "direct").unwrap();
+    let meshed = c.add_pod("node-1", "meshed").unwrap();
+    serve(&mut c, &direct);
+    serve(&mut c, &meshed);
+    let mut cfg = c.pod_yaml(&enrolled, true) + &c.pod_yaml(&outsider, false);
+    cfg += &c.pod_yaml(&direct, true);
+    cfg += &c.pod_yaml(&meshed, true);
+    cfg += &yaml::service("decoy", direct.ip, PORT, PORT);
+    cfg += &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    // `front` sends the agent to `direct`'s address, which is also `decoy`'s ClusterIP:
+    // only the bypass mark keeps the agent's own connection from being captured again.
+    cfg += &yaml::service("front", vip(30), 80, PORT);
+    cfg += &yaml::endpoint_slice("front", PORT, &[direct.ip]);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+
+    let who = |c: &mut Cluster, pod: &Pod, args: &[&str]| -> String {
+        let mut full = vec!["who"];
+        full.extend_from_slice(args);
+        let out = json(&c.run_in(pod, &full, SECS).unwrap());
+        out["replies"][0].as_str().unwrap().split(' ').next().unwrap().to_owned()
+    };
+    let decoy = sa(direct.ip, PORT);
+    assert_eq!(who(&mut c, &enrolled, &["--addr", &decoy]), "meshed", "enrolled pod must be redirected");
+    assert_eq!(who(&mut c, &outsider, &["--addr", &decoy]), "direct", "non-enrolled pod must not be redirected");
+    let mark = mesh_bypass_mark().to_string();
+    assert_eq!(
+        who(&mut c, &enrolled, &["--addr", &decoy, "--mark", &mark]),
+        "direct",
+        "a socket with the bypass mark must not be redirected"
+    );
+    assert_eq!(
+        who(&mut c, &enrolled, &["--addr", &sa(vip(30), 80)]),
+        "direct",
+        "the agent's own upstream connection must not be captured"
+    );
+}
+
+/// The bypass mark, as the agent sets it (mesh-common).
+fn mesh_bypass_mark() -> u32 {
+    0x0004_d3a1
+}
+
+#[test]
+fn concurrent_connections_from_two_pods_are_attributed_to_their_source() {
+    let _g = serial();
+    let mut c = cluster(&["node-1", "node-2"]);
+    let a = c.add_pod("node-1", "pod-a").unwrap();
+    let b = c.add_pod("node-1", "pod-b").unwrap();
+    let server = c.add_pod("node-2", "server").unwrap();
+    serve(&mut c, &server);
+    let cfg = c.pod_yaml(&a, true)
+        + &c.pod_yaml(&b, true)
+        + &c.pod_yaml(&server, true)
+        + &yaml::service("svc", vip(40), 80, PORT)
+        + &yaml::endpoint_slice("svc", PORT, &[server.ip]);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    c.start_agent("node-2").unwrap();
+
+    let addr = sa(vip(40), 80);
+    let mut children = Vec::new();
+    for pod in [&a, &b] {
+        children.push((pod.ip, c.spawn(pod, &["who", "--addr", &addr, "--count", "200"]).unwrap()));
+    }
+    for (ip, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v = json(&String::from_utf8_lossy(&out.stdout));
+        let replies = v["replies"].as_array().unwrap();
+        assert_eq!(replies.len(), 200);
+        let mut sources: HashMap<String, usize> = HashMap::new();
+        for r in replies {
+            let src = r.as_str().unwrap().split(' ').nth(1).unwrap();
+            let src_ip = src.rsplit_once(':').unwrap().0.to_owned();
+            *sources.entry(src_ip).or_default() += 1;
+        }
+        assert_eq!(sources, HashMap::from([(ip.to_string(), 200)]), "every connection from {ip} must leave as {ip}");
+    }
+}
