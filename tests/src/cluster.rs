@@ -90,16 +90,30 @@ impl Cluster {
     /// Creates the fabric and the nodes. `agent_bin` and `testpod_bin` are the binaries
     /// to run as agents and workloads.
     pub fn new(nodes: &[&str], agent_bin: &Path, testpod_bin: &Path) -> anyhow::Result<Cluster> {
-        anyhow::ensure!(
-            nix::unistd::geteuid().is_root(),
-            "the simulated cluster needs root"
-        );
-        ensure_bpffs()?;
         let prefix = format!(
             "mt{}x{}",
             std::process::id() % 100_000,
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
+        Self::with_prefix(&prefix, nodes, agent_bin, testpod_bin)
+    }
+
+    /// As [`Cluster::new`], with a fixed name prefix for namespaces and cgroups (the
+    /// demo's YAML names its network namespaces). Leftovers of an earlier run with the
+    /// same prefix are removed first.
+    pub fn with_prefix(
+        prefix: &str,
+        nodes: &[&str],
+        agent_bin: &Path,
+        testpod_bin: &Path,
+    ) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(
+            nix::unistd::geteuid().is_root(),
+            "the simulated cluster needs root"
+        );
+        ensure_bpffs()?;
+        remove_leftovers(prefix);
+        let prefix = prefix.to_owned();
         let work_dir = std::env::temp_dir().join(format!("mesh-{prefix}"));
         let config_dir = work_dir.join("config");
         fs::create_dir_all(&config_dir)?;
@@ -220,10 +234,27 @@ impl Cluster {
 
     /// Adds a pod on `node`: its own netns and cgroup, wired to the node's bridge.
     pub fn add_pod(&mut self, node: &str, name: &str) -> anyhow::Result<Pod> {
+        self.add_pod_with_ip(node, name, None)
+    }
+
+    /// Adds a pod with a given IP, which must be in the node's pod subnet
+    /// 10.244.<node index>.0/24 (node index: 1 for the first node, ...).
+    pub fn add_pod_with_ip(
+        &mut self,
+        node: &str,
+        name: &str,
+        ip: Option<Ipv4Addr>,
+    ) -> anyhow::Result<Pod> {
         let n = self.node(node).clone();
         let k = self.pods.len() + 1;
         let host_octet = 10 + self.pods.iter().filter(|p| p.node == node).count() as u8;
-        let ip = Ipv4Addr::new(10, 244, n.index, host_octet);
+        let ip = ip.unwrap_or(Ipv4Addr::new(10, 244, n.index, host_octet));
+        let o = ip.octets();
+        anyhow::ensure!(
+            o[0] == 10 && o[1] == 244 && o[2] == n.index && o[3] > 1,
+            "pod {name}: IP {ip} is not in node {node}'s pod subnet 10.244.{}.0/24",
+            n.index
+        );
         let netns = format!("{}-{name}", self.prefix);
         run("ip", &["netns", "add", &netns])?;
         ip_in(&netns, &["link", "set", "lo", "up"])?;
@@ -264,7 +295,11 @@ impl Cluster {
 
     /// The IP of a pod added earlier.
     pub fn pod_ip(&self, name: &str) -> IpAddr {
-        self.pods.iter().find(|p| p.name == name).map(|p| p.ip).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.ip)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// The Pod object for the config directory.
@@ -410,6 +445,35 @@ impl Cluster {
         Ok(child)
     }
 
+    /// Starts `mesh-testpod serve` in `pod` (answering with the pod's name) and waits
+    /// until it listens. Its log (`<work_dir>/<pod>.log`) records half-close tails.
+    pub fn start_server(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let log = self.work_dir.join(format!("{}.log", pod.name));
+        let log = log.display().to_string();
+        let mut child = self.spawn(
+            pod,
+            &[
+                "serve",
+                "--name",
+                &pod.name,
+                "--port",
+                &port.to_string(),
+                "--log",
+                &log,
+            ],
+        )?;
+        let stderr = child.stderr.take().context("server stderr")?;
+        let mut msg = String::new();
+        std::io::BufReader::new(stderr).read_line(&mut msg)?;
+        anyhow::ensure!(
+            msg.contains("listening"),
+            "server in {} did not start: {msg:?}",
+            pod.name
+        );
+        Ok(())
+    }
+
     /// Runs `mesh-testpod ARGS` inside `pod` to completion and returns its stdout;
     /// fails (with stderr) on a non-zero exit or after `timeout`.
     pub fn run_in(
@@ -447,6 +511,37 @@ impl Cluster {
         }
         Ok(stdout)
     }
+}
+
+/// Best-effort removal of namespaces and cgroups a killed run left behind.
+fn remove_leftovers(prefix: &str) {
+    if let Ok(list) = run("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(&format!("{prefix}-")) {
+                let _ = run("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    if let Ok(root) = cgroup2_mount() {
+        let dir = root.join("mesh-tests").join(prefix);
+        // rmdir only works bottom-up on empty cgroups.
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = fs::read_dir(&d) {
+                stack.extend(
+                    rd.filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir()),
+                );
+            }
+            dirs.push(d);
+        }
+        for d in dirs.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+    let _ = fs::remove_dir_all(PathBuf::from("/sys/fs/bpf").join(prefix));
 }
 
 /// Runs `f` on a thread that has entered the network namespace at `path`; sockets it

@@ -34,11 +34,25 @@ fn non_enrolled_pods_and_the_agents_own_connections_are_not_redirected() {
         let mut full = vec!["who"];
         full.extend_from_slice(args);
         let out = json(&c.run_in(pod, &full, SECS).unwrap());
-        out["replies"][0].as_str().unwrap().split(' ').next().unwrap().to_owned()
+        out["replies"][0]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned()
     };
     let decoy = sa(direct.ip, PORT);
-    assert_eq!(who(&mut c, &enrolled, &["--addr", &decoy]), "meshed", "enrolled pod must be redirected");
-    assert_eq!(who(&mut c, &outsider, &["--addr", &decoy]), "direct", "non-enrolled pod must not be redirected");
+    assert_eq!(
+        who(&mut c, &enrolled, &["--addr", &decoy]),
+        "meshed",
+        "enrolled pod must be redirected"
+    );
+    assert_eq!(
+        who(&mut c, &outsider, &["--addr", &decoy]),
+        "direct",
+        "non-enrolled pod must not be redirected"
+    );
     let mark = mesh_bypass_mark().to_string();
     assert_eq!(
         who(&mut c, &enrolled, &["--addr", &decoy, "--mark", &mark]),
@@ -77,11 +91,19 @@ fn concurrent_connections_from_two_pods_are_attributed_to_their_source() {
     let addr = sa(vip(40), 80);
     let mut children = Vec::new();
     for pod in [&a, &b] {
-        children.push((pod.ip, c.spawn(pod, &["who", "--addr", &addr, "--count", "200"]).unwrap()));
+        children.push((
+            pod.ip,
+            c.spawn(pod, &["who", "--addr", &addr, "--count", "200"])
+                .unwrap(),
+        ));
     }
     for (ip, child) in children {
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v = json(&String::from_utf8_lossy(&out.stdout));
         let replies = v["replies"].as_array().unwrap();
         assert_eq!(replies.len(), 200);
@@ -91,6 +113,10 @@ fn concurrent_connections_from_two_pods_are_attributed_to_their_source() {
             let src_ip = src.rsplit_once(':').unwrap().0.to_owned();
             *sources.entry(src_ip).or_default() += 1;
         }
-        assert_eq!(sources, HashMap::from([(ip.to_string(), 200)]), "every connection from {ip} must leave as {ip}");
+        assert_eq!(
+            sources,
+            HashMap::from([(ip.to_string(), 200)]),
+            "every connection from {ip} must leave as {ip}"
+        );
     }
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -26,7 +28,14 @@ fn a_thousand_concurrent_connections_complete_and_fds_return() {
     let pid = c.agent_pid("node-1").unwrap();
     let before = open_fds(pid);
 
-    let out = json(&c.run_in(&client, &["hold", "--addr", &sa(vip(60), 80), "--count", "1000"], SECS * 2).unwrap());
+    let out = json(
+        &c.run_in(
+            &client,
+            &["hold", "--addr", &sa(vip(60), 80), "--count", "1000"],
+            SECS * 2,
+        )
+        .unwrap(),
+    );
     assert_eq!(out["ok"], 1000, "{out}");
     assert_eq!(out["failed"], 0, "{out}");
 
@@ -36,7 +45,10 @@ fn a_thousand_concurrent_connections_complete_and_fds_return() {
         if now == before {
             break;
         }
-        assert!(Instant::now() < deadline, "agent fds: {before} before, {now} after");
+        assert!(
+            Instant::now() < deadline,
+            "agent fds: {before} before, {now} after"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -49,7 +61,11 @@ fn attached(cgroup: &std::path::Path) -> Vec<serde_json::Value> {
         .arg("-j")
         .output()
         .expect("bpftool (installed by cargo xtask setup)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
         return Vec::new();
@@ -62,21 +78,45 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
     let _g = serial();
     let mut c = cluster(&["node-1"]);
     let pod = c.add_pod("node-1", "app").unwrap();
-    c.write_config("cluster.yaml", &c.pod_yaml(&pod, true)).unwrap();
+    c.write_config("cluster.yaml", &c.pod_yaml(&pod, true))
+        .unwrap();
     c.start_agent("node-1").unwrap();
     let cgroup = c.node("node-1").cgroup.clone();
     let pins = c.bpffs.join("mesh").join("node-1");
 
     let progs = attached(&cgroup);
     let names: Vec<&str> = progs.iter().filter_map(|p| p["name"].as_str()).collect();
-    for expected in ["mesh_connect4", "mesh_connect6", "mesh_getpeername4", "mesh_getpeername6", "mesh_sock_ops"] {
-        assert!(names.contains(&expected), "{expected} not attached: {names:?}");
+    for expected in [
+        "mesh_connect4",
+        "mesh_connect6",
+        "mesh_getpeername4",
+        "mesh_getpeername6",
+        "mesh_sock_ops",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} not attached: {names:?}"
+        );
     }
-    assert!(pins.join("links").read_dir().unwrap().count() == 5, "link pins missing");
-    assert!(pins.join("maps").read_dir().unwrap().count() >= 5, "map pins missing");
+    assert!(
+        pins.join("links").read_dir().unwrap().count() == 5,
+        "link pins missing"
+    );
+    assert!(
+        pins.join("maps").read_dir().unwrap().count() >= 5,
+        "map pins missing"
+    );
 
     let status = c.stop_agent("node-1").unwrap();
-    assert!(status.success(), "agent exit: {status}\n{}", c.agent_log("node-1"));
-    assert_eq!(attached(&cgroup), Vec::<serde_json::Value>::new(), "programs still attached after SIGTERM");
+    assert!(
+        status.success(),
+        "agent exit: {status}\n{}",
+        c.agent_log("node-1")
+    );
+    assert_eq!(
+        attached(&cgroup),
+        Vec::<serde_json::Value>::new(),
+        "programs still attached after SIGTERM"
+    );
     assert!(!pins.exists(), "pins left behind at {}", pins.display());
 }

@@ -1,1 +1,61 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands. `setup` installs what is missing, `demo`
+//! runs a local two-node mesh, `test` runs every check and test.
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites (nightly rust-src, LLVM 22, bpf-linker, bpftool).
+    Setup,
+    /// Build and run a two-node demo cluster from examples/demo; Ctrl-C tears it down.
+    Demo {
+        /// Run unattended and exit 0 only if traffic went through the agents.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Setup, then formatting, lints, unit tests, kernel end-to-end tests, demo smoke.
+    Test,
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Demo { smoke } => setup::run().and_then(|()| demo::run(smoke)),
+        Cmd::Test => setup::run().and_then(|()| test::run()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command, echoing it, and fails if it fails.
+pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = std::process::Command::new(program).args(args).status()?;
+    anyhow::ensure!(
+        status.success(),
+        "`{program} {}` failed ({status})",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_owned()
+}

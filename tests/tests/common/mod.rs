@@ -58,32 +58,7 @@ pub fn sa(ip: IpAddr, port: u16) -> String {
 
 /// Starts `mesh-testpod serve` in `pod` with the pod's name as its identity.
 pub fn serve(c: &mut Cluster, pod: &Pod) {
-    let log = c.work_dir.join(format!("{}.log", pod.name));
-    let mut child = c
-        .spawn(
-            pod,
-            &[
-                "serve",
-                "--name",
-                &pod.name,
-                "--port",
-                &PORT.to_string(),
-                "--log",
-                &log.display().to_string(),
-            ],
-        )
-        .expect("start server");
-    // Wait until it listens (it prints to stderr when it does).
-    use std::io::BufRead as _;
-    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut msg = String::new();
-    err.read_line(&mut msg).expect("server output");
-    assert!(
-        msg.contains("listening"),
-        "server did not start: {msg:?} {:?}",
-        child.try_wait()
-    );
-    std::mem::forget(child); // killed by the cluster on drop
+    c.start_server(pod, PORT).expect("start server");
 }
 
 pub fn json(out: &str) -> serde_json::Value {
