@@ -1,6 +1,8 @@
 //! `mesh-agent`: the node agent. Everything lives in modules named for their concern;
 //! this file only parses the command line and starts the runtime.
-#![forbid(clippy::unwrap_used)]
+// Input and network paths must not panic: no unwrap/expect outside tests.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod app;
 mod bpf;

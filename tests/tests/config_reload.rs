@@ -87,6 +87,8 @@ fn removed_endpoint_is_not_chosen_within_a_second_and_open_connections_survive()
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "still here");
+    drop(stdin);
+    assert!(stream.wait().unwrap().success(), "stream client failed");
 }
 
 #[test]

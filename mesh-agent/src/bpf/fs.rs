@@ -46,7 +46,7 @@ pub fn ensure_bpffs(root: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(root)?;
     let is_bpffs = |p: &Path| {
         statfs(p)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
             .unwrap_or(false)
     };
     if is_bpffs(root) {
