@@ -50,7 +50,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("mounting bpffs at {}", args.bpffs.display()))?;
     let pin_dir: PathBuf = args.bpffs.join("mesh").join(&args.node_name);
     let datapath = Datapath::load(&cgroup, &pin_dir).context("attaching the eBPF programs")?;
-    let maps = datapath_maps(&datapath);
+    let maps = datapath.maps.clone();
     readiness.programs_attached.store(true, Ordering::Relaxed);
 
     let proxy = Arc::new(ProxyContext {
@@ -98,10 +98,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     datapath.shutdown();
     info!(config_reloads_failed = failed, "agent stopped");
     Ok(())
-}
-
-fn datapath_maps(datapath: &Datapath) -> Arc<bpf::MeshMaps> {
-    datapath.maps.clone()
 }
 
 /// Applies one config generation: routes first (so a captured connection always finds
