@@ -1,7 +1,23 @@
 //! Builds the kernel object (`mesh-ebpf`) for the BPF target with the nightly
-//! toolchain and places it in OUT_DIR, where `src/bpf/loader.rs` embeds it.
+//! toolchain and places it in OUT_DIR, where `src/bpf/datapath.rs` embeds it; and
+//! generates the gRPC code of the CA API with a vendored `protoc`.
+use anyhow::Context as _;
+
 fn main() -> anyhow::Result<()> {
-    use anyhow::Context as _;
+    build_protos()?;
+    build_ebpf()
+}
+
+fn build_protos() -> anyhow::Result<()> {
+    let protoc = protoc_bin_vendored::protoc_bin_path().context("no vendored protoc for this host")?;
+    // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/ca.proto"], &["proto"])
+        .context("compiling proto/ca.proto")
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

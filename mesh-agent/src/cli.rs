@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Attach the kernel programs and carry the node's mesh traffic until SIGTERM.
     Run(RunArgs),
+    /// Run the mesh CA: sign workload certificates for the nodes that run them.
+    Ca(CaArgs),
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +50,104 @@ pub struct RunArgs {
     /// Readiness endpoint (GET /healthz/ready), on the node.
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+
+    #[command(flatten)]
+    pub tunnel: TunnelArgs,
+
+    /// Namespace whose PeerAuthentication and AuthorizationPolicy objects apply
+    /// mesh-wide (Istio's root namespace).
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
+}
+
+/// Where the agent gets its workload certificates.
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    /// Trust domain of the SPIFFE IDs: spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Address of the CA (`mesh-agent ca`).
+    #[arg(long, env = "MESH_CA_ADDR")]
+    pub ca_addr: SocketAddr,
+
+    /// Name in the CA's serving certificate.
+    #[arg(long, default_value = "mesh-ca")]
+    pub ca_server_name: String,
+
+    /// The CA's root certificate (PEM), to verify the CA.
+    #[arg(long, env = "MESH_CA_ROOT")]
+    pub ca_root: PathBuf,
+
+    /// File with this node's bootstrap token for the CA (see docs/security.md).
+    #[arg(long, env = "MESH_CA_TOKEN_FILE")]
+    pub ca_token_file: PathBuf,
+
+    /// Lifetime to request for workload certificates; renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+}
+
+/// The HBONE tunnel between nodes.
+#[derive(Debug, Args)]
+pub struct TunnelArgs {
+    /// Streams per pooled tunnel connection before another connection is opened.
+    #[arg(long, default_value_t = 100)]
+    pub tunnel_stream_limit: u32,
+
+    /// A pooled tunnel connection with no streams is closed after this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tunnel_idle_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// Address to serve the CA API (gRPC over TLS) on.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+
+    /// Trust domain the CA signs for.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Where a generated root is kept (used when no --root-cert is given).
+    #[arg(long, default_value = "/var/lib/mesh/ca")]
+    pub state_dir: PathBuf,
+
+    /// Root certificate (PEM) from a file instead of a generated one.
+    #[arg(long)]
+    pub root_cert: Option<PathBuf>,
+
+    /// Certificate that signs workload certificates: an intermediate under
+    /// --root-cert. Default: the root itself.
+    #[arg(long)]
+    pub signing_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of the signing certificate.
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+
+    /// Directory of YAML config (the Pods tell which identities run on which node).
+    #[arg(long, env = "MESH_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+
+    /// Bootstrap tokens: one `<node-name> <token>` line per node.
+    #[arg(long)]
+    pub node_tokens: PathBuf,
+
+    /// Longest certificate lifetime the CA grants.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_cert_ttl: Duration,
+
+    /// DNS name in the CA's serving certificate (agents' --ca-server-name).
+    #[arg(long, default_value = "mesh-ca")]
+    pub server_name: String,
 
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

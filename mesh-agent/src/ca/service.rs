@@ -1,0 +1,78 @@
+//! The gRPC face of the CA: authenticate the node, check that the identity runs there,
+//! sign.
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::{
+    authority::{Authority, SignRefusal},
+    node_auth::NodeAuthenticator,
+};
+use crate::{
+    api::ca::{
+        CreateCertificateRequest, CreateCertificateResponse,
+        certificate_service_server::CertificateService,
+    },
+    config::Generation,
+    identity::Identity,
+};
+
+pub struct CaService {
+    pub authority: Arc<Authority>,
+    pub nodes: Arc<dyn NodeAuthenticator>,
+    /// The cluster's pods: which identities run on which node.
+    pub config: watch::Receiver<Arc<Generation>>,
+}
+
+impl CaService {
+    fn runs_on(&self, node: &str, id: &Identity) -> bool {
+        self.config.borrow().config.pods.iter().any(|p| {
+            p.node_name.as_deref() == Some(node)
+                && p.id.namespace == id.namespace
+                && p.service_account == id.service_account
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl CertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<CreateCertificateRequest>,
+    ) -> Result<Response<CreateCertificateResponse>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let node = self.nodes.authenticate(request.metadata()).map_err(|e| {
+            warn!(%peer, error = %e, "CA request not authenticated");
+            Status::unauthenticated(e.to_string())
+        })?;
+        let req = request.into_inner();
+        let ttl = Duration::from_secs(u64::try_from(req.validity_duration_seconds).unwrap_or(0));
+        match self
+            .authority
+            .sign(&req.csr, &node, ttl, |id| self.runs_on(&node, id))
+        {
+            Ok((identity, cert_chain)) => {
+                info!(%node, %identity, "certificate signed");
+                Ok(Response::new(CreateCertificateResponse {
+                    cert_chain,
+                    trust_bundle: self.authority.roots_pem().to_vec(),
+                }))
+            }
+            Err(e) => {
+                warn!(%node, error = %e, "CSR refused");
+                Err(match e {
+                    SignRefusal::NotOnNode { .. } | SignRefusal::WrongTrustDomain(..) => {
+                        Status::permission_denied(e.to_string())
+                    }
+                    SignRefusal::Sign(_) => Status::internal(e.to_string()),
+                    _ => Status::invalid_argument(e.to_string()),
+                })
+            }
+        }
+    }
+}
