@@ -6,6 +6,7 @@
 
 mod api;
 mod app;
+mod authz;
 mod bpf;
 mod ca;
 mod cli;

@@ -13,6 +13,7 @@ use serde_yaml::Value;
 
 use super::{
     error::{ConfigError, FieldError},
+    istio,
     model::Config,
     translate,
 };
@@ -22,6 +23,8 @@ const KNOWN: &[(&str, &str)] = &[
     ("v1", "Service"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
     ("v1", "Pod"),
+    ("security.istio.io/v1", "PeerAuthentication"),
+    ("security.istio.io/v1", "AuthorizationPolicy"),
 ];
 
 /// Lists the config files of `dir` in a stable order. Hidden files are skipped, so an
@@ -127,6 +130,12 @@ pub fn load_text(
             "EndpointSlice" => typed(value)
                 .and_then(|s| translate::endpoint_slice(&s))
                 .map(|s| config.endpoint_slices.push(s)),
+            "PeerAuthentication" => typed(value)
+                .and_then(|p| istio::peer_authentication(&p))
+                .map(|p| config.peer_authentications.push(p)),
+            "AuthorizationPolicy" => typed(value)
+                .and_then(|p| istio::authorization_policy(&p))
+                .map(|p| config.authorization_policies.push(p)),
             _ => typed(value)
                 .and_then(|p| translate::pod(&p))
                 .map(|p| config.pods.push(p)),

@@ -1,5 +1,6 @@
 //! Config: Kubernetes objects from a directory of YAML files, watched and hot-reloaded.
 mod error;
+mod istio;
 mod load;
 mod model;
 mod translate;
@@ -8,7 +9,7 @@ mod watch;
 #[cfg(test)]
 pub use error::ConfigError;
 #[cfg(test)]
-pub use load::load_dir;
+pub use load::{load_dir, load_text};
 pub use model::*;
 pub use watch::{ConfigWatch, Generation};
 

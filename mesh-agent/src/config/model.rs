@@ -1,7 +1,9 @@
 //! The agent's own view of the config: only what the data path needs, already checked.
 //! Kubernetes objects are translated into these at the edge (`translate.rs`), so the
 //! proxy never sees an unvalidated field.
-use std::{fmt, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+
+use ipnet::IpNet;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NamespacedName {
@@ -79,6 +81,67 @@ pub struct Pod {
     pub netns: Option<PathBuf>,
     /// `false` when the pod opted out with [`ENROLL_ANNOTATION`]` = "false"`.
     pub enroll: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `PeerAuthentication.spec.mtls.mode`. DISABLE is not offered: an enrolled workload
+/// always accepts mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MtlsMode {
+    Strict,
+    Permissive,
+}
+
+/// `matchLabels` of a workload selector; every label must match.
+pub type Selector = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    pub id: NamespacedName,
+    pub selector: Option<Selector>,
+    /// `None` is UNSET: inherit from the enclosing scope.
+    pub mode: Option<MtlsMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// `from.source`: every field present must match; within a field, any value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceMatch {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub ip_blocks: Vec<IpNet>,
+    pub not_ip_blocks: Vec<IpNet>,
+}
+
+/// `to.operation`, L4 subset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OperationMatch {
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+}
+
+/// One rule: any `from` AND any `to` (an absent list matches everything).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub from: Vec<SourceMatch>,
+    pub to: Vec<OperationMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    pub id: NamespacedName,
+    pub selector: Option<Selector>,
+    pub action: AuthzAction,
+    /// No rules: the policy matches nothing (so an ALLOW policy with no rules denies all).
+    pub rules: Vec<Rule>,
 }
 
 /// Annotation that binds a Pod to its network namespace on the node, as a path to a
@@ -96,4 +159,6 @@ pub struct Config {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
 }

@@ -215,5 +215,6 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
             .unwrap_or_else(|| "default".to_owned()),
         netns,
         enroll,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
     })
 }

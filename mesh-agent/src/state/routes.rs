@@ -153,6 +153,7 @@ mod tests {
                 ],
             }],
             pods: vec![],
+            ..Config::default()
         }
     }
 

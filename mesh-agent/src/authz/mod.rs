@@ -1,0 +1,128 @@
+//! Who may talk to whom: PeerAuthentication (is plaintext accepted?) and L4
+//! AuthorizationPolicy, evaluated in Istio's order, plus the registry of open
+//! connections that a policy change re-checks.
+mod live;
+mod rules;
+
+use std::sync::Arc;
+
+pub use live::{LiveConns, LiveGuard};
+pub use rules::ConnAttrs;
+
+use crate::config::{
+    AuthorizationPolicy, AuthzAction, Config, MtlsMode, NamespacedName, PeerAuthentication,
+    Selector,
+};
+
+/// The workload a connection is for: enough to find the policies that apply to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub id: NamespacedName,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Matched this DENY policy.
+    Denied(NamespacedName),
+    /// ALLOW policies apply to the workload and none matched.
+    NotAllowed,
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        matches!(self, Decision::Allow)
+    }
+}
+
+/// The result of one check: the decision, and the AUDIT policies that matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub audited: Vec<NamespacedName>,
+}
+
+/// One config generation's security policy.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    root_namespace: String,
+    peer_authentications: Vec<PeerAuthentication>,
+    policies: Vec<AuthorizationPolicy>,
+}
+
+fn selects(selector: &Selector, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl PolicySet {
+    pub fn build(config: &Config, root_namespace: &str) -> Arc<PolicySet> {
+        let mut peer_authentications = config.peer_authentications.clone();
+        let mut policies = config.authorization_policies.clone();
+        // A stable order (Istio uses creation time; files have none): by name.
+        peer_authentications.sort_by(|a, b| a.id.cmp(&b.id));
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
+        Arc::new(PolicySet {
+            root_namespace: root_namespace.to_owned(),
+            peer_authentications,
+            policies,
+        })
+    }
+
+    /// Whether a policy in `ns` with `selector` covers `w`: its own namespace, or
+    /// every namespace from the root namespace.
+    fn covers(&self, ns: &str, selector: Option<&Selector>, w: &Workload) -> bool {
+        (ns == w.id.namespace || ns == self.root_namespace)
+            && selector.is_none_or(|s| selects(s, &w.labels))
+    }
+
+    /// The mTLS mode for `w`: workload selector, then namespace, then mesh-wide, then
+    /// PERMISSIVE (Istio's default). UNSET defers to the next scope.
+    pub fn mtls_mode(&self, w: &Workload) -> MtlsMode {
+        let scoped = |pred: &dyn Fn(&PeerAuthentication) -> bool| {
+            self.peer_authentications
+                .iter()
+                .filter(|p| pred(p))
+                .find_map(|p| p.mode)
+        };
+        let ns = &w.id.namespace;
+        scoped(&|p| {
+            &p.id.namespace == ns && p.selector.as_ref().is_some_and(|s| selects(s, &w.labels))
+        })
+        .or_else(|| scoped(&|p| &p.id.namespace == ns && p.selector.is_none()))
+        .or_else(|| scoped(&|p| p.id.namespace == self.root_namespace && p.selector.is_none()))
+        .unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// Istio's order: AUDIT is recorded; any matching DENY denies; then, if ALLOW
+    /// policies apply to the workload, one of them must match; no ALLOW policy allows.
+    pub fn evaluate(&self, w: &Workload, c: &ConnAttrs) -> Verdict {
+        let applicable = || {
+            self.policies
+                .iter()
+                .filter(|p| self.covers(&p.id.namespace, p.selector.as_ref(), w))
+        };
+        let audited = applicable()
+            .filter(|p| p.action == AuthzAction::Audit && p.matches(c))
+            .map(|p| p.id.clone())
+            .collect();
+        if let Some(p) = applicable().find(|p| p.action == AuthzAction::Deny && p.matches(c)) {
+            return Verdict {
+                decision: Decision::Denied(p.id.clone()),
+                audited,
+            };
+        }
+        let mut allows = applicable()
+            .filter(|p| p.action == AuthzAction::Allow)
+            .peekable();
+        let decision = if allows.peek().is_none() || allows.any(|p| p.matches(c)) {
+            Decision::Allow
+        } else {
+            Decision::NotAllowed
+        };
+        Verdict { decision, audited }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,239 @@
+use std::{collections::HashMap, net::IpAddr, path::Path};
+
+use super::*;
+use crate::config::{Config, load_text};
+
+fn policy(yaml: &str) -> Arc<PolicySet> {
+    let mut config = Config::default();
+    load_text(
+        Path::new("/cfg/policy.yaml"),
+        yaml,
+        &mut config,
+        &mut HashMap::new(),
+    )
+    .unwrap();
+    PolicySet::build(&config, "istio-system")
+}
+
+fn web() -> Workload {
+    Workload {
+        id: NamespacedName {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+        },
+        labels: [("app".to_owned(), "web".to_owned())].into(),
+    }
+}
+
+fn conn(principal: Option<&str>, ip: &str, port: u16) -> ConnAttrs {
+    ConnAttrs {
+        principal: principal.map(str::to_owned),
+        namespace: principal.and_then(|p| p.split('/').nth(2)).map(str::to_owned),
+        source_ip: ip.parse::<IpAddr>().unwrap(),
+        dest_port: port,
+    }
+}
+
+const CLIENT: &str = "cluster.local/ns/shop/sa/client";
+const OTHER: &str = "cluster.local/ns/other/sa/bot";
+
+#[test]
+fn no_policy_allows_and_an_allow_policy_restricts() {
+    assert!(
+        policy("")
+            .evaluate(&web(), &conn(None, "10.0.0.1", 80))
+            .decision
+            .allowed()
+    );
+    let p = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/client"]}}]
+    to: [{operation: {ports: ["8080"]}}]
+"#,
+    );
+    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080)).decision.allowed());
+    assert_eq!(
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 9090)).decision,
+        Decision::NotAllowed
+    );
+    assert_eq!(
+        p.evaluate(&web(), &conn(Some(OTHER), "10.0.0.1", 8080)).decision,
+        Decision::NotAllowed
+    );
+    // Plaintext has no principal.
+    assert_eq!(
+        p.evaluate(&web(), &conn(None, "10.0.0.1", 8080)).decision,
+        Decision::NotAllowed
+    );
+    // The selector does not pick other workloads: no ALLOW applies to them.
+    let mut api = web();
+    api.labels = [("app".to_owned(), "api".to_owned())].into();
+    assert!(p.evaluate(&api, &conn(Some(OTHER), "10.0.0.1", 9090)).decision.allowed());
+}
+
+#[test]
+fn deny_wins_over_allow_and_not_forms_work() {
+    let p = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-all, namespace: shop}
+spec:
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-outsiders, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {notNamespaces: ["shop"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-plaintext-from-net, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {notPrincipals: ["*"], notIpBlocks: ["10.244.0.0/16"]}}]
+"#,
+    );
+    let deny_outsiders = NamespacedName {
+        namespace: "istio-system".into(),
+        name: "deny-outsiders".into(),
+    };
+    assert_eq!(
+        p.evaluate(&web(), &conn(Some(OTHER), "10.244.1.5", 80)).decision,
+        Decision::Denied(deny_outsiders.clone())
+    );
+    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.244.1.5", 80)).decision.allowed());
+    // Plaintext has no namespace, so `notNamespaces` matches it too.
+    assert_eq!(
+        p.evaluate(&web(), &conn(None, "10.244.1.5", 80)).decision,
+        Decision::Denied(deny_outsiders)
+    );
+}
+
+#[test]
+fn ip_blocks_and_wildcards() {
+    let p = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: lan, namespace: shop}
+spec:
+  rules:
+  - from: [{source: {ipBlocks: ["192.168.0.0/16", "10.1.2.3"]}}]
+  - from: [{source: {principals: ["*/sa/client"]}}]
+"#,
+    );
+    assert!(p.evaluate(&web(), &conn(None, "192.168.4.4", 1)).decision.allowed());
+    assert!(p.evaluate(&web(), &conn(None, "10.1.2.3", 1)).decision.allowed());
+    assert!(!p.evaluate(&web(), &conn(None, "10.1.2.4", 1)).decision.allowed());
+    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.9.9.9", 1)).decision.allowed());
+    assert!(!p.evaluate(&web(), &conn(Some(OTHER), "10.9.9.9", 1)).decision.allowed());
+}
+
+#[test]
+fn allow_without_rules_denies_everything_and_audit_only_records() {
+    let p = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-all, namespace: shop}
+spec:
+  action: AUDIT
+  rules: [{to: [{operation: {ports: ["8080"]}}]}]
+"#,
+    );
+    let v = p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080));
+    assert!(v.decision.allowed());
+    assert_eq!(v.audited.len(), 1);
+    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 1)).audited.is_empty());
+
+    let p = policy(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: shop}\nspec: {}\n",
+    );
+    assert_eq!(
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080)).decision,
+        Decision::NotAllowed
+    );
+}
+
+#[test]
+fn mtls_mode_precedence() {
+    let p = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: legacy, namespace: shop}
+spec:
+  selector: {matchLabels: {app: legacy}}
+  mtls: {mode: PERMISSIVE}
+"#,
+    );
+    assert_eq!(p.mtls_mode(&web()), MtlsMode::Strict);
+    let mut legacy = web();
+    legacy.labels = [("app".to_owned(), "legacy".to_owned())].into();
+    assert_eq!(p.mtls_mode(&legacy), MtlsMode::Permissive);
+    assert_eq!(policy("").mtls_mode(&web()), MtlsMode::Permissive);
+}
+
+#[test]
+fn unsupported_fields_are_rejected_by_name() {
+    for (yaml, field) in [
+        (
+            "spec:\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
+            "methods",
+        ),
+        ("spec:\n  rules:\n  - when: [{key: a, values: [b]}]\n", "when"),
+        ("spec:\n  action: CUSTOM\n", "spec.action"),
+        (
+            "spec:\n  rules:\n  - from: [{source: {ipBlocks: [\"10.0.0.0/33\"]}}]\n",
+            "ipBlocks[0]",
+        ),
+        (
+            "spec:\n  rules:\n  - to: [{operation: {ports: [\"http\"]}}]\n",
+            "ports[0]",
+        ),
+    ] {
+        let text = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\n{yaml}"
+        );
+        let mut config = Config::default();
+        let err = load_text(
+            Path::new("/cfg/p.yaml"),
+            &text,
+            &mut config,
+            &mut HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/cfg/p.yaml") && err.contains("AuthorizationPolicy shop/p") && err.contains(field),
+            "{err}"
+        );
+    }
+    let mut config = Config::default();
+    let err = load_text(
+        Path::new("/cfg/pa.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  portLevelMtls: {}\n",
+        &mut config,
+        &mut HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("portLevelMtls"), "{err}");
+}
