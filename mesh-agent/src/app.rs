@@ -12,12 +12,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
+    authz::{LiveConns, PolicySet},
     bpf::{self, Datapath},
     cli::RunArgs,
     config::{ConfigWatch, Generation},
+    identity::{CaClient, SecretManager},
     inpod::PodManager,
-    proxy::ProxyContext,
-    state::RouteTable,
+    proxy::{Pool, ProxyContext},
+    state::{RouteTable, WorkloadIndex},
     telemetry::{Readiness, serve_readiness},
 };
 
@@ -53,13 +55,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let maps = datapath.maps.clone();
     readiness.programs_attached.store(true, Ordering::Relaxed);
 
+    let id_args = &args.identity;
+    let ca_root = std::fs::read_to_string(&id_args.ca_root)
+        .with_context(|| format!("reading the CA root {}", id_args.ca_root.display()))?;
+    let token = std::fs::read_to_string(&id_args.ca_token_file)
+        .with_context(|| format!("reading the node token {}", id_args.ca_token_file.display()))?;
+    let ca = CaClient::new(id_args.ca_addr, &id_args.ca_server_name, &ca_root, &token)
+        .context("CA client")?;
+    let secrets = SecretManager::new(Arc::new(ca), id_args.cert_ttl);
+    let pool = Pool::new(args.tunnel.tunnel_stream_limit, args.tunnel.tunnel_idle_timeout);
+
     let proxy = Arc::new(ProxyContext {
         routes: ArcSwap::from_pointee(RouteTable::default()),
+        workloads: ArcSwap::from_pointee(WorkloadIndex::default()),
+        policy: ArcSwap::from_pointee(PolicySet::default()),
+        local: ArcSwap::from_pointee(Default::default()),
+        live: Arc::new(LiveConns::default()),
+        secrets: secrets.clone(),
+        pool: pool.clone(),
         maps,
         connect_timeout: args.connect_timeout,
         next_conn_id: AtomicU64::new(1),
     });
-    let mut pods = PodManager::new(args.node_name.clone(), proxy.clone());
+    let reaper = tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout));
+    let mut pods = PodManager::new(
+        args.node_name.clone(),
+        id_args.trust_domain.clone(),
+        proxy.clone(),
+        datapath.inbound.clone(),
+    );
+    let settings = Settings {
+        trust_domain: id_args.trust_domain.clone(),
+        root_namespace: args.root_namespace.clone(),
+    };
     let mut config = ConfigWatch::start(args.config_dir.clone());
     let mut current: Arc<Generation> = config.updates.borrow().clone();
 
@@ -75,12 +103,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     break;
                 }
                 current = config.updates.borrow_and_update().clone();
-                apply(&current, &proxy, &mut pods).await;
+                apply(&current, &settings, &proxy, &mut pods).await;
                 readiness.config_loaded.store(current.number > 0, Ordering::Relaxed);
             }
             _ = retry.tick() => {
                 if !pods.all_enrolled(&current.config) {
-                    pods.reconcile(&current.config).await;
+                    let policy = proxy.policy.load_full();
+                    pods.reconcile(&current.config, &policy).await;
                 }
             }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
@@ -93,6 +122,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     readiness.programs_attached.store(false, Ordering::Relaxed);
     pods.shutdown();
+    reaper.abort();
+    secrets.shutdown();
     let failed = config.stats.failed.load(Ordering::Relaxed);
     drop(proxy);
     datapath.shutdown();
@@ -100,9 +131,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies one config generation: routes first (so a captured connection always finds
-/// its service), then the kernel's service map, then the pods.
-async fn apply(generation: &Generation, proxy: &ProxyContext, pods: &mut PodManager) {
+/// Agent settings that shape how config is read.
+struct Settings {
+    trust_domain: String,
+    root_namespace: String,
+}
+
+/// Applies one config generation: routes, workloads and policy first (so a captured
+/// connection always finds its service), then open connections are re-checked against
+/// the new policy, then the kernel's service map, then the pods.
+async fn apply(
+    generation: &Generation,
+    settings: &Settings,
+    proxy: &ProxyContext,
+    pods: &mut PodManager,
+) {
+    let policy = PolicySet::build(&generation.config, &settings.root_namespace);
+    proxy.policy.store(policy.clone());
+    let closed = proxy.live.reevaluate(&policy);
+    if closed > 0 {
+        info!(closed, "policy change closed open connections");
+    }
+    proxy.workloads.store(Arc::new(WorkloadIndex::build(
+        &generation.config,
+        &settings.trust_domain,
+    )));
     let routes = RouteTable::build(&generation.config);
     let addrs = routes.service_addrs();
     proxy.routes.store(Arc::new(routes));
@@ -118,7 +171,28 @@ async fn apply(generation: &Generation, proxy: &ProxyContext, pods: &mut PodMana
             error!(generation = generation.number, error = %e, "cannot update the kernel's service map")
         }
     }
-    pods.reconcile(&generation.config).await;
+    pods.reconcile(&generation.config, &policy).await;
+}
+
+/// Closes idle tunnel connections, and those to an address whose expected identity
+/// changed.
+async fn reap_pool(proxy: Arc<ProxyContext>, idle_timeout: Duration) {
+    let every = (idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
+    loop {
+        tokio::time::sleep(every).await;
+        let workloads = proxy.workloads.load_full();
+        let closed = proxy
+            .pool
+            .reap(|key| {
+                workloads
+                    .get(key.addr.ip())
+                    .is_some_and(|w| w.meshed && w.identity == key.dest)
+            })
+            .await;
+        if closed > 0 {
+            tracing::debug!(closed, open = proxy.pool.connections(), "tunnel connections closed");
+        }
+    }
 }
 
 /// One connection costs the agent two fds (client and upstream); the default soft

@@ -36,6 +36,10 @@ pub mod maps {
     pub const PEER_ORIG_DST: &str = "MESH_PEER_ORIG_DST";
     /// Per-CPU counters, indexed by [`super::counters`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// Pod IP -> how its inbound plaintext is treated ([`InboundPolicy`]).
+    pub const INBOUND: &str = "MESH_INBOUND";
+    /// Pod IP -> the agent's plaintext listener (:15006) in that pod (SOCKHASH).
+    pub const PLAINTEXT_LISTENERS: &str = "MESH_PLAINTEXT_LISTENERS";
 }
 
 /// Program names in the object file.
@@ -45,6 +49,8 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
+    /// sk_lookup, attached to each enrolled pod's network namespace.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
 }
 
 /// Bounds of every map. LRU maps hold entries that may be orphaned (a socket that
@@ -54,6 +60,7 @@ pub mod limits {
     pub const SERVICES: u32 = 65536;
     pub const SOCK_ORIG_DST: u32 = 65536;
     pub const PEER_ORIG_DST: u32 = 65536;
+    pub const INBOUND: u32 = 8192;
 }
 
 /// Indices into the per-CPU counter array.
@@ -68,6 +75,12 @@ pub mod counters {
     pub const MAP_UPDATE_FAILED: u32 = 3;
     /// getpeername() answered with the original destination.
     pub const PEERNAME_RESTORED: u32 = 4;
+    /// STRICT: a plaintext connection to an enrolled pod was refused.
+    pub const INBOUND_STRICT_REFUSED: u32 = 5;
+    /// PERMISSIVE: a plaintext connection was handed to the agent's :15006.
+    pub const INBOUND_PLAINTEXT_CAPTURED: u32 = 6;
+    /// PERMISSIVE, but the agent's listener was missing: refused (fail closed).
+    pub const INBOUND_NO_LISTENER: u32 = 7;
     pub const LEN: u32 = 8;
 }
 
@@ -138,8 +151,28 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+/// `InboundPolicy::mode` values.
+pub const MODE_STRICT: u32 = 1;
+pub const MODE_PERMISSIVE: u32 = 2;
+
+/// Key of the inbound maps: a pod IP, IPv4 as v4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundPolicy {
+    pub mode: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::InboundKey {}
+    unsafe impl aya::Pod for super::InboundPolicy {}
     // SAFETY: every type is #[repr(C)], Copy, made of integers and byte arrays, with all
     // padding spelled out as fields, so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::EnrolledNetns {}
@@ -161,6 +194,8 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 4);
         assert_eq!(size_of::<OrigDst>(), 32);
         assert_eq!(size_of::<PeerKey>(), 32);
+        assert_eq!(size_of::<InboundKey>(), 16);
+        assert_eq!(size_of::<InboundPolicy>(), 8);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod addr;
 mod connect;
 mod maps;
 mod peername;
+mod sklookup;
 mod sockops;
 
 #[cfg(not(test))]

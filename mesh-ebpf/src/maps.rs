@@ -1,9 +1,12 @@
 //! The maps, named as in `mesh_common::maps` (the static's name is the map's name).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
-use mesh_common::{EnrolledNetns, OrigDst, PeerKey, ServiceKey, ServiceValue, counters, limits};
+use mesh_common::{
+    EnrolledNetns, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey, ServiceValue,
+    counters, limits,
+};
 
 #[map]
 pub static MESH_ENROLLED_NETNS: HashMap<u64, EnrolledNetns> =
@@ -20,6 +23,14 @@ pub static MESH_SOCK_ORIG_DST: LruHashMap<u64, OrigDst> =
 #[map]
 pub static MESH_PEER_ORIG_DST: LruHashMap<PeerKey, OrigDst> =
     LruHashMap::with_max_entries(limits::PEER_ORIG_DST, 0);
+
+#[map]
+pub static MESH_INBOUND: HashMap<InboundKey, InboundPolicy> =
+    HashMap::with_max_entries(limits::INBOUND, 0);
+
+#[map]
+pub static MESH_PLAINTEXT_LISTENERS: SockHash<InboundKey> =
+    SockHash::with_max_entries(limits::INBOUND, 0);
 
 #[map]
 pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::LEN, 0);

@@ -82,8 +82,4 @@ impl LiveConns {
         }
         closed
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
 }

@@ -14,8 +14,9 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
+        sk_lookup::SkLookupLink,
     },
 };
 use mesh_common::{counters, programs};
@@ -76,11 +77,33 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 /// The loaded and attached data path. Dropping it without [`Datapath::shutdown`] leaves
 /// the pins (and so the programs) in place, as after a crash.
 pub struct Datapath {
-    // Kept alive: owns the program and map fds.
-    _ebpf: Ebpf,
+    /// Owns the program and map fds; also attaches the per-pod inbound program.
+    pub inbound: std::sync::Arc<InboundHook>,
     links: Vec<PinnedLink>,
     pin_dir: PathBuf,
     pub maps: std::sync::Arc<MeshMaps>,
+}
+
+/// The inbound enforcement program (sk_lookup), loaded once and attached to each
+/// enrolled pod's network namespace. Unlike the cgroup programs it is not pinned: a
+/// link lives as long as the agent holds it for that pod.
+pub struct InboundHook {
+    ebpf: std::sync::Mutex<Ebpf>,
+}
+
+impl InboundHook {
+    pub fn attach(&self, netns: &File) -> Result<SkLookupLink, DatapathError> {
+        let name = programs::SK_LOOKUP;
+        let prog_err = |source| DatapathError::Program { name, source };
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let prog: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(prog_err)?;
+        let id = prog.attach(netns).map_err(prog_err)?;
+        prog.take_link(id).map_err(prog_err)
+    }
 }
 
 impl Datapath {
@@ -137,6 +160,17 @@ impl Datapath {
             attached.push(name);
         }
 
+        {
+            let name = programs::SK_LOOKUP;
+            let prog_err = |source| DatapathError::Program { name, source };
+            let prog: &mut SkLookup = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { name })?
+                .try_into()
+                .map_err(prog_err)?;
+            prog.load().map_err(prog_err)?;
+        }
+
         for (name, map) in ebpf.maps() {
             map.pin(map_dir.join(name))
                 .map_err(|source| DatapathError::Pin {
@@ -148,7 +182,9 @@ impl Datapath {
         info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), programs = ?attached,
             "eBPF programs attached");
         Ok(Datapath {
-            _ebpf: ebpf,
+            inbound: std::sync::Arc::new(InboundHook {
+                ebpf: std::sync::Mutex::new(ebpf),
+            }),
             links,
             pin_dir: pin_dir.to_owned(),
             maps,
@@ -158,7 +194,7 @@ impl Datapath {
     /// Detaches every program and removes every pin and the pin directory.
     pub fn shutdown(self) {
         let Datapath {
-            _ebpf,
+            inbound,
             links,
             pin_dir,
             maps,
@@ -170,6 +206,9 @@ impl Datapath {
             not_a_service = c[counters::NOT_A_SERVICE as usize],
             map_update_failed = c[counters::MAP_UPDATE_FAILED as usize],
             peername_restored = c[counters::PEERNAME_RESTORED as usize],
+            inbound_strict_refused = c[counters::INBOUND_STRICT_REFUSED as usize],
+            inbound_plaintext_captured = c[counters::INBOUND_PLAINTEXT_CAPTURED as usize],
+            inbound_no_listener = c[counters::INBOUND_NO_LISTENER as usize],
             "kernel counters"
         );
         for link in links {
@@ -180,7 +219,7 @@ impl Datapath {
             }
         }
         drop(maps);
-        drop(_ebpf);
+        drop(inbound);
         if let Err(e) = remove_pins(&pin_dir) {
             warn!(dir = %pin_dir.display(), error = %e, "cannot remove pins");
         }

@@ -3,15 +3,17 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     sync::Mutex,
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, OrigDst, PROTO_TCP, PeerKey, ServiceKey, ServiceValue, counters, maps,
+    EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PROTO_TCP,
+    PeerKey, ServiceKey, ServiceValue, counters, maps,
 };
 
 use super::datapath::DatapathError;
@@ -50,7 +52,18 @@ pub struct MeshMaps {
     enrolled: Locked<u64, EnrolledNetns>,
     services: Locked<ServiceKey, ServiceValue>,
     peers: Locked<PeerKey, OrigDst>,
+    inbound: Locked<InboundKey, InboundPolicy>,
+    plaintext_listeners: Mutex<SockHash<MapData, InboundKey>>,
     counters: PerCpuArray<MapData, u64>,
+}
+
+/// How the kernel treats plaintext arriving at an enrolled pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundMode {
+    /// Refused in the kernel.
+    Strict,
+    /// Handed to the agent's plaintext listener in the pod.
+    Permissive,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -76,6 +89,8 @@ impl MeshMaps {
             enrolled: Mutex::new(take(ebpf, maps::ENROLLED_NETNS)?),
             services: Mutex::new(take(ebpf, maps::SERVICES)?),
             peers: Mutex::new(take(ebpf, maps::PEER_ORIG_DST)?),
+            inbound: Mutex::new(take(ebpf, maps::INBOUND)?),
+            plaintext_listeners: Mutex::new(take(ebpf, maps::PLAINTEXT_LISTENERS)?),
             counters: take(ebpf, maps::COUNTERS)?,
         })
     }
@@ -133,6 +148,51 @@ impl MeshMaps {
         let orig = m.get(&key, 0).ok()?;
         let _ = m.remove(&key);
         Some(SocketAddr::new(from_ip16(orig.addr), orig.port))
+    }
+
+    /// Sets the plaintext treatment of the pod at `ip`.
+    pub fn set_inbound(&self, ip: IpAddr, mode: InboundMode) -> Result<(), MapUpdateError> {
+        let mode = match mode {
+            InboundMode::Strict => MODE_STRICT,
+            InboundMode::Permissive => MODE_PERMISSIVE,
+        };
+        let mut m = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(InboundKey { addr: ip16(ip) }, InboundPolicy { mode, _pad: 0 }, 0)
+            .map_err(|source| MapUpdateError {
+                map: maps::INBOUND,
+                source,
+            })
+    }
+
+    pub fn remove_inbound(&self, ip: IpAddr) {
+        let mut m = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = m.remove(&InboundKey { addr: ip16(ip) });
+    }
+
+    /// Registers the agent's plaintext listener in the pod at `ip`. The kernel drops
+    /// the entry by itself when the socket closes.
+    pub fn set_plaintext_listener(
+        &self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), MapUpdateError> {
+        let mut m = self
+            .plaintext_listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.insert(InboundKey { addr: ip16(ip) }, listener.as_raw_fd(), 0)
+            .map_err(|source| MapUpdateError {
+                map: maps::PLAINTEXT_LISTENERS,
+                source,
+            })
+    }
+
+    pub fn remove_plaintext_listener(&self, ip: IpAddr) {
+        let mut m = self
+            .plaintext_listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let _ = m.remove(&InboundKey { addr: ip16(ip) });
     }
 
     /// Kernel counters summed over CPUs, indexed by `mesh_common::counters`.

@@ -12,7 +12,7 @@ use super::{
     error::FieldError,
     model::{
         AuthorizationPolicy, AuthzAction, MtlsMode, OperationMatch, PeerAuthentication, Rule,
-        Selector, SourceMatch,
+        SourceMatch,
     },
     translate::object_id,
 };

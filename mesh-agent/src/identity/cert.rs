@@ -35,7 +35,6 @@ pub enum CertError {
 
 /// One workload's current certificate, ready to hand to rustls.
 pub struct WorkloadCert {
-    pub identity: Identity,
     pub key: Arc<CertifiedKey>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
@@ -69,7 +68,6 @@ impl WorkloadCert {
         let signer = rustls::crypto::ring::sign::any_supported_type(&der)
             .map_err(|e| CertError::Key(e.to_string()))?;
         Ok(WorkloadCert {
-            identity: info.identity,
             key: Arc::new(CertifiedKey::new(chain, signer)),
             not_before: info.not_before,
             not_after: info.not_after,

@@ -8,7 +8,9 @@ mod tls;
 mod verify;
 
 pub use ca_client::CaClient;
-pub use cert::{CertInfo, peer_identity};
-pub use manager::{SecretManager, SignError, Signed, Signer};
+#[cfg(test)]
+pub use cert::CertInfo;
+pub use cert::peer_identity;
+pub use manager::SecretManager;
 pub use spiffe::{Identity, ParseIdentityError};
-pub use tls::{client_config, server_config};
+pub use tls::{TlsConfigError, client_config, server_config};

@@ -1,36 +1,39 @@
-//! Opening the upstream connection from inside the source pod's network namespace,
-//! with the bypass mark so the kernel programs leave it alone. Dialing from the pod
-//! (not the node) keeps the pod's IP as the source address the backend sees.
+//! Opening a connection from inside a pod's network namespace, with the bypass mark so
+//! the kernel programs leave it alone. Dialing from the pod (not the node) keeps the
+//! pod's IP as the source address the peer sees.
 use std::{net::SocketAddr, time::Duration};
 
 use mesh_common::BYPASS_MARK;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{OutboundError, PodContext};
+use crate::inpod::Netns;
 
-pub async fn dial(
-    pod: &PodContext,
-    endpoint: SocketAddr,
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+pub async fn dial_from(
+    netns: &Netns,
+    addr: SocketAddr,
     timeout: Duration,
-) -> Result<TcpStream, OutboundError> {
-    let connect_err = |source| OutboundError::Connect { endpoint, source };
-    let sock = pod
-        .netns
+) -> Result<TcpStream, DialError> {
+    let sock = netns
         .run(move || -> std::io::Result<Socket> {
-            let sock = Socket::new(Domain::for_address(endpoint), Type::STREAM, None)?;
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             sock.set_mark(BYPASS_MARK)?;
             sock.set_nonblocking(true)?;
             sock.set_tcp_nodelay(true)?;
             Ok(sock)
         })
-        .await
-        .map_err(connect_err)?
-        .map_err(connect_err)?;
+        .await??;
     let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-    match tokio::time::timeout(timeout, sock.connect(endpoint)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(OutboundError::Connect { endpoint, source }),
-        Err(_) => Err(OutboundError::ConnectTimeout { endpoint, timeout }),
+    match tokio::time::timeout(timeout, sock.connect(addr)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DialError::Timeout(timeout)),
     }
 }

@@ -1,0 +1,52 @@
+//! The last step of every inbound path (tunnel, plaintext, same-node): authorize the
+//! connection for the destination workload, register it so a policy change can take
+//! it back, and connect to the application inside the pod.
+//!
+//! The application sees the connection come from its own pod IP (the agent connects
+//! from inside the pod's namespace); the original source is in the agent's logs. See
+//! docs/security.md for why the source address is not preserved.
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+use tracing::info;
+
+use super::{InboundError, PodContext, ProxyContext, dial::DialError, dial::dial_from};
+use crate::authz::{ConnAttrs, LiveGuard};
+
+pub struct Delivered {
+    pub app: TcpStream,
+    pub guard: LiveGuard,
+}
+
+pub async fn deliver(
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    attrs: ConnAttrs,
+) -> Result<Delivered, InboundError> {
+    let ip = pod.ip.ok_or(InboundError::NoPodIp)?;
+    // Registered before the check: a policy change racing with this connection either
+    // is seen by the check or re-checks the registered connection.
+    let guard = ctx.live.register(pod.workload.clone(), attrs.clone());
+    let verdict = ctx.policy.load().evaluate(&pod.workload, &attrs);
+    for policy in &verdict.audited {
+        info!(
+            %policy,
+            source = attrs.principal.as_deref().unwrap_or("(plaintext)"),
+            source_ip = %attrs.source_ip,
+            port = attrs.dest_port,
+            allowed = verdict.decision.allowed(),
+            "policy audit"
+        );
+    }
+    if !verdict.decision.allowed() {
+        return Err(InboundError::Denied(verdict.decision));
+    }
+    let addr = SocketAddr::new(ip, attrs.dest_port);
+    let app = dial_from(&pod.netns, addr, ctx.connect_timeout)
+        .await
+        .map_err(|e| match e {
+            DialError::Io(source) => InboundError::Connect { addr, source },
+            DialError::Timeout(_) => InboundError::ConnectTimeout { addr },
+        })?;
+    Ok(Delivered { app, guard })
+}

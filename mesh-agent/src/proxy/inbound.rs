@@ -1,0 +1,167 @@
+//! The tunnel's server side: `:15008` in each enrolled pod. mTLS (TLS 1.3, the pod's
+//! own identity, a client certificate from the trust bundle), then HTTP/2, where each
+//! CONNECT stream is one connection to the pod's application.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::Ordering, time::Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{
+    PodContext, ProxyContext,
+    deliver::deliver,
+    relay::{RelayEnd, relay},
+    tunnel::{HANDSHAKE_TIMEOUT, STREAM_WINDOW, CONNECTION_WINDOW},
+};
+use crate::{
+    authz::ConnAttrs,
+    identity::{Identity, peer_identity},
+};
+
+/// Concurrent CONNECT streams one client connection may hold.
+pub const MAX_STREAMS: u32 = 1000;
+
+pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    let acceptor = TlsAcceptor::from(pod.tls_server.clone());
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+                let span = info_span!("tunnel_in", id, dst = %pod.workload.id, peer = %peer);
+                tokio::spawn(
+                    handle(stream, peer, acceptor.clone(), pod.clone(), ctx.clone())
+                        .instrument(span),
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            warn!("TLS handshake timed out");
+            return;
+        }
+    };
+    let source = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(peer_identity)
+    {
+        Some(Ok(id)) => id,
+        // The verifier already required one; this is defence in depth.
+        _ => {
+            warn!("peer presented no workload identity");
+            return;
+        }
+    };
+    debug!(source = %source, "mTLS established");
+    let service = service_fn(move |req| {
+        let (pod, ctx, source) = (pod.clone(), ctx.clone(), source.clone());
+        async move { Ok::<_, Infallible>(connect(req, peer, source, pod, ctx).await) }
+    });
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = result {
+        debug!(error = %e, "tunnel connection ended with an error");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// One CONNECT stream: check the target is this pod, authorize, connect to the app,
+/// answer 200, then relay once the stream is upgraded.
+async fn connect(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    source: Identity,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let target: Option<SocketAddr> = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse().ok());
+    // Only this pod: the tunnel is not a way to reach anything else from the node.
+    let Some(target) = target.filter(|t| Some(t.ip()) == pod.ip) else {
+        warn!(authority = ?req.uri().authority(), "CONNECT target is not this pod");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("conn", id, src = %source, dst = %pod.identity, port = target.port());
+    let attrs = ConnAttrs {
+        principal: Some(source.principal()),
+        namespace: Some(source.namespace.clone()),
+        source_ip: peer.ip(),
+        dest_port: target.port(),
+    };
+    let delivered = match deliver(&pod, &ctx, attrs).instrument(span.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            span.in_scope(|| warn!(reason = e.reason(), error = %e, "inbound connection refused"));
+            return status(e.status());
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(
+        async move {
+            let started = Instant::now();
+            let mut app = delivered.app;
+            let mut stream = match on_upgrade.await {
+                Ok(u) => TokioIo::new(u),
+                Err(e) => {
+                    warn!(error = %e, "CONNECT stream was not upgraded");
+                    return;
+                }
+            };
+            let result = relay(&mut stream, &mut app, &delivered.guard.cancelled).await;
+            let duration_ms = started.elapsed().as_millis() as u64;
+            match result {
+                Ok((received, sent)) => {
+                    info!(mtls = true, received, sent, duration_ms, "inbound connection closed")
+                }
+                Err(RelayEnd::Revoked) => {
+                    super::relay::reset(app);
+                    info!(duration_ms, "inbound connection closed by policy")
+                }
+                Err(e) => info!(duration_ms, error = %e, "inbound connection closed with error"),
+            }
+        }
+        .instrument(span),
+    );
+    status(StatusCode::OK)
+}

@@ -1,0 +1,106 @@
+//! The tunnel's client side: one HTTP/2 CONNECT stream to the destination pod's
+//! `:15008`, over a pooled mTLS connection that presents the source workload's
+//! certificate and accepts only the destination identity the config expects.
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_common::INBOUND_TUNNEL_PORT;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{Instrument, debug, debug_span};
+
+use super::{
+    PodContext, ProxyContext, TunnelError,
+    dial::{DialError, dial_from},
+    pool::{Lease, PoolKey},
+};
+use crate::identity::{Identity, client_config};
+
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Flow-control windows: large enough that one stream can fill a fast link.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// An open CONNECT stream; holds its pool lease for as long as it lives.
+pub struct TunnelStream {
+    pub io: TokioIo<Upgraded>,
+    _lease: Lease,
+}
+
+pub async fn open(
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    dest: &Identity,
+    target: SocketAddr,
+) -> Result<TunnelStream, TunnelError> {
+    let addr = SocketAddr::new(target.ip(), INBOUND_TUNNEL_PORT);
+    let key = PoolKey {
+        source_pod: pod.netns_cookie,
+        source: pod.identity.clone(),
+        dest: dest.clone(),
+        addr,
+    };
+    let lease = ctx
+        .pool
+        .lease(&key, || dial(pod, ctx, dest, addr))
+        .await?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| TunnelError::Status(StatusCode::BAD_REQUEST))?;
+    let mut sender = lease.sender();
+    sender.ready().await?;
+    let resp = sender.send_request(req).await?;
+    if resp.status() != StatusCode::OK {
+        return Err(TunnelError::Status(resp.status()));
+    }
+    let upgraded = hyper::upgrade::on(resp).await?;
+    Ok(TunnelStream {
+        io: TokioIo::new(upgraded),
+        _lease: lease,
+    })
+}
+
+async fn dial(
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    dest: &Identity,
+    addr: SocketAddr,
+) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    if ctx.secrets.current(&pod.identity).is_none() {
+        return Err(TunnelError::NoCertificate);
+    }
+    let config = client_config(&ctx.secrets, &pod.identity, dest)?;
+    let tcp = dial_from(&pod.netns, addr, ctx.connect_timeout)
+        .await
+        .map_err(|e| match e {
+            DialError::Io(e) => TunnelError::Connect(e),
+            DialError::Timeout(t) => TunnelError::ConnectTimeout(t),
+        })?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .map_err(|_| TunnelError::Handshake(std::io::ErrorKind::TimedOut.into()))?
+    .map_err(TunnelError::Handshake)?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake(TokioIo::new(tls))
+        .await?;
+    let span = debug_span!("tunnel_out", dest = %dest, %addr);
+    tokio::spawn(
+        async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "tunnel connection ended with an error");
+            }
+        }
+        .instrument(span),
+    );
+    Ok(sender)
+}

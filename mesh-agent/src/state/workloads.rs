@@ -1,0 +1,47 @@
+//! Pod IP -> the workload behind it and the identity it must prove: what the outbound
+//! side needs to choose between local delivery, the mTLS tunnel and plain passthrough.
+use std::{collections::HashMap, net::IpAddr};
+
+use crate::{
+    config::{Config, NamespacedName},
+    identity::Identity,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    pub id: NamespacedName,
+    pub node: Option<String>,
+    /// The identity the config says this workload has; a tunnel peer must prove it.
+    pub identity: Identity,
+    /// In the mesh (not opted out): reached through its node's agent, over mTLS.
+    pub meshed: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct WorkloadIndex {
+    by_ip: HashMap<IpAddr, WorkloadInfo>,
+}
+
+impl WorkloadIndex {
+    pub fn build(config: &Config, trust_domain: &str) -> WorkloadIndex {
+        let by_ip = config
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let ip = p.ip?;
+                let info = WorkloadInfo {
+                    id: p.id.clone(),
+                    node: p.node_name.clone(),
+                    identity: Identity::new(trust_domain, &p.id.namespace, &p.service_account),
+                    meshed: p.enroll,
+                };
+                Some((ip, info))
+            })
+            .collect();
+        WorkloadIndex { by_ip }
+    }
+
+    pub fn get(&self, ip: IpAddr) -> Option<&WorkloadInfo> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+}
