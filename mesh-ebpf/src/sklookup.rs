@@ -1,11 +1,12 @@
 //! Inbound enforcement for enrolled pods, attached to each pod's network namespace.
 //!
-//! A new TCP connection to a pod IP that did not come in over loopback (that is, from
-//! outside the pod) and is not for the mTLS tunnel port is plaintext from outside the
-//! mesh. STRICT refuses it (the kernel answers with a reset); PERMISSIVE hands it to the
-//! agent's plaintext listener in the pod, which authorizes and counts it. Connections
-//! from inside the pod (the agent delivering tunnelled traffic, the app to itself)
-//! arrive over loopback and pass untouched.
+//! A new TCP connection to a pod IP from another address (that is, from outside the
+//! pod) that is not for the mTLS tunnel port is plaintext from outside the mesh. STRICT
+//! refuses it (the kernel answers with a reset); PERMISSIVE hands it to the agent's
+//! plaintext listener in the pod, which authorizes and counts it. Connections from
+//! inside the pod (the agent delivering tunnelled traffic, the app to itself) come
+//! from the pod's own address and pass untouched. (`ingress_ifindex` cannot tell: a
+//! packet to a local address reports the device that address is on, not `lo`.)
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     macros::sk_lookup,
@@ -21,25 +22,34 @@ use crate::{
     maps::{MESH_INBOUND, MESH_PLAINTEXT_LISTENERS, count},
 };
 
-/// The loopback device's ifindex, the same in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 const AF_INET: u32 = 2;
+
+/// 127.0.0.0/8 (v4-mapped) or ::1.
+#[inline(always)]
+fn is_loopback(a: &[u8; 16]) -> bool {
+    let mapped_127 = a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff && a[12] == 127;
+    let v6_one = a[..15].iter().all(|b| *b == 0) && a[15] == 1;
+    mapped_127 || v6_one
+}
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands a valid context for the program's lifetime.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != PROTO_TCP as u32
-        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
-        || lookup.local_port == INBOUND_TUNNEL_PORT as u32
-    {
+    if lookup.protocol != PROTO_TCP as u32 || lookup.local_port == INBOUND_TUNNEL_PORT as u32 {
         return SK_PASS;
     }
-    let addr = if lookup.family == AF_INET {
-        v4_mapped(lookup.local_ip4.to_ne_bytes())
+    let (addr, remote) = if lookup.family == AF_INET {
+        (
+            v4_mapped(lookup.local_ip4.to_ne_bytes()),
+            v4_mapped(lookup.remote_ip4.to_ne_bytes()),
+        )
     } else {
-        read_ip6(&lookup.local_ip6)
+        (read_ip6(&lookup.local_ip6), read_ip6(&lookup.remote_ip6))
     };
+    if addr == remote || is_loopback(&remote) {
+        return SK_PASS;
+    }
     let key = InboundKey { addr };
     // SAFETY: read-only lookup of a plain value.
     let Some(policy) = (unsafe { MESH_INBOUND.get(&key) }) else {

@@ -18,6 +18,9 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// The agent's readiness port (DESIGN.md).
 pub const READINESS_PORT: u16 = 15021;
+/// The CA runs in the fabric namespace, reachable from every node.
+pub const CA_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+pub const CA_PORT: u16 = 15012;
 
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -54,6 +57,11 @@ pub struct Cluster {
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     agents: Vec<(String, Child)>,
+    ca: Option<Child>,
+    /// Lifetime of workload certificates (the CA's maximum); default 24h.
+    pub cert_ttl: String,
+    /// Extra arguments for every agent started from now on.
+    pub agent_args: Vec<String>,
     /// Workload pids, killed on drop.
     tracked: Vec<u32>,
 }
@@ -131,11 +139,19 @@ impl Cluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             agents: Vec::new(),
+            ca: None,
+            cert_ttl: "24h".to_owned(),
+            agent_args: Vec::new(),
             tracked: Vec::new(),
         };
         run("ip", &["netns", "add", &cluster.fabric])?;
         ip_in(&cluster.fabric, &["link", "add", "br0", "type", "bridge"])?;
         ip_in(&cluster.fabric, &["link", "set", "br0", "up"])?;
+        ip_in(&cluster.fabric, &["link", "set", "lo", "up"])?;
+        ip_in(
+            &cluster.fabric,
+            &["addr", "add", &format!("{CA_IP}/24"), "dev", "br0"],
+        )?;
         for (i, name) in nodes.iter().enumerate() {
             cluster.add_node(name, (i + 1) as u8)?;
         }
@@ -329,17 +345,106 @@ impl Cluster {
         fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
     }
 
+    pub fn ca_dir(&self) -> PathBuf {
+        self.work_dir.join("ca")
+    }
+
+    /// The CA's generated root certificate and key (PEM files).
+    pub fn ca_root(&self) -> (PathBuf, PathBuf) {
+        let state = self.ca_dir().join("state");
+        (state.join("root-cert.pem"), state.join("root-key.pem"))
+    }
+
+    fn token_file(&self, node: &str) -> PathBuf {
+        self.ca_dir().join(format!("{node}.token"))
+    }
+
+    /// Starts `mesh-agent ca` in the fabric namespace with a bootstrap token per node,
+    /// and waits until it serves.
+    pub fn start_ca(&mut self) -> anyhow::Result<()> {
+        let dir = self.ca_dir();
+        fs::create_dir_all(&dir)?;
+        let mut tokens = String::from("# node token\n");
+        for n in &self.nodes {
+            let token = random_hex(32)?;
+            fs::write(self.token_file(&n.name), &token)?;
+            tokens.push_str(&format!("{} {token}\n", n.name));
+        }
+        fs::write(dir.join("node-tokens"), tokens)?;
+        let log = fs::File::create(self.work_dir.join("ca.log"))?;
+        let mut cmd = Command::new(&self.agent_bin);
+        cmd.args(["ca", "--listen", &format!("{CA_IP}:{CA_PORT}"), "--state-dir"])
+            .arg(dir.join("state"))
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--node-tokens")
+            .arg(dir.join("node-tokens"))
+            .args(["--max-cert-ttl", &self.cert_ttl])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        enter(&mut cmd, &netns_path(&self.fabric), None)?;
+        let child = cmd.spawn().context("starting the CA")?;
+        self.ca = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = SocketAddr::from((CA_IP, CA_PORT));
+        loop {
+            let up = in_netns(&netns_path(&self.fabric), move || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })?;
+            if up && self.ca_root().0.exists() {
+                return Ok(());
+            }
+            if let Some(ca) = self.ca.as_mut()
+                && let Some(status) = ca.try_wait()?
+            {
+                bail!("CA exited with {status}:\n{}", fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                bail!("CA not serving after 20s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the agent of `node` in the node's netns and in a cgroup under the node's
     /// (so the node's programs see the agent's own sockets too), and waits until it
-    /// reports ready.
+    /// reports ready. Starts the CA first if it is not running.
     pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let config_dir = self.config_dir.clone();
+        self.start_agent_with(node, &config_dir)
+    }
+
+    /// As [`Cluster::start_agent`], with the agent reading its own config directory.
+    pub fn start_agent_with(&mut self, node: &str, config_dir: &Path) -> anyhow::Result<()> {
+        self.launch_agent(node, config_dir)?;
+        self.wait_ready(node, Duration::from_secs(30))
+    }
+
+    /// The fabric namespace: the link every node is on.
+    pub fn fabric_netns(&self) -> &str {
+        &self.fabric
+    }
+
+    /// Starts the agent without waiting for it to be ready.
+    pub fn launch_agent(&mut self, node: &str, config_dir: &Path) -> anyhow::Result<()> {
+        if self.ca.is_none() {
+            self.start_ca()?;
+        }
         let n = self.node(node).clone();
         let cgroup = n.cgroup.join("mesh-agent");
         fs::create_dir_all(&cgroup)?;
         let log = fs::File::create(self.agent_log_path(node))?;
         let mut cmd = Command::new(&self.agent_bin);
         cmd.args(["run", "--node-name", node, "--config-dir"])
-            .arg(&self.config_dir)
+            .arg(config_dir)
+            .args(["--ca-addr", &format!("{CA_IP}:{CA_PORT}"), "--ca-root"])
+            .arg(self.ca_root().0)
+            .arg("--ca-token-file")
+            .arg(self.token_file(node))
+            .args(["--cert-ttl", &self.cert_ttl])
+            .args(&self.agent_args)
             .arg("--cgroup")
             .arg(&n.cgroup)
             .arg("--bpffs")
@@ -357,7 +462,7 @@ impl Cluster {
             .spawn()
             .with_context(|| format!("starting {}", self.agent_bin.display()))?;
         self.agents.push((node.to_owned(), child));
-        self.wait_ready(node, Duration::from_secs(30))
+        Ok(())
     }
 
     /// Polls the agent's readiness endpoint from inside the node's netns.
@@ -595,6 +700,9 @@ impl Drop for Cluster {
         for (_, mut agent) in self.agents.drain(..) {
             let _ = terminate(&mut agent, Duration::from_secs(10));
         }
+        if let Some(mut ca) = self.ca.take() {
+            let _ = terminate(&mut ca, Duration::from_secs(10));
+        }
         for pod in self.pods.drain(..) {
             let _ = run("ip", &["netns", "del", &pod.netns]);
             let _ = fs::remove_dir(&pod.cgroup);
@@ -612,4 +720,11 @@ impl Drop for Cluster {
             let _ = fs::remove_dir_all(&self.work_dir);
         }
     }
+}
+
+/// `bytes` random bytes from the kernel, hex-encoded.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }

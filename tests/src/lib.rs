@@ -8,7 +8,9 @@
 //!
 //! Everything created is removed when the [`Cluster`] is dropped, including on panic.
 pub mod cluster;
+pub mod pattern;
 pub mod proc;
+pub mod tls;
 pub mod yaml;
 
 pub use cluster::{Cluster, Node, Pod};

@@ -25,15 +25,36 @@ pub fn endpoint_slice(service: &str, port: u16, endpoints: &[IpAddr]) -> String 
     s
 }
 
+/// A Pod whose service account is its own name, labelled `app: <name>`.
 pub fn pod(name: &str, node: &str, ip: IpAddr, netns: &str, enrolled: bool) -> String {
+    pod_as(name, node, ip, netns, enrolled, name)
+}
+
+/// A Pod running as `service_account`, labelled `app: <name>`.
+pub fn pod_as(
+    name: &str,
+    node: &str,
+    ip: IpAddr,
+    netns: &str,
+    enrolled: bool,
+    service_account: &str,
+) -> String {
     let enroll = if enrolled {
         ""
     } else {
         "\n    mesh.dev/enroll: \"false\""
     };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    mesh.dev/netns: {netns}{enroll}\n\
-         spec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: mesh-testpod}}]\n\
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: {name}}}\n  annotations:\n    mesh.dev/netns: {netns}{enroll}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {service_account}\n  containers: [{{name: app, image: mesh-testpod}}]\n\
          status: {{podIP: \"{ip}\"}}\n---\n"
+    )
+}
+
+/// A PeerAuthentication for namespace `default` (`mode`: STRICT or PERMISSIVE).
+pub fn peer_authentication(mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: default, namespace: default}}\nspec:\n  mtls: {{mode: {mode}}}\n---\n"
     )
 }

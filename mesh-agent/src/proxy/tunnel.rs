@@ -87,7 +87,7 @@ async fn dial(
     )
     .await
     .map_err(|_| TunnelError::Handshake(std::io::ErrorKind::TimedOut.into()))?
-    .map_err(TunnelError::Handshake)?;
+    .map_err(|e| TunnelError::Handshake(readable(e)))?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -103,4 +103,19 @@ async fn dial(
         .instrument(span),
     );
     Ok(sender)
+}
+
+/// rustls shows a custom verifier's error with `Debug`; say it in words instead.
+fn readable(e: std::io::Error) -> std::io::Error {
+    use rustls::{CertificateError, Error, OtherError};
+    let words = match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(CertificateError::Other(OtherError(other)))) => {
+            Some(format!("invalid peer certificate: {other}"))
+        }
+        _ => None,
+    };
+    match words {
+        Some(w) => std::io::Error::new(e.kind(), w),
+        None => e,
+    }
 }

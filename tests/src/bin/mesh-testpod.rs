@@ -55,6 +55,9 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long)]
         bytes: u64,
+        /// Seed of the pseudo-random payload.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
     },
     /// Receive `bytes` until the server half-closes, then send `then` bytes.
     Source {
@@ -77,22 +80,35 @@ enum Cmd {
         #[arg(long)]
         addr: SocketAddr,
     },
+    /// WHO over a new connection, again and again for `secs`; counts failures.
+    Loop {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+    },
+    /// TLS 1.3 handshake without a client certificate: print the server's certificate.
+    TlsPeek {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// Try a TLS 1.2-only handshake.
+    Tls12Probe {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// A TLS server presenting the given certificate chain, logging each handshake.
+    TlsServe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
-/// Deterministic bytes (xorshift64), so both ends can agree on a checksum.
-struct Pattern(u64);
-
-impl Pattern {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            let b = self.0.to_le_bytes();
-            chunk.copy_from_slice(&b[..chunk.len()]);
-        }
-    }
-}
+use mesh_tests::pattern::Pattern;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -120,6 +136,36 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", json!({ "replies": replies }));
             Ok(())
         }
+        Cmd::Loop { addr, secs } => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while std::time::Instant::now() < deadline {
+                let r = async {
+                    let mut c = connect(addr, None).await?;
+                    c.write_all(b"WHO\n").await?;
+                    let mut s = String::new();
+                    c.read_to_string(&mut s).await?;
+                    anyhow::ensure!(!s.is_empty(), "empty answer");
+                    anyhow::Ok(())
+                }
+                .await;
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            println!("{}", json!({ "ok": ok, "failed": failed }));
+            Ok(())
+        }
+        Cmd::TlsPeek { addr } => {
+            println!("{}", mesh_tests::tls::peek(addr).await?);
+            Ok(())
+        }
+        Cmd::Tls12Probe { addr } => {
+            println!("{}", mesh_tests::tls::probe_tls12(addr).await);
+            Ok(())
+        }
+        Cmd::TlsServe { port, cert, key } => mesh_tests::tls::serve(port, &cert, &key).await,
         Cmd::Peername { addr } => {
             let mut c = connect(addr, None).await?;
             let peer = c.peer_addr()?;
@@ -129,10 +175,10 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", json!({ "peer": peer.to_string(), "who": s.trim() }));
             Ok(())
         }
-        Cmd::Sink { addr, bytes } => {
+        Cmd::Sink { addr, bytes, seed } => {
             let mut c = connect(addr, None).await?;
             c.write_all(b"SINK\n").await?;
-            let (sent_sha, sent) = send_pattern(&mut c, bytes, 7).await?;
+            let (sent_sha, sent) = send_pattern(&mut c, bytes, seed).await?;
             c.shutdown().await?; // half-close: the server must still be able to answer
             let mut reply = String::new();
             c.read_to_string(&mut reply).await?;
@@ -209,7 +255,9 @@ async fn main() -> anyhow::Result<()> {
             while let Some(line) = stdin.next_line().await? {
                 w.write_all(format!("{line}\n").as_bytes()).await?;
                 let mut echo = String::new();
-                r.read_line(&mut echo).await?;
+                if r.read_line(&mut echo).await? == 0 {
+                    anyhow::bail!("connection closed by the peer");
+                }
                 println!("{}", echo.trim_end());
             }
             Ok(())
