@@ -9,7 +9,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn build_protos() -> anyhow::Result<()> {
-    let protoc = protoc_bin_vendored::protoc_bin_path().context("no vendored protoc for this host")?;
+    let protoc =
+        protoc_bin_vendored::protoc_bin_path().context("no vendored protoc for this host")?;
     // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure()

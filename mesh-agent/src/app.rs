@@ -63,7 +63,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ca = CaClient::new(id_args.ca_addr, &id_args.ca_server_name, &ca_root, &token)
         .context("CA client")?;
     let secrets = SecretManager::new(Arc::new(ca), id_args.cert_ttl);
-    let pool = Pool::new(args.tunnel.tunnel_stream_limit, args.tunnel.tunnel_idle_timeout);
+    let pool = Pool::new(
+        args.tunnel.tunnel_stream_limit,
+        args.tunnel.tunnel_idle_timeout,
+    );
 
     let proxy = Arc::new(ProxyContext {
         routes: ArcSwap::from_pointee(RouteTable::default()),
@@ -190,7 +193,11 @@ async fn reap_pool(proxy: Arc<ProxyContext>, idle_timeout: Duration) {
             })
             .await;
         if closed > 0 {
-            tracing::debug!(closed, open = proxy.pool.connections(), "tunnel connections closed");
+            tracing::debug!(
+                closed,
+                open = proxy.pool.connections(),
+                "tunnel connections closed"
+            );
         }
     }
 }

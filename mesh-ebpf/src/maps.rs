@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey, ServiceValue,
-    counters, limits,
+    EnrolledNetns, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey, ServiceValue, counters,
+    limits,
 };
 
 #[map]

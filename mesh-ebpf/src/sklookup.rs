@@ -13,8 +13,7 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use mesh_common::{
-    INBOUND_TUNNEL_PORT, InboundKey, MODE_PERMISSIVE, MODE_STRICT, PROTO_TCP, counters,
-    v4_mapped,
+    INBOUND_TUNNEL_PORT, InboundKey, MODE_PERMISSIVE, MODE_STRICT, PROTO_TCP, counters, v4_mapped,
 };
 
 use crate::{
@@ -27,7 +26,8 @@ const AF_INET: u32 = 2;
 /// 127.0.0.0/8 (v4-mapped) or ::1.
 #[inline(always)]
 fn is_loopback(a: &[u8; 16]) -> bool {
-    let mapped_127 = a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff && a[12] == 127;
+    let mapped_127 =
+        a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff && a[12] == 127;
     let v6_one = a[..15].iter().all(|b| *b == 0) && a[15] == 1;
     mapped_127 || v6_one
 }

@@ -373,17 +373,22 @@ impl Cluster {
         fs::write(dir.join("node-tokens"), tokens)?;
         let log = fs::File::create(self.work_dir.join("ca.log"))?;
         let mut cmd = Command::new(&self.agent_bin);
-        cmd.args(["ca", "--listen", &format!("{CA_IP}:{CA_PORT}"), "--state-dir"])
-            .arg(dir.join("state"))
-            .arg("--config-dir")
-            .arg(&self.config_dir)
-            .arg("--node-tokens")
-            .arg(dir.join("node-tokens"))
-            .args(["--max-cert-ttl", &self.cert_ttl])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.args([
+            "ca",
+            "--listen",
+            &format!("{CA_IP}:{CA_PORT}"),
+            "--state-dir",
+        ])
+        .arg(dir.join("state"))
+        .arg("--config-dir")
+        .arg(&self.config_dir)
+        .arg("--node-tokens")
+        .arg(dir.join("node-tokens"))
+        .args(["--max-cert-ttl", &self.cert_ttl])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         enter(&mut cmd, &netns_path(&self.fabric), None)?;
         let child = cmd.spawn().context("starting the CA")?;
         self.ca = Some(child);
@@ -399,7 +404,10 @@ impl Cluster {
             if let Some(ca) = self.ca.as_mut()
                 && let Some(status) = ca.try_wait()?
             {
-                bail!("CA exited with {status}:\n{}", fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default());
+                bail!(
+                    "CA exited with {status}:\n{}",
+                    fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default()
+                );
             }
             if Instant::now() > deadline {
                 bail!("CA not serving after 20s");

@@ -32,23 +32,32 @@ fn two_node_cluster() -> (Cluster, Pod, Pod, Pod) {
 fn same_node_and_cross_node_service_traffic() {
     let _g = serial();
     let (mut c, client, local, remote) = two_node_cluster();
-    for (svc, backend) in [(vip(10), &local), (vip(11), &remote)] {
+    for (svc, backend, mode) in [(vip(10), &local, "local"), (vip(11), &remote, "hbone")] {
         let out = c
             .run_in(&client, &["who", "--addr", &sa(svc, 80)], SECS)
             .unwrap();
         let reply = json(&out)["replies"][0].as_str().unwrap().to_owned();
-        // The backend names itself and the source it saw: the client pod's own IP,
-        // because the agent dials from inside the client's network namespace.
+        // The backend names itself and the source it saw: its own pod IP, because
+        // the agent delivers from inside the backend's namespace (docs/security.md).
         assert!(
-            reply.starts_with(&format!("{} {}:", backend.name, client.ip)),
+            reply.starts_with(&format!("{} {}:", backend.name, backend.ip)),
             "{reply}"
         );
+        // The agent knows the real source: the client's identity.
+        let want = format!(
+            "mode=\"{mode}\" src_identity=\"spiffe://cluster.local/ns/default/sa/client\" dst_identity=\"spiffe://cluster.local/ns/default/sa/{}\"",
+            backend.name
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !c.agent_log("node-1").contains(&want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `{want}` in:\n{}",
+                c.agent_log("node-1")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
-    assert!(
-        c.agent_log("node-1").contains("connection closed"),
-        "{}",
-        c.agent_log("node-1")
-    );
 }
 
 #[test]

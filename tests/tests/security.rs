@@ -77,7 +77,18 @@ fn found(capture: &[u8], windows: &[Vec<u8>]) -> usize {
 fn capture_transfer(c: &mut Cluster, pod: &Pod, addr: &str, seed: u64, len: usize) -> Vec<u8> {
     let file = c.work_dir.join(format!("capture-{seed}.pcap"));
     let mut dump = Command::new("ip")
-        .args(["netns", "exec", c.fabric_netns(), "tcpdump", "-i", "br0", "-s", "0", "-U", "-w"])
+        .args([
+            "netns",
+            "exec",
+            c.fabric_netns(),
+            "tcpdump",
+            "-i",
+            "br0",
+            "-s",
+            "0",
+            "-U",
+            "-w",
+        ])
         .arg(&file)
         .arg("tcp")
         .stdout(Stdio::null())
@@ -92,13 +103,24 @@ fn capture_transfer(c: &mut Cluster, pod: &Pod, addr: &str, seed: u64, len: usiz
     let out = c
         .run_in(
             pod,
-            &["sink", "--addr", addr, "--bytes", &len.to_string(), "--seed", &seed.to_string()],
+            &[
+                "sink",
+                "--addr",
+                addr,
+                "--bytes",
+                &len.to_string(),
+                "--seed",
+                &seed.to_string(),
+            ],
             SECS,
         )
         .unwrap();
     let v = json(&out);
     assert!(
-        v["reply"].as_str().unwrap_or("").starts_with(&format!("{len} ")),
+        v["reply"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{len} ")),
         "transfer incomplete: {out}"
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -117,13 +139,21 @@ fn cross_node_bytes_are_encrypted_on_the_wire() {
     let seed = now() as u64 | 1;
 
     let meshed = capture_transfer(&mut c, &client, &sa(vip(50), 80), seed, LEN);
-    assert!(meshed.len() > LEN / 2, "capture too small: {} bytes", meshed.len());
+    assert!(
+        meshed.len() > LEN / 2,
+        "capture too small: {} bytes",
+        meshed.len()
+    );
     assert_eq!(
         found(&meshed, &windows(seed, LEN)),
         0,
         "plaintext payload seen on the wire between the nodes"
     );
-    assert!(c.agent_log("node-1").contains("mode=\"hbone\""), "{}", c.agent_log("node-1"));
+    assert!(
+        c.agent_log("node-1").contains("mode=\"hbone\""),
+        "{}",
+        c.agent_log("node-1")
+    );
 
     // Without the mesh the same capture does see the payload: the capture works.
     c.stop_agent("node-1").unwrap();
@@ -182,14 +212,32 @@ fn tunnel_fails_closed_unless_the_peer_proves_the_expected_identity() {
     let want = "spiffe://cluster.local/ns/default/sa/server";
     let rogue = tls::rogue_ca().unwrap();
     let cases = [
-        ("valid", tls::issue(want, &root_cert, &root_key, now() - 60, now() + 3600), true),
+        (
+            "valid",
+            tls::issue(want, &root_cert, &root_key, now() - 60, now() + 3600),
+            true,
+        ),
         (
             "wrong-identity",
-            tls::issue("spiffe://cluster.local/ns/default/sa/other", &root_cert, &root_key, now() - 60, now() + 3600),
+            tls::issue(
+                "spiffe://cluster.local/ns/default/sa/other",
+                &root_cert,
+                &root_key,
+                now() - 60,
+                now() + 3600,
+            ),
             false,
         ),
-        ("untrusted", tls::issue(want, &rogue.0, &rogue.1, now() - 60, now() + 3600), false),
-        ("expired", tls::issue(want, &root_cert, &root_key, now() - 7200, now() - 3600), false),
+        (
+            "untrusted",
+            tls::issue(want, &rogue.0, &rogue.1, now() - 60, now() + 3600),
+            false,
+        ),
+        (
+            "expired",
+            tls::issue(want, &root_cert, &root_key, now() - 7200, now() - 3600),
+            false,
+        ),
     ];
     for (name, chain, handshake_ok) in cases {
         let mut fake = fake_tunnel_endpoint(&mut c, &server, name, chain.unwrap());
@@ -213,7 +261,10 @@ fn tunnel_fails_closed_unless_the_peer_proves_the_expected_identity() {
     }
     let log = c.agent_log("node-1");
     assert_eq!(log.matches("tls_handshake_failed").count(), 3, "{log}");
-    assert!(log.contains("peer is spiffe://cluster.local/ns/default/sa/other, expected"), "{log}");
+    assert!(
+        log.contains("peer is spiffe://cluster.local/ns/default/sa/other, expected"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -227,12 +278,21 @@ fn certificates_rotate_under_traffic_and_tls12_is_refused() {
     c.start_agent("node-1").unwrap();
     c.start_agent("node-2").unwrap();
     let tunnel = sa(server.ip, TUNNEL);
-    let peek = |c: &mut Cluster| json(&c.run_in(&client, &["tls-peek", "--addr", &tunnel], SECS).unwrap());
+    let peek = |c: &mut Cluster| {
+        json(
+            &c.run_in(&client, &["tls-peek", "--addr", &tunnel], SECS)
+                .unwrap(),
+        )
+    };
     let before = peek(&mut c);
     assert_eq!(before["uri"], "spiffe://cluster.local/ns/default/sa/server");
 
     let out = c
-        .run_in(&client, &["loop", "--addr", &sa(vip(50), 80), "--secs", "9"], Duration::from_secs(60))
+        .run_in(
+            &client,
+            &["loop", "--addr", &sa(vip(50), 80), "--secs", "9"],
+            Duration::from_secs(60),
+        )
         .unwrap();
     let v = json(&out);
     assert_eq!(v["failed"], serde_json::json!([]), "{out}");
@@ -240,12 +300,24 @@ fn certificates_rotate_under_traffic_and_tls12_is_refused() {
 
     let after = peek(&mut c);
     assert_eq!(after["uri"], before["uri"]);
-    assert_ne!(after["serial"], before["serial"], "the served certificate did not change");
+    assert_ne!(
+        after["serial"], before["serial"],
+        "the served certificate did not change"
+    );
     let issued = c.agent_log("node-2").matches("certificate issued").count();
-    assert!(issued >= 3, "node-2 issued {issued} certificates in ~10s with a 4s lifetime");
+    assert!(
+        issued >= 3,
+        "node-2 issued {issued} certificates in ~10s with a 4s lifetime"
+    );
 
-    let probe = json(&c.run_in(&client, &["tls12-probe", "--addr", &tunnel], SECS).unwrap());
-    assert_eq!(probe["handshake"], "failed", "a TLS 1.2 client was accepted: {probe}");
+    let probe = json(
+        &c.run_in(&client, &["tls12-probe", "--addr", &tunnel], SECS)
+            .unwrap(),
+    );
+    assert_eq!(
+        probe["handshake"], "failed",
+        "a TLS 1.2 client was accepted: {probe}"
+    );
 }
 
 #[test]
@@ -265,21 +337,40 @@ fn strict_refuses_plaintext_permissive_accepts_it_and_switching_needs_no_restart
 
     // Default PERMISSIVE: accepted through the agent, which marks it as plaintext.
     let out = plaintext(&mut c).unwrap();
-    assert!(json(&out)["replies"][0].as_str().unwrap().starts_with("server "), "{out}");
-    poll("the plaintext connection log", Duration::from_secs(5), || {
-        c.agent_log("node-2").contains("plaintext connection closed mtls=false")
-    });
+    assert!(
+        json(&out)["replies"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("server "),
+        "{out}"
+    );
+    poll(
+        "the plaintext connection log",
+        Duration::from_secs(5),
+        || {
+            c.agent_log("node-2")
+                .contains("plaintext connection closed mtls=false")
+        },
+    );
 
     for (mode, plaintext_ok) in [("STRICT", false), ("PERMISSIVE", true)] {
         let before = applied(&c, "node-2");
-        c.write_config("peer-auth.yaml", &yaml::peer_authentication(mode)).unwrap();
+        c.write_config("peer-auth.yaml", &yaml::peer_authentication(mode))
+            .unwrap();
         wait_applied(&c, "node-2", before);
         assert_eq!(plaintext(&mut c).is_ok(), plaintext_ok, "{mode}: plaintext");
         meshed(&mut c).unwrap_or_else(|e| panic!("{mode}: mesh traffic must flow: {e}"));
     }
     let log = c.agent_log("node-2");
-    assert!(log.contains("inbound mTLS mode changed pod=default/server mode=Strict"), "{log}");
-    assert_eq!(log.matches("agent running").count(), 1, "the agent restarted");
+    assert!(
+        log.contains("inbound mTLS mode changed pod=default/server mode=Strict"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("agent running").count(),
+        1,
+        "the agent restarted"
+    );
 }
 
 fn policy(name: &str, action: &str, rules: &str) -> String {
@@ -316,13 +407,16 @@ fn authorization_deny_allow_and_audit_across_nodes_and_on_the_same_node() {
     c.start_agent("node-1").unwrap();
     c.start_agent("node-2").unwrap();
     let call = |c: &mut Cluster, pod: &Pod, v: u8| {
-        c.run_in(pod, &["who", "--addr", &sa(vip(v), 80)], SECS).is_ok()
+        c.run_in(pod, &["who", "--addr", &sa(vip(v), 80)], SECS)
+            .is_ok()
     };
 
     // Connections opened before the policy exists.
     let mut streams = Vec::new();
     for v in [60, 61] {
-        let mut s = c.spawn(&client, &["stream", "--addr", &sa(vip(v), 80)]).unwrap();
+        let mut s = c
+            .spawn(&client, &["stream", "--addr", &sa(vip(v), 80)])
+            .unwrap();
         let mut out = std::io::BufReader::new(s.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
@@ -345,8 +439,14 @@ fn authorization_deny_allow_and_audit_across_nodes_and_on_the_same_node() {
         ),
     );
     for (v, where_) in [(60, "across nodes"), (61, "on the same node")] {
-        assert!(!call(&mut c, &client, v), "DENY must refuse client {where_}");
-        assert!(call(&mut c, &other, v), "DENY must not touch other {where_}");
+        assert!(
+            !call(&mut c, &client, v),
+            "DENY must refuse client {where_}"
+        );
+        assert!(
+            call(&mut c, &other, v),
+            "DENY must not touch other {where_}"
+        );
     }
     // The connections opened before the DENY are reset.
     for (mut s, mut out) in streams {
@@ -355,9 +455,15 @@ fn authorization_deny_allow_and_audit_across_nodes_and_on_the_same_node() {
         let _ = stdin.flush();
         let mut line = String::new();
         let _ = out.read_line(&mut line);
-        assert!(!line.contains("still there?"), "an open connection survived the DENY");
+        assert!(
+            !line.contains("still there?"),
+            "an open connection survived the DENY"
+        );
         let status = s.wait().unwrap();
-        assert!(!status.success(), "the stream ended cleanly instead of failing");
+        assert!(
+            !status.success(),
+            "the stream ended cleanly instead of failing"
+        );
     }
 
     apply(
@@ -373,13 +479,22 @@ fn authorization_deny_allow_and_audit_across_nodes_and_on_the_same_node() {
         assert!(call(&mut c, &other, v), "ALLOW other must admit other");
     }
 
-    apply(&mut c, &policy("audit", "AUDIT", "  - to: [{operation: {ports: [\"8080\"]}}]\n"));
+    apply(
+        &mut c,
+        &policy(
+            "audit",
+            "AUDIT",
+            "  - to: [{operation: {ports: [\"8080\"]}}]\n",
+        ),
+    );
     for v in [60, 61] {
         assert!(call(&mut c, &client, v), "AUDIT must not refuse");
     }
     poll("audit records", Duration::from_secs(5), || {
-        c.agent_log("node-2").contains("policy audit policy=default/audit")
-            && c.agent_log("node-1").contains("policy audit policy=default/audit")
+        c.agent_log("node-2")
+            .contains("policy audit policy=default/audit")
+            && c.agent_log("node-1")
+                .contains("policy audit policy=default/audit")
     });
 }
 
@@ -392,21 +507,28 @@ fn the_ca_signs_only_identities_that_run_on_the_asking_node() {
     let own = c.work_dir.join("node-1-config");
     std::fs::create_dir_all(&own).unwrap();
     let lie = c.pod_yaml(&client, true)
-        + &c.pod_yaml(&server, true).replace("nodeName: node-2", "nodeName: node-1");
+        + &c.pod_yaml(&server, true)
+            .replace("nodeName: node-2", "nodeName: node-1");
     std::fs::write(own.join("cluster.yaml"), lie).unwrap();
     c.launch_agent("node-1", &own).unwrap();
     let ca_log = || std::fs::read_to_string(c.work_dir.join("ca.log")).unwrap_or_default();
     poll("the CA to refuse", Duration::from_secs(15), || {
-        ca_log().contains("node node-1 runs no pod with identity spiffe://cluster.local/ns/default/sa/server")
+        ca_log().contains(
+            "node node-1 runs no pod with identity spiffe://cluster.local/ns/default/sa/server",
+        )
     });
     assert!(
-        ca_log().contains("certificate signed node=node-1 identity=spiffe://cluster.local/ns/default/sa/client"),
+        ca_log().contains(
+            "certificate signed node=node-1 identity=spiffe://cluster.local/ns/default/sa/client"
+        ),
         "{}",
         ca_log()
     );
-    poll("the agent to report the refusal", Duration::from_secs(10), || {
-        c.agent_log("node-1").contains("CA refused")
-    });
+    poll(
+        "the agent to report the refusal",
+        Duration::from_secs(10),
+        || c.agent_log("node-1").contains("CA refused"),
+    );
     let (code, _) = c.readiness("node-1").unwrap();
     assert_eq!(code, 503, "a node with an unsignable pod must not be ready");
 }

@@ -48,8 +48,11 @@ impl SourceMatch {
             &self.principals,
             &self.not_principals,
             c.principal.as_deref(),
-        ) && field(&self.namespaces, &self.not_namespaces, c.namespace.as_deref())
-            && (self.ip_blocks.is_empty() || in_blocks(&self.ip_blocks))
+        ) && field(
+            &self.namespaces,
+            &self.not_namespaces,
+            c.namespace.as_deref(),
+        ) && (self.ip_blocks.is_empty() || in_blocks(&self.ip_blocks))
             && (self.not_ip_blocks.is_empty() || !in_blocks(&self.not_ip_blocks))
     }
 }

@@ -28,7 +28,9 @@ fn web() -> Workload {
 fn conn(principal: Option<&str>, ip: &str, port: u16) -> ConnAttrs {
     ConnAttrs {
         principal: principal.map(str::to_owned),
-        namespace: principal.and_then(|p| p.split('/').nth(2)).map(str::to_owned),
+        namespace: principal
+            .and_then(|p| p.split('/').nth(2))
+            .map(str::to_owned),
         source_ip: ip.parse::<IpAddr>().unwrap(),
         dest_port: port,
     }
@@ -58,13 +60,19 @@ spec:
     to: [{operation: {ports: ["8080"]}}]
 "#,
     );
-    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080)).decision.allowed());
+    assert!(
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080))
+            .decision
+            .allowed()
+    );
     assert_eq!(
-        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 9090)).decision,
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 9090))
+            .decision,
         Decision::NotAllowed
     );
     assert_eq!(
-        p.evaluate(&web(), &conn(Some(OTHER), "10.0.0.1", 8080)).decision,
+        p.evaluate(&web(), &conn(Some(OTHER), "10.0.0.1", 8080))
+            .decision,
         Decision::NotAllowed
     );
     // Plaintext has no principal.
@@ -75,7 +83,11 @@ spec:
     // The selector does not pick other workloads: no ALLOW applies to them.
     let mut api = web();
     api.labels = [("app".to_owned(), "api".to_owned())].into();
-    assert!(p.evaluate(&api, &conn(Some(OTHER), "10.0.0.1", 9090)).decision.allowed());
+    assert!(
+        p.evaluate(&api, &conn(Some(OTHER), "10.0.0.1", 9090))
+            .decision
+            .allowed()
+    );
 }
 
 #[test]
@@ -110,10 +122,15 @@ spec:
         name: "deny-outsiders".into(),
     };
     assert_eq!(
-        p.evaluate(&web(), &conn(Some(OTHER), "10.244.1.5", 80)).decision,
+        p.evaluate(&web(), &conn(Some(OTHER), "10.244.1.5", 80))
+            .decision,
         Decision::Denied(deny_outsiders.clone())
     );
-    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.244.1.5", 80)).decision.allowed());
+    assert!(
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.244.1.5", 80))
+            .decision
+            .allowed()
+    );
     // Plaintext has no namespace, so `notNamespaces` matches it too.
     assert_eq!(
         p.evaluate(&web(), &conn(None, "10.244.1.5", 80)).decision,
@@ -134,11 +151,31 @@ spec:
   - from: [{source: {principals: ["*/sa/client"]}}]
 "#,
     );
-    assert!(p.evaluate(&web(), &conn(None, "192.168.4.4", 1)).decision.allowed());
-    assert!(p.evaluate(&web(), &conn(None, "10.1.2.3", 1)).decision.allowed());
-    assert!(!p.evaluate(&web(), &conn(None, "10.1.2.4", 1)).decision.allowed());
-    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.9.9.9", 1)).decision.allowed());
-    assert!(!p.evaluate(&web(), &conn(Some(OTHER), "10.9.9.9", 1)).decision.allowed());
+    assert!(
+        p.evaluate(&web(), &conn(None, "192.168.4.4", 1))
+            .decision
+            .allowed()
+    );
+    assert!(
+        p.evaluate(&web(), &conn(None, "10.1.2.3", 1))
+            .decision
+            .allowed()
+    );
+    assert!(
+        !p.evaluate(&web(), &conn(None, "10.1.2.4", 1))
+            .decision
+            .allowed()
+    );
+    assert!(
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.9.9.9", 1))
+            .decision
+            .allowed()
+    );
+    assert!(
+        !p.evaluate(&web(), &conn(Some(OTHER), "10.9.9.9", 1))
+            .decision
+            .allowed()
+    );
 }
 
 #[test]
@@ -156,13 +193,18 @@ spec:
     let v = p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080));
     assert!(v.decision.allowed());
     assert_eq!(v.audited.len(), 1);
-    assert!(p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 1)).audited.is_empty());
+    assert!(
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 1))
+            .audited
+            .is_empty()
+    );
 
     let p = policy(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: shop}\nspec: {}\n",
     );
     assert_eq!(
-        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080)).decision,
+        p.evaluate(&web(), &conn(Some(CLIENT), "10.0.0.1", 8080))
+            .decision,
         Decision::NotAllowed
     );
 }
@@ -198,7 +240,10 @@ fn unsupported_fields_are_rejected_by_name() {
             "spec:\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
             "methods",
         ),
-        ("spec:\n  rules:\n  - when: [{key: a, values: [b]}]\n", "when"),
+        (
+            "spec:\n  rules:\n  - when: [{key: a, values: [b]}]\n",
+            "when",
+        ),
         ("spec:\n  action: CUSTOM\n", "spec.action"),
         (
             "spec:\n  rules:\n  - from: [{source: {ipBlocks: [\"10.0.0.0/33\"]}}]\n",
@@ -222,7 +267,9 @@ fn unsupported_fields_are_rejected_by_name() {
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("/cfg/p.yaml") && err.contains("AuthorizationPolicy shop/p") && err.contains(field),
+            err.contains("/cfg/p.yaml")
+                && err.contains("AuthorizationPolicy shop/p")
+                && err.contains(field),
             "{err}"
         );
     }

@@ -157,11 +157,15 @@ impl MeshMaps {
             InboundMode::Permissive => MODE_PERMISSIVE,
         };
         let mut m = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(InboundKey { addr: ip16(ip) }, InboundPolicy { mode, _pad: 0 }, 0)
-            .map_err(|source| MapUpdateError {
-                map: maps::INBOUND,
-                source,
-            })
+        m.insert(
+            InboundKey { addr: ip16(ip) },
+            InboundPolicy { mode, _pad: 0 },
+            0,
+        )
+        .map_err(|source| MapUpdateError {
+            map: maps::INBOUND,
+            source,
+        })
     }
 
     pub fn remove_inbound(&self, ip: IpAddr) {

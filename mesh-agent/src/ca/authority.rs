@@ -148,7 +148,8 @@ impl Authority {
         requested_ttl: Duration,
         on_node: impl Fn(&Identity) -> bool,
     ) -> Result<(Identity, Vec<String>), SignRefusal> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignRefusal::BadCsr)?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignRefusal::BadCsr)?;
         let uri = match csr.params.subject_alt_names.as_slice() {
             [SanType::URI(uri)] => uri.as_str().to_owned(),
             _ => return Err(SignRefusal::BadSan),
@@ -243,7 +244,9 @@ fn generate_root(trust_domain: &str) -> Result<(String, String), AuthorityError>
     params.not_before = now - Duration::from_secs(3600);
     params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
     params.serial_number = Some(serial());
-    let cert = params.self_signed(&key).map_err(cert_err("root certificate"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(cert_err("root certificate"))?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
@@ -310,7 +313,10 @@ mod tests {
         let mode = fs::metadata(dir.path().join("root-key.pem"))
             .unwrap()
             .permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let (b, generated) = Authority::load(
             Source::StateDir(dir.path()),
             "cluster.local",
@@ -327,14 +333,22 @@ mod tests {
         let ca = authority(dir.path());
         let uri = "spiffe://cluster.local/ns/default/sa/web";
         let (id, chain) = ca
-            .sign(&csr_for(uri), "node-1", Duration::from_secs(10 * 3600), |_| true)
+            .sign(
+                &csr_for(uri),
+                "node-1",
+                Duration::from_secs(10 * 3600),
+                |_| true,
+            )
             .unwrap();
         assert_eq!(id.to_string(), uri);
         let der = rustls::pki_types::pem::PemObject::from_pem_slice(chain[0].as_bytes()).unwrap();
         let info = crate::identity::CertInfo::parse(&der).unwrap();
         assert_eq!(info.identity, id);
         let life = info.not_after.duration_since(info.not_before).unwrap();
-        assert!(life <= Duration::from_secs(3600 + 60), "lifetime {life:?} not capped");
+        assert!(
+            life <= Duration::from_secs(3600 + 60),
+            "lifetime {life:?} not capped"
+        );
 
         let refused = ca.sign(&csr_for(uri), "node-2", Duration::ZERO, |_| false);
         assert!(

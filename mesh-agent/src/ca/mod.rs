@@ -13,8 +13,7 @@ use tracing::info;
 pub use authority::{Authority, Source};
 
 use crate::{
-    api::ca::certificate_service_server::CertificateServiceServer, cli::CaArgs,
-    config::ConfigWatch,
+    api::ca::certificate_service_server::CertificateServiceServer, cli::CaArgs, config::ConfigWatch,
 };
 
 pub async fn run(args: CaArgs) -> anyhow::Result<()> {

@@ -144,7 +144,11 @@ impl SecretManager {
     }
 
     pub fn roots(&self) -> Option<Arc<RootCertStore>> {
-        self.bundle.load().as_ref().as_ref().map(|b| b.roots.clone())
+        self.bundle
+            .load()
+            .as_ref()
+            .as_ref()
+            .map(|b| b.roots.clone())
     }
 
     /// The client verifier every inbound listener shares; follows the trust bundle.
@@ -155,11 +159,7 @@ impl SecretManager {
             .clone()
     }
 
-    async fn keep(
-        self: Arc<Self>,
-        id: Identity,
-        tx: watch::Sender<Option<Arc<WorkloadCert>>>,
-    ) {
+    async fn keep(self: Arc<Self>, id: Identity, tx: watch::Sender<Option<Arc<WorkloadCert>>>) {
         let mut backoff = BACKOFF_START;
         loop {
             match self.issue(&id).await {
@@ -193,9 +193,9 @@ impl SecretManager {
     async fn issue(&self, id: &Identity) -> Result<Arc<WorkloadCert>, SignError> {
         let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from(id.to_string())?,
-        )];
+        params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+            id.to_string(),
+        )?)];
         let csr = params.serialize_request(&key)?.pem()?;
         let signed = self.signer.sign(csr, self.ttl).await?;
         let cert = WorkloadCert::from_signed(id, &key, &signed.chain_pem)?;

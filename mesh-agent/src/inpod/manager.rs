@@ -330,7 +330,10 @@ fn bind_all() -> std::io::Result<Listeners> {
         Ipv4Addr::UNSPECIFIED,
         INBOUND_TUNNEL_PORT,
     )))?];
-    let plaintext_v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT)))?;
+    let plaintext_v4 = listen(SocketAddr::from((
+        Ipv4Addr::LOCALHOST,
+        INBOUND_PLAINTEXT_PORT,
+    )))?;
     let mut plaintext_v6 = None;
     match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
         Ok(v6) => {

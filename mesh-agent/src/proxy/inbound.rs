@@ -15,7 +15,7 @@ use super::{
     PodContext, ProxyContext,
     deliver::deliver,
     relay::{RelayEnd, relay},
-    tunnel::{HANDSHAKE_TIMEOUT, STREAM_WINDOW, CONNECTION_WINDOW},
+    tunnel::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, STREAM_WINDOW},
 };
 use crate::{
     authz::ConnAttrs,
@@ -112,17 +112,14 @@ async fn connect(
     if req.method() != Method::CONNECT {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let target: Option<SocketAddr> = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse().ok());
+    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     // Only this pod: the tunnel is not a way to reach anything else from the node.
     let Some(target) = target.filter(|t| Some(t.ip()) == pod.ip) else {
         warn!(authority = ?req.uri().authority(), "CONNECT target is not this pod");
         return status(StatusCode::BAD_REQUEST);
     };
     let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("conn", id, src = %source, dst = %pod.identity, port = target.port());
+    let span = info_span!("conn", id, src = %source, peer = %peer, dst = %pod.identity, port = target.port());
     let attrs = ConnAttrs {
         principal: Some(source.principal()),
         namespace: Some(source.namespace.clone()),
@@ -152,7 +149,10 @@ async fn connect(
             let duration_ms = started.elapsed().as_millis() as u64;
             match result {
                 Ok((received, sent)) => {
-                    info!(mtls = true, received, sent, duration_ms, "inbound connection closed")
+                    info!(
+                        mtls = true,
+                        received, sent, duration_ms, "inbound connection closed"
+                    )
                 }
                 Err(RelayEnd::Revoked) => {
                     super::relay::reset(app);

@@ -54,7 +54,12 @@ enum Upstream {
     Passthrough(TcpStream),
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
     let started = Instant::now();
     let (upstream, dst, endpoint, service) = match route(&peer, &pod, &ctx).await {
         Ok(r) => r,
@@ -85,9 +90,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, c
             let r = relay(&mut client, &mut stream.io, &never).await;
             ("hbone", Some(dst_identity), r)
         }
-        Upstream::Passthrough(mut up) => {
-            ("passthrough", None, relay(&mut client, &mut up, &never).await)
-        }
+        Upstream::Passthrough(mut up) => (
+            "passthrough",
+            None,
+            relay(&mut client, &mut up, &never).await,
+        ),
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     let src_identity = pod.identity.to_string();
@@ -179,4 +186,3 @@ async fn connect(
         })?;
     Ok(Upstream::Passthrough(up))
 }
-

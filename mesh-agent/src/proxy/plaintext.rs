@@ -18,7 +18,8 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: A
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                let span = info_span!("conn", id, dst = %pod.workload.id, peer = %peer, mtls = false);
+                let span =
+                    info_span!("conn", id, dst = %pod.workload.id, peer = %peer, mtls = false);
                 tokio::spawn(handle(stream, peer, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(e) => {
@@ -29,7 +30,12 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: A
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
     let started = Instant::now();
     // sk_assign keeps the packet's destination: this is the port the client dialled.
     let dest_port = match client.local_addr() {

@@ -49,7 +49,11 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }
     }
 }
@@ -123,7 +127,10 @@ impl Pool {
             let before = conns.len();
             conns.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
-                    && c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+                    && c.idle_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .elapsed()
                         >= self.idle_timeout;
                 // Streams already open on an unwanted connection finish; no new ones.
                 wanted && !idle && !c.sender.is_closed()

@@ -43,10 +43,7 @@ pub async fn open(
         dest: dest.clone(),
         addr,
     };
-    let lease = ctx
-        .pool
-        .lease(&key, || dial(pod, ctx, dest, addr))
-        .await?;
+    let lease = ctx.pool.lease(&key, || dial(pod, ctx, dest, addr)).await?;
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
