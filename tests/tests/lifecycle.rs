@@ -23,6 +23,9 @@ fn a_thousand_concurrent_connections_complete_and_fds_return() {
         + &yaml::service("svc", vip(60), 80, PORT)
         + &yaml::endpoint_slice("svc", PORT, &[server.ip]);
     c.write_config("cluster.yaml", &cfg).unwrap();
+    // Pooled tunnels are meant to outlive the connections they carried; a short
+    // idle timeout lets the test see them close too.
+    c.agent_args = vec!["--tunnel-idle-timeout".into(), "1s".into()];
     c.start_agent("node-1").unwrap();
     c.start_agent("node-2").unwrap();
     let pid = c.agent_pid("node-1").unwrap();

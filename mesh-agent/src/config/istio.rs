@@ -205,7 +205,9 @@ fn valid_pattern(p: &str) -> bool {
     }
     let inner = p.strip_prefix('*').unwrap_or(p);
     let inner = inner.strip_suffix('*').unwrap_or(inner);
-    !inner.contains('*') && !(p.starts_with('*') && p.ends_with('*') && p.len() > 1)
+    // `*` alone is fine; `*x*` (a substring match) is not something Istio supports.
+    let both_ends = p.len() > 1 && p.starts_with('*') && p.ends_with('*');
+    !(inner.contains('*') || both_ends)
 }
 
 fn ip_blocks(values: &[String], field: &str) -> Result<Vec<IpNet>> {

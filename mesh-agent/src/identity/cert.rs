@@ -28,7 +28,10 @@ pub enum CertError {
     #[error(transparent)]
     Identity(#[from] super::spiffe::ParseIdentityError),
     #[error("signed certificate is for {got}, requested {want}")]
-    WrongIdentity { want: Identity, got: Identity },
+    WrongIdentity {
+        want: Box<Identity>,
+        got: Box<Identity>,
+    },
     #[error("private key: {0}")]
     Key(String),
 }
@@ -60,8 +63,8 @@ impl WorkloadCert {
         let info = CertInfo::parse(leaf)?;
         if info.identity != *identity {
             return Err(CertError::WrongIdentity {
-                want: identity.clone(),
-                got: info.identity,
+                want: Box::new(identity.clone()),
+                got: Box::new(info.identity),
             });
         }
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
