@@ -169,6 +169,8 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
     }
     let rounds = if smoke { 10 } else { usize::MAX };
     let mut answered_by = std::collections::BTreeMap::<String, usize>::new();
+    let mut hops = std::collections::BTreeMap::<String, usize>::new();
+    let mut logged = 0;
     let mut i = 0;
     while i < rounds && !stop.load(Ordering::SeqCst) {
         i += 1;
@@ -188,6 +190,13 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
                     client.name
                 );
                 *answered_by.entry(server.to_owned()).or_default() += 1;
+                if let Some(hop) = next_hop(&c, &client.node, &mut logged) {
+                    println!("      {hop}");
+                    *hops.entry(hop.mode.clone()).or_default() += 1;
+                    if hop.mode == "hbone" && hop.src.is_some() && hop.dst.is_some() {
+                        *hops.entry("hbone with both identities".into()).or_default() += 1;
+                    }
+                }
             }
             Err(e) => println!("[{i:>3}] {} -> {addr} FAILED: {e:#}", client.name),
         }
@@ -197,6 +206,7 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
     }
 
     println!("\nanswers per backend: {answered_by:?}");
+    println!("hops by mode (from the client node's log): {hops:?}");
     let mut carried = 0;
     for n in &nodes {
         c.stop_agent(n)?;
@@ -224,6 +234,10 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
             "not every replica answered: {answered_by:?}"
         );
         anyhow::ensure!(
+            hops.contains_key("hbone with both identities"),
+            "no cross-node call was logged as an mTLS tunnel with both identities: {hops:?}"
+        );
+        anyhow::ensure!(
             carried >= rounds,
             "the agents carried {carried} connections, expected at least {rounds}"
         );
@@ -232,4 +246,67 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// One proxied connection as the client node's agent logged it.
+struct Hop {
+    mode: String,
+    src: Option<String>,
+    dst: Option<String>,
+}
+
+impl std::fmt::Display for Hop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = match self.mode.as_str() {
+            "hbone" => "cross-node hop over the mTLS tunnel (HBONE)",
+            "local" => "same-node hop, delivered locally (policy checked, not encrypted)",
+            "passthrough" => "passthrough (destination not in the mesh)",
+            other => other,
+        };
+        write!(f, "{how}")?;
+        if let Some(src) = &self.src {
+            write!(f, ": {src}")?;
+        }
+        if let Some(dst) = &self.dst {
+            write!(f, " -> {dst}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits briefly for the agent on `node` to log the next closed connection after the
+/// `seen` ones already reported, and reads its mode and identities.
+fn next_hop(c: &Cluster, node: &str, seen: &mut usize) -> Option<Hop> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let log = c.agent_log(node);
+        let closed: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("connection closed") && l.contains(" mode="))
+            .collect();
+        if let Some(line) = closed.get(*seen) {
+            *seen = closed.len();
+            let line = closed.last().copied().unwrap_or(line);
+            return Some(Hop {
+                mode: log_field(line, "mode")?,
+                src: log_field(line, "src_identity").filter(|s| !s.is_empty()),
+                dst: log_field(line, "dst_identity").filter(|s| !s.is_empty()),
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of `key="value"` or `key=value` in a tracing text line.
+fn log_field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let value = match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next()?,
+        None => rest.split(' ').next()?,
+    };
+    Some(value.to_owned())
 }

@@ -15,6 +15,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "util-linux",
+    // The encryption test captures the wire between node namespaces.
+    "tcpdump",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
