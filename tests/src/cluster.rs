@@ -535,6 +535,19 @@ impl Cluster {
         terminate(&mut child, Duration::from_secs(10))
     }
 
+    /// SIGKILLs the agent of `node`, as a crash would: nothing is cleaned up.
+    pub fn crash_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let idx = self
+            .agents
+            .iter()
+            .position(|(n, _)| n == node)
+            .context("no such agent")?;
+        let (_, mut child) = self.agents.remove(idx);
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         self.agents
             .iter()

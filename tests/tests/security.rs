@@ -371,6 +371,25 @@ fn strict_refuses_plaintext_permissive_accepts_it_and_switching_needs_no_restart
         1,
         "the agent restarted"
     );
+
+    // Fail closed: a crashed agent leaves the sk_lookup program pinned, so a STRICT
+    // pod keeps refusing plaintext until a new agent takes over. A clean stop
+    // (SIGTERM) takes the pod out of the mesh, enforcement included.
+    let before = applied(&c, "node-2");
+    c.write_config("peer-auth.yaml", &yaml::peer_authentication("STRICT"))
+        .unwrap();
+    wait_applied(&c, "node-2", before);
+    assert!(plaintext(&mut c).is_err(), "STRICT before the crash");
+    c.crash_agent("node-2").unwrap();
+    assert!(
+        plaintext(&mut c).is_err(),
+        "a crashed agent must leave STRICT enforced"
+    );
+    c.start_agent("node-2").unwrap();
+    meshed(&mut c).unwrap_or_else(|e| panic!("after the restart, mesh traffic must flow: {e}"));
+    assert!(plaintext(&mut c).is_err(), "STRICT after the restart");
+    c.stop_agent("node-2").unwrap();
+    plaintext(&mut c).unwrap_or_else(|e| panic!("a stopped agent must leave no enforcement: {e}"));
 }
 
 fn policy(name: &str, action: &str, rules: &str) -> String {

@@ -3,6 +3,7 @@
 //! Layout under the per-node pin directory:
 //!   <pin_dir>/maps/<MAP>     every map, so bpftool and a restarted agent can see them
 //!   <pin_dir>/links/<prog>   every cgroup link
+//!   <pin_dir>/links/mesh_sk_lookup-<netns cookie>   the inbound program of each enrolled pod
 //! A clean shutdown removes all of it, which detaches the programs (a link lives as long
 //! as a pin or an fd refers to it). Stale pins from an agent that crashed are removed
 //! at start, so two generations never run side by side.
@@ -16,7 +17,6 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
-        sk_lookup::SkLookupLink,
     },
 };
 use mesh_common::{counters, programs};
@@ -85,14 +85,30 @@ pub struct Datapath {
 }
 
 /// The inbound enforcement program (sk_lookup), loaded once and attached to each
-/// enrolled pod's network namespace. Unlike the cgroup programs it is not pinned: a
-/// link lives as long as the agent holds it for that pod.
+/// enrolled pod's network namespace. Each link is pinned like the cgroup links, so a
+/// crashed agent leaves STRICT pods refusing plaintext (fail closed) until it is back.
 pub struct InboundHook {
     ebpf: std::sync::Mutex<Ebpf>,
+    link_dir: PathBuf,
+}
+
+/// The sk_lookup program attached to one pod's netns, held through its pin.
+pub struct PodInboundLink {
+    link: PinnedLink,
+}
+
+impl PodInboundLink {
+    /// Removes the pin; the program detaches once the last fd (this one) is dropped.
+    pub fn detach(self) {
+        match self.link.unpin() {
+            Ok(fd_link) => drop(fd_link),
+            Err(e) => warn!(error = %e, "cannot unpin the inbound link"),
+        }
+    }
 }
 
 impl InboundHook {
-    pub fn attach(&self, netns: &File) -> Result<SkLookupLink, DatapathError> {
+    pub fn attach(&self, netns: &File, netns_cookie: u64) -> Result<PodInboundLink, DatapathError> {
         let name = programs::SK_LOOKUP;
         let prog_err = |source| DatapathError::Program { name, source };
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,7 +118,16 @@ impl InboundHook {
             .try_into()
             .map_err(prog_err)?;
         let id = prog.attach(netns).map_err(prog_err)?;
-        prog.take_link(id).map_err(prog_err)
+        let link = FdLink::from(prog.take_link(id).map_err(prog_err)?);
+        let pin = self.link_dir.join(format!("{name}-{netns_cookie}"));
+        // A pin left by an earlier enrollment of the same netns (the agent does not
+        // reuse it) would make the new pin fail.
+        let _ = std::fs::remove_file(&pin);
+        let link = link.pin(&pin).map_err(|source| DatapathError::Pin {
+            what: format!("link {}", pin.display()),
+            source,
+        })?;
+        Ok(PodInboundLink { link })
     }
 }
 
@@ -184,6 +209,7 @@ impl Datapath {
         Ok(Datapath {
             inbound: std::sync::Arc::new(InboundHook {
                 ebpf: std::sync::Mutex::new(ebpf),
+                link_dir,
             }),
             links,
             pin_dir: pin_dir.to_owned(),

@@ -4,6 +4,6 @@ mod datapath;
 mod fs;
 mod maps;
 
-pub use datapath::{Datapath, InboundHook};
+pub use datapath::{Datapath, InboundHook, PodInboundLink};
 pub use fs::{cgroup2_mount, ensure_bpffs};
 pub use maps::{InboundMode, MeshMaps, ServiceAddr};

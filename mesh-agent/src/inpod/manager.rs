@@ -15,7 +15,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::programs::sk_lookup::SkLookupLink;
 use mesh_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 use socket2::{Domain, Socket, Type};
 use tokio::task::JoinHandle;
@@ -24,7 +23,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::netns::{Netns, netns_cookie};
 use crate::{
     authz::{PolicySet, Workload},
-    bpf::{InboundHook, InboundMode},
+    bpf::{InboundHook, InboundMode, PodInboundLink},
     config::{Config, MtlsMode, NamespacedName, Pod},
     identity::{Identity, server_config},
     proxy::{self, PodContext, ProxyContext},
@@ -46,8 +45,9 @@ struct RunningPod {
 struct Inbound {
     ip: IpAddr,
     mode: InboundMode,
-    /// Detaches the sk_lookup program from the pod's netns when dropped.
-    _link: SkLookupLink,
+    /// The sk_lookup program on the pod's netns; pinned, so it must be detached
+    /// explicitly when the pod leaves the mesh.
+    link: PodInboundLink,
 }
 
 pub struct PodManager {
@@ -215,12 +215,8 @@ impl PodManager {
                     maps.set_plaintext_listener(ip, plaintext)?;
                     let mode = mode_of(policy.mtls_mode(&workload));
                     maps.set_inbound(ip, mode)?;
-                    let link = self.hook.attach(&netns_file)?;
-                    Some(Inbound {
-                        ip,
-                        mode,
-                        _link: link,
-                    })
+                    let link = self.hook.attach(&netns_file, l.cookie)?;
+                    Some(Inbound { ip, mode, link })
                 }
                 None => None,
             };
@@ -274,6 +270,9 @@ impl PodManager {
         })();
         if let Err(e) = spawned {
             tasks.iter().for_each(JoinHandle::abort);
+            if let Some(i) = inbound {
+                i.link.detach();
+            }
             if let Some(ip) = pod.ip {
                 maps.remove_inbound(ip);
                 maps.remove_plaintext_listener(ip);
@@ -294,6 +293,7 @@ impl PodManager {
         // Unenroll first: from now on new connects go where the application sent them.
         self.proxy.maps.unenroll(pod.ctx.netns_cookie);
         if let Some(inbound) = pod.inbound {
+            inbound.link.detach();
             self.proxy.maps.remove_inbound(inbound.ip);
             self.proxy.maps.remove_plaintext_listener(inbound.ip);
         }
