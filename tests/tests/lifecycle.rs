@@ -101,10 +101,16 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
             "{expected} not attached: {names:?}"
         );
     }
-    assert!(
-        pins.join("links").read_dir().unwrap().count() == 5,
-        "link pins missing"
-    );
+    let mut link_pins: Vec<String> = pins
+        .join("links")
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    link_pins.sort();
+    // Five cgroup links, and the inbound (sk_lookup) link of the one enrolled pod.
+    assert_eq!(link_pins.len(), 6, "{link_pins:?}");
+    assert!(link_pins[5].starts_with("mesh_sk_lookup-"), "{link_pins:?}");
     assert!(
         pins.join("maps").read_dir().unwrap().count() >= 5,
         "map pins missing"
