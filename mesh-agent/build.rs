@@ -1,6 +1,6 @@
 //! Builds the kernel object (`mesh-ebpf`) for the BPF target with the nightly
 //! toolchain and places it in OUT_DIR, where `src/bpf/datapath.rs` embeds it; and
-//! generates the gRPC code of the CA API with a vendored `protoc`.
+//! generates the gRPC code of the CA and admin APIs with a vendored `protoc`.
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
@@ -14,8 +14,8 @@ fn build_protos() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure()
-        .compile_protos(&["proto/ca.proto"], &["proto"])
-        .context("compiling proto/ca.proto")
+        .compile_protos(&["proto/ca.proto", "proto/admin.proto"], &["proto"])
+        .context("compiling proto/ca.proto and proto/admin.proto")
 }
 
 fn build_ebpf() -> anyhow::Result<()> {

@@ -2,8 +2,8 @@
 //! takes it apart again on SIGTERM so that nothing is left in the kernel.
 use std::{
     path::PathBuf,
-    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
-    time::Duration,
+    sync::{Arc, OnceLock, atomic::AtomicU64, atomic::Ordering},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -11,7 +11,10 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use mesh_common::counters;
+
 use crate::{
+    admin::{AdminServer, AdminState, Core},
     authz::{LiveConns, PolicySet},
     bpf::{self, Datapath},
     cli::RunArgs,
@@ -20,14 +23,15 @@ use crate::{
     inpod::PodManager,
     proxy::{Pool, ProxyContext},
     state::{RouteTable, WorkloadIndex},
-    telemetry::{Readiness, serve_readiness},
+    telemetry::{LogControl, Readiness, Telemetry, kernel_flows, serve_readiness},
 };
 
 /// How often pods that could not be enrolled (netns not there yet) are retried.
 const RETRY_PODS: Duration = Duration::from_secs(1);
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     raise_fd_limit();
+    let started = Instant::now();
     let readiness = Arc::new(Readiness::default());
     tokio::spawn({
         let readiness = readiness.clone();
@@ -38,20 +42,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     });
+    let telemetry = Telemetry::new(&args.cluster_domain);
+    let admin_state = Arc::new(AdminState {
+        node: args.node_name.clone(),
+        started,
+        readiness: readiness.clone(),
+        log,
+        telemetry: telemetry.clone(),
+        trust_domain: args.identity.trust_domain.clone(),
+        root_namespace: args.root_namespace.clone(),
+        core: OnceLock::new(),
+    });
+    let admin = AdminServer::start(&args.admin_socket, args.metrics_addr, admin_state.clone())
+        .context("starting the admin API")?;
 
-    let cgroup = match &args.cgroup {
-        Some(c) => c.clone(),
-        None => {
-            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-                .context("reading /proc/self/mountinfo")?;
-            bpf::cgroup2_mount(&mountinfo)
-                .context("no cgroup v2 mount found: the mesh needs cgroup v2")?
-        }
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let Some(mut datapath) = attach(&args, &mut sigterm, &mut sigint).await? else {
+        admin.stop();
+        return Ok(());
     };
-    bpf::ensure_bpffs(&args.bpffs)
-        .with_context(|| format!("mounting bpffs at {}", args.bpffs.display()))?;
-    let pin_dir: PathBuf = args.bpffs.join("mesh").join(&args.node_name);
-    let datapath = Datapath::load(&cgroup, &pin_dir).context("attaching the eBPF programs")?;
     let maps = datapath.maps.clone();
     readiness.programs_attached.store(true, Ordering::Relaxed);
 
@@ -76,11 +86,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         live: Arc::new(LiveConns::default()),
         secrets: secrets.clone(),
         pool: pool.clone(),
-        maps,
+        maps: maps.clone(),
         connect_timeout: args.connect_timeout,
         next_conn_id: AtomicU64::new(1),
+        telemetry: telemetry.clone(),
     });
     let reaper = tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout));
+    let kernel_flows = datapath.events.take().map(|ring| {
+        tokio::spawn(kernel_flows::run(
+            ring,
+            telemetry.clone(),
+            pod_resolver(&proxy),
+            {
+                let maps = maps.clone();
+                Arc::new(move || maps.counters()[counters::EVENTS_DROPPED as usize])
+            },
+        ))
+    });
     let mut pods = PodManager::new(
         args.node_name.clone(),
         id_args.trust_domain.clone(),
@@ -93,9 +115,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut config = ConfigWatch::start(args.config_dir.clone());
     let mut current: Arc<Generation> = config.updates.borrow().clone();
+    let _ = admin_state.core.set(Core {
+        proxy: proxy.clone(),
+        programs: datapath.programs.clone(),
+        map_dir: datapath.map_dir(),
+        config: config.updates.clone(),
+        reloads: config.stats.clone(),
+    });
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut retry = tokio::time::interval(RETRY_PODS);
     info!(node = %args.node_name, config_dir = %args.config_dir.display(), "agent running");
     loop {
@@ -121,17 +148,88 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness
             .pods_enrolled
             .store(pods.all_enrolled(&current.config), Ordering::Relaxed);
+        let now = SystemTime::now();
+        let certs_valid = secrets
+            .snapshot()
+            .iter()
+            .all(|(_, c)| c.as_ref().is_some_and(|c| c.is_valid_at(now)));
+        readiness.certs_valid.store(certs_valid, Ordering::Relaxed);
     }
 
     readiness.programs_attached.store(false, Ordering::Relaxed);
+    admin.stop();
     pods.shutdown();
     reaper.abort();
+    if let Some(k) = kernel_flows {
+        k.abort();
+    }
     secrets.shutdown();
     let failed = config.stats.failed.load(Ordering::Relaxed);
     drop(proxy);
     datapath.shutdown();
     info!(config_reloads_failed = failed, "agent stopped");
     Ok(())
+}
+
+/// How often attaching is retried while it fails.
+const RETRY_ATTACH: Duration = Duration::from_secs(1);
+
+/// Loads and attaches the programs, retrying while the kernel side is not there yet
+/// (a cgroup not created yet at boot, bpffs not mounted): the agent stays up and
+/// not-ready instead of crash-looping. `None` when told to stop first.
+async fn attach(
+    args: &RunArgs,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<Option<Datapath>> {
+    let mut last_error = String::new();
+    loop {
+        let attempt = (|| -> anyhow::Result<Datapath> {
+            let cgroup = match &args.cgroup {
+                Some(c) => c.clone(),
+                None => {
+                    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+                        .context("reading /proc/self/mountinfo")?;
+                    bpf::cgroup2_mount(&mountinfo)
+                        .context("no cgroup v2 mount found: the mesh needs cgroup v2")?
+                }
+            };
+            bpf::ensure_bpffs(&args.bpffs)
+                .with_context(|| format!("mounting bpffs at {}", args.bpffs.display()))?;
+            let pin_dir: PathBuf = args.bpffs.join("mesh").join(&args.node_name);
+            Datapath::load(&cgroup, &pin_dir).context("attaching the eBPF programs")
+        })();
+        match attempt {
+            Ok(d) => return Ok(Some(d)),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if msg != last_error {
+                    warn!(error = %msg, retry_in = ?RETRY_ATTACH, "cannot attach the eBPF programs yet; not ready");
+                    last_error = msg;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY_ATTACH) => {}
+            _ = sigterm.recv() => { info!("SIGTERM before the programs were attached"); return Ok(None); }
+            _ = sigint.recv() => { info!("SIGINT before the programs were attached"); return Ok(None); }
+        }
+    }
+}
+
+/// Names the pod a kernel event is about, from the pods this agent serves.
+fn pod_resolver(proxy: &Arc<ProxyContext>) -> kernel_flows::PodResolver {
+    let proxy = proxy.clone();
+    Arc::new(move |cookie, ip| {
+        let local = proxy.local.load();
+        let by_ip = local.get(&ip.to_canonical());
+        let pod = by_ip.or_else(|| {
+            local
+                .values()
+                .find(|p| p.netns_cookie == cookie && cookie != 0)
+        });
+        pod.map(|p| p.workload.id.to_string())
+    })
 }
 
 /// Agent settings that shape how config is read.

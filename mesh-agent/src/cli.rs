@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::telemetry::LogFormat;
+use crate::telemetry::{AccessLog, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +53,26 @@ pub struct RunArgs {
 
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Access log (one line per connection): on (in --log-format), off, text or json.
+    #[arg(long, value_enum, default_value = "on")]
+    pub access_log: AccessLog,
+
+    /// Admin API socket (gRPC, for meshctl); created with mode 0600.
+    #[arg(
+        long,
+        env = "MESH_ADMIN_SOCKET",
+        default_value = "/run/mesh/admin.sock"
+    )]
+    pub admin_socket: PathBuf,
+
+    /// Prometheus metrics (GET /metrics), on the node.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Kubernetes cluster domain, for Istio's `destination_service` names.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
 
     #[command(flatten)]
     pub identity: IdentityArgs,

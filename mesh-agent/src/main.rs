@@ -1,33 +1,21 @@
-//! `mesh-agent`: the node agent. Everything lives in modules named for their concern;
-//! this file only parses the command line and starts the runtime.
+//! `mesh-agent`: the node agent (`run`) and the mesh CA (`ca`). This file only parses
+//! the command line and starts the runtime; everything else is in the library.
 // Input and network paths must not panic: no unwrap/expect outside tests.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-mod api;
-mod app;
-mod authz;
-mod bpf;
-mod ca;
-mod cli;
-mod config;
-mod identity;
-mod inpod;
-mod proxy;
-mod state;
-mod telemetry;
-
 use clap::Parser as _;
+use mesh_agent::{app, ca, cli, telemetry};
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => {
-            telemetry::init_logging(args.log_format, "info");
-            block_on(app::run(args))
+            let log = telemetry::init_logging(args.log_format, "info", args.access_log);
+            block_on(app::run(args, log))
         }
         cli::Command::Ca(args) => {
-            telemetry::init_logging(args.log_format, "info");
+            telemetry::init_logging(args.log_format, "info", telemetry::AccessLog::Off);
             block_on(ca::run(args))
         }
     }

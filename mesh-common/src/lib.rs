@@ -40,6 +40,8 @@ pub mod maps {
     pub const INBOUND: &str = "MESH_INBOUND";
     /// Pod IP -> the agent's plaintext listener (:15006) in that pod (SOCKHASH).
     pub const PLAINTEXT_LISTENERS: &str = "MESH_PLAINTEXT_LISTENERS";
+    /// Ring buffer of [`super::FlowEvent`]s for `meshctl observe`.
+    pub const EVENTS: &str = "MESH_EVENTS";
 }
 
 /// Program names in the object file.
@@ -61,6 +63,9 @@ pub mod limits {
     pub const SOCK_ORIG_DST: u32 = 65536;
     pub const PEER_ORIG_DST: u32 = 65536;
     pub const INBOUND: u32 = 8192;
+    /// Bytes of the flow event ring buffer (a power-of-two number of pages): about
+    /// 4600 events of 56 bytes (plus an 8-byte header each) before the reader catches up.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 /// Indices into the per-CPU counter array.
@@ -81,7 +86,9 @@ pub mod counters {
     pub const INBOUND_PLAINTEXT_CAPTURED: u32 = 6;
     /// PERMISSIVE, but the agent's listener was missing: refused (fail closed).
     pub const INBOUND_NO_LISTENER: u32 = 7;
-    pub const LEN: u32 = 8;
+    /// A flow event was lost because the ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 8;
+    pub const LEN: u32 = 16;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -169,8 +176,44 @@ pub struct InboundPolicy {
     pub _pad: u32,
 }
 
+/// `FlowEvent::kind` values.
+pub mod events {
+    /// connect() to a mesh service was handed to the agent.
+    pub const REDIRECTED: u32 = 1;
+    /// connect() from an enrolled netns carried the bypass mark (the agent's own dial).
+    pub const BYPASSED: u32 = 2;
+    /// Plaintext to a STRICT pod was refused.
+    pub const REFUSED_STRICT: u32 = 3;
+    /// Plaintext to a PERMISSIVE pod was handed to the agent.
+    pub const PLAINTEXT_CAPTURED: u32 = 4;
+    /// Plaintext to a PERMISSIVE pod was refused: the agent's listener is gone.
+    pub const NO_LISTENER: u32 = 5;
+}
+
+/// One entry of [`maps::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// One of [`events`].
+    pub kind: u32,
+    pub _pad: u32,
+    /// The network namespace the decision was made in (0 when unknown).
+    pub netns_cookie: u64,
+    /// Source address, 16 bytes, network byte order, IPv4 mapped; zero when unknown
+    /// (a connect() has no source yet).
+    pub src: [u8; 16],
+    /// Destination address, as `src`.
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+    pub _pad2: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::InboundKey {}
     unsafe impl aya::Pod for super::InboundPolicy {}
     // SAFETY: every type is #[repr(C)], Copy, made of integers and byte arrays, with all
@@ -196,6 +239,7 @@ mod tests {
         assert_eq!(size_of::<PeerKey>(), 32);
         assert_eq!(size_of::<InboundKey>(), 16);
         assert_eq!(size_of::<InboundPolicy>(), 8);
+        assert_eq!(size_of::<FlowEvent>(), 56);
     }
 
     #[test]

@@ -13,12 +13,28 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use core::ptr::addr_of_mut;
-use mesh_common::{BYPASS_MARK, OUTBOUND_PORT, OrigDst, PROTO_TCP, ServiceKey, counters};
+use mesh_common::{
+    BYPASS_MARK, FlowEvent, OUTBOUND_PORT, OrigDst, PROTO_TCP, ServiceKey, counters, events,
+};
 
 use crate::{
     addr::{LOOPBACK_V4_MAPPED, LOOPBACK_V6, is_v4_mapped, read_ip6, write_ip6},
-    maps::{MESH_ENROLLED_NETNS, MESH_SERVICES, MESH_SOCK_ORIG_DST, count},
+    maps::{MESH_ENROLLED_NETNS, MESH_SERVICES, MESH_SOCK_ORIG_DST, count, emit},
 };
+
+#[inline(always)]
+fn event(kind: u32, netns_cookie: u64, dst: [u8; 16], dst_port: u16) -> FlowEvent {
+    FlowEvent {
+        kind,
+        _pad: 0,
+        netns_cookie,
+        src: [0; 16],
+        dst,
+        src_port: 0,
+        dst_port,
+        _pad2: 0,
+    }
+}
 
 /// Returned by every program here: the connect() goes ahead (rewritten or not).
 const ALLOW: i32 = 1;
@@ -79,12 +95,13 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Option<()> 
     // SAFETY: `sk` is always a valid socket pointer in sock_addr programs; `mark` is a
     // readable field of bpf_sock.
     let mark = unsafe { (*(*sa).__bindgen_anon_1.sk).mark };
+    let port = u16::from_be(port_field as u16);
     if mark == BYPASS_MARK {
         count(counters::BYPASS_MARK);
+        emit(&event(events::BYPASSED, netns, dst, port));
         return None;
     }
 
-    let port = u16::from_be(port_field as u16);
     let key = ServiceKey {
         addr: dst,
         port,
@@ -112,5 +129,6 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Option<()> 
         return None;
     }
     count(counters::REDIRECTED);
+    emit(&event(events::REDIRECTED, netns, dst, port));
     Some(())
 }

@@ -1,11 +1,11 @@
 //! The maps, named as in `mesh_common::maps` (the static's name is the map's name).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey, ServiceValue, counters,
-    limits,
+    EnrolledNetns, FlowEvent, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey,
+    ServiceValue, counters, limits,
 };
 
 #[map]
@@ -40,5 +40,16 @@ pub fn count(index: u32) {
     if let Some(slot) = MESH_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; programs do not migrate while running.
         unsafe { *slot += 1 };
+    }
+}
+
+#[map]
+pub static MESH_EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
+
+/// Sends a flow event to the agent; a full buffer is counted, never silent.
+#[inline(always)]
+pub fn emit(event: &FlowEvent) {
+    if MESH_EVENTS.output::<FlowEvent>(event, 0).is_err() {
+        count(counters::EVENTS_DROPPED);
     }
 }

@@ -13,12 +13,13 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use mesh_common::{
-    INBOUND_TUNNEL_PORT, InboundKey, MODE_PERMISSIVE, MODE_STRICT, PROTO_TCP, counters, v4_mapped,
+    FlowEvent, INBOUND_TUNNEL_PORT, InboundKey, MODE_PERMISSIVE, MODE_STRICT, PROTO_TCP, counters,
+    events, v4_mapped,
 };
 
 use crate::{
     addr::read_ip6,
-    maps::{MESH_INBOUND, MESH_PLAINTEXT_LISTENERS, count},
+    maps::{MESH_INBOUND, MESH_PLAINTEXT_LISTENERS, count, emit},
 };
 
 const AF_INET: u32 = 2;
@@ -55,18 +56,32 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some(policy) = (unsafe { MESH_INBOUND.get(&key) }) else {
         return SK_PASS;
     };
+    let event = |kind| FlowEvent {
+        kind,
+        _pad: 0,
+        netns_cookie: 0,
+        src: remote,
+        dst: addr,
+        // remote_port is network byte order, local_port host order.
+        src_port: u16::from_be(lookup.remote_port),
+        dst_port: lookup.local_port as u16,
+        _pad2: 0,
+    };
     match policy.mode {
         MODE_STRICT => {
             count(counters::INBOUND_STRICT_REFUSED);
+            emit(&event(events::REFUSED_STRICT));
             SK_DROP
         }
         MODE_PERMISSIVE => match MESH_PLAINTEXT_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
             Ok(()) => {
                 count(counters::INBOUND_PLAINTEXT_CAPTURED);
+                emit(&event(events::PLAINTEXT_CAPTURED));
                 SK_PASS
             }
             Err(_) => {
                 count(counters::INBOUND_NO_LISTENER);
+                emit(&event(events::NO_LISTENER));
                 SK_DROP
             }
         },

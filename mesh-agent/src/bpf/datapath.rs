@@ -14,6 +14,7 @@ use std::{
 
 use aya::{
     Ebpf,
+    maps::{MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
@@ -82,6 +83,10 @@ pub struct Datapath {
     links: Vec<PinnedLink>,
     pin_dir: PathBuf,
     pub maps: std::sync::Arc<MeshMaps>,
+    /// The flow event ring buffer, for the one reader that takes it.
+    pub events: Option<RingBuf<MapData>>,
+    /// Names of the programs attached to the cgroup, and the per-pod one.
+    pub programs: Vec<&'static str>,
 }
 
 /// The inbound enforcement program (sk_lookup), loaded once and attached to each
@@ -204,6 +209,14 @@ impl Datapath {
                 })?;
         }
         let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf)?);
+        let events = match ebpf.take_map(mesh_common::maps::EVENTS) {
+            Some(m) => Some(RingBuf::try_from(m).map_err(|source| DatapathError::Map {
+                name: mesh_common::maps::EVENTS,
+                source,
+            })?),
+            None => None,
+        };
+        attached.push(programs::SK_LOOKUP);
         info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), programs = ?attached,
             "eBPF programs attached");
         Ok(Datapath {
@@ -214,7 +227,14 @@ impl Datapath {
             links,
             pin_dir: pin_dir.to_owned(),
             maps,
+            events,
+            programs: attached,
         })
+    }
+
+    /// Where the maps are pinned (for read-only inspection).
+    pub fn map_dir(&self) -> PathBuf {
+        self.pin_dir.join("maps")
     }
 
     /// Detaches every program and removes every pin and the pin directory.
@@ -224,7 +244,10 @@ impl Datapath {
             links,
             pin_dir,
             maps,
+            events,
+            programs: _,
         } = self;
+        drop(events);
         let c = maps.counters();
         info!(
             redirected = c[counters::REDIRECTED as usize],

@@ -2,8 +2,10 @@
 //! loading and attaching the programs, and typed access to the maps.
 mod datapath;
 mod fs;
+pub mod inspect;
 mod maps;
 
 pub use datapath::{Datapath, InboundHook, PodInboundLink};
 pub use fs::{cgroup2_mount, ensure_bpffs};
 pub use maps::{InboundMode, MeshMaps, ServiceAddr};
+pub use maps::{from_ip16, ip16};

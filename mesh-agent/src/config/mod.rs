@@ -11,7 +11,7 @@ pub use error::ConfigError;
 #[cfg(test)]
 pub use load::{load_dir, load_text};
 pub use model::*;
-pub use watch::{ConfigWatch, Generation};
+pub use watch::{ConfigWatch, Generation, ReloadStats};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 use ipnet::IpNet;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NamespacedName {
     pub namespace: String,
     pub name: String,
@@ -17,20 +17,20 @@ impl fmt::Display for NamespacedName {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, serde::Serialize, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Tcp,
     Udp,
     Sctp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub enum TargetPort {
     Number(u16),
     Name(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
@@ -38,7 +38,7 @@ pub struct ServicePort {
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct Service {
     pub id: NamespacedName,
     /// Empty for headless services (`clusterIP: None`), which the mesh does not capture.
@@ -46,14 +46,14 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct SlicePort {
     pub name: Option<String>,
     pub port: u16,
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub addresses: Vec<IpAddr>,
     /// `conditions.ready`; Kubernetes says an absent value means ready.
@@ -61,7 +61,7 @@ pub struct Endpoint {
     pub node_name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct EndpointSlice {
     pub id: NamespacedName,
     /// From the `kubernetes.io/service-name` label; the slice belongs to this service
@@ -71,7 +71,7 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct Pod {
     pub id: NamespacedName,
     pub node_name: Option<String>,
@@ -82,11 +82,14 @@ pub struct Pod {
     /// `false` when the pod opted out with [`ENROLL_ANNOTATION`]` = "false"`.
     pub enroll: bool,
     pub labels: BTreeMap<String, String>,
+    /// What metrics group this pod under (its Deployment or other owner; see
+    /// `translate::workload_name`).
+    pub workload: String,
 }
 
 /// `PeerAuthentication.spec.mtls.mode`. DISABLE is not offered: an enrolled workload
 /// always accepts mTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, serde::Serialize, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MtlsMode {
     Strict,
     Permissive,
@@ -95,7 +98,7 @@ pub enum MtlsMode {
 /// `matchLabels` of a workload selector; every label must match.
 pub type Selector = BTreeMap<String, String>;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct PeerAuthentication {
     pub id: NamespacedName,
     pub selector: Option<Selector>,
@@ -103,7 +106,7 @@ pub struct PeerAuthentication {
     pub mode: Option<MtlsMode>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, serde::Serialize, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthzAction {
     Allow,
     Deny,
@@ -111,7 +114,7 @@ pub enum AuthzAction {
 }
 
 /// `from.source`: every field present must match; within a field, any value.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct SourceMatch {
     pub principals: Vec<String>,
     pub not_principals: Vec<String>,
@@ -122,20 +125,20 @@ pub struct SourceMatch {
 }
 
 /// `to.operation`, L4 subset.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct OperationMatch {
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
 }
 
 /// One rule: any `from` AND any `to` (an absent list matches everything).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct Rule {
     pub from: Vec<SourceMatch>,
     pub to: Vec<OperationMatch>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct AuthorizationPolicy {
     pub id: NamespacedName,
     pub selector: Option<Selector>,
@@ -154,7 +157,7 @@ pub const ENROLL_ANNOTATION: &str = "mesh.dev/enroll";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// One consistent generation of config, as read from a directory.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,

@@ -206,6 +206,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
             ));
         }
     };
+    let pod_name = id.name.clone();
     Ok(Pod {
         id,
         node_name: spec.and_then(|s| s.node_name.clone()),
@@ -216,5 +217,35 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
         netns,
         enroll,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
+        workload: workload_name(&pod.metadata, &pod_name),
     })
+}
+
+/// The name metrics and logs group a pod under, stable across its restarts and
+/// rollouts (pod names are not): the canonical-name label if set, else the owning
+/// Deployment (from its ReplicaSet, minus the template hash) or other controller,
+/// else the pod's own name.
+fn workload_name(meta: &ObjectMeta, pod_name: &str) -> String {
+    let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k)).cloned();
+    if let Some(name) = label("service.istio.io/canonical-name") {
+        return name;
+    }
+    let owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| meta.owner_references.iter().flatten().next());
+    match owner {
+        Some(o) if o.kind == "ReplicaSet" => match label("pod-template-hash") {
+            Some(hash) => o
+                .name
+                .strip_suffix(&format!("-{hash}"))
+                .unwrap_or(&o.name)
+                .to_owned(),
+            None => o.name.clone(),
+        },
+        Some(o) => o.name.clone(),
+        None => pod_name.to_owned(),
+    }
 }

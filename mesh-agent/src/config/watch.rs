@@ -32,6 +32,21 @@ pub struct Generation {
 pub struct ReloadStats {
     pub ok: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,
+    /// The error of the directory as it is now, if it does not load.
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ReloadStats {
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
 }
 
 pub struct ConfigWatch {
@@ -87,7 +102,10 @@ async fn reload_loop(
         if changed {
             fingerprint = now;
             match load::load_dir(&dir) {
-                Ok(config) if last_good.as_ref() == Some(&config) => {}
+                Ok(config) if last_good.as_ref() == Some(&config) => {
+                    last_error = None;
+                    stats.set_error(None);
+                }
                 Ok(config) => {
                     let number = tx.borrow().number + 1;
                     info!(generation = number, dir = %dir.display(),
@@ -96,6 +114,7 @@ async fn reload_loop(
                     stats.ok.fetch_add(1, Relaxed);
                     last_good = Some(config.clone());
                     last_error = None;
+                    stats.set_error(None);
                     if tx.send(Arc::new(Generation { number, config })).is_err() {
                         return; // nobody listens any more
                     }
@@ -106,6 +125,7 @@ async fn reload_loop(
                     if last_error.as_deref() != Some(msg.as_str()) {
                         error!(error = %msg, "config rejected; the last good config keeps serving");
                         stats.failed.fetch_add(1, Relaxed);
+                        stats.set_error(Some(msg.clone()));
                         last_error = Some(msg);
                     }
                 }

@@ -133,6 +133,26 @@ impl SecretManager {
         cert.is_valid_at(SystemTime::now()).then_some(cert)
     }
 
+    /// Every kept identity with its newest certificate (if one was issued yet).
+    pub fn snapshot(&self) -> Vec<(Identity, Option<Arc<WorkloadCert>>)> {
+        let mut all: Vec<_> = self
+            .entries()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.cert.borrow().clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// How many root certificates the current trust bundle holds.
+    pub fn trust_anchors(&self) -> usize {
+        self.bundle
+            .load()
+            .as_ref()
+            .as_ref()
+            .map_or(0, |b| b.roots.roots.len())
+    }
+
     /// Waits until `id` has a certificate, at most `timeout`.
     pub async fn wait(&self, id: &Identity, timeout: Duration) -> Option<Arc<WorkloadCert>> {
         let mut rx = self.entries().get(id)?.cert.clone();

@@ -197,6 +197,7 @@ impl PodManager {
         };
         let ctx = Arc::new(PodContext {
             workload: workload.clone(),
+            workload_name: pod.workload.clone(),
             ip: pod.ip,
             identity: identity.clone(),
             netns,

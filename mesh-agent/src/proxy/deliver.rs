@@ -11,7 +11,10 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use super::{InboundError, PodContext, ProxyContext, dial::DialError, dial::dial_from};
-use crate::authz::{ConnAttrs, LiveGuard};
+use crate::{
+    authz::{ConnAttrs, LiveGuard},
+    telemetry::{Outcome, ResponseFlag},
+};
 
 pub struct Delivered {
     pub app: TcpStream,
@@ -49,4 +52,17 @@ pub async fn deliver(
             DialError::Timeout(_) => InboundError::ConnectTimeout { addr },
         })?;
     Ok(Delivered { app, guard })
+}
+
+/// How a refusal on the destination side is reported.
+pub fn outcome_of(e: &InboundError) -> Outcome {
+    match e {
+        InboundError::Denied(d) => Outcome {
+            flag: ResponseFlag::Unauthorized,
+            reason: Some(e.reason()),
+            detail: Some(e.to_string()),
+            policy: Some(super::deciding_policy(d)),
+        },
+        _ => Outcome::failed(ResponseFlag::UpstreamFailure, e.reason(), e),
+    }
 }

@@ -1,7 +1,7 @@
 //! The tunnel's server side: `:15008` in each enrolled pod. mTLS (TLS 1.3, the pod's
 //! own identity, a client certificate from the trust bundle), then HTTP/2, where each
 //! CONNECT stream is one connection to the pod's application.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::Ordering, time::Instant};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -9,7 +9,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::serv
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
     PodContext, ProxyContext,
@@ -20,6 +20,7 @@ use super::{
 use crate::{
     authz::ConnAttrs,
     identity::{Identity, peer_identity},
+    telemetry::{ConnInfo, Mode, Outcome, Peer, Reporter, ResponseFlag},
 };
 
 /// Concurrent CONNECT streams one client connection may hold.
@@ -126,40 +127,68 @@ async fn connect(
         source_ip: peer.ip(),
         dest_port: target.port(),
     };
+    let info = ConnInfo {
+        id,
+        reporter: Reporter::Destination,
+        mode: Mode::Inbound,
+        source: Peer {
+            workload: ctx
+                .workloads
+                .load()
+                .get(peer.ip())
+                .map(|w| w.workload_ref()),
+            addr: Some(peer),
+            identity: Some(source.clone()),
+        },
+        destination: Peer {
+            workload: Some(pod.workload_ref()),
+            addr: Some(target),
+            identity: Some(pod.identity.clone()),
+        },
+        service: None,
+        original_dst: None,
+    };
     let delivered = match deliver(&pod, &ctx, attrs).instrument(span.clone()).await {
         Ok(d) => d,
         Err(e) => {
             span.in_scope(|| warn!(reason = e.reason(), error = %e, "inbound connection refused"));
+            ctx.telemetry
+                .refused(&info, &super::deliver::outcome_of(&e));
             return status(e.status());
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let conn = ctx.telemetry.open(info);
     tokio::spawn(
         async move {
-            let started = Instant::now();
             let mut app = delivered.app;
             let mut stream = match on_upgrade.await {
                 Ok(u) => TokioIo::new(u),
                 Err(e) => {
                     warn!(error = %e, "CONNECT stream was not upgraded");
+                    conn.close(Outcome::failed(
+                        ResponseFlag::ConnectionTermination,
+                        "not_upgraded",
+                        e,
+                    ));
                     return;
                 }
             };
-            let result = relay(&mut stream, &mut app, &delivered.guard.cancelled).await;
-            let duration_ms = started.elapsed().as_millis() as u64;
-            match result {
-                Ok((received, sent)) => {
-                    info!(
-                        mtls = true,
-                        received, sent, duration_ms, "inbound connection closed"
-                    )
-                }
+            let result = relay(&mut stream, &mut app, &delivered.guard.cancelled, &[&conn]).await;
+            let outcome = match result {
+                Ok(_) => Outcome::ok(),
                 Err(RelayEnd::Revoked) => {
                     super::relay::reset(app);
-                    info!(duration_ms, "inbound connection closed by policy")
+                    Outcome {
+                        flag: ResponseFlag::Unauthorized,
+                        reason: Some("revoked"),
+                        detail: Some("closed by a policy change".to_owned()),
+                        policy: None,
+                    }
                 }
-                Err(e) => info!(duration_ms, error = %e, "inbound connection closed with error"),
-            }
+                Err(e) => Outcome::failed(ResponseFlag::ConnectionTermination, "io_error", e),
+            };
+            conn.close(outcome);
         }
         .instrument(span),
     );

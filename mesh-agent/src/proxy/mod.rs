@@ -27,11 +27,12 @@ pub use plaintext::serve_plaintext;
 pub use pool::Pool;
 
 use crate::{
-    authz::{LiveConns, PolicySet, Workload},
+    authz::{Decision, LiveConns, PolicySet, Workload},
     bpf::MeshMaps,
     identity::{Identity, SecretManager},
     inpod::Netns,
     state::{RouteTable, WorkloadIndex},
+    telemetry::{Telemetry, WorkloadRef},
 };
 
 /// Shared by every connection of this agent.
@@ -48,14 +49,36 @@ pub struct ProxyContext {
     pub connect_timeout: Duration,
     /// Source of connection ids for tracing spans and logs.
     pub next_conn_id: AtomicU64,
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// One enrolled pod, as its connections see it.
 pub struct PodContext {
     pub workload: Workload,
+    /// The metrics name (Deployment or other owner).
+    pub workload_name: String,
     pub ip: Option<IpAddr>,
     pub identity: Identity,
     pub netns: Netns,
     pub netns_cookie: u64,
     pub tls_server: Arc<rustls::ServerConfig>,
+}
+
+impl PodContext {
+    pub fn workload_ref(&self) -> WorkloadRef {
+        WorkloadRef {
+            namespace: self.workload.id.namespace.clone(),
+            workload: self.workload_name.clone(),
+            pod: self.workload.id.name.clone(),
+        }
+    }
+}
+
+/// The policy behind a denial, as metrics and logs name it.
+pub fn deciding_policy(d: &Decision) -> String {
+    match d {
+        Decision::Denied(p) => p.to_string(),
+        Decision::NotAllowed => "no_allow_match".to_owned(),
+        Decision::Allow => String::new(),
+    }
 }

@@ -7,20 +7,23 @@
 //!   local       the endpoint is a pod of this node: authorized and delivered here;
 //!   hbone       a meshed pod on another node: the mTLS tunnel to its `:15008`;
 //!   passthrough a workload outside the mesh: a plain connection, as the app asked.
-use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering, time::Instant};
+use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use super::{
-    OutboundError, PodContext, ProxyContext,
+    InboundError, OutboundError, PodContext, ProxyContext, TunnelError,
     deliver::deliver,
     dial::{DialError, dial_from},
     relay::{RelayEnd, relay, reset},
     tunnel,
 };
-use crate::{authz::ConnAttrs, identity::Identity};
+use crate::{
+    authz::ConnAttrs,
+    telemetry::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, ResponseFlag},
+};
 
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
@@ -28,7 +31,7 @@ pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Ar
             Ok((stream, client)) => {
                 let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("conn", id, src = %pod.workload.id, client = %client);
-                tokio::spawn(handle(stream, client, pod.clone(), ctx.clone()).instrument(span));
+                tokio::spawn(handle(id, stream, client, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(e) => {
                 // Usually EMFILE/ENFILE: back off instead of spinning; accepted
@@ -45,105 +48,169 @@ enum Upstream {
     Local {
         app: TcpStream,
         guard: crate::authz::LiveGuard,
-        dst_identity: Identity,
     },
-    Tunnel {
-        stream: tunnel::TunnelStream,
-        dst_identity: Identity,
-    },
+    Tunnel(tunnel::TunnelStream),
     Passthrough(TcpStream),
 }
 
 async fn handle(
+    id: u64,
     mut client: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
 ) {
-    let started = Instant::now();
-    let (upstream, dst, endpoint, service) = match route(&peer, &pod, &ctx).await {
-        Ok(r) => r,
+    // The client dialled through loopback (the redirect); its real address is the pod's.
+    let src_addr = SocketAddr::new(pod.ip.unwrap_or(peer.ip()), peer.port());
+    let mut info = ConnInfo {
+        id,
+        reporter: Reporter::Source,
+        mode: Mode::Passthrough,
+        source: Peer {
+            workload: Some(pod.workload_ref()),
+            addr: Some(src_addr),
+            identity: Some(pod.identity.clone()),
+        },
+        destination: Peer::default(),
+        service: None,
+        original_dst: None,
+    };
+    let mut dest_view = None;
+    let upstream = match route(&peer, &pod, &ctx, &mut info, &mut dest_view).await {
+        Ok(u) => u,
         Err(e) => {
             warn!(reason = e.reason(), error = %e, "connection refused; resetting client");
+            let (outcome, deciding) = outcome_of(&e);
+            ctx.telemetry.refused(&info, &outcome);
+            if let Some(mut dest) = dest_view {
+                dest.mode = Mode::Local;
+                let mut o = outcome.clone();
+                o.policy = deciding;
+                ctx.telemetry.refused(&dest, &o);
+            }
             reset(client);
             return;
         }
     };
     let _ = client.set_nodelay(true);
+    let conn = ctx.telemetry.open(info);
     let never = CancellationToken::new();
-    let (mode, dst_identity, result) = match upstream {
-        Upstream::Local {
-            mut app,
-            guard,
-            dst_identity,
-        } => {
-            let r = relay(&mut client, &mut app, &guard.cancelled).await;
+    let (result, dest_conn) = match upstream {
+        Upstream::Local { mut app, guard } => {
+            // Same node: the destination's view is reported here too.
+            let dest = dest_view.map(|d| ctx.telemetry.open(d));
+            let views: Vec<&ConnHandle> = std::iter::once(&conn).chain(dest.as_ref()).collect();
+            let r = relay(&mut client, &mut app, &guard.cancelled, &views).await;
             if matches!(r, Err(RelayEnd::Revoked)) {
                 reset(app);
             }
-            ("local", Some(dst_identity), r)
+            (r, dest)
         }
-        Upstream::Tunnel {
-            mut stream,
-            dst_identity,
-        } => {
-            let r = relay(&mut client, &mut stream.io, &never).await;
-            ("hbone", Some(dst_identity), r)
-        }
-        Upstream::Passthrough(mut up) => (
-            "passthrough",
+        Upstream::Tunnel(mut stream) => (
+            relay(&mut client, &mut stream.io, &never, &[&conn]).await,
             None,
-            relay(&mut client, &mut up, &never).await,
         ),
-    };
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let src_identity = pod.identity.to_string();
-    let dst_identity = dst_identity.map(|i| i.to_string()).unwrap_or_default();
-    match result {
-        Ok((sent, received)) => info!(
-            %dst, %service, %endpoint, mode, src_identity, dst_identity,
-            sent, received, duration_ms, "connection closed"
-        ),
-        Err(e) => {
-            // The client must see a failure, not a clean end of stream.
-            reset(client);
-            info!(%dst, %service, %endpoint, mode, src_identity, dst_identity,
-                duration_ms, error = %e, "connection closed with error")
+        Upstream::Passthrough(mut up) => {
+            (relay(&mut client, &mut up, &never, &[&conn]).await, None)
         }
+    };
+    let outcome = match &result {
+        Ok(_) => Outcome::ok(),
+        Err(RelayEnd::Revoked) => Outcome {
+            flag: ResponseFlag::Unauthorized,
+            reason: Some("revoked"),
+            detail: Some("closed by a policy change".to_owned()),
+            policy: None,
+        },
+        Err(e) => Outcome::failed(ResponseFlag::ConnectionTermination, "io_error", e),
+    };
+    if result.is_err() {
+        // The client must see a failure, not a clean end of stream.
+        reset(client);
     }
+    if let Some(d) = dest_conn {
+        d.close(outcome.clone());
+    }
+    conn.close(outcome);
+}
+
+/// The response flag and reason of a refusal, and the deciding policy when a local
+/// policy denied it (reported by the destination view).
+fn outcome_of(e: &OutboundError) -> (Outcome, Option<String>) {
+    let flag = match e {
+        OutboundError::NoOriginalDst { .. } | OutboundError::UnknownService { .. } => {
+            ResponseFlag::NoRoute
+        }
+        OutboundError::NoEndpoints { .. } => ResponseFlag::NoHealthyUpstream,
+        OutboundError::Tunnel {
+            source: TunnelError::Status(s),
+            ..
+        } if *s == http::StatusCode::FORBIDDEN => ResponseFlag::Unauthorized,
+        OutboundError::Local {
+            source: InboundError::Denied(_),
+            ..
+        } => ResponseFlag::Unauthorized,
+        _ => ResponseFlag::UpstreamFailure,
+    };
+    let deciding = match e {
+        OutboundError::Local {
+            source: InboundError::Denied(d),
+            ..
+        } => Some(super::deciding_policy(d)),
+        _ => None,
+    };
+    (Outcome::failed(flag, e.reason(), e), deciding)
 }
 
 async fn route(
     peer: &SocketAddr,
     pod: &PodContext,
     ctx: &ProxyContext,
-) -> Result<(Upstream, SocketAddr, SocketAddr, String), OutboundError> {
+    info: &mut ConnInfo,
+    dest_view: &mut Option<ConnInfo>,
+) -> Result<Upstream, OutboundError> {
     let dst = ctx
         .maps
         .take_orig_dst(pod.netns_cookie, *peer)
         .ok_or(OutboundError::NoOriginalDst { client: *peer })?;
+    info.original_dst = Some(dst);
     let target = ctx
         .routes
         .load()
         .get(dst)
         .ok_or(OutboundError::UnknownService { dst })?;
+    info.service = Some(target.service.clone());
     let endpoint = target.pick().ok_or_else(|| OutboundError::NoEndpoints {
         service: target.service.clone(),
         port: target.port,
     })?;
-    let upstream = connect(pod, ctx, endpoint).await?;
-    Ok((upstream, dst, endpoint, target.service.to_string()))
+    info.destination.addr = Some(endpoint);
+    if let Some(w) = ctx.workloads.load().get(endpoint.ip()) {
+        info.destination.workload = Some(w.workload_ref());
+        if w.meshed {
+            info.destination.identity = Some(w.identity.clone());
+        }
+    }
+    connect(pod, ctx, endpoint, info, dest_view).await
 }
 
 async fn connect(
     pod: &PodContext,
     ctx: &ProxyContext,
     endpoint: SocketAddr,
+    info: &mut ConnInfo,
+    dest_view: &mut Option<ConnInfo>,
 ) -> Result<Upstream, OutboundError> {
     let local = ctx.local.load().get(&endpoint.ip().to_canonical()).cloned();
     if let Some(dest) = local {
         // Same node: the same identity and policy checks as across nodes, without
         // encryption (the bytes never leave the node; see docs/security.md).
+        info.mode = Mode::Local;
+        info.destination.identity = Some(dest.identity.clone());
+        *dest_view = Some(ConnInfo {
+            reporter: Reporter::Destination,
+            ..info.clone()
+        });
         let attrs = ConnAttrs {
             principal: Some(pod.identity.principal()),
             namespace: Some(pod.identity.namespace.clone()),
@@ -156,7 +223,6 @@ async fn connect(
         return Ok(Upstream::Local {
             app: delivered.app,
             guard: delivered.guard,
-            dst_identity: dest.identity.clone(),
         });
     }
     let remote = ctx
@@ -166,6 +232,7 @@ async fn connect(
         .filter(|w| w.meshed)
         .map(|w| w.identity.clone());
     if let Some(identity) = remote {
+        info.mode = Mode::Hbone;
         let stream = tunnel::open(pod, ctx, &identity, endpoint)
             .await
             .map_err(|source| OutboundError::Tunnel {
@@ -173,11 +240,9 @@ async fn connect(
                 identity: identity.clone(),
                 source,
             })?;
-        return Ok(Upstream::Tunnel {
-            stream,
-            dst_identity: identity,
-        });
+        return Ok(Upstream::Tunnel(stream));
     }
+    info.mode = Mode::Passthrough;
     let up = dial_from(&pod.netns, endpoint, ctx.connect_timeout)
         .await
         .map_err(|e| match e {

@@ -1,17 +1,20 @@
 //! Plaintext from outside the mesh to a PERMISSIVE pod: the kernel (sk_lookup) hands it
 //! to this listener, still addressed to the pod IP and application port. It gets the
 //! same authorization as tunnelled traffic, without a principal.
-use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering, time::Instant};
+use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use super::{
     PodContext, ProxyContext,
-    deliver::deliver,
+    deliver::{deliver, outcome_of},
     relay::{RelayEnd, relay, reset},
 };
-use crate::authz::ConnAttrs;
+use crate::{
+    authz::ConnAttrs,
+    telemetry::{ConnInfo, Mode, Outcome, Peer, Reporter, ResponseFlag},
+};
 
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
@@ -20,7 +23,7 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: A
                 let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
                 let span =
                     info_span!("conn", id, dst = %pod.workload.id, peer = %peer, mtls = false);
-                tokio::spawn(handle(stream, peer, pod.clone(), ctx.clone()).instrument(span));
+                tokio::spawn(handle(id, stream, peer, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -31,15 +34,15 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: A
 }
 
 async fn handle(
+    id: u64,
     mut client: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
 ) {
-    let started = Instant::now();
-    // sk_assign keeps the packet's destination: this is the port the client dialled.
-    let dest_port = match client.local_addr() {
-        Ok(a) => a.port(),
+    // sk_assign keeps the packet's destination: this is the address the client dialled.
+    let target = match client.local_addr() {
+        Ok(a) => a,
         Err(e) => {
             warn!(error = %e, "no local address");
             return;
@@ -49,34 +52,55 @@ async fn handle(
         principal: None,
         namespace: None,
         source_ip: peer.ip(),
-        dest_port,
+        dest_port: target.port(),
+    };
+    let info = ConnInfo {
+        id,
+        reporter: Reporter::Destination,
+        mode: Mode::Plaintext,
+        source: Peer {
+            workload: ctx
+                .workloads
+                .load()
+                .get(peer.ip())
+                .map(|w| w.workload_ref()),
+            addr: Some(peer),
+            identity: None,
+        },
+        destination: Peer {
+            workload: Some(pod.workload_ref()),
+            addr: Some(target),
+            identity: Some(pod.identity.clone()),
+        },
+        service: None,
+        original_dst: None,
     };
     let delivered = match deliver(&pod, &ctx, attrs).await {
         Ok(d) => d,
         Err(e) => {
-            warn!(reason = e.reason(), error = %e, port = dest_port, "plaintext connection refused");
+            warn!(reason = e.reason(), error = %e, port = target.port(), "plaintext connection refused");
+            ctx.telemetry.refused(&info, &outcome_of(&e));
             reset(client);
             return;
         }
     };
     let _ = client.set_nodelay(true);
+    let conn = ctx.telemetry.open(info);
     let mut app = delivered.app;
-    let result = relay(&mut client, &mut app, &delivered.guard.cancelled).await;
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok((received, sent)) => info!(
-            mtls = false,
-            port = dest_port,
-            received,
-            sent,
-            duration_ms,
-            "plaintext connection closed"
-        ),
+    let result = relay(&mut client, &mut app, &delivered.guard.cancelled, &[&conn]).await;
+    let outcome = match result {
+        Ok(_) => Outcome::ok(),
         Err(RelayEnd::Revoked) => {
             reset(client);
             reset(app);
-            info!(duration_ms, "plaintext connection closed by policy");
+            Outcome {
+                flag: ResponseFlag::Unauthorized,
+                reason: Some("revoked"),
+                detail: Some("closed by a policy change".to_owned()),
+                policy: None,
+            }
         }
-        Err(e) => info!(duration_ms, error = %e, "plaintext connection closed with error"),
-    }
+        Err(e) => Outcome::failed(ResponseFlag::ConnectionTermination, "io_error", e),
+    };
+    conn.close(outcome);
 }

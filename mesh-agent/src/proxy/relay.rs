@@ -1,7 +1,15 @@
 //! Copying bytes both ways until both sides are done, or until policy takes the
-//! connection back.
-use tokio::io::{AsyncRead, AsyncWrite, copy_bidirectional};
+//! connection back, counting them as they pass (live for `meshctl conns`, and into the
+//! Istio byte counters).
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional};
 use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::{ConnHandle, conns::Tally};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayEnd {
@@ -11,18 +19,75 @@ pub enum RelayEnd {
     Revoked,
 }
 
-/// Returns (bytes a -> b, bytes b -> a).
+/// A stream whose reads are counted into every tally given.
+struct Counted<'a, S: ?Sized> {
+    inner: &'a mut S,
+    tallies: Vec<Tally<'a>>,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut *self.inner).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.tallies.iter().for_each(|t| t.add(n));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Relays between `client` and `server`. Every handle in `conns` counts the bytes (a
+/// same-node connection is reported by both its source and its destination view).
+/// Returns (bytes client -> server, bytes server -> client).
 pub async fn relay<A, B>(
-    a: &mut A,
-    b: &mut B,
+    client: &mut A,
+    server: &mut B,
     revoked: &CancellationToken,
+    conns: &[&ConnHandle],
 ) -> Result<(u64, u64), RelayEnd>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for c in conns {
+        let (u, d) = c.tallies();
+        up.push(u);
+        down.push(d);
+    }
+    let mut client = Counted {
+        inner: client,
+        tallies: up,
+    };
+    let mut server = Counted {
+        inner: server,
+        tallies: down,
+    };
     tokio::select! {
-        r = copy_bidirectional(a, b) => Ok(r?),
+        r = copy_bidirectional(&mut client, &mut server) => Ok(r?),
         _ = revoked.cancelled() => Err(RelayEnd::Revoked),
     }
 }

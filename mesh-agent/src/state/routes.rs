@@ -64,6 +64,13 @@ impl RouteTable {
     }
 
     /// The (ClusterIP, port) pairs the kernel must capture.
+    /// Every (ClusterIP, port) with its target, sorted for stable output.
+    pub fn targets(&self) -> Vec<(SocketAddr, std::sync::Arc<Target>)> {
+        let mut all: Vec<_> = self.targets.iter().map(|(a, t)| (*a, t.clone())).collect();
+        all.sort_by(|a, b| (&a.1.service, a.0).cmp(&(&b.1.service, b.0)));
+        all
+    }
+
     pub fn service_addrs(&self) -> HashSet<ServiceAddr> {
         self.targets.keys().map(|a| ServiceAddr(*a)).collect()
     }

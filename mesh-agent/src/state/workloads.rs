@@ -15,6 +15,8 @@ pub struct WorkloadInfo {
     pub identity: Identity,
     /// In the mesh (not opted out): reached through its node's agent, over mTLS.
     pub meshed: bool,
+    /// The metrics name (Deployment or other owner).
+    pub workload: String,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +36,7 @@ impl WorkloadIndex {
                     node: p.node_name.clone(),
                     identity: Identity::new(trust_domain, &p.id.namespace, &p.service_account),
                     meshed: p.enroll,
+                    workload: p.workload.clone(),
                 };
                 Some((ip, info))
             })
@@ -43,5 +46,19 @@ impl WorkloadIndex {
 
     pub fn get(&self, ip: IpAddr) -> Option<&WorkloadInfo> {
         self.by_ip.get(&ip.to_canonical())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &WorkloadInfo)> {
+        self.by_ip.iter()
+    }
+}
+
+impl WorkloadInfo {
+    pub fn workload_ref(&self) -> crate::telemetry::WorkloadRef {
+        crate::telemetry::WorkloadRef {
+            namespace: self.id.namespace.clone(),
+            workload: self.workload.clone(),
+            pod: self.id.name.clone(),
+        }
     }
 }

@@ -1,4 +1,14 @@
-use tracing_subscriber::{EnvFilter, fmt};
+//! Two log streams on stderr: diagnostics, filtered by `RUST_LOG` or the level set at
+//! run time (`meshctl log-level set`), and the access log (`access` target), switched
+//! and formatted on its own so that turning diagnostics down never hides traffic.
+use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry, filter::filter_fn, fmt, layer::SubscriberExt as _, reload,
+    util::SubscriberInitExt as _,
+};
+
+use super::access;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -6,23 +16,96 @@ pub enum LogFormat {
     Json,
 }
 
-/// `RUST_LOG` overrides `default_level` (for example `mesh_agent=debug`).
-pub fn init_logging(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+/// `--access-log`: off, on (in `--log-format`), or an explicit format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLog {
+    On,
+    Off,
+    Text,
+    Json,
+}
+
+/// Changes the diagnostics filter of a running agent.
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    current: Mutex<String>,
+}
+
+/// The access target never goes through the diagnostics filter.
+fn diagnostics_filter(directives: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(format!("{directives},{}=off", access::TARGET)).map_err(|e| e.to_string())
+}
+
+impl LogControl {
+    pub fn get(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `directives` is an EnvFilter string such as `info,mesh_agent::proxy=debug`.
+    pub fn set(&self, directives: &str) -> Result<(), String> {
+        if directives.trim().is_empty() {
+            return Err("empty filter".to_owned());
+        }
+        let filter = diagnostics_filter(directives)?;
+        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = directives.to_owned();
+        Ok(())
+    }
+}
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+fn boxed<F>(format: LogFormat, filter: F) -> BoxedLayer
+where
+    F: tracing_subscriber::layer::Filter<Registry> + Send + Sync + 'static,
+{
     // Colour only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = fmt()
-        .with_env_filter(filter)
+    let layer = fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
+        LogFormat::Text => layer.with_filter(filter).boxed(),
+        LogFormat::Json => layer
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
+            .with_filter(filter)
+            .boxed(),
     }
+}
+
+/// `RUST_LOG` overrides `default_level` (for example `mesh_agent=debug`).
+pub fn init_logging(
+    format: LogFormat,
+    default_level: &str,
+    access_log: AccessLog,
+) -> Arc<LogControl> {
+    let directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| diagnostics_filter(v).is_ok())
+        .unwrap_or_else(|| default_level.to_owned());
+    let filter = diagnostics_filter(&directives)
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{}=off", access::TARGET)));
+    let (filter, handle) = reload::Layer::new(filter);
+    let mut layers: Vec<BoxedLayer> = vec![boxed(format, filter)];
+    let access_format = match access_log {
+        AccessLog::Off => None,
+        AccessLog::On => Some(format),
+        AccessLog::Text => Some(LogFormat::Text),
+        AccessLog::Json => Some(LogFormat::Json),
+    };
+    if let Some(f) = access_format {
+        layers.push(boxed(f, filter_fn(|m| m.target() == access::TARGET)));
+    }
+    // A second init (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Arc::new(LogControl {
+        handle,
+        current: Mutex::new(directives),
+    })
 }

@@ -1,6 +1,17 @@
-//! Logs, readiness, and (later) metrics.
+//! What the agent tells operators: logs (diagnostics and the access log), metrics,
+//! readiness, open connections and flow events.
+pub mod access;
+pub mod conns;
+pub mod flows;
+mod http;
+pub mod kernel_flows;
 mod logging;
+pub mod metrics;
 mod readiness;
 
-pub use logging::{LogFormat, init_logging};
-pub use readiness::{Readiness, serve_readiness};
+pub use conns::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, Telemetry, WorkloadRef};
+pub use flows::{Flow, FlowFilter, FlowHub, Origin};
+pub use http::{serve_metrics, serve_readiness};
+pub use logging::{AccessLog, LogControl, LogFormat, init_logging};
+pub use metrics::{Metrics, ResponseFlag};
+pub use readiness::Readiness;

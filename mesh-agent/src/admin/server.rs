@@ -1,0 +1,181 @@
+//! The admin thread: its own runtime, the Unix socket (mode 0600, root's peers only)
+//! and the metrics listener.
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread::JoinHandle,
+};
+
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{error, info, warn};
+
+use super::{AdminState, service::AdminService};
+use crate::{api::admin::admin_server::AdminServer as AdminGrpc, telemetry::serve_metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminServerError {
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin socket {0}: another agent is serving it")]
+    InUse(PathBuf),
+    #[error("metrics address {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin thread: {0}")]
+    Thread(std::io::Error),
+}
+
+pub struct AdminServer {
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+/// Binds the socket so that it is never reachable by anyone but root, even for the
+/// instant between bind and chmod.
+fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, AdminServerError> {
+    let err = |source| AdminServerError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AdminServerError::InUse(path.to_owned()));
+        }
+        // Left by an agent that did not stop cleanly.
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(listener)
+}
+
+/// Only root (or the agent's own user) may use the API. The socket's mode already
+/// says so; this holds even if someone loosens it.
+#[allow(
+    clippy::result_large_err,
+    reason = "tonic's interceptor signature returns Status by value"
+)]
+fn authorize(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let uid = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid());
+    let me = nix::unistd::geteuid().as_raw();
+    match uid {
+        Some(0) => Ok(req),
+        Some(u) if u == me => Ok(req),
+        _ => Err(tonic::Status::permission_denied(
+            "the admin API is for root only",
+        )),
+    }
+}
+
+impl AdminServer {
+    pub fn start(
+        socket: &Path,
+        metrics_addr: SocketAddr,
+        state: Arc<AdminState>,
+    ) -> Result<AdminServer, AdminServerError> {
+        let listener = bind_socket(socket)?;
+        let metrics = std::net::TcpListener::bind(metrics_addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| AdminServerError::Metrics {
+                addr: metrics_addr,
+                source,
+            })?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let path = socket.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("mesh-admin".into())
+            .spawn({
+                let path = path.clone();
+                move || run(listener, metrics, state, rx, &path)
+            })
+            .map_err(AdminServerError::Thread)?;
+        info!(socket = %socket.display(), metrics = %metrics_addr, "admin API and metrics serving");
+        Ok(AdminServer {
+            shutdown: Some(tx),
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    pub fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn run(
+    listener: std::os::unix::net::UnixListener,
+    metrics: std::net::TcpListener,
+    state: Arc<AdminState>,
+    shutdown: oneshot::Receiver<()>,
+    path: &Path,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the admin runtime; admin API and metrics are off");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let render = {
+            let state = state.clone();
+            Arc::new(move || super::views::render_metrics(&state))
+        };
+        match tokio::net::TcpListener::from_std(metrics) {
+            Ok(l) => {
+                tokio::spawn(async move {
+                    if let Err(e) = serve_metrics(l, render).await {
+                        warn!(error = %e, "metrics endpoint failed");
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "metrics endpoint failed"),
+        }
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(socket = %path.display(), error = %e, "admin socket failed");
+                return;
+            }
+        };
+        let service = AdminGrpc::with_interceptor(AdminService::new(state), authorize);
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = shutdown.await;
+            })
+            .await;
+        if let Err(e) = result {
+            error!(socket = %path.display(), error = %e, "admin API stopped");
+        }
+    });
+}

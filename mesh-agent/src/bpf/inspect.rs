@@ -1,0 +1,208 @@
+//! Read-only views of the pinned maps for `meshctl bpf maps`. Each call opens the pins
+//! with its own file descriptors, so inspecting never takes the locks the data path
+//! uses.
+use std::{net::SocketAddr, path::Path};
+
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+};
+use mesh_common::{
+    EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey,
+    ServiceKey, ServiceValue, counters, maps,
+};
+
+use super::maps::from_ip16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapSummary {
+    pub name: String,
+    pub kind: String,
+    pub max_entries: u32,
+    /// Entries in use (for arrays: their length; for the ring buffer: 0).
+    pub entries: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("no map named {0} (see `meshctl bpf maps`)")]
+    Unknown(String),
+    #[error("map {name}: {source}")]
+    Map { name: String, source: MapError },
+    #[error("reading {dir}: {source}")]
+    Dir { dir: String, source: std::io::Error },
+}
+
+type Rows = Vec<(String, String)>;
+
+fn sock(addr: [u8; 16], port: u16) -> String {
+    SocketAddr::new(from_ip16(addr), port).to_string()
+}
+
+fn mode(m: u32) -> &'static str {
+    match m {
+        MODE_STRICT => "STRICT",
+        MODE_PERMISSIVE => "PERMISSIVE",
+        _ => "unknown",
+    }
+}
+
+pub fn counter_name(i: u32) -> String {
+    match i {
+        counters::REDIRECTED => "redirected".into(),
+        counters::BYPASS_MARK => "bypass_mark".into(),
+        counters::NOT_A_SERVICE => "not_a_service".into(),
+        counters::MAP_UPDATE_FAILED => "map_update_failed".into(),
+        counters::PEERNAME_RESTORED => "peername_restored".into(),
+        counters::INBOUND_STRICT_REFUSED => "inbound_strict_refused".into(),
+        counters::INBOUND_PLAINTEXT_CAPTURED => "inbound_plaintext_captured".into(),
+        counters::INBOUND_NO_LISTENER => "inbound_no_listener".into(),
+        counters::EVENTS_DROPPED => "events_dropped".into(),
+        other => format!("slot {other}"),
+    }
+}
+
+/// Counts (and with `rows`, renders) the entries of a hash map. Entries deleted while
+/// the iteration runs are skipped.
+fn hash_entries<K: Pod, V: Pod>(
+    map: Map,
+    rows: Option<&mut Rows>,
+    key: impl Fn(&K) -> String,
+    value: impl Fn(&V) -> String,
+) -> Result<u64, MapError> {
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map)?;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for (k, v) in map.iter().flatten() {
+        n += 1;
+        if rows.is_some() {
+            out.push((key(&k), value(&v)));
+        }
+    }
+    if let Some(rows) = rows {
+        out.sort();
+        *rows = out;
+    }
+    Ok(n)
+}
+
+fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapError> {
+    match name {
+        maps::ENROLLED_NETNS => hash_entries(
+            map,
+            rows,
+            |k: &u64| format!("netns cookie {k}"),
+            |v: &EnrolledNetns| format!("flags {}", v.flags),
+        ),
+        maps::SERVICES => hash_entries(
+            map,
+            rows,
+            |k: &ServiceKey| format!("{} proto {}", sock(k.addr, k.port), k.proto),
+            |v: &ServiceValue| format!("flags {}", v.flags),
+        ),
+        maps::SOCK_ORIG_DST => hash_entries(
+            map,
+            rows,
+            |k: &u64| format!("socket cookie {k}"),
+            |v: &OrigDst| format!("{} netns {}", sock(v.addr, v.port), v.netns_cookie),
+        ),
+        maps::PEER_ORIG_DST => hash_entries(
+            map,
+            rows,
+            |k: &PeerKey| format!("netns {} client {}", k.netns_cookie, sock(k.addr, k.port)),
+            |v: &OrigDst| sock(v.addr, v.port),
+        ),
+        maps::INBOUND => hash_entries(
+            map,
+            rows,
+            |k: &InboundKey| from_ip16(k.addr).to_string(),
+            |v: &InboundPolicy| mode(v.mode).to_owned(),
+        ),
+        maps::PLAINTEXT_LISTENERS => {
+            let map: SockHash<MapData, InboundKey> = SockHash::try_from(map)?;
+            let keys: Vec<InboundKey> = map.keys().flatten().collect();
+            if let Some(rows) = rows {
+                *rows = keys
+                    .iter()
+                    .map(|k| (from_ip16(k.addr).to_string(), "agent :15006 socket".into()))
+                    .collect();
+                rows.sort();
+            }
+            Ok(keys.len() as u64)
+        }
+        maps::COUNTERS => {
+            let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map)?;
+            let mut n = 0;
+            let mut out = Vec::new();
+            for i in 0..counters::LEN {
+                let total: u64 = map.get(&i, 0)?.iter().sum();
+                n += 1;
+                out.push((counter_name(i), total.to_string()));
+            }
+            if let Some(rows) = rows {
+                *rows = out;
+            }
+            Ok(n)
+        }
+        // The ring buffer has no entries to list; `meshctl observe` reads it.
+        _ => Ok(0),
+    }
+}
+
+fn open(map_dir: &Path, name: &str) -> Result<(Map, u32, String), InspectError> {
+    let err = |source| InspectError::Map {
+        name: name.to_owned(),
+        source,
+    };
+    let data = MapData::from_pin(map_dir.join(name)).map_err(err)?;
+    let info = data.info().map_err(err)?;
+    let kind = info
+        .map_type()
+        .map_or_else(|_| "unknown".to_owned(), |t| format!("{t:?}"));
+    let max = info.max_entries();
+    let map = Map::from_map_data(data).map_err(err)?;
+    Ok((map, max, kind))
+}
+
+/// Every pinned map of this agent, sorted by name.
+pub fn summarize(map_dir: &Path) -> Result<Vec<MapSummary>, InspectError> {
+    let dir_err = |source| InspectError::Dir {
+        dir: map_dir.display().to_string(),
+        source,
+    };
+    let mut names: Vec<String> = std::fs::read_dir(map_dir)
+        .map_err(dir_err)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        let (map, max_entries, kind) = open(map_dir, &name)?;
+        let entries = entries(&name, map, None).map_err(|source| InspectError::Map {
+            name: name.clone(),
+            source,
+        })?;
+        out.push(MapSummary {
+            name,
+            kind,
+            max_entries,
+            entries,
+        });
+    }
+    Ok(out)
+}
+
+/// The entries of one map, rendered as (key, value) text.
+pub fn dump(map_dir: &Path, name: &str) -> Result<Rows, InspectError> {
+    if !map_dir.join(name).exists() {
+        return Err(InspectError::Unknown(name.to_owned()));
+    }
+    let (map, _, _) = open(map_dir, name)?;
+    let mut rows = Vec::new();
+    entries(name, map, Some(&mut rows)).map_err(|source| InspectError::Map {
+        name: name.to_owned(),
+        source,
+    })?;
+    Ok(rows)
+}
