@@ -14,6 +14,8 @@ fn build_protos() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure()
+        // meshctl prints the admin API's replies as JSON and YAML as they are.
+        .type_attribute(".mesh.admin.v1", "#[derive(serde::Serialize)]")
         .compile_protos(&["proto/ca.proto", "proto/admin.proto"], &["proto"])
         .context("compiling proto/ca.proto and proto/admin.proto")
 }

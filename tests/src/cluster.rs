@@ -18,6 +18,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// The agent's readiness port (DESIGN.md).
 pub const READINESS_PORT: u16 = 15021;
+pub const METRICS_PORT: u16 = 15020;
 /// The CA runs in the fabric namespace, reachable from every node.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
 pub const CA_PORT: u16 = 15012;
@@ -62,6 +63,8 @@ pub struct Cluster {
     pub cert_ttl: String,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// Attach the agents here instead of their node's cgroup.
+    pub agent_cgroup: Option<PathBuf>,
     /// Workload pids, killed on drop.
     tracked: Vec<u32>,
 }
@@ -142,6 +145,7 @@ impl Cluster {
             ca: None,
             cert_ttl: "24h".to_owned(),
             agent_args: Vec::new(),
+            agent_cgroup: None,
             tracked: Vec::new(),
         };
         run("ip", &["netns", "add", &cluster.fabric])?;
@@ -452,12 +456,14 @@ impl Cluster {
             .arg("--ca-token-file")
             .arg(self.token_file(node))
             .args(["--cert-ttl", &self.cert_ttl])
-            .args(&self.agent_args)
             .arg("--cgroup")
-            .arg(&n.cgroup)
+            .arg(self.agent_cgroup.as_ref().unwrap_or(&n.cgroup))
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .arg("--admin-socket")
+            .arg(self.admin_socket(node))
             .args(["--connect-timeout", "2s"])
+            .args(&self.agent_args)
             .env(
                 "RUST_LOG",
                 std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -504,14 +510,19 @@ impl Cluster {
 
     /// (status code, body) of GET /healthz/ready on the node's agent.
     pub fn readiness(&self, node: &str) -> anyhow::Result<(u16, String)> {
+        self.http_get(node, READINESS_PORT, "/healthz/ready")
+    }
+
+    /// `GET path` on the agent's node address, from inside the node's netns: (status,
+    /// whole response).
+    pub fn http_get(&self, node: &str, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         let n = self.node(node);
-        let addr = SocketAddr::from((n.fabric_ip, READINESS_PORT));
+        let addr = SocketAddr::from((n.fabric_ip, port));
+        let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
         let resp = in_netns(&netns_path(&n.netns), move || -> anyhow::Result<String> {
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(
-                b"GET /healthz/ready HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n",
-            )?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(request.as_bytes())?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)
@@ -522,6 +533,51 @@ impl Cluster {
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
         Ok((code, resp))
+    }
+
+    /// The Prometheus text the agent of `node` serves on :15020.
+    pub fn metrics(&self, node: &str) -> anyhow::Result<String> {
+        let (code, resp) = self.http_get(node, METRICS_PORT, "/metrics")?;
+        anyhow::ensure!(code == 200, "metrics answered {code}: {resp}");
+        Ok(resp)
+    }
+
+    /// The admin socket of the agent of `node`.
+    pub fn admin_socket(&self, node: &str) -> PathBuf {
+        self.work_dir.join(format!("{node}-admin.sock"))
+    }
+
+    /// The meshctl binary next to the agent binary.
+    pub fn meshctl_bin(&self) -> PathBuf {
+        self.agent_bin.with_file_name("meshctl")
+    }
+
+    /// Runs `meshctl --socket <node's socket> ARGS` and returns its output.
+    pub fn meshctl(&self, node: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new(self.meshctl_bin())
+            .arg("--socket")
+            .arg(self.admin_socket(node))
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", self.meshctl_bin().display()))
+    }
+
+    /// `meshctl -o json ARGS` parsed, failing on a non-zero exit.
+    pub fn meshctl_json(&self, node: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.meshctl(node, &all)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "meshctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "meshctl {args:?} printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Sends SIGTERM to the agent of `node` and waits for it to exit.

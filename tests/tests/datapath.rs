@@ -44,15 +44,24 @@ fn same_node_and_cross_node_service_traffic() {
             "{reply}"
         );
         // The agent knows the real source: the client's identity.
-        let want = format!(
-            "mode=\"{mode}\" src_identity=\"spiffe://cluster.local/ns/default/sa/client\" dst_identity=\"spiffe://cluster.local/ns/default/sa/{}\"",
-            backend.name
-        );
+        let dst_identity = format!("spiffe://cluster.local/ns/default/sa/{}", backend.name);
+        let want = [
+            ("reporter", "source"),
+            ("mode", mode),
+            (
+                "src_identity",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
+            ("dst_identity", dst_identity.as_str()),
+        ];
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !c.agent_log("node-1").contains(&want) {
+        while !access_lines(&c.agent_log("node-1"))
+            .iter()
+            .any(|l| has_fields(l, &want))
+        {
             assert!(
                 std::time::Instant::now() < deadline,
-                "no `{want}` in:\n{}",
+                "no access log line with {want:?} in:\n{}",
                 c.agent_log("node-1")
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -111,12 +111,20 @@ fn concurrent_connections_from_two_pods_are_attributed_to_their_source() {
     // source pod (the tunnel leaves from the pod's namespace) carrying that pod's
     // identity, never the other pod's.
     let count = |log: &str, name: &str, ip: IpAddr| {
-        log.lines()
-            .filter(|l| l.contains("inbound connection closed"))
+        let identity = format!("spiffe://cluster.local/ns/default/sa/{name}");
+        let addr = format!("{ip}:");
+        access_lines(log)
+            .into_iter()
             .filter(|l| {
-                l.contains(&format!(
-                    "src=spiffe://cluster.local/ns/default/sa/{name} peer={ip}:"
-                ))
+                has_fields(
+                    l,
+                    &[
+                        ("reporter", "destination"),
+                        ("mode", "inbound"),
+                        ("src_identity", &identity),
+                        ("src_addr", &addr),
+                    ],
+                )
             })
             .count()
     };

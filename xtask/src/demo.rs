@@ -211,15 +211,21 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
     for n in &nodes {
         c.stop_agent(n)?;
         let log = c.agent_log(n);
-        let closed = log.matches("connection closed").count();
-        carried += closed;
+        let lines = |reporter: &str| {
+            log.lines()
+                .filter(|l| l.contains("connection closed"))
+                .filter(|l| l.contains(&format!(" reporter=\"{reporter}\"")))
+                .count()
+        };
+        let (outbound, inbound) = (lines("source"), lines("destination"));
+        carried += outbound;
         let counters = log
             .lines()
             .find(|l| l.contains("kernel counters"))
             .unwrap_or("")
             .to_owned();
         println!(
-            "agent {n}: carried {closed} connections; {}",
+            "agent {n}: {outbound} connections out, {inbound} in; {}",
             counters.split("INFO").last().unwrap_or("").trim()
         );
     }
@@ -282,7 +288,7 @@ fn next_hop(c: &Cluster, node: &str, seen: &mut usize) -> Option<Hop> {
         let log = c.agent_log(node);
         let closed: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("connection closed") && l.contains(" mode="))
+            .filter(|l| l.contains("connection closed") && l.contains(" reporter=\"source\""))
             .collect();
         if let Some(line) = closed.get(*seen) {
             *seen = closed.len();

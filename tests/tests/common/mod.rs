@@ -64,3 +64,20 @@ pub fn serve(c: &mut Cluster, pod: &Pod) {
 pub fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"))
 }
+
+/// The access log lines of an agent log (one per connection, `connection closed` on
+/// the `access` target, which always carries a `reporter`).
+#[allow(dead_code, reason = "not every test file reads the access log")]
+pub fn access_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("connection closed") && l.contains(" reporter="))
+        .collect()
+}
+
+/// Whether an access log line has every `key="value"` given.
+#[allow(dead_code, reason = "not every test file reads the access log")]
+pub fn has_fields(line: &str, fields: &[(&str, &str)]) -> bool {
+    fields
+        .iter()
+        .all(|(k, v)| line.contains(&format!(" {k}=\"{v}")))
+}
