@@ -67,10 +67,6 @@ fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, AdminSer
 
 /// Only root (or the agent's own user) may use the API. The socket's mode already
 /// says so; this holds even if someone loosens it.
-#[allow(
-    clippy::result_large_err,
-    reason = "tonic's interceptor signature returns Status by value"
-)]
 fn authorize(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     let uid = req
         .extensions()

@@ -21,11 +21,6 @@ impl AdminService {
     pub fn new(state: Arc<AdminState>) -> AdminService {
         AdminService { state }
     }
-
-    #[allow(
-        clippy::result_large_err,
-        reason = "tonic handlers return Status by value"
-    )]
     fn core(&self) -> Result<&Core, Status> {
         self.state.core.get().ok_or_else(|| {
             Status::unavailable(format!(

@@ -361,6 +361,8 @@ pub fn bpf_maps(core: &Core, dump: &str) -> Result<pb::BpfMapsReply, inspect::In
 /// Refreshes the gauges that are read, not counted, then renders every metric.
 pub fn render_metrics(state: &AdminState) -> String {
     let m = &state.telemetry.metrics;
+    m.flow_observers
+        .set(state.telemetry.flows.observers() as i64);
     if let Some(core) = state.core.get() {
         if let Ok(maps) = inspect::summarize(&core.map_dir) {
             for map in maps {

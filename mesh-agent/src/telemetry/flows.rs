@@ -126,6 +126,11 @@ impl FlowHub {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Flow>> {
         self.tx.subscribe()
     }
+
+    /// How many observers are streaming now.
+    pub fn observers(&self) -> usize {
+        self.tx.receiver_count()
+    }
 }
 
 #[cfg(test)]

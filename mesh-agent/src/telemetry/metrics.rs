@@ -109,6 +109,7 @@ pub struct Metrics {
     pub flow_events_dropped: Family<DropLabel, Counter>,
     pub tunnel_connections: Gauge,
     pub live_connections: Gauge,
+    pub flow_observers: Gauge,
 }
 
 impl Default for Metrics {
@@ -198,8 +199,15 @@ impl Default for Metrics {
             "Proxied connections open now",
             live_connections.clone(),
         );
+        let flow_observers = Gauge::default();
+        registry.register(
+            "mesh_flow_observers",
+            "Clients streaming flow events (meshctl observe)",
+            flow_observers.clone(),
+        );
         Metrics {
             registry,
+            flow_observers,
             tcp_opened,
             tcp_closed,
             tcp_sent_bytes,

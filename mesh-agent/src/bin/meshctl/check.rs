@@ -48,7 +48,7 @@ fn kernel() -> Check {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     match kernel_version(&release) {
-        Some(v) if v >= MIN_KERNEL => check("kernel", Outcome::Pass, format!("{release}")),
+        Some(v) if v >= MIN_KERNEL => check("kernel", Outcome::Pass, release.clone()),
         Some(_) => check(
             "kernel",
             Outcome::Fail,
@@ -109,7 +109,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn bpffs(path: &Path) -> Check {
     match nix::sys::statfs::statfs(path) {
-        Ok(s) if s.filesystem_type().0 as i64 == BPF_FS_MAGIC => check(
+        Ok(s) if s.filesystem_type().0 == BPF_FS_MAGIC => check(
             "bpffs",
             Outcome::Pass,
             format!("mounted at {}", path.display()),
