@@ -155,7 +155,22 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
         "  service web: ClusterIP {} (exists only in the agents' eBPF maps)",
         topo.vip
     );
-    println!("  agent logs: {}\n", c.work_dir.display());
+    println!("  agent logs: {}", c.work_dir.display());
+    let meshctl = target.join("meshctl");
+    for n in &nodes {
+        println!(
+            "  inspect {n}: {} --socket {} status|workloads|conns|observe|...",
+            meshctl.display(),
+            c.admin_socket(n).display()
+        );
+    }
+    println!();
+    if smoke {
+        for n in &nodes {
+            let status = c.meshctl_json(n, &["status"])?;
+            anyhow::ensure!(status["ready"] == true, "meshctl status on {n}: {status}");
+        }
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     if !smoke {

@@ -258,6 +258,7 @@ impl Datapath {
             inbound_strict_refused = c[counters::INBOUND_STRICT_REFUSED as usize],
             inbound_plaintext_captured = c[counters::INBOUND_PLAINTEXT_CAPTURED as usize],
             inbound_no_listener = c[counters::INBOUND_NO_LISTENER as usize],
+            events_dropped = c[counters::EVENTS_DROPPED as usize],
             "kernel counters"
         );
         for link in links {
