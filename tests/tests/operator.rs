@@ -478,9 +478,14 @@ fn observe_streams_policy_denials_and_kernel_refusals() {
 
     let attempt = Instant::now();
     let refused = c.run_in(&client, &["who", "--addr", &sa(vip(72), 80)], SECS);
+    eprintln!("the refused call took {:?}", attempt.elapsed());
     assert!(refused.is_err(), "the DENY policy let the client through");
     let (event, seen) =
         wait_for(&denied, Duration::from_secs(5), |_| true).expect("no denied flow event");
+    eprintln!(
+        "denial shown by observe {:?} after the attempt started",
+        seen - attempt
+    );
     assert!(
         seen - attempt < Duration::from_secs(1),
         "the denial was shown {:?} after the attempt",
@@ -526,6 +531,10 @@ fn observe_streams_policy_denials_and_kernel_refusals() {
         let _ = w.kill();
         let _ = w.wait();
     }
+    // Observers that leave are forgotten, even when nothing matched their filter.
+    poll("the observers to be gone", Duration::from_secs(5), || {
+        metric(&c.metrics("node-2").unwrap(), "mesh_flow_observers", &[]) == 0
+    });
     let _ = client;
 }
 

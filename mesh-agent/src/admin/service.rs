@@ -143,7 +143,12 @@ impl Admin for AdminService {
         let telemetry = self.state.telemetry.clone();
         let stream = async_stream(move |tx| async move {
             loop {
-                let event = match rx.recv().await {
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    // The client went away while nothing matched its filter.
+                    () = tx.closed() => return,
+                };
+                let event = match received {
                     Ok(f) if filter.matches(&f) => to_pb(&f),
                     Ok(_) => continue,
                     Err(RecvError::Lagged(n)) => {
