@@ -627,6 +627,26 @@ impl Cluster {
         Ok(child)
     }
 
+    /// A command that will run inside `pod` (its netns and cgroup), like the pod's
+    /// own processes.
+    pub fn command_in_pod(&self, pod: &Pod, program: &Path) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(program);
+        enter(&mut cmd, &pod.netns_path, Some(&pod.cgroup))?;
+        Ok(cmd)
+    }
+
+    /// A command that will run in the network namespace of `node`.
+    pub fn command_in_node(&self, node: &str, program: &Path) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(program);
+        enter(&mut cmd, &netns_path(&self.node(node).netns), None)?;
+        Ok(cmd)
+    }
+
+    /// Keeps `pid` in the list of processes killed when the cluster goes away.
+    pub fn track(&mut self, pid: u32) {
+        self.tracked.push(pid);
+    }
+
     /// Starts `mesh-testpod serve` in `pod` (answering with the pod's name) and waits
     /// until it listens. Its log (`<work_dir>/<pod>.log`) records half-close tails.
     pub fn start_server(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own commands. `setup` installs what is missing, `demo`
 //! runs a local two-node mesh, `test` runs every check and test.
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -15,7 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install missing prerequisites (nightly rust-src, LLVM 22, bpf-linker, bpftool).
+    /// Install missing prerequisites (nightly rust-src, LLVM 22, bpf-linker, bpftool; for
+    /// the benchmark also oha, HAProxy, openssl).
     Setup,
     /// Build and run a two-node demo cluster from examples/demo; Ctrl-C tears it down.
     Demo {
@@ -25,13 +27,20 @@ enum Cmd {
     },
     /// Setup, then formatting, lints, unit tests, kernel end-to-end tests, demo smoke.
     Test,
+    /// Every scenario side by side (no mesh, mesh, HAProxy); report in docs/benchmarks.
+    Bench {
+        /// Short runs: a few minutes instead of the full measurement.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().cmd {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup => setup::bench(),
         Cmd::Demo { smoke } => setup::run().and_then(|()| demo::run(smoke)),
         Cmd::Test => setup::run().and_then(|()| test::run()),
+        Cmd::Bench { quick } => setup::bench().and_then(|()| bench::run(quick)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -59,7 +59,11 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -68,7 +72,7 @@ fn apt_packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        eprintln!("setup: Debian packages ok ({})", APT_PACKAGES.join(", "));
+        eprintln!("setup: Debian packages ok ({})", packages.join(", "));
         return Ok(());
     }
     eprintln!("setup: installing {}", missing.join(", "));
@@ -76,6 +80,38 @@ fn apt_packages() -> anyhow::Result<()> {
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
     sh("apt-get", &args)
+}
+
+/// What only `cargo xtask bench` needs: the load generator and the baseline proxy.
+/// Kept out of `run` so the test and demo commands do not compile oha.
+const BENCH_APT_PACKAGES: &[&str] = &["haproxy", "openssl"];
+const OHA_VERSION: &str = "1.16.0";
+
+pub fn bench() -> anyhow::Result<()> {
+    run()?;
+    apt_install(BENCH_APT_PACKAGES)?;
+    if oha_path().is_some() {
+        eprintln!("setup: oha ok");
+        return Ok(());
+    }
+    eprintln!("setup: building oha {OHA_VERSION} (a few minutes, once)");
+    let status = Command::new("cargo")
+        .args(["install", "oha", "--locked", "--version", OHA_VERSION])
+        .status()?;
+    anyhow::ensure!(status.success(), "installing oha failed");
+    Ok(())
+}
+
+/// The oha binary, if installed (cargo's bin directory or PATH).
+pub fn oha_path() -> Option<std::path::PathBuf> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")))
+        .map(|p| p.join("bin/oha"));
+    cargo_bin
+        .filter(|p| p.exists())
+        .or_else(|| output("which", &["oha"]).map(|p| std::path::PathBuf::from(p.trim())))
+        .filter(|p| output(&p.display().to_string(), &["--version"]).is_some())
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

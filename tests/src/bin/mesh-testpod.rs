@@ -34,6 +34,13 @@ enum Cmd {
         #[arg(long)]
         log: Option<PathBuf>,
     },
+    /// HTTP/1.1 server for benchmarks: every request gets a `body`-byte response.
+    Http {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1024)]
+        body: usize,
+    },
     /// Open `count` connections at once, then ask each who answers.
     Who {
         #[arg(long)]
@@ -115,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
     raise_fd_limit();
     match Cli::parse().cmd {
         Cmd::Serve { name, port, log } => serve(name, port, log).await,
+        Cmd::Http { port, body } => http_serve(port, body).await,
         Cmd::Who { addr, count, mark } => {
             let mut conns = Vec::new();
             for _ in 0..count {
@@ -391,5 +399,32 @@ fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Answers every request with the same body after reading the request's body, so a
+/// POST with a payload costs what it should on both directions.
+async fn http_serve(port: u16, body: usize) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt as _, Full};
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    println!("listening");
+    let payload = bytes::Bytes::from(vec![b'x'; body]);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let payload = payload.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(payload)))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
     }
 }

@@ -1,0 +1,188 @@
+//! Driving load from inside the client pod and reading what it cost: oha for HTTP
+//! (fixed rate with coordinated-omission correction, saturation, new connections),
+//! mesh-testpod for bulk throughput, /proc for CPU and memory.
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mesh_tests::{Cluster, Pod};
+use serde::Serialize;
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub rate: u32,
+    pub achieved_rps: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub success_rate: f64,
+}
+
+/// A 1 KiB request body: the server answers each request with 1 KiB too.
+fn body_file(work: &Path) -> anyhow::Result<PathBuf> {
+    let path = work.join("bench-body-1k");
+    std::fs::write(&path, vec![b'b'; 1024])?;
+    Ok(path)
+}
+
+pub struct Oha {
+    pub bin: PathBuf,
+}
+
+fn seconds(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+impl Oha {
+    fn run(
+        &self,
+        c: &Cluster,
+        pod: &Pod,
+        url: &str,
+        args: &[String],
+    ) -> anyhow::Result<serde_json::Value> {
+        let body = body_file(&c.work_dir)?;
+        let mut cmd = c.command_in_pod(pod, &self.bin)?;
+        cmd.args(["--no-tui", "--output-format", "json", "-m", "POST", "-D"])
+            .arg(&body)
+            .args(args)
+            .arg(url);
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "oha {args:?} {url} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "oha printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `rate` requests/s over `connections` keep-alive connections for `secs`, with
+    /// latency measured from when each request was due (coordinated omission).
+    pub fn fixed_rate(
+        &self,
+        c: &Cluster,
+        pod: &Pod,
+        url: &str,
+        rate: u32,
+        connections: u32,
+        secs: u64,
+    ) -> anyhow::Result<Latency> {
+        let v = self.run(
+            c,
+            pod,
+            url,
+            &[
+                "-q".into(),
+                rate.to_string(),
+                "--latency-correction".into(),
+                "-c".into(),
+                connections.to_string(),
+                "-z".into(),
+                format!("{secs}s"),
+            ],
+        )?;
+        let p = &v["latencyPercentiles"];
+        Ok(Latency {
+            rate,
+            achieved_rps: seconds(&v["summary"]["requestsPerSec"]),
+            p50_ms: seconds(&p["p50"]) * 1e3,
+            p90_ms: seconds(&p["p90"]) * 1e3,
+            p99_ms: seconds(&p["p99"]) * 1e3,
+            p999_ms: seconds(&p["p99.9"]) * 1e3,
+            success_rate: seconds(&v["summary"]["successRate"]),
+        })
+    }
+
+    /// Requests/s with no rate limit: keep-alive (saturation) or a new connection per
+    /// request (connection rate).
+    pub fn max_rate(
+        &self,
+        c: &Cluster,
+        pod: &Pod,
+        url: &str,
+        connections: u32,
+        secs: u64,
+        new_connections: bool,
+    ) -> anyhow::Result<(f64, f64)> {
+        let mut args = vec![
+            "-c".into(),
+            connections.to_string(),
+            "-z".into(),
+            format!("{secs}s"),
+        ];
+        if new_connections {
+            args.push("--disable-keepalive".into());
+        }
+        let v = self.run(c, pod, url, &args)?;
+        Ok((
+            seconds(&v["summary"]["requestsPerSec"]),
+            seconds(&v["summary"]["successRate"]),
+        ))
+    }
+}
+
+/// One connection, `bytes` from client to server, Gbit/s.
+pub fn bulk(c: &mut Cluster, pod: &Pod, addr: &str, bytes: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let out = c.run_in(
+        pod,
+        &["sink", "--addr", addr, "--bytes", &bytes.to_string()],
+        Duration::from_secs(300),
+    )?;
+    let secs = started.elapsed().as_secs_f64();
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    anyhow::ensure!(v["sent"] == bytes, "bulk transfer incomplete: {v}");
+    Ok(bytes as f64 * 8.0 / secs / 1e9)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/PID/stat, 11 and 12 after ")".
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// USER_HZ, the unit of /proc CPU times.
+fn clock_ticks() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Peak resident memory of a process, MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}

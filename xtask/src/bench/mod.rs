@@ -1,0 +1,360 @@
+//! `cargo xtask bench [--quick]`: every scenario side by side in one run on one
+//! simulated cluster, then a report in docs/benchmarks/ (JSON, Markdown, SVG).
+//!
+//! Scenarios, all from the same client pod on node-1 to an HTTP server answering 1 KiB:
+//!   direct-local   to a server pod on node-1, no mesh (the limit for same-node)
+//!   direct         to a server pod on node-2, no mesh (the limit across nodes)
+//!   mesh-l4-local  through the agent to the node-1 server (ClusterIP)
+//!   mesh-mtls      through both agents and the mTLS tunnel to the node-2 server
+//!   haproxy        a per-node HAProxy on each node with mutual TLS between them
+mod haproxy;
+mod load;
+mod report;
+mod scale;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use load::{Oha, bulk, cpu_seconds, peak_rss_mib};
+use mesh_tests::{Cluster, Pod, yaml};
+use report::{Report, Scenario};
+
+use crate::{root, sh};
+
+const PORT: u16 = 8080;
+const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 200);
+const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 201);
+
+/// How long and how hard each measurement runs.
+struct Plan {
+    rates: Vec<u32>,
+    rate_secs: u64,
+    connections: u32,
+    max_secs: u64,
+    bulk_bytes: u64,
+    scale_services: usize,
+    scale_endpoints_per_service: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                rates: vec![1000, 4000],
+                rate_secs: 5,
+                connections: 16,
+                max_secs: 4,
+                bulk_bytes: 256 << 20,
+                scale_services: 10_000,
+                scale_endpoints_per_service: 10,
+            }
+        } else {
+            Plan {
+                rates: vec![1000, 4000],
+                rate_secs: 20,
+                connections: 16,
+                max_secs: 10,
+                bulk_bytes: 1 << 30,
+                scale_services: 10_000,
+                scale_endpoints_per_service: 10,
+            }
+        }
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+/// One scenario: where the client sends, and which processes are the proxy.
+struct Target<'a> {
+    name: &'a str,
+    description: &'a str,
+    baseline: &'a str,
+    addr: &'a str,
+    /// Whose CPU and memory count as the mesh's (empty for the baselines).
+    proxies: &'a [u32],
+}
+
+/// Everything one scenario measures.
+fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>) -> Scenario {
+    let Target {
+        name,
+        description,
+        baseline,
+        addr: target,
+        proxies,
+    } = t;
+    let url = format!("http://{target}/");
+    let mut s = Scenario {
+        name: name.into(),
+        description: description.into(),
+        baseline: baseline.into(),
+        ..Default::default()
+    };
+    // A short warm-up: pooled tunnels, caches, the first certificate use.
+    let _ = oha.fixed_rate(c, client, &url, 200, 4, 1);
+    for (i, rate) in plan.rates.iter().enumerate() {
+        progress(&format!("{name}: {rate} req/s for {}s", plan.rate_secs));
+        let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
+        let t0 = Instant::now();
+        match oha.fixed_rate(c, client, &url, *rate, plan.connections, plan.rate_secs) {
+            Ok(l) => {
+                if i == 0 && !proxies.is_empty() {
+                    let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+                    let vcpu = cpu / t0.elapsed().as_secs_f64();
+                    s.proxy_vcpu_per_1k_rps = Some(vcpu * 1000.0 / l.achieved_rps.max(1.0));
+                }
+                if l.success_rate < 1.0 {
+                    s.errors
+                        .push(format!("{rate} req/s: success rate {:.4}", l.success_rate));
+                }
+                s.latency.push(l);
+            }
+            Err(e) => s.errors.push(format!("{rate} req/s: {e:#}")),
+        }
+    }
+    progress(&format!("{name}: saturation for {}s", plan.max_secs));
+    match oha.max_rate(c, client, &url, plan.connections * 2, plan.max_secs, false) {
+        Ok((rps, ok)) => {
+            s.saturation_rps = rps;
+            if ok < 1.0 {
+                s.errors.push(format!("saturation: success rate {ok:.4}"));
+            }
+        }
+        Err(e) => s.errors.push(format!("saturation: {e:#}")),
+    }
+    progress(&format!("{name}: new connections for {}s", plan.max_secs));
+    match oha.max_rate(c, client, &url, plan.connections, plan.max_secs, true) {
+        Ok((rps, ok)) => {
+            s.new_connections_per_s = rps;
+            if ok < 1.0 {
+                s.errors
+                    .push(format!("new connections: success rate {ok:.4}"));
+            }
+        }
+        Err(e) => s.errors.push(format!("new connections: {e:#}")),
+    }
+    progress(&format!(
+        "{name}: bulk {} MiB on one connection",
+        plan.bulk_bytes >> 20
+    ));
+    match bulk(c, client, target, plan.bulk_bytes) {
+        Ok(g) => s.bulk_gbit_s = g,
+        Err(e) => s.errors.push(format!("bulk: {e:#}")),
+    }
+    if !proxies.is_empty() {
+        s.proxy_peak_rss_mib = Some(proxies.iter().map(|p| peak_rss_mib(*p)).sum());
+    }
+    s
+}
+
+fn text(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine(report: &mut Report) {
+    report.kernel = text("uname", &["-r"]);
+    report.commit = text("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = !text("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    if dirty {
+        report.commit.push_str("-dirty");
+    }
+    report.generated_at = text("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    report.cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    report.cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    report.memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1048576.0);
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    std::env::set_current_dir(root())?;
+    sh(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "mesh-agent",
+            "-p",
+            "mesh-tests",
+            "--bins",
+        ],
+    )?;
+    let plan = Plan::new(quick);
+    let oha = Oha {
+        bin: crate::setup::oha_path().context("oha is not installed (cargo xtask setup)")?,
+    };
+    let target = root().join("target/release");
+    let started = Instant::now();
+    let mut report = Report {
+        quick,
+        ..Default::default()
+    };
+    machine(&mut report);
+
+    let mut c = Cluster::with_prefix(
+        "mesh-bench",
+        &["node-1", "node-2"],
+        &target.join("mesh-agent"),
+        &target.join("mesh-testpod"),
+    )?;
+    let client = c.add_pod("node-1", "client")?;
+    let local = c.add_pod("node-1", "server-local")?;
+    let remote = c.add_pod("node-2", "server-remote")?;
+    for server in [&local, &remote] {
+        let mut child = c.spawn(server, &["http", "--port", &PORT.to_string()])?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("server stdout")?),
+            &mut line,
+        )?;
+        anyhow::ensure!(line.trim() == "listening", "HTTP server: {line}");
+    }
+    let cfg = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&local, true)
+        + &c.pod_yaml(&remote, true)
+        + &yaml::service("bench-local", IpAddr::V4(LOCAL_VIP), 80, PORT)
+        + &yaml::endpoint_slice("bench-local", PORT, &[local.ip])
+        + &yaml::service("bench-remote", IpAddr::V4(REMOTE_VIP), 80, PORT)
+        + &yaml::endpoint_slice("bench-remote", PORT, &[remote.ip]);
+    c.write_config("bench.yaml", &cfg)?;
+
+    // Baselines first, with no agent running at all.
+    let local_addr = format!("{}:{PORT}", local.ip);
+    let remote_addr = format!("{}:{PORT}", remote.ip);
+    report.scenarios.push(measure(
+        &mut c,
+        &oha,
+        &plan,
+        &client,
+        Target {
+            name: "direct-local",
+            description: "client pod to a server pod on the same node, no mesh",
+            baseline: "direct-local",
+            addr: &local_addr,
+            proxies: &[],
+        },
+    ));
+    report.scenarios.push(measure(
+        &mut c,
+        &oha,
+        &plan,
+        &client,
+        Target {
+            name: "direct",
+            description: "client pod to a server pod on the other node, no mesh",
+            baseline: "direct",
+            addr: &remote_addr,
+            proxies: &[],
+        },
+    ));
+
+    progress("starting the agents");
+    c.start_agent("node-1")?;
+    c.start_agent("node-2")?;
+    let agents: Vec<u32> = ["node-1", "node-2"]
+        .iter()
+        .filter_map(|n| c.agent_pid(n))
+        .collect();
+    report.scenarios.push(measure(
+        &mut c,
+        &oha,
+        &plan,
+        &client,
+        Target {
+            name: "mesh-l4-local",
+            description: "ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted)",
+            baseline: "direct-local",
+            addr: &format!("{LOCAL_VIP}:80"),
+            proxies: &agents[..1],
+        },
+    ));
+    report.scenarios.push(measure(
+        &mut c,
+        &oha,
+        &plan,
+        &client,
+        Target {
+            name: "mesh-mtls",
+            description: "ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node",
+            baseline: "direct",
+            addr: &format!("{REMOTE_VIP}:80"),
+            proxies: &agents,
+        },
+    ));
+    c.stop_agent("node-1")?;
+    c.stop_agent("node-2")?;
+
+    progress("starting HAProxy on both nodes");
+    match haproxy::run(&mut c, "node-1", "node-2", (remote.ip, PORT)) {
+        Ok((proxies, addr)) => {
+            let pids = proxies.pids.clone();
+            report.scenarios.push(measure(
+                &mut c,
+                &oha,
+                &plan,
+                &client,
+                Target {
+                    name: "haproxy",
+                    description: "HAProxy 2.6 per node (2 threads), plain TCP from the pod, mutual TLS 1.3 between the nodes",
+                    baseline: "direct",
+                    addr: &addr,
+                    proxies: &pids,
+                },
+            ));
+            proxies.stop();
+        }
+        Err(e) => report.notes.push(format!("haproxy did not run: {e:#}")),
+    }
+    report.notes.push(
+        "sockmap acceleration of the pod-to-agent hop is not implemented yet, so there are no sockmap variants."
+            .into(),
+    );
+    drop(c);
+
+    progress("scale: generating the config and starting an agent on it");
+    match scale::run(
+        &target,
+        plan.scale_services,
+        plan.scale_endpoints_per_service,
+    ) {
+        Ok(s) => report.scale = Some(s),
+        Err(e) => report.notes.push(format!("scale test failed: {e:#}")),
+    }
+
+    let dir = root().join("docs/benchmarks");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let md = report.markdown();
+    std::fs::write(dir.join("README.md"), &md)?;
+    report.charts(&dir)?;
+    println!("{md}");
+    progress(&format!(
+        "done in {:.0}s; report in {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    ));
+    Ok(())
+}
