@@ -12,6 +12,9 @@ use mesh_tests::Cluster;
 
 pub const CLIENT_PORT: u16 = 7001;
 const TLS_PORT: u16 = 7443;
+/// The same path to the bulk (SINK) server.
+pub const BULK_PORT: u16 = 7002;
+const BULK_TLS_PORT: u16 = 7444;
 
 fn openssl(args: &[&str], dir: &Path) -> anyhow::Result<()> {
     let out = std::process::Command::new("openssl")
@@ -108,24 +111,46 @@ impl Haproxies {
 }
 
 fn start(c: &mut Cluster, node: &str, config: &Path) -> anyhow::Result<Child> {
-    let mut cmd = c.command_in_node(node, Path::new("/usr/sbin/haproxy"))?;
+    let check = std::process::Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(config)
+        .output()
+        .context("running haproxy -c")?;
+    anyhow::ensure!(
+        check.status.success(),
+        "{}: {}",
+        config.display(),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let log = std::fs::File::create(config.with_extension("log"))?;
+    let mut cmd = c.command_in_node(node, Path::new("haproxy"))?;
     cmd.arg("-db")
         .arg("-f")
         .arg(config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let child = cmd.spawn().context("starting haproxy")?;
+        .stderr(log);
+    let mut child = cmd.spawn().context("starting haproxy")?;
     c.track(child.id());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    if let Some(status) = child.try_wait()? {
+        anyhow::bail!(
+            "haproxy on {node} exited ({status}): {}",
+            std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+        );
+    }
     Ok(child)
 }
 
-/// Starts both HAProxies; the client pod dials `<client node gateway>:CLIENT_PORT`.
+/// Starts both HAProxies; the client pod dials `<client node gateway>:CLIENT_PORT`
+/// for `server` and `:BULK_PORT` for `bulk`. Returns both addresses.
 pub fn run(
     c: &mut Cluster,
     client_node: &str,
     server_node: &str,
     server: (IpAddr, u16),
-) -> anyhow::Result<(Haproxies, String)> {
+    bulk: u16,
+) -> anyhow::Result<(Haproxies, String, String)> {
     let dir: PathBuf = c.work_dir.join("haproxy");
     certificates(&dir)?;
     let server_node_ip = c.node(server_node).fabric_ip;
@@ -133,18 +158,23 @@ pub fn run(
     // Two threads each: the same budget the agent's runtime has on this machine.
     let global = "global\n  nbthread 2\n  maxconn 20000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\n\
                   defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
-    let client_cfg = format!(
-        "{global}frontend pods\n  bind {client_gw}:{CLIENT_PORT}\n  default_backend peer\n\
-         backend peer\n  server peer {server_node_ip}:{TLS_PORT} ssl crt {d}/client.pem ca-file {d}/ca.pem verify required\n",
-        d = dir.display()
-    );
-    let server_cfg = format!(
-        "{global}frontend tunnel\n  bind {server_node_ip}:{TLS_PORT} ssl crt {d}/server.pem ca-file {d}/ca.pem verify required\n  default_backend app\n\
-         backend app\n  server app {}:{}\n",
-        server.0,
-        server.1,
-        d = dir.display()
-    );
+    let d = dir.display();
+    let mut client_cfg = global.to_owned();
+    let mut server_cfg = global.to_owned();
+    for (name, front, tls, app_port) in [
+        ("http", CLIENT_PORT, TLS_PORT, server.1),
+        ("bulk", BULK_PORT, BULK_TLS_PORT, bulk),
+    ] {
+        client_cfg.push_str(&format!(
+            "frontend {name}\n  bind {client_gw}:{front}\n  default_backend {name}-peer\n\
+             backend {name}-peer\n  server peer {server_node_ip}:{tls} ssl crt {d}/client.pem ca-file {d}/ca.pem verify required verifyhost server\n"
+        ));
+        server_cfg.push_str(&format!(
+            "frontend {name}-tunnel\n  bind {server_node_ip}:{tls} ssl crt {d}/server.pem ca-file {d}/ca.pem verify required\n  default_backend {name}-app\n\
+             backend {name}-app\n  server app {}:{app_port}\n",
+            server.0
+        ));
+    }
     let (cc, sc) = (dir.join("client.cfg"), dir.join("server.cfg"));
     std::fs::write(&cc, client_cfg)?;
     std::fs::write(&sc, server_cfg)?;
@@ -159,5 +189,6 @@ pub fn run(
             pids,
         },
         format!("{client_gw}:{CLIENT_PORT}"),
+        format!("{client_gw}:{BULK_PORT}"),
     ))
 }

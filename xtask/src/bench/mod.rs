@@ -25,8 +25,12 @@ use report::{Report, Scenario};
 use crate::{root, sh};
 
 const PORT: u16 = 8080;
+/// The bulk (SINK) server in the same pods.
+const BULK_PORT: u16 = 9090;
 const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 200);
 const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 201);
+const LOCAL_BULK_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 202);
+const REMOTE_BULK_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 203);
 
 /// How long and how hard each measurement runs.
 struct Plan {
@@ -65,6 +69,11 @@ impl Plan {
     }
 }
 
+/// An error on one line: tools' stderr (with backtraces) stays out of the report.
+fn first_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").lines().next().unwrap_or("").to_owned()
+}
+
 fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
@@ -75,6 +84,8 @@ struct Target<'a> {
     description: &'a str,
     baseline: &'a str,
     addr: &'a str,
+    /// Where the bulk transfer goes (a SINK server on the same path).
+    bulk: &'a str,
     /// Whose CPU and memory count as the mesh's (empty for the baselines).
     proxies: &'a [u32],
 }
@@ -86,6 +97,7 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         description,
         baseline,
         addr: target,
+        bulk: bulk_addr,
         proxies,
     } = t;
     let url = format!("http://{target}/");
@@ -108,43 +120,51 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
                     let vcpu = cpu / t0.elapsed().as_secs_f64();
                     s.proxy_vcpu_per_1k_rps = Some(vcpu * 1000.0 / l.achieved_rps.max(1.0));
                 }
+                let mut l = l;
                 if l.success_rate < 1.0 {
                     s.errors
                         .push(format!("{rate} req/s: success rate {:.4}", l.success_rate));
                 }
+                if l.success_rate < 0.99 {
+                    // Latencies of failures mean nothing; do not report them as ours.
+                    (l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms) =
+                        (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+                }
                 s.latency.push(l);
             }
-            Err(e) => s.errors.push(format!("{rate} req/s: {e:#}")),
+            Err(e) => s.errors.push(format!("{rate} req/s: {}", first_line(&e))),
         }
     }
     progress(&format!("{name}: saturation for {}s", plan.max_secs));
     match oha.max_rate(c, client, &url, plan.connections * 2, plan.max_secs, false) {
         Ok((rps, ok)) => {
-            s.saturation_rps = rps;
+            s.saturation_rps = if ok < 0.99 { f64::NAN } else { rps };
             if ok < 1.0 {
                 s.errors.push(format!("saturation: success rate {ok:.4}"));
             }
         }
-        Err(e) => s.errors.push(format!("saturation: {e:#}")),
+        Err(e) => s.errors.push(format!("saturation: {}", first_line(&e))),
     }
     progress(&format!("{name}: new connections for {}s", plan.max_secs));
     match oha.max_rate(c, client, &url, plan.connections, plan.max_secs, true) {
         Ok((rps, ok)) => {
-            s.new_connections_per_s = rps;
+            s.new_connections_per_s = if ok < 0.99 { f64::NAN } else { rps };
             if ok < 1.0 {
                 s.errors
                     .push(format!("new connections: success rate {ok:.4}"));
             }
         }
-        Err(e) => s.errors.push(format!("new connections: {e:#}")),
+        Err(e) => s
+            .errors
+            .push(format!("new connections: {}", first_line(&e))),
     }
     progress(&format!(
         "{name}: bulk {} MiB on one connection",
         plan.bulk_bytes >> 20
     ));
-    match bulk(c, client, target, plan.bulk_bytes) {
+    match bulk(c, client, bulk_addr, plan.bulk_bytes) {
         Ok(g) => s.bulk_gbit_s = g,
-        Err(e) => s.errors.push(format!("bulk: {e:#}")),
+        Err(e) => s.errors.push(format!("bulk: {}", first_line(&e))),
     }
     if !proxies.is_empty() {
         s.proxy_peak_rss_mib = Some(proxies.iter().map(|p| peak_rss_mib(*p)).sum());
@@ -228,6 +248,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             &mut line,
         )?;
         anyhow::ensure!(line.trim() == "listening", "HTTP server: {line}");
+        c.start_server(server, BULK_PORT)?;
     }
     let cfg = c.pod_yaml(&client, true)
         + &c.pod_yaml(&local, true)
@@ -235,12 +256,20 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         + &yaml::service("bench-local", IpAddr::V4(LOCAL_VIP), 80, PORT)
         + &yaml::endpoint_slice("bench-local", PORT, &[local.ip])
         + &yaml::service("bench-remote", IpAddr::V4(REMOTE_VIP), 80, PORT)
-        + &yaml::endpoint_slice("bench-remote", PORT, &[remote.ip]);
+        + &yaml::endpoint_slice("bench-remote", PORT, &[remote.ip])
+        + &yaml::service("bulk-local", IpAddr::V4(LOCAL_BULK_VIP), 80, BULK_PORT)
+        + &yaml::endpoint_slice("bulk-local", BULK_PORT, &[local.ip])
+        + &yaml::service("bulk-remote", IpAddr::V4(REMOTE_BULK_VIP), 80, BULK_PORT)
+        + &yaml::endpoint_slice("bulk-remote", BULK_PORT, &[remote.ip]);
     c.write_config("bench.yaml", &cfg)?;
 
     // Baselines first, with no agent running at all.
     let local_addr = format!("{}:{PORT}", local.ip);
     let remote_addr = format!("{}:{PORT}", remote.ip);
+    let local_bulk = format!("{}:{BULK_PORT}", local.ip);
+    let remote_bulk = format!("{}:{BULK_PORT}", remote.ip);
+    let local_vip_bulk = format!("{LOCAL_BULK_VIP}:80");
+    let remote_vip_bulk = format!("{REMOTE_BULK_VIP}:80");
     report.scenarios.push(measure(
         &mut c,
         &oha,
@@ -251,6 +280,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             description: "client pod to a server pod on the same node, no mesh",
             baseline: "direct-local",
             addr: &local_addr,
+            bulk: &local_bulk,
             proxies: &[],
         },
     ));
@@ -264,6 +294,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             description: "client pod to a server pod on the other node, no mesh",
             baseline: "direct",
             addr: &remote_addr,
+            bulk: &remote_bulk,
             proxies: &[],
         },
     ));
@@ -285,6 +316,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             description: "ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted)",
             baseline: "direct-local",
             addr: &format!("{LOCAL_VIP}:80"),
+            bulk: &local_vip_bulk,
             proxies: &agents[..1],
         },
     ));
@@ -298,6 +330,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             description: "ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node",
             baseline: "direct",
             addr: &format!("{REMOTE_VIP}:80"),
+            bulk: &remote_vip_bulk,
             proxies: &agents,
         },
     ));
@@ -305,8 +338,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     c.stop_agent("node-2")?;
 
     progress("starting HAProxy on both nodes");
-    match haproxy::run(&mut c, "node-1", "node-2", (remote.ip, PORT)) {
-        Ok((proxies, addr)) => {
+    match haproxy::run(&mut c, "node-1", "node-2", (remote.ip, PORT), BULK_PORT) {
+        Ok((proxies, addr, bulk_addr)) => {
             let pids = proxies.pids.clone();
             report.scenarios.push(measure(
                 &mut c,
@@ -318,6 +351,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                     description: "HAProxy 2.6 per node (2 threads), plain TCP from the pod, mutual TLS 1.3 between the nodes",
                     baseline: "direct",
                     addr: &addr,
+                    bulk: &bulk_addr,
                     proxies: &pids,
                 },
             ));
