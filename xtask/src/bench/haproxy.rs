@@ -156,7 +156,7 @@ pub fn run(
     let server_node_ip = c.node(server_node).fabric_ip;
     let client_gw = Ipv4Addr::new(10, 244, c.node(client_node).index, 1);
     // Two threads each: the same budget the agent's runtime has on this machine.
-    let global = "global\n  nbthread 2\n  maxconn 20000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\n\
+    let global = "global\n  nbthread 2\n  maxconn 8000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\n\
                   defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
     let d = dir.display();
     let mut client_cfg = global.to_owned();
