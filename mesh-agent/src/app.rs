@@ -16,7 +16,7 @@ use mesh_common::counters;
 use crate::{
     admin::{AdminServer, AdminState, Core},
     authz::{LiveConns, PolicySet},
-    bpf::{self, Datapath},
+    bpf::{self, Datapath, DatapathOptions},
     cli::RunArgs,
     config::{ConfigWatch, Generation},
     identity::{CaClient, SecretManager},
@@ -197,7 +197,14 @@ async fn attach(
             bpf::ensure_bpffs(&args.bpffs)
                 .with_context(|| format!("mounting bpffs at {}", args.bpffs.display()))?;
             let pin_dir: PathBuf = args.bpffs.join("mesh").join(&args.node_name);
-            Datapath::load(&cgroup, &pin_dir).context("attaching the eBPF programs")
+            Datapath::load(
+                &cgroup,
+                &pin_dir,
+                DatapathOptions {
+                    sockmap: args.sockmap.is_on(),
+                },
+            )
+            .context("attaching the eBPF programs")
         })();
         match attempt {
             Ok(d) => return Ok(Some(d)),

@@ -70,6 +70,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
 
+    /// sockmap acceleration: the kernel hands bytes between an application and the
+    /// agent inside the pod without the TCP/IP stack (sock_ops + sk_msg). `off` keeps
+    /// every hop on plain TCP.
+    #[arg(long, env = "MESH_SOCKMAP", value_enum, default_value = "on")]
+    pub sockmap: Switch,
+
     /// Kubernetes cluster domain, for Istio's `destination_service` names.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
@@ -124,6 +130,18 @@ pub struct TunnelArgs {
     /// A pooled tunnel connection with no streams is closed after this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub tunnel_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
 }
 
 #[derive(Debug, Args)]

@@ -42,6 +42,21 @@ pub mod maps {
     pub const PLAINTEXT_LISTENERS: &str = "MESH_PLAINTEXT_LISTENERS";
     /// Ring buffer of [`super::FlowEvent`]s for `meshctl observe`.
     pub const EVENTS: &str = "MESH_EVENTS";
+    /// [`super::SockKey`] -> socket (SOCKHASH): both ends of every pod-agent hop, so
+    /// `sk_msg` can hand bytes straight to the other end (sockmap acceleration).
+    pub const SOCKETS: &str = "MESH_SOCKETS";
+    /// [`super::SockKey`] -> 1: sockets whose first message found no peer in
+    /// [`SOCKETS`]; they stay on the TCP path for good, so bytes are never reordered.
+    pub const SOCK_FALLBACK: &str = "MESH_SOCK_FALLBACK";
+    /// Array of u32 switches, indexed by [`super::settings`].
+    pub const SETTINGS: &str = "MESH_SETTINGS";
+}
+
+/// Indices into [`maps::SETTINGS`]; each slot is 0 (off) or 1 (on).
+pub mod settings {
+    /// sockmap acceleration of the pod-agent hops.
+    pub const SOCKMAP: u32 = 0;
+    pub const LEN: u32 = 4;
 }
 
 /// Program names in the object file.
@@ -53,6 +68,8 @@ pub mod programs {
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     /// sk_lookup, attached to each enrolled pod's network namespace.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// sk_msg, attached to [`super::maps::SOCKETS`].
+    pub const SK_MSG: &str = "mesh_sk_msg";
 }
 
 /// Bounds of every map. LRU maps hold entries that may be orphaned (a socket that
@@ -66,6 +83,9 @@ pub mod limits {
     /// Bytes of the flow event ring buffer (a power-of-two number of pages): about
     /// 4600 events of 56 bytes (plus an 8-byte header each) before the reader catches up.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Two sockets per accelerated connection.
+    pub const SOCKETS: u32 = 65536;
+    pub const SOCK_FALLBACK: u32 = 16384;
 }
 
 /// Indices into the per-CPU counter array.
@@ -88,6 +108,16 @@ pub mod counters {
     pub const INBOUND_NO_LISTENER: u32 = 7;
     /// A flow event was lost because the ring buffer was full.
     pub const EVENTS_DROPPED: u32 = 8;
+    /// A pod-agent hop socket was put into the sockmap.
+    pub const SOCKMAP_ADDED: u32 = 9;
+    /// ... or could not be (map full): that socket stays on the TCP path.
+    pub const SOCKMAP_ADD_FAILED: u32 = 10;
+    /// Messages handed straight to the other end of a hop by `sk_msg`.
+    pub const SOCKMAP_REDIRECTED: u32 = 11;
+    /// Bytes in those messages.
+    pub const SOCKMAP_REDIRECTED_BYTES: u32 = 12;
+    /// A socket sent before its peer was in the sockmap and stays on the TCP path.
+    pub const SOCKMAP_FALLBACK: u32 = 13;
     pub const LEN: u32 = 16;
 }
 
@@ -149,6 +179,70 @@ pub struct PeerKey {
     /// Client port, host byte order.
     pub port: u16,
     pub _pad: [u8; 6],
+}
+
+/// Key of [`maps::SOCKETS`] and [`maps::SOCK_FALLBACK`]: one end of a TCP connection
+/// as that end sees it. The peer of a socket is found by swapping local and remote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Loopback addresses repeat in every pod, so the namespace is part of the key.
+    pub netns_cookie: u64,
+    /// 16 bytes, network byte order, IPv4 mapped.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// The port in a `remote_port` field of `bpf_sock_ops` or `sk_msg_md`: network byte
+/// order, and on little-endian kernels shifted into the upper half of the word.
+pub const fn remote_port_from_ctx(raw: u32) -> u16 {
+    let be = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(be as u16)
+}
+
+/// Whether a 16-byte (IPv4-mapped) address is loopback (127.0.0.0/8 or ::1).
+pub const fn is_loopback16(a: &[u8; 16]) -> bool {
+    let v4_mapped = a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff;
+    if v4_mapped {
+        return a[12] == 127;
+    }
+    let mut i = 0;
+    while i < 15 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    a[15] == 1
 }
 
 /// The 16-byte form of an IPv4 address in network byte order, as `::ffff:a.b.c.d`.
@@ -223,6 +317,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 #[cfg(test)]
@@ -240,6 +335,39 @@ mod tests {
         assert_eq!(size_of::<InboundKey>(), 16);
         assert_eq!(size_of::<InboundPolicy>(), 8);
         assert_eq!(size_of::<FlowEvent>(), 56);
+        assert_eq!(size_of::<SockKey>(), 48);
+    }
+
+    #[test]
+    fn the_peer_key_swaps_the_ends_and_back() {
+        let k = SockKey {
+            netns_cookie: 7,
+            local_addr: v4_mapped([127, 0, 0, 1]),
+            remote_addr: v4_mapped([127, 0, 0, 2]),
+            local_port: 40000,
+            remote_port: OUTBOUND_PORT,
+            _pad: 0,
+        };
+        let p = k.peer();
+        assert_eq!(p.local_port, OUTBOUND_PORT);
+        assert_eq!(p.remote_addr, k.local_addr);
+        assert_eq!(p.peer(), k);
+    }
+
+    #[test]
+    fn remote_ports_are_read_shifted_or_not() {
+        let be = u32::from(15001u16.to_be());
+        assert_eq!(remote_port_from_ctx(be << 16), 15001);
+        assert_eq!(remote_port_from_ctx(be), 15001);
+    }
+
+    #[test]
+    fn loopback_is_127_slash_8_and_colon_colon_1() {
+        assert!(is_loopback16(&v4_mapped([127, 0, 0, 1])));
+        assert!(is_loopback16(&v4_mapped([127, 9, 9, 9])));
+        assert!(!is_loopback16(&v4_mapped([10, 0, 0, 1])));
+        assert!(is_loopback16(&core::net::Ipv6Addr::LOCALHOST.octets()));
+        assert!(!is_loopback16(&[0; 16]));
     }
 
     #[test]

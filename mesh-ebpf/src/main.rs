@@ -9,6 +9,8 @@ mod connect;
 mod maps;
 mod peername;
 mod sklookup;
+mod skmsg;
+mod sockmap;
 mod sockops;
 
 #[cfg(not(test))]

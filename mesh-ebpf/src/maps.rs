@@ -1,11 +1,11 @@
 //! The maps, named as in `mesh_common::maps` (the static's name is the map's name).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
     EnrolledNetns, FlowEvent, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey,
-    ServiceValue, counters, limits,
+    ServiceValue, SockKey, counters, limits, settings,
 };
 
 #[map]
@@ -37,10 +37,32 @@ pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(count
 
 #[inline(always)]
 pub fn count(index: u32) {
+    add(index, 1);
+}
+
+#[inline(always)]
+pub fn add(index: u32, n: u64) {
     if let Some(slot) = MESH_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; programs do not migrate while running.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
+}
+
+#[map]
+pub static MESH_SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(limits::SOCKETS, 0);
+
+#[map]
+pub static MESH_SOCK_FALLBACK: LruHashMap<SockKey, u8> =
+    LruHashMap::with_max_entries(limits::SOCK_FALLBACK, 0);
+
+#[map]
+pub static MESH_SETTINGS: Array<u32> = Array::with_max_entries(settings::LEN, 0);
+
+/// Whether a switch in [`MESH_SETTINGS`] is on (the agent writes them before it
+/// attaches anything).
+#[inline(always)]
+pub fn enabled(index: u32) -> bool {
+    MESH_SETTINGS.get(index).is_some_and(|v| *v != 0)
 }
 
 #[map]

@@ -5,9 +5,14 @@
 //!
 //! ACTIVE_ESTABLISHED runs on the client as it processes the SYN-ACK, before it sends
 //! the final ACK, so the record exists before the agent can accept the connection.
+//!
+//! Both ESTABLISHED callbacks also offer the socket to the sockmap (see `sockmap`).
 use aya_ebpf::{
-    EbpfContext, bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie,
-    macros::sock_ops, programs::SockOpsContext,
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
 };
 use core::ptr::addr_of_mut;
 use mesh_common::{PeerKey, counters};
@@ -22,8 +27,15 @@ const AF_INET6: u32 = 10;
 
 #[sock_ops]
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        record_peer(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            record_peer(&ctx);
+            crate::sockmap::offer(&ctx, true);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            crate::sockmap::offer(&ctx, false);
+        }
+        _ => {}
     }
     1
 }

@@ -30,12 +30,20 @@ pub fn run() -> anyhow::Result<()> {
         "the kernel end-to-end tests need root (network namespaces, cgroups, eBPF)"
     );
     let agent = root().join("target/debug/mesh-agent");
-    // SAFETY-free: set for the child processes only.
-    let status = std::process::Command::new("cargo")
-        .args(["test", "-p", "mesh-tests", "--", "--test-threads=1"])
-        .env("MESH_AGENT_BIN", &agent)
-        .status()?;
-    anyhow::ensure!(status.success(), "kernel end-to-end tests failed");
+    // The whole end-to-end suite runs twice: with sockmap acceleration (the default)
+    // and without it. The agents inherit MESH_SOCKMAP from the test process.
+    for sockmap in ["on", "off"] {
+        println!("==> kernel end-to-end tests, sockmap {sockmap}");
+        let status = std::process::Command::new("cargo")
+            .args(["test", "-p", "mesh-tests", "--", "--test-threads=1"])
+            .env("MESH_AGENT_BIN", &agent)
+            .env("MESH_SOCKMAP", sockmap)
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "kernel end-to-end tests failed with sockmap {sockmap}"
+        );
+    }
     crate::demo::run(true)
 }
 

@@ -14,13 +14,13 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{MapData, RingBuf},
+    maps::{Array, MapData, RingBuf, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{counters, programs};
+use mesh_common::{SockKey, counters, programs, settings};
 use tracing::{debug, info, warn};
 
 use super::maps::MeshMaps;
@@ -74,6 +74,13 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
 ];
+
+/// Choices made when the programs are loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct DatapathOptions {
+    /// Accelerate the pod-agent hops with sock_ops + sk_msg (see mesh-ebpf `sockmap`).
+    pub sockmap: bool,
+}
 
 /// The loaded and attached data path. Dropping it without [`Datapath::shutdown`] leaves
 /// the pins (and so the programs) in place, as after a crash.
@@ -137,7 +144,11 @@ impl InboundHook {
 }
 
 impl Datapath {
-    pub fn load(cgroup: &Path, pin_dir: &Path) -> Result<Datapath, DatapathError> {
+    pub fn load(
+        cgroup: &Path,
+        pin_dir: &Path,
+        options: DatapathOptions,
+    ) -> Result<Datapath, DatapathError> {
         let pin_err = |path: &Path| {
             let path = path.to_owned();
             move |source| DatapathError::PinDir { path, source }
@@ -153,6 +164,7 @@ impl Datapath {
             source,
         })?;
         let mut ebpf = Ebpf::load(OBJECT)?;
+        write_settings(&mut ebpf, options)?;
 
         // aya attaches through bpf_link (kernel 5.7+). A cgroup link always coexists
         // with other programs on the same cgroup (systemd's, a CNI's) and the kernel
@@ -160,6 +172,12 @@ impl Datapath {
         let mode = CgroupAttachMode::Single;
         let mut links = Vec::new();
         let mut attached = Vec::new();
+        // sk_msg goes onto the socket map before sock_ops can put any socket there: a
+        // socket takes the map's programs when it joins, not later.
+        if options.sockmap {
+            attach_sk_msg(&mut ebpf)?;
+            attached.push(programs::SK_MSG);
+        }
         for name in SOCK_ADDR_PROGRAMS {
             let prog_err = |source| DatapathError::Program { name, source };
             let prog: &mut CgroupSockAddr = ebpf
@@ -202,6 +220,11 @@ impl Datapath {
         }
 
         for (name, map) in ebpf.maps() {
+            // Compiler-made maps (.rodata, .bss) hold constants, not state anyone
+            // inspects, and bpffs refuses their names.
+            if name.starts_with('.') {
+                continue;
+            }
             map.pin(map_dir.join(name))
                 .map_err(|source| DatapathError::Pin {
                     what: format!("map {name}"),
@@ -259,6 +282,11 @@ impl Datapath {
             inbound_plaintext_captured = c[counters::INBOUND_PLAINTEXT_CAPTURED as usize],
             inbound_no_listener = c[counters::INBOUND_NO_LISTENER as usize],
             events_dropped = c[counters::EVENTS_DROPPED as usize],
+            sockmap_added = c[counters::SOCKMAP_ADDED as usize],
+            sockmap_add_failed = c[counters::SOCKMAP_ADD_FAILED as usize],
+            sockmap_redirected = c[counters::SOCKMAP_REDIRECTED as usize],
+            sockmap_redirected_bytes = c[counters::SOCKMAP_REDIRECTED_BYTES as usize],
+            sockmap_fallback = c[counters::SOCKMAP_FALLBACK as usize],
             "kernel counters"
         );
         for link in links {
@@ -275,6 +303,49 @@ impl Datapath {
         }
         info!(pins = %pin_dir.display(), "eBPF programs detached and unpinned");
     }
+}
+
+/// Writes the switches the programs read from `MESH_SETTINGS`.
+fn write_settings(ebpf: &mut Ebpf, options: DatapathOptions) -> Result<(), DatapathError> {
+    let name = mesh_common::maps::SETTINGS;
+    let map_err = |source| DatapathError::Map { name, source };
+    let mut map: Array<&mut MapData, u32> = ebpf
+        .map_mut(name)
+        .ok_or(DatapathError::MissingMap { name })?
+        .try_into()
+        .map_err(map_err)?;
+    map.set(settings::SOCKMAP, u32::from(options.sockmap), 0)
+        .map_err(map_err)
+}
+
+/// Attaches sk_msg to `MESH_SOCKETS`. The attachment belongs to the map: it goes when
+/// the map goes (a clean shutdown, or the next start replacing the pins).
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let name = programs::SK_MSG;
+    let map_name = mesh_common::maps::SOCKETS;
+    let prog_err = |source| DatapathError::Program { name, source };
+    let map_fd = {
+        let map: SockHash<&MapData, SockKey> = ebpf
+            .map(map_name)
+            .ok_or(DatapathError::MissingMap { name: map_name })?
+            .try_into()
+            .map_err(|source| DatapathError::Map {
+                name: map_name,
+                source,
+            })?;
+        map.fd().try_clone().map_err(|e| DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::IOError(e),
+        })?
+    };
+    let prog: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(prog_err)?;
+    prog.load().map_err(prog_err)?;
+    prog.attach(&map_fd).map_err(prog_err)?;
+    Ok(())
 }
 
 fn pin_link(link: FdLink, dir: &Path, name: &'static str) -> Result<PinnedLink, DatapathError> {

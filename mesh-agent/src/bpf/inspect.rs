@@ -9,7 +9,7 @@ use aya::{
 };
 use mesh_common::{
     EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey,
-    ServiceKey, ServiceValue, counters, maps,
+    ServiceKey, ServiceValue, SockKey, counters, maps,
 };
 
 use super::maps::from_ip16;
@@ -58,6 +58,11 @@ pub fn counter_name(i: u32) -> String {
         counters::INBOUND_PLAINTEXT_CAPTURED => "inbound_plaintext_captured".into(),
         counters::INBOUND_NO_LISTENER => "inbound_no_listener".into(),
         counters::EVENTS_DROPPED => "events_dropped".into(),
+        counters::SOCKMAP_ADDED => "sockmap_added".into(),
+        counters::SOCKMAP_ADD_FAILED => "sockmap_add_failed".into(),
+        counters::SOCKMAP_REDIRECTED => "sockmap_redirected".into(),
+        counters::SOCKMAP_REDIRECTED_BYTES => "sockmap_redirected_bytes".into(),
+        counters::SOCKMAP_FALLBACK => "sockmap_fallback".into(),
         other => format!("slot {other}"),
     }
 }
@@ -129,6 +134,56 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                 rows.sort();
             }
             Ok(keys.len() as u64)
+        }
+        maps::SOCKETS => {
+            let map: SockHash<MapData, SockKey> = SockHash::try_from(map)?;
+            let keys: Vec<SockKey> = map.keys().flatten().collect();
+            if let Some(rows) = rows {
+                *rows = keys
+                    .iter()
+                    .map(|k| {
+                        (
+                            format!(
+                                "netns {} {}",
+                                k.netns_cookie,
+                                sock(k.local_addr, k.local_port)
+                            ),
+                            format!("peer {}", sock(k.remote_addr, k.remote_port)),
+                        )
+                    })
+                    .collect();
+                rows.sort();
+            }
+            Ok(keys.len() as u64)
+        }
+        maps::SOCK_FALLBACK => hash_entries(
+            map,
+            rows,
+            |k: &SockKey| {
+                format!(
+                    "netns {} {}",
+                    k.netns_cookie,
+                    sock(k.local_addr, k.local_port)
+                )
+            },
+            |_: &u8| "TCP path".to_owned(),
+        ),
+        maps::SETTINGS => {
+            let map: aya::maps::Array<MapData, u32> = aya::maps::Array::try_from(map)?;
+            let mut out = Vec::new();
+            for i in 0..mesh_common::settings::LEN {
+                let v = map.get(&i, 0)?;
+                let name = match i {
+                    mesh_common::settings::SOCKMAP => "sockmap".to_owned(),
+                    other => format!("slot {other}"),
+                };
+                out.push((name, if v != 0 { "on" } else { "off" }.to_owned()));
+            }
+            let n = out.len() as u64;
+            if let Some(rows) = rows {
+                *rows = out;
+            }
+            Ok(n)
         }
         maps::COUNTERS => {
             let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map)?;

@@ -5,7 +5,7 @@ mod fs;
 pub mod inspect;
 mod maps;
 
-pub use datapath::{Datapath, InboundHook, PodInboundLink};
+pub use datapath::{Datapath, DatapathOptions, InboundHook, PodInboundLink};
 pub use fs::{cgroup2_mount, ensure_bpffs};
 pub use maps::{InboundMode, MeshMaps, ServiceAddr};
 pub use maps::{from_ip16, ip16};

@@ -81,3 +81,26 @@ pub fn has_fields(line: &str, fields: &[(&str, &str)]) -> bool {
         .iter()
         .all(|(k, v)| line.contains(&format!(" {k}=\"{v}")))
 }
+
+/// Whether the agents run with sockmap acceleration: they read `MESH_SOCKMAP` from the
+/// environment they inherit, so `MESH_SOCKMAP=off cargo test` runs every test without it.
+pub fn sockmap_on() -> bool {
+    std::env::var("MESH_SOCKMAP").map_or(true, |v| v != "off")
+}
+
+/// The kernel counters of an agent, by name, from `meshctl bpf maps --dump`.
+pub fn kernel_counters(c: &Cluster, node: &str) -> std::collections::HashMap<String, u64> {
+    let dump = c
+        .meshctl_json(node, &["bpf", "maps", "--dump", "MESH_COUNTERS"])
+        .expect("meshctl bpf maps --dump MESH_COUNTERS");
+    dump["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no entries: {dump}"))
+        .iter()
+        .map(|e| {
+            let k = e["key"].as_str().unwrap_or_default().to_owned();
+            let v = e["value"].as_str().and_then(|v| v.parse().ok());
+            (k, v.unwrap_or_else(|| panic!("bad counter {e}")))
+        })
+        .collect()
+}

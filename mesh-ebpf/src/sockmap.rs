@@ -1,0 +1,107 @@
+//! Which sockets join the sockmap, and under which key.
+//!
+//! Only the two hops between an application and the agent inside a pod's network
+//! namespace are accelerated, never traffic the mesh does not own:
+//!   outbound: the app's socket to 127.0.0.1:15001 and the agent's accepted end;
+//!   delivery: the agent's socket (bypass mark) to the app on the pod IP, and the
+//!             app's accepted end (local and remote address both the pod IP).
+//! Both ends of one connection share a network namespace, so `sk_msg` finds the peer
+//! by swapping the ends of the key.
+use aya_ebpf::{
+    EbpfContext, bindings::BPF_ANY, helpers::bpf_get_netns_cookie, programs::SockOpsContext,
+};
+use core::ptr::addr_of_mut;
+use mesh_common::{
+    BYPASS_MARK, OUTBOUND_PORT, SockKey, counters, is_loopback16, remote_port_from_ctx, settings,
+};
+
+use crate::{
+    addr::read_ip6,
+    maps::{MESH_ENROLLED_NETNS, MESH_SOCK_FALLBACK, MESH_SOCKETS, count, enabled},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Puts an established socket into `MESH_SOCKETS` when it is one end of a pod-agent hop.
+#[inline(always)]
+pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {
+    if !enabled(settings::SOCKMAP) {
+        return None;
+    }
+    let key = key_of(ctx)?;
+    // SAFETY: read-only lookup.
+    unsafe { MESH_ENROLLED_NETNS.get(&key.netns_cookie) }?;
+    if !is_mesh_hop(ctx, &key, active) {
+        return None;
+    }
+    // A fallback mark left by an earlier connection with the same four-tuple must not
+    // keep this one off the fast path.
+    let _ = MESH_SOCK_FALLBACK.remove(&key);
+    let mut key = key;
+    // SAFETY: `ops` is the context the kernel passed to this sock_ops program.
+    match MESH_SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY)) {
+        Ok(()) => count(counters::SOCKMAP_ADDED),
+        Err(_) => count(counters::SOCKMAP_ADD_FAILED),
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn is_mesh_hop(ctx: &SockOpsContext, key: &SockKey, active: bool) -> bool {
+    if is_loopback16(&key.local_addr) && is_loopback16(&key.remote_addr) {
+        // The app dialled the agent's outbound listener, or the agent accepted it.
+        return if active {
+            key.remote_port == OUTBOUND_PORT
+        } else {
+            key.local_port == OUTBOUND_PORT
+        };
+    }
+    if key.local_addr != key.remote_addr {
+        return false;
+    }
+    // Pod IP to pod IP: the agent's delivery dial carries the bypass mark; the app's
+    // accepted end cannot tell who dialled it, but its peer is only in the map when
+    // it is the agent, so anything else simply stays on the TCP path.
+    !active || has_bypass_mark(ctx)
+}
+
+#[inline(always)]
+fn has_bypass_mark(ctx: &SockOpsContext) -> bool {
+    // SAFETY: `sk` is a (nullable) socket pointer field of bpf_sock_ops; `mark` is a
+    // readable field of bpf_sock.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: checked for null above.
+    unsafe { (*sk).mark == BYPASS_MARK }
+}
+
+#[inline(always)]
+fn key_of(ctx: &SockOpsContext) -> Option<SockKey> {
+    // SAFETY: helper valid for sock_ops programs (5.15+).
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let (local_addr, remote_addr) = match ctx.family() {
+        AF_INET => (
+            mesh_common::v4_mapped(ctx.local_ip4().to_ne_bytes()),
+            mesh_common::v4_mapped(ctx.remote_ip4().to_ne_bytes()),
+        ),
+        // SAFETY: local_ip6 and remote_ip6 are readable 4-word fields of the context.
+        AF_INET6 => unsafe {
+            (
+                read_ip6(addr_of_mut!((*ctx.ops).local_ip6)),
+                read_ip6(addr_of_mut!((*ctx.ops).remote_ip6)),
+            )
+        },
+        _ => return None,
+    };
+    Some(SockKey {
+        netns_cookie,
+        local_addr,
+        remote_addr,
+        local_port: ctx.local_port() as u16,
+        remote_port: remote_port_from_ctx(ctx.remote_port()),
+        _pad: 0,
+    })
+}
