@@ -202,6 +202,7 @@ async fn attach(
                 &pin_dir,
                 DatapathOptions {
                     sockmap: args.sockmap.is_on(),
+                    sockmap_unread_limit: args.sockmap_unread_limit,
                 },
             )
             .context("attaching the eBPF programs")

@@ -76,6 +76,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_SOCKMAP", value_enum, default_value = "on")]
     pub sockmap: Switch,
 
+    /// With sockmap on: bytes a receiving socket may leave unread before its sender is
+    /// moved to the TCP path, where the receive window applies (the sockmap itself has
+    /// no bound).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub sockmap_unread_limit: u32,
+
     /// Kubernetes cluster domain, for Istio's `destination_service` names.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,

@@ -48,6 +48,13 @@ pub mod maps {
     /// [`super::SockKey`] -> 1: sockets whose first message found no peer in
     /// [`SOCKETS`]; they stay on the TCP path for good, so bytes are never reordered.
     pub const SOCK_FALLBACK: &str = "MESH_SOCK_FALLBACK";
+    /// [`super::SockKey`] -> the kernel address of that socket, written by `sock_ops`
+    /// when the socket joins [`SOCKETS`]: `sk_msg` may not hold a reference to another
+    /// socket, but it can name it for [`SOCK_UNREAD`].
+    pub const SOCK_IDS: &str = "MESH_SOCK_IDS";
+    /// Address of a receiving socket in [`SOCKETS`] -> [`super::SockFlow`]: bytes its
+    /// peer sent that it has not read yet, and which path the peer is on.
+    pub const SOCK_UNREAD: &str = "MESH_SOCK_UNREAD";
     /// Array of u32 switches, indexed by [`super::settings`].
     pub const SETTINGS: &str = "MESH_SETTINGS";
 }
@@ -56,6 +63,10 @@ pub mod maps {
 pub mod settings {
     /// sockmap acceleration of the pod-agent hops.
     pub const SOCKMAP: u32 = 0;
+    /// Unread bytes a receiving socket may hold from `sk_msg` before its sender is
+    /// moved to the TCP path for good, where the receive window pushes back. This is
+    /// the sockmap's stand-in for a receive buffer.
+    pub const SOCKMAP_UNREAD_LIMIT: u32 = 1;
     pub const LEN: u32 = 4;
 }
 
@@ -70,6 +81,10 @@ pub mod programs {
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
     /// sk_msg, attached to [`super::maps::SOCKETS`].
     pub const SK_MSG: &str = "mesh_sk_msg";
+    /// Raw tracepoint on every recvmsg: counts what sockmap receivers read.
+    pub const RECV_GUARD: &str = "mesh_recv_guard";
+    /// The tracepoint [`RECV_GUARD`] attaches to (kernel 6.4+).
+    pub const RECV_GUARD_TARGET: &str = "sock_recv_length";
 }
 
 /// Bounds of every map. LRU maps hold entries that may be orphaned (a socket that
@@ -86,6 +101,7 @@ pub mod limits {
     /// Two sockets per accelerated connection.
     pub const SOCKETS: u32 = 65536;
     pub const SOCK_FALLBACK: u32 = 16384;
+    pub const SOCK_UNREAD: u32 = 65536;
 }
 
 /// Indices into the per-CPU counter array.
@@ -118,6 +134,10 @@ pub mod counters {
     pub const SOCKMAP_REDIRECTED_BYTES: u32 = 12;
     /// A socket sent before its peer was in the sockmap and stays on the TCP path.
     pub const SOCKMAP_FALLBACK: u32 = 13;
+    /// A receiver fell behind by more than the unread limit: its sender moved to TCP.
+    pub const SOCKMAP_BACKPRESSURE: u32 = 14;
+    /// ... and came back to the sockmap once the receiver had read everything.
+    pub const SOCKMAP_RESUMED: u32 = 15;
     pub const LEN: u32 = 16;
 }
 
@@ -209,6 +229,18 @@ impl SockKey {
             _pad: 0,
         }
     }
+}
+
+/// Value of [`maps::SOCK_UNREAD`], for one receiving socket of a hop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockFlow {
+    /// Bytes the peer sent (by either path) minus bytes this socket read. Updated
+    /// atomically: the sender adds, the recvmsg guard subtracts, from different CPUs.
+    pub unread: i64,
+    /// 1 while the peer sends by TCP because this socket fell behind.
+    pub on_tcp: u32,
+    pub _pad: u32,
 }
 
 /// The port in a `remote_port` field of `bpf_sock_ops` or `sk_msg_md`: network byte
@@ -318,6 +350,7 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockFlow {}
 }
 
 #[cfg(test)]
@@ -336,6 +369,7 @@ mod tests {
         assert_eq!(size_of::<InboundPolicy>(), 8);
         assert_eq!(size_of::<FlowEvent>(), 56);
         assert_eq!(size_of::<SockKey>(), 48);
+        assert_eq!(size_of::<SockFlow>(), 16);
     }
 
     #[test]

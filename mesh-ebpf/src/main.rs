@@ -3,11 +3,16 @@
 //! policy lives in the agent.
 #![no_std]
 #![no_main]
+// Atomic adds: core has no read-modify-write atomics for the BPF target, so the one
+// instruction (`lock ... +=`) is written out in `atomic.rs`.
+#![feature(asm_experimental_arch)]
 
 mod addr;
+mod atomic;
 mod connect;
 mod maps;
 mod peername;
+mod recvguard;
 mod sklookup;
 mod skmsg;
 mod sockmap;

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     EnrolledNetns, FlowEvent, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey,
-    ServiceValue, SockKey, counters, limits, settings,
+    ServiceValue, SockFlow, SockKey, counters, limits, settings,
 };
 
 #[map]
@@ -56,7 +56,21 @@ pub static MESH_SOCK_FALLBACK: LruHashMap<SockKey, u8> =
     LruHashMap::with_max_entries(limits::SOCK_FALLBACK, 0);
 
 #[map]
+pub static MESH_SOCK_IDS: LruHashMap<SockKey, u64> =
+    LruHashMap::with_max_entries(limits::SOCKETS, 0);
+
+#[map]
+pub static MESH_SOCK_UNREAD: LruHashMap<u64, SockFlow> =
+    LruHashMap::with_max_entries(limits::SOCK_UNREAD, 0);
+
+#[map]
 pub static MESH_SETTINGS: Array<u32> = Array::with_max_entries(settings::LEN, 0);
+
+/// A value from [`MESH_SETTINGS`] (0 when unset).
+#[inline(always)]
+pub fn setting(index: u32) -> u32 {
+    MESH_SETTINGS.get(index).copied().unwrap_or(0)
+}
 
 /// Whether a switch in [`MESH_SETTINGS`] is on (the agent writes them before it
 /// attaches anything).

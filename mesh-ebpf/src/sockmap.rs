@@ -17,7 +17,10 @@ use mesh_common::{
 
 use crate::{
     addr::read_ip6,
-    maps::{MESH_ENROLLED_NETNS, MESH_SOCK_FALLBACK, MESH_SOCKETS, count, enabled},
+    maps::{
+        MESH_ENROLLED_NETNS, MESH_SOCK_FALLBACK, MESH_SOCK_IDS, MESH_SOCK_UNREAD, MESH_SOCKETS,
+        count, enabled,
+    },
 };
 
 const AF_INET: u32 = 2;
@@ -35,9 +38,22 @@ pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {
     if !is_mesh_hop(ctx, &key, active) {
         return None;
     }
-    // A fallback mark left by an earlier connection with the same four-tuple must not
-    // keep this one off the fast path.
+    // Marks left by an earlier connection with the same four-tuple, or an earlier
+    // socket at the same address, must not keep this one off the fast path.
     let _ = MESH_SOCK_FALLBACK.remove(&key);
+    // SAFETY: `sk` is a (nullable) socket pointer field of bpf_sock_ops.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // The socket's address names it for the unread count (see skmsg); a count left by
+    // an earlier socket at the same address starts over.
+    let id = sk as u64;
+    let _ = MESH_SOCK_UNREAD.remove(&id);
+    if MESH_SOCK_IDS.insert(&key, &id, 0).is_err() {
+        count(counters::SOCKMAP_ADD_FAILED);
+        return None;
+    }
     let mut key = key;
     // SAFETY: `ops` is the context the kernel passed to this sock_ops program.
     match MESH_SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY)) {

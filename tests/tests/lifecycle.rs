@@ -108,8 +108,15 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     link_pins.sort();
-    // Five cgroup links, and the inbound (sk_lookup) link of the one enrolled pod.
-    assert_eq!(link_pins.len(), 6, "{link_pins:?}");
+    // Five cgroup links, the inbound (sk_lookup) link of the one enrolled pod, and
+    // with sockmap on the recvmsg tracepoint that bounds it.
+    let guard = usize::from(sockmap_on());
+    assert_eq!(link_pins.len(), 6 + guard, "{link_pins:?}");
+    assert_eq!(
+        link_pins.iter().filter(|p| *p == "mesh_recv_guard").count(),
+        guard,
+        "{link_pins:?}"
+    );
     let sk_lookup = link_pins
         .iter()
         .filter(|p| p.starts_with("mesh_sk_lookup-"));
@@ -131,4 +138,13 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
         "programs still attached after SIGTERM"
     );
     assert!(!pins.exists(), "pins left behind at {}", pins.display());
+    // Programs attached to a map or a tracepoint rather than the cgroup are gone too.
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool");
+    let progs = String::from_utf8_lossy(&out.stdout);
+    for name in ["mesh_recv_guard", "mesh_sk_msg"] {
+        assert!(!progs.contains(name), "{name} still loaded after SIGTERM");
+    }
 }

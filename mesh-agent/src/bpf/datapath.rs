@@ -16,7 +16,7 @@ use aya::{
     Ebpf,
     maps::{Array, MapData, RingBuf, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -80,6 +80,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 pub struct DatapathOptions {
     /// Accelerate the pod-agent hops with sock_ops + sk_msg (see mesh-ebpf `sockmap`).
     pub sockmap: bool,
+    /// Unread bytes a receiver may hold from sk_msg before its sender moves to TCP.
+    pub sockmap_unread_limit: u32,
 }
 
 /// The loaded and attached data path. Dropping it without [`Datapath::shutdown`] leaves
@@ -164,7 +166,6 @@ impl Datapath {
             source,
         })?;
         let mut ebpf = Ebpf::load(OBJECT)?;
-        write_settings(&mut ebpf, options)?;
 
         // aya attaches through bpf_link (kernel 5.7+). A cgroup link always coexists
         // with other programs on the same cgroup (systemd's, a CNI's) and the kernel
@@ -172,12 +173,25 @@ impl Datapath {
         let mode = CgroupAttachMode::Single;
         let mut links = Vec::new();
         let mut attached = Vec::new();
-        // sk_msg goes onto the socket map before sock_ops can put any socket there: a
-        // socket takes the map's programs when it joins, not later.
+        // The recvmsg guard and sk_msg go in before sock_ops can put any socket into
+        // the map (a socket takes the map's programs when it joins, not later), and
+        // the switch is turned on last. Without the guard there is no bound on what a
+        // stalled receiver queues, so no guard means no sockmap.
+        let mut sockmap = false;
         if options.sockmap {
-            attach_sk_msg(&mut ebpf)?;
-            attached.push(programs::SK_MSG);
+            match attach_recv_guard(&mut ebpf) {
+                Ok(link) => {
+                    links.push(pin_link(link, &link_dir, programs::RECV_GUARD)?);
+                    attached.push(programs::RECV_GUARD);
+                    attach_sk_msg(&mut ebpf)?;
+                    attached.push(programs::SK_MSG);
+                    sockmap = true;
+                }
+                Err(e) => warn!(error = %e,
+                    "sockmap acceleration off: the unread-bytes guard cannot attach"),
+            }
         }
+        write_settings(&mut ebpf, sockmap, options.sockmap_unread_limit)?;
         for name in SOCK_ADDR_PROGRAMS {
             let prog_err = |source| DatapathError::Program { name, source };
             let prog: &mut CgroupSockAddr = ebpf
@@ -287,6 +301,8 @@ impl Datapath {
             sockmap_redirected = c[counters::SOCKMAP_REDIRECTED as usize],
             sockmap_redirected_bytes = c[counters::SOCKMAP_REDIRECTED_BYTES as usize],
             sockmap_fallback = c[counters::SOCKMAP_FALLBACK as usize],
+            sockmap_backpressure = c[counters::SOCKMAP_BACKPRESSURE as usize],
+            sockmap_resumed = c[counters::SOCKMAP_RESUMED as usize],
             "kernel counters"
         );
         for link in links {
@@ -306,7 +322,7 @@ impl Datapath {
 }
 
 /// Writes the switches the programs read from `MESH_SETTINGS`.
-fn write_settings(ebpf: &mut Ebpf, options: DatapathOptions) -> Result<(), DatapathError> {
+fn write_settings(ebpf: &mut Ebpf, sockmap: bool, unread_limit: u32) -> Result<(), DatapathError> {
     let name = mesh_common::maps::SETTINGS;
     let map_err = |source| DatapathError::Map { name, source };
     let mut map: Array<&mut MapData, u32> = ebpf
@@ -314,8 +330,24 @@ fn write_settings(ebpf: &mut Ebpf, options: DatapathOptions) -> Result<(), Datap
         .ok_or(DatapathError::MissingMap { name })?
         .try_into()
         .map_err(map_err)?;
-    map.set(settings::SOCKMAP, u32::from(options.sockmap), 0)
+    map.set(settings::SOCKMAP_UNREAD_LIMIT, unread_limit, 0)
+        .map_err(map_err)?;
+    map.set(settings::SOCKMAP, u32::from(sockmap), 0)
         .map_err(map_err)
+}
+
+/// Loads and attaches the raw tracepoint that counts what sockmap receivers read.
+fn attach_recv_guard(ebpf: &mut Ebpf) -> Result<FdLink, DatapathError> {
+    let name = programs::RECV_GUARD;
+    let prog_err = |source| DatapathError::Program { name, source };
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(prog_err)?;
+    prog.load().map_err(prog_err)?;
+    let id = prog.attach(programs::RECV_GUARD_TARGET).map_err(prog_err)?;
+    Ok(prog.take_link(id).map_err(prog_err)?.into())
 }
 
 /// Attaches sk_msg to `MESH_SOCKETS`. The attachment belongs to the map: it goes when

@@ -9,7 +9,7 @@ use aya::{
 };
 use mesh_common::{
     EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey,
-    ServiceKey, ServiceValue, SockKey, counters, maps,
+    ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
 };
 
 use super::maps::from_ip16;
@@ -63,6 +63,8 @@ pub fn counter_name(i: u32) -> String {
         counters::SOCKMAP_REDIRECTED => "sockmap_redirected".into(),
         counters::SOCKMAP_REDIRECTED_BYTES => "sockmap_redirected_bytes".into(),
         counters::SOCKMAP_FALLBACK => "sockmap_fallback".into(),
+        counters::SOCKMAP_BACKPRESSURE => "sockmap_backpressure".into(),
+        counters::SOCKMAP_RESUMED => "sockmap_resumed".into(),
         other => format!("slot {other}"),
     }
 }
@@ -156,6 +158,31 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
             }
             Ok(keys.len() as u64)
         }
+        maps::SOCK_UNREAD => hash_entries(
+            map,
+            rows,
+            |k: &u64| format!("socket {k:#x}"),
+            |v: &SockFlow| {
+                let path = if v.on_tcp != 0 {
+                    "TCP (receiver behind)"
+                } else {
+                    "sockmap"
+                };
+                format!("{} bytes unread, sender on {path}", v.unread)
+            },
+        ),
+        maps::SOCK_IDS => hash_entries(
+            map,
+            rows,
+            |k: &SockKey| {
+                format!(
+                    "netns {} {}",
+                    k.netns_cookie,
+                    sock(k.local_addr, k.local_port)
+                )
+            },
+            |v: &u64| format!("socket {v:#x}"),
+        ),
         maps::SOCK_FALLBACK => hash_entries(
             map,
             rows,
@@ -173,11 +200,17 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
             let mut out = Vec::new();
             for i in 0..mesh_common::settings::LEN {
                 let v = map.get(&i, 0)?;
-                let name = match i {
-                    mesh_common::settings::SOCKMAP => "sockmap".to_owned(),
-                    other => format!("slot {other}"),
+                let (name, value) = match i {
+                    mesh_common::settings::SOCKMAP => (
+                        "sockmap".to_owned(),
+                        if v != 0 { "on" } else { "off" }.to_owned(),
+                    ),
+                    mesh_common::settings::SOCKMAP_UNREAD_LIMIT => {
+                        ("sockmap_unread_limit".to_owned(), format!("{v} bytes"))
+                    }
+                    other => (format!("slot {other}"), v.to_string()),
                 };
-                out.push((name, if v != 0 { "on" } else { "off" }.to_owned()));
+                out.push((name, value));
             }
             let n = out.len() as u64;
             if let Some(rows) = rows {

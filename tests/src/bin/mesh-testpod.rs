@@ -82,6 +82,14 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// Write to a server that does not read (STALL) for `secs`: how many bytes the
+    /// path accepts before it pushes back. Then the server drains and counts them.
+    Flood {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+    },
     /// One echo connection: prints "ready", then echoes each stdin line through it.
     Stream {
         #[arg(long)]
@@ -194,6 +202,37 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 json!({ "sent": sent, "sent_sha": sent_sha, "reply": reply.trim() })
             );
+            Ok(())
+        }
+        Cmd::Flood { addr, secs } => {
+            let mut c = connect(addr, None).await?;
+            c.write_all(format!("STALL {}\n", secs + 1).as_bytes())
+                .await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+            let chunk = vec![0x5au8; 64 * 1024];
+            let mut accepted = 0u64;
+            loop {
+                match tokio::time::timeout_at(deadline, c.write(&chunk)).await {
+                    Ok(Ok(n)) => accepted += n as u64,
+                    Ok(Err(e)) => {
+                        println!(
+                            "{}",
+                            json!({ "accepted": accepted, "error": e.to_string() })
+                        );
+                        std::process::exit(1);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Once the server has caught up, a last write: the path must carry it in
+            // order after everything else (and may return to the fast path for it).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            c.write_all(&chunk).await?;
+            accepted += chunk.len() as u64;
+            c.shutdown().await?;
+            let mut reply = String::new();
+            c.read_to_string(&mut reply).await?;
+            println!("{}", json!({ "accepted": accepted, "reply": reply.trim() }));
             Ok(())
         }
         Cmd::Source { addr, bytes, then } => {
@@ -369,6 +408,12 @@ async fn handle(
                 r.get_mut().write_all(&buf[..n]).await?;
             }
             r.get_mut().shutdown().await?;
+        }
+        Some("STALL") => {
+            let secs: u64 = words.next().context("STALL needs seconds")?.parse()?;
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            let (n, _) = drain(&mut r).await?;
+            r.get_mut().write_all(format!("{n}\n").as_bytes()).await?;
         }
         Some("SINK") => {
             let (n, sha) = drain(&mut r).await?;

@@ -6,6 +6,7 @@
 //!   direct         to a server pod on node-2, no mesh (the limit across nodes)
 //!   mesh-l4-local  through the agent to the node-1 server (ClusterIP)
 //!   mesh-mtls      through both agents and the mTLS tunnel to the node-2 server
+//!   each mesh scenario twice: agents with `--sockmap off`, then `-sockmap` with it on
 //!   haproxy        a per-node HAProxy on each node with mutual TLS between them
 mod haproxy;
 mod load;
@@ -299,43 +300,55 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         },
     ));
 
-    progress("starting the agents");
-    c.start_agent("node-1")?;
-    c.start_agent("node-2")?;
-    let agents: Vec<u32> = ["node-1", "node-2"]
-        .iter()
-        .filter_map(|n| c.agent_pid(n))
-        .collect();
-    report.scenarios.push(measure(
-        &mut c,
-        &oha,
-        &plan,
-        &client,
-        Target {
-            name: "mesh-l4-local",
-            description: "ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted)",
-            baseline: "direct-local",
-            addr: &format!("{LOCAL_VIP}:80"),
-            bulk: &local_vip_bulk,
-            proxies: &agents[..1],
-        },
-    ));
-    report.scenarios.push(measure(
-        &mut c,
-        &oha,
-        &plan,
-        &client,
-        Target {
-            name: "mesh-mtls",
-            description: "ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node",
-            baseline: "direct",
-            addr: &format!("{REMOTE_VIP}:80"),
-            bulk: &remote_vip_bulk,
-            proxies: &agents,
-        },
-    ));
-    c.stop_agent("node-1")?;
-    c.stop_agent("node-2")?;
+    for sockmap in [false, true] {
+        let (suffix, how) = if sockmap {
+            ("-sockmap", "sockmap on: the pod-agent hops skip TCP/IP")
+        } else {
+            ("", "sockmap off: every hop is TCP")
+        };
+        progress(&format!("starting the agents, {how}"));
+        c.agent_args = vec![
+            "--sockmap".into(),
+            if sockmap { "on" } else { "off" }.into(),
+        ];
+        c.start_agent("node-1")?;
+        c.start_agent("node-2")?;
+        let agents: Vec<u32> = ["node-1", "node-2"]
+            .iter()
+            .filter_map(|n| c.agent_pid(n))
+            .collect();
+        report.scenarios.push(measure(
+            &mut c,
+            &oha,
+            &plan,
+            &client,
+            Target {
+                name: &format!("mesh-l4-local{suffix}"),
+                description: &format!("ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted); {how}"),
+                baseline: "direct-local",
+                addr: &format!("{LOCAL_VIP}:80"),
+                bulk: &local_vip_bulk,
+                proxies: &agents[..1],
+            },
+        ));
+        report.scenarios.push(measure(
+            &mut c,
+            &oha,
+            &plan,
+            &client,
+            Target {
+                name: &format!("mesh-mtls{suffix}"),
+                description: &format!("ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node; {how}"),
+                baseline: "direct",
+                addr: &format!("{REMOTE_VIP}:80"),
+                bulk: &remote_vip_bulk,
+                proxies: &agents,
+            },
+        ));
+        c.stop_agent("node-1")?;
+        c.stop_agent("node-2")?;
+    }
+    c.agent_args.clear();
 
     progress("starting HAProxy on both nodes");
     match haproxy::run(&mut c, "node-1", "node-2", (remote.ip, PORT), BULK_PORT) {
@@ -359,10 +372,6 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         }
         Err(e) => report.notes.push(format!("haproxy did not run: {e:#}")),
     }
-    report.notes.push(
-        "sockmap acceleration of the pod-to-agent hop is not implemented yet, so there are no sockmap variants."
-            .into(),
-    );
     drop(c);
 
     progress("scale: generating the config and starting an agent on it");

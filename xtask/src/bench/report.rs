@@ -147,6 +147,7 @@ impl Report {
             );
         }
         md.push('\n');
+        self.sockmap_table(&mut md);
         let _ = writeln!(md, "## Scenarios\n");
         for s in &self.scenarios {
             let _ = writeln!(md, "- `{}`: {}", s.name, s.description);
@@ -178,6 +179,51 @@ impl Report {
             "\n![p99 latency](p99-latency.svg)\n\n![throughput vs baseline](throughput.svg)"
         );
         md
+    }
+
+    /// Each mesh scenario with sockmap on, as a ratio to the same scenario with it off.
+    fn sockmap_table(&self, md: &mut String) {
+        let pairs: Vec<(&Scenario, &Scenario)> = self
+            .scenarios
+            .iter()
+            .filter_map(|on| {
+                let off = on.name.strip_suffix("-sockmap")?;
+                Some((self.scenario(off)?, on))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let rate = pairs[0].0.latency.first().map_or(0, |l| l.rate);
+        let _ = writeln!(
+            md,
+            "## sockmap on vs off\n\nThe same scenario with sockmap on, as a ratio to it off (below 1.00× is faster for latency, above 1.00× is better for throughput).\n\n| scenario | p50 @{rate} | p99 @{rate} | saturation req/s | new conn/s | bulk | proxy vCPU per 1k req/s |\n|---|---|---|---|---|---|---|"
+        );
+        for (off, on) in pairs {
+            let lat = |s: &Scenario| s.latency.iter().find(|l| l.rate == rate).cloned();
+            let (lo, ln) = (lat(off), lat(on));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                off.name,
+                match (&ln, &lo) {
+                    (Some(n), Some(o)) => ratio(n.p50_ms, o.p50_ms),
+                    _ => "-".into(),
+                },
+                match (&ln, &lo) {
+                    (Some(n), Some(o)) => ratio(n.p99_ms, o.p99_ms),
+                    _ => "-".into(),
+                },
+                ratio(on.saturation_rps, off.saturation_rps),
+                ratio(on.new_connections_per_s, off.new_connections_per_s),
+                ratio(on.bulk_gbit_s, off.bulk_gbit_s),
+                match (on.proxy_vcpu_per_1k_rps, off.proxy_vcpu_per_1k_rps) {
+                    (Some(n), Some(o)) => ratio(n, o),
+                    _ => "-".into(),
+                },
+            );
+        }
+        md.push('\n');
     }
 
     pub fn charts(&self, dir: &Path) -> anyhow::Result<()> {
