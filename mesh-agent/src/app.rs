@@ -64,6 +64,8 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     };
     let maps = datapath.maps.clone();
     readiness.programs_attached.store(true, Ordering::Relaxed);
+    // The kernel BTF parsed while loading is the largest allocation the agent ever makes.
+    crate::memory::release_free_heap();
 
     let id_args = &args.identity;
     let ca_root = std::fs::read_to_string(&id_args.ca_root)

@@ -5,9 +5,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 use clap::Parser as _;
-use mesh_agent::{app, ca, cli, telemetry};
+use mesh_agent::{app, ca, cli, memory, telemetry};
 
 fn main() -> std::process::ExitCode {
+    memory::limit_arenas();
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => {

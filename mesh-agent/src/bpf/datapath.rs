@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, MapData, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkLookup, SkMsg, SockOps,
@@ -165,7 +165,9 @@ impl Datapath {
             path: cgroup.to_owned(),
             source,
         })?;
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        // EbpfLoader::new() reads the kernel's BTF once; Ebpf::load would read a second
+        // copy while the first is still alive, and that peak stays in the agent's RSS.
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
 
         // aya attaches through bpf_link (kernel 5.7+). A cgroup link always coexists
         // with other programs on the same cgroup (systemd's, a CNI's) and the kernel

@@ -179,10 +179,20 @@ fn clock_ticks() -> f64 {
 
 /// Peak resident memory of a process, MiB.
 pub fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident anonymous memory (heap, stacks): what the process itself holds, without
+/// the pages of its executable, which the page cache shares.
+pub fn anon_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "RssAnon:")
+}
+
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }

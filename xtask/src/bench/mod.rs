@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use load::{Oha, bulk, cpu_seconds, peak_rss_mib};
+use load::{Oha, anon_rss_mib, bulk, cpu_seconds, peak_rss_mib};
 use mesh_tests::{Cluster, Pod, yaml};
 use report::{Report, Scenario};
 
@@ -169,6 +169,7 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
     }
     if !proxies.is_empty() {
         s.proxy_peak_rss_mib = Some(proxies.iter().map(|p| peak_rss_mib(*p)).sum());
+        s.proxy_anon_rss_mib = Some(proxies.iter().map(|p| anon_rss_mib(*p)).sum());
     }
     s
 }

@@ -20,6 +20,8 @@ pub struct Scenario {
     /// Proxy CPU (agents or HAProxies) during the lowest fixed rate, per 1,000 req/s.
     pub proxy_vcpu_per_1k_rps: Option<f64>,
     pub proxy_peak_rss_mib: Option<f64>,
+    /// Anonymous resident memory at the end of the scenario (no shared code pages).
+    pub proxy_anon_rss_mib: Option<f64>,
     pub errors: Vec<String>,
 }
 
@@ -125,13 +127,13 @@ impl Report {
         let _ = writeln!(md, "## Throughput and cost\n");
         let _ = writeln!(
             md,
-            "| scenario | saturation req/s | vs baseline | new conn/s | vs baseline | bulk Gbit/s (1 conn) | vs baseline | proxy vCPU per 1k req/s | proxy peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|"
+            "| scenario | saturation req/s | vs baseline | new conn/s | vs baseline | bulk Gbit/s (1 conn) | vs baseline | proxy vCPU per 1k req/s | proxy peak RSS MiB | proxy anon RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.scenarios {
             let b = self.scenario(&s.baseline);
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {} | {:.0} | {} | {:.2} | {} | {} | {} |",
+                "| {} | {:.0} | {} | {:.0} | {} | {:.2} | {} | {} | {} | {} |",
                 s.name,
                 s.saturation_rps,
                 b.map_or("-".into(), |b| ratio(s.saturation_rps, b.saturation_rps)),
@@ -144,6 +146,7 @@ impl Report {
                 b.map_or("-".into(), |b| ratio(s.bulk_gbit_s, b.bulk_gbit_s)),
                 opt(s.proxy_vcpu_per_1k_rps, 3),
                 opt(s.proxy_peak_rss_mib, 1),
+                opt(s.proxy_anon_rss_mib, 1),
             );
         }
         md.push('\n');
@@ -194,33 +197,37 @@ impl Report {
         if pairs.is_empty() {
             return;
         }
-        let rate = pairs[0].0.latency.first().map_or(0, |l| l.rate);
+        let rates: Vec<u32> = pairs[0].0.latency.iter().map(|l| l.rate).collect();
+        let mut head = String::from("| scenario |");
+        for r in &rates {
+            let _ = write!(head, " p50 @{r} | p99 @{r} |");
+        }
+        head += " saturation req/s | new conn/s | bulk | proxy vCPU per 1k req/s |\n|---|";
+        head += &"---|".repeat(rates.len() * 2 + 4);
         let _ = writeln!(
             md,
-            "## sockmap on vs off\n\nThe same scenario with sockmap on, as a ratio to it off (below 1.00× is faster for latency, above 1.00× is better for throughput).\n\n| scenario | p50 @{rate} | p99 @{rate} | saturation req/s | new conn/s | bulk | proxy vCPU per 1k req/s |\n|---|---|---|---|---|---|---|"
+            "## sockmap on vs off\n\nThe same scenario with sockmap on, as a ratio to it off (below 1.00× is faster for latency, above 1.00× is better for throughput).\n\n{head}"
         );
         for (off, on) in pairs {
-            let lat = |s: &Scenario| s.latency.iter().find(|l| l.rate == rate).cloned();
-            let (lo, ln) = (lat(off), lat(on));
+            let mut row = format!("| {} |", off.name);
+            for r in &rates {
+                let lat = |s: &Scenario| s.latency.iter().find(|l| l.rate == *r).cloned();
+                let (p50, p99) = match (lat(on), lat(off)) {
+                    (Some(n), Some(o)) => (ratio(n.p50_ms, o.p50_ms), ratio(n.p99_ms, o.p99_ms)),
+                    _ => ("-".into(), "-".into()),
+                };
+                let _ = write!(row, " {p50} | {p99} |");
+            }
+            let vcpu = match (on.proxy_vcpu_per_1k_rps, off.proxy_vcpu_per_1k_rps) {
+                (Some(n), Some(o)) => ratio(n, o),
+                _ => "-".into(),
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                off.name,
-                match (&ln, &lo) {
-                    (Some(n), Some(o)) => ratio(n.p50_ms, o.p50_ms),
-                    _ => "-".into(),
-                },
-                match (&ln, &lo) {
-                    (Some(n), Some(o)) => ratio(n.p99_ms, o.p99_ms),
-                    _ => "-".into(),
-                },
+                "{row} {} | {} | {} | {vcpu} |",
                 ratio(on.saturation_rps, off.saturation_rps),
                 ratio(on.new_connections_per_s, off.new_connections_per_s),
                 ratio(on.bulk_gbit_s, off.bulk_gbit_s),
-                match (on.proxy_vcpu_per_1k_rps, off.proxy_vcpu_per_1k_rps) {
-                    (Some(n), Some(o)) => ratio(n, o),
-                    _ => "-".into(),
-                },
             );
         }
         md.push('\n');
@@ -303,4 +310,57 @@ fn bar_chart(path: &Path, title: &str, items: &[(String, f64)]) -> anyhow::Resul
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(name: &str, p99: f64, sat: f64) -> Scenario {
+        Scenario {
+            name: name.into(),
+            baseline: "direct-local".into(),
+            latency: vec![Latency {
+                rate: 1000,
+                p50_ms: p99 / 2.0,
+                p99_ms: p99,
+                ..Default::default()
+            }],
+            saturation_rps: sat,
+            new_connections_per_s: 100.0,
+            bulk_gbit_s: 1.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sockmap_rows_compare_each_scenario_with_its_own_off_run() {
+        let report = Report {
+            scenarios: vec![
+                scenario("direct-local", 0.1, 1000.0),
+                scenario("mesh-l4-local", 0.4, 500.0),
+                scenario("mesh-l4-local-sockmap", 0.3, 600.0),
+            ],
+            ..Default::default()
+        };
+        let mut md = String::new();
+        report.sockmap_table(&mut md);
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| mesh-l4-local |"))
+            .unwrap_or_else(|| panic!("no row in {md}"));
+        assert_eq!(
+            row,
+            "| mesh-l4-local | 0.75× | 0.75× | 1.20× | 1.00× | 1.00× | - |"
+        );
+        assert!(md.contains("| scenario | p50 @1000 | p99 @1000 |"), "{md}");
+
+        let mut none = String::new();
+        Report {
+            scenarios: vec![scenario("direct-local", 0.1, 1.0)],
+            ..Default::default()
+        }
+        .sockmap_table(&mut none);
+        assert!(none.is_empty());
+    }
 }
