@@ -4,10 +4,18 @@
 use std::{net::SocketAddr, time::Duration};
 
 use mesh_common::BYPASS_MARK;
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, Socket};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::inpod::Netns;
+
+/// Every socket the agent dials from a pod: marked so the kernel programs leave it
+/// alone, non-blocking for tokio, and without Nagle (the agent forwards what it reads).
+fn prepare(sock: &Socket) -> std::io::Result<()> {
+    sock.set_mark(BYPASS_MARK)?;
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -22,15 +30,7 @@ pub async fn dial_from(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, DialError> {
-    let sock = netns
-        .run(move || -> std::io::Result<Socket> {
-            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-            sock.set_mark(BYPASS_MARK)?;
-            sock.set_nonblocking(true)?;
-            sock.set_tcp_nodelay(true)?;
-            Ok(sock)
-        })
-        .await??;
+    let sock = netns.tcp_socket(Domain::for_address(addr), prepare).await?;
     let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
         Ok(r) => Ok(r?),

@@ -206,6 +206,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Flood { addr, secs } => {
             let mut c = connect(addr, None).await?;
+            // Let the handshake settle on both ends first: a write racing it keeps a
+            // sockmap hop on TCP for good, and this is about the flow-control path.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             c.write_all(format!("STALL {}\n", secs + 1).as_bytes())
                 .await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
