@@ -55,6 +55,9 @@ pub mod maps {
     /// Address of a receiving socket in [`SOCKETS`] -> [`super::SockFlow`]: bytes its
     /// peer sent that it has not read yet, and which path the peer is on.
     pub const SOCK_UNREAD: &str = "MESH_SOCK_UNREAD";
+    /// Address of a sending socket in [`SOCKETS`] -> [`super::SockSending`]: what
+    /// `sk_msg` charged during its sendmsg in progress, set right when it returns.
+    pub const SOCK_SENDING: &str = "MESH_SOCK_SENDING";
     /// Array of u32 switches, indexed by [`super::settings`].
     pub const SETTINGS: &str = "MESH_SETTINGS";
 }
@@ -64,8 +67,9 @@ pub mod settings {
     /// sockmap acceleration of the pod-agent hops.
     pub const SOCKMAP: u32 = 0;
     /// Unread bytes a receiving socket may hold from `sk_msg` before its sender is
-    /// moved to the TCP path for good, where the receive window pushes back. This is
-    /// the sockmap's stand-in for a receive buffer.
+    /// held back: an application's socket moves to the TCP path, where the receive
+    /// window pushes back, until the receiver has read everything; the agent's own
+    /// socket waits. This is the sockmap's stand-in for a receive buffer.
     pub const SOCKMAP_UNREAD_LIMIT: u32 = 1;
     pub const LEN: u32 = 4;
 }
@@ -85,6 +89,11 @@ pub mod programs {
     pub const RECV_GUARD: &str = "mesh_recv_guard";
     /// The tracepoint [`RECV_GUARD`] attaches to (kernel 6.4+).
     pub const RECV_GUARD_TARGET: &str = "sock_recv_length";
+    /// Raw tracepoint on every sendmsg: corrects what `sk_msg` charged to what the
+    /// call really sent (a TCP push can fail part-way; the caller sends it again).
+    pub const SEND_GUARD: &str = "mesh_send_guard";
+    /// The tracepoint [`SEND_GUARD`] attaches to (kernel 6.4+).
+    pub const SEND_GUARD_TARGET: &str = "sock_send_length";
 }
 
 /// Bounds of every map. LRU maps hold entries that may be orphaned (a socket that
@@ -102,6 +111,7 @@ pub mod limits {
     pub const SOCKETS: u32 = 65536;
     pub const SOCK_FALLBACK: u32 = 16384;
     pub const SOCK_UNREAD: u32 = 65536;
+    pub const SOCK_SENDING: u32 = 65536;
 }
 
 /// Indices into the per-CPU counter array.
@@ -134,11 +144,15 @@ pub mod counters {
     pub const SOCKMAP_REDIRECTED_BYTES: u32 = 12;
     /// A socket sent before its peer was in the sockmap and stays on the TCP path.
     pub const SOCKMAP_FALLBACK: u32 = 13;
-    /// A receiver fell behind by more than the unread limit: its sender moved to TCP.
+    /// A receiver fell behind by more than the unread limit: its sender (an
+    /// application's socket) moved to TCP.
     pub const SOCKMAP_BACKPRESSURE: u32 = 14;
     /// ... and came back to the sockmap once the receiver had read everything.
     pub const SOCKMAP_RESUMED: u32 = 15;
-    pub const LEN: u32 = 16;
+    /// Sends of the agent to a receiver more than half the unread limit behind (the
+    /// agent waits for it to catch up before it goes past the limit).
+    pub const SOCKMAP_PACED: u32 = 16;
+    pub const LEN: u32 = 17;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -240,6 +254,22 @@ pub struct SockFlow {
     pub unread: i64,
     /// 1 while the peer sends by TCP because this socket fell behind.
     pub on_tcp: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`maps::SOCK_SENDING`], for one sending socket of a hop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockSending {
+    /// Bytes `sk_msg` charged to the receiver during the sendmsg in progress; the
+    /// send guard takes them back and charges what the call returned instead.
+    pub charged: i64,
+    /// The receiving socket charged (its key in [`maps::SOCK_UNREAD`]).
+    pub receiver: u64,
+    /// 1 when the sender is the agent. The agent holds itself back from a lagging
+    /// receiver (see [`counters::SOCKMAP_PACED`]), so its bytes never go by TCP
+    /// behind bytes still queued in the sockmap.
+    pub paced: u32,
     pub _pad: u32,
 }
 
@@ -351,6 +381,8 @@ mod pod {
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockFlow {}
+    // SAFETY: as above; explicit padding, no implicit gaps.
+    unsafe impl aya::Pod for super::SockSending {}
 }
 
 #[cfg(test)]
@@ -370,6 +402,7 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 56);
         assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<SockFlow>(), 16);
+        assert_eq!(size_of::<SockSending>(), 24);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod connect;
 mod maps;
 mod peername;
 mod recvguard;
+mod sendguard;
 mod sklookup;
 mod skmsg;
 mod sockmap;

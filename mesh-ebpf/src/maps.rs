@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     EnrolledNetns, FlowEvent, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey,
-    ServiceValue, SockFlow, SockKey, counters, limits, settings,
+    ServiceValue, SockFlow, SockKey, SockSending, counters, limits, settings,
 };
 
 #[map]
@@ -62,6 +62,10 @@ pub static MESH_SOCK_IDS: LruHashMap<SockKey, u64> =
 #[map]
 pub static MESH_SOCK_UNREAD: LruHashMap<u64, SockFlow> =
     LruHashMap::with_max_entries(limits::SOCK_UNREAD, 0);
+
+#[map]
+pub static MESH_SOCK_SENDING: LruHashMap<u64, SockSending> =
+    LruHashMap::with_max_entries(limits::SOCK_SENDING, 0);
 
 #[map]
 pub static MESH_SETTINGS: Array<u32> = Array::with_max_entries(settings::LEN, 0);

@@ -1,18 +1,24 @@
 //! `sk_msg`: runs on every send of a socket in `MESH_SOCKETS` and puts the bytes
 //! straight into the receive queue of the other end of the hop, skipping TCP/IP.
 //!
-//! A send is never dropped here: without a redirect the message takes the TCP path.
-//! The receiver drains its sockmap queue before its TCP queue, so going from the
-//! sockmap to TCP keeps bytes in order, and going back is safe only once the receiver
-//! has read everything. Two things put a socket on TCP:
-//!   - it writes before the kernel has finished the other end of the handshake. Those
-//!     bytes were never counted, so it stays on TCP for good (`MESH_SOCK_FALLBACK`);
-//!   - its receiver has more than the unread limit waiting (`MESH_SOCK_UNREAD`). The
-//!     kernel puts no bound on a sockmap receive queue, so without this a reader that
-//!     stalls would let its writer fill the node's TCP memory; on the TCP path the
-//!     receive window pushes back as it always does. Every byte sent by either path
-//!     is counted, so once the receiver's unread count is back to zero nothing is in
-//!     flight and the socket returns to the sockmap.
+//! The kernel puts no bound on a sockmap receive queue, so a reader that stalls would
+//! let its writer fill the node's memory. Every byte sent by either path is counted
+//! against the receiver (`MESH_SOCK_UNREAD`: charged here, set to what the call
+//! really sent by the send guard, taken off by the recvmsg guard as it is read), and
+//! a receiver more than the unread limit behind holds its sender back:
+//!   - the agent's own socket stays on the sockmap: the agent holds itself back (it
+//!     sends at most the limit before it looks up this count, and waits while the
+//!     receiver is behind). Its bytes never take the TCP path behind bytes still in
+//!     the sockmap queue: a reader that takes a short read for "drained" (tokio,
+//!     nginx) would not be woken for the TCP bytes behind them;
+//!   - an application's socket cannot be made to wait, so it moves to TCP, where the
+//!     receive window pushes back. The receiver (the agent) drains its sockmap queue
+//!     before its TCP queue and reads until EAGAIN, so bytes stay in order, and the
+//!     socket returns to the sockmap once the receiver has read everything.
+//!
+//! A socket that writes before the kernel has finished the other end of the handshake
+//! has bytes that were never counted, so it stays on TCP for good
+//! (`MESH_SOCK_FALLBACK`).
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
@@ -26,7 +32,8 @@ use mesh_common::{SockFlow, SockKey, counters, remote_port_from_ctx, settings};
 use crate::{
     addr::read_ip6,
     maps::{
-        MESH_SOCK_FALLBACK, MESH_SOCK_IDS, MESH_SOCK_UNREAD, MESH_SOCKETS, add, count, setting,
+        MESH_SOCK_FALLBACK, MESH_SOCK_IDS, MESH_SOCK_SENDING, MESH_SOCK_UNREAD, MESH_SOCKETS, add,
+        count, setting,
     },
 };
 
@@ -35,12 +42,22 @@ const AF_INET6: u32 = 10;
 
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SK_DROP is never returned: the kernel keeps a drop verdict for every later send
+    // of the socket, so refusing one send would refuse them all.
     let _ = redirect(&ctx);
     SK_PASS
 }
 
+/// Where one message goes.
+enum Path {
+    /// Straight into the receiver's queue.
+    Sockmap,
+    /// Through TCP/IP, as without the mesh.
+    Tcp,
+}
+
 #[inline(always)]
-fn redirect(ctx: &SkMsgContext) -> Option<()> {
+fn redirect(ctx: &SkMsgContext) -> Option<Path> {
     let own = key_of(ctx)?;
     // SAFETY: read-only lookup.
     if unsafe { MESH_SOCK_FALLBACK.get(&own) }.is_some() {
@@ -51,27 +68,47 @@ fn redirect(ctx: &SkMsgContext) -> Option<()> {
     // SAFETY: read-only lookup; the value is copied out.
     let Some(id) = (unsafe { MESH_SOCK_IDS.get(&peer) }).copied() else {
         // The other end is not established yet (or never joined): TCP for good.
-        let _ = MESH_SOCK_FALLBACK.insert(&own, &1, 0);
-        count(counters::SOCKMAP_FALLBACK);
-        return None;
+        return fall_back(&own);
+    };
+    // Without its own records (evicted) a socket cannot have its charges corrected
+    // after the call, so its receiver could never be seen caught up: TCP for good.
+    // SAFETY: read-only lookup; the value is copied out.
+    let Some(own_id) = (unsafe { MESH_SOCK_IDS.get(&own) }).copied() else {
+        return fall_back(&own);
+    };
+    let Some(sending) = MESH_SOCK_SENDING.get_ptr_mut(&own_id) else {
+        return fall_back(&own);
     };
     let Some(flow) = flow_of(id, size) else {
-        let _ = MESH_SOCK_FALLBACK.insert(&own, &1, 0);
-        count(counters::SOCKMAP_FALLBACK);
-        return None;
+        return fall_back(&own);
     };
-    if !choose_sockmap(flow, size) {
-        return None;
+    // SAFETY: a live map value. `charged` is its 8-byte aligned first field; the send
+    // guard takes it back from another context, hence the atomic add. A socket has
+    // one peer for its life, so `receiver` is written with the same value each time.
+    let paced = unsafe {
+        crate::atomic::add_i64(core::ptr::addr_of_mut!((*sending).charged), size);
+        (*sending).receiver = id;
+        (*sending).paced != 0
+    };
+    let path = choose(flow, size, paced);
+    if !matches!(path, Path::Sockmap) {
+        return Some(path);
     }
     if MESH_SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         count(counters::SOCKMAP_REDIRECTED);
         add(counters::SOCKMAP_REDIRECTED_BYTES, size as u64);
+        Some(Path::Sockmap)
     } else {
         // The peer left the map (it closed): the bytes go by TCP, as charged.
-        let _ = MESH_SOCK_FALLBACK.insert(&own, &1, 0);
-        count(counters::SOCKMAP_FALLBACK);
+        fall_back(&own)
     }
-    Some(())
+}
+
+#[inline(always)]
+fn fall_back(own: &SockKey) -> Option<Path> {
+    let _ = MESH_SOCK_FALLBACK.insert(own, &1, 0);
+    count(counters::SOCKMAP_FALLBACK);
+    Some(Path::Tcp)
 }
 
 /// The receiver's flow record, charged with `size` (created on the first send).
@@ -92,10 +129,10 @@ fn flow_of(id: u64, size: i64) -> Option<*mut SockFlow> {
     MESH_SOCK_UNREAD.get_ptr_mut(&id)
 }
 
-/// Whether this message (already charged) goes by the sockmap. Only this socket's
-/// sends, serialised by its socket lock, write `on_tcp`.
+/// The path of this message (already charged). Only this socket's sends, serialised
+/// by its socket lock, write `on_tcp`.
 #[inline(always)]
-fn choose_sockmap(flow: *mut SockFlow, size: i64) -> bool {
+fn choose(flow: *mut SockFlow, size: i64, paced: bool) -> Path {
     let limit = i64::from(setting(settings::SOCKMAP_UNREAD_LIMIT));
     // SAFETY: a live map value; `unread` may change under us (the receiver reads),
     // which can only make this check a message late.
@@ -112,17 +149,25 @@ fn choose_sockmap(flow: *mut SockFlow, size: i64) -> bool {
             // SAFETY: as above.
             unsafe { (*flow).on_tcp = 0 };
             count(counters::SOCKMAP_RESUMED);
-            return true;
+            return Path::Sockmap;
         }
-        return false;
+        return Path::Tcp;
+    }
+    if paced {
+        // The agent sends up to the limit, then looks up this count and waits while
+        // its receiver is more than half the limit behind.
+        if unread > limit / 2 {
+            count(counters::SOCKMAP_PACED);
+        }
+        return Path::Sockmap;
     }
     if unread > limit {
         // SAFETY: as above.
         unsafe { (*flow).on_tcp = 1 };
         count(counters::SOCKMAP_BACKPRESSURE);
-        return false;
+        return Path::Tcp;
     }
-    true
+    Path::Sockmap
 }
 
 #[inline(always)]

@@ -12,14 +12,15 @@ use aya_ebpf::{
 };
 use core::ptr::addr_of_mut;
 use mesh_common::{
-    BYPASS_MARK, OUTBOUND_PORT, SockKey, counters, is_loopback16, remote_port_from_ctx, settings,
+    BYPASS_MARK, OUTBOUND_PORT, SockKey, SockSending, counters, is_loopback16,
+    remote_port_from_ctx, settings,
 };
 
 use crate::{
     addr::read_ip6,
     maps::{
-        MESH_ENROLLED_NETNS, MESH_SOCK_FALLBACK, MESH_SOCK_IDS, MESH_SOCK_UNREAD, MESH_SOCKETS,
-        count, enabled,
+        MESH_ENROLLED_NETNS, MESH_SOCK_FALLBACK, MESH_SOCK_IDS, MESH_SOCK_SENDING,
+        MESH_SOCK_UNREAD, MESH_SOCKETS, count, enabled,
     },
 };
 
@@ -35,9 +36,12 @@ pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {
     let key = key_of(ctx)?;
     // SAFETY: read-only lookup.
     unsafe { MESH_ENROLLED_NETNS.get(&key.netns_cookie) }?;
-    if !is_mesh_hop(ctx, &key, active) {
+    let loopback = is_loopback16(&key.local_addr) && is_loopback16(&key.remote_addr);
+    if !is_mesh_hop(ctx, &key, loopback, active) {
         return None;
     }
+    // Which end is the agent's: it accepts the loopback hop and dials the pod IP one.
+    let agent = loopback != active;
     // Marks left by an earlier connection with the same four-tuple, or an earlier
     // socket at the same address, must not keep this one off the fast path.
     let _ = MESH_SOCK_FALLBACK.remove(&key);
@@ -46,10 +50,20 @@ pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {
     if sk.is_null() {
         return None;
     }
-    // The socket's address names it for the unread count (see skmsg); a count left by
-    // an earlier socket at the same address starts over.
+    // The socket's address names it for the unread and sending counts (see skmsg);
+    // counts left by an earlier socket at the same address start over.
     let id = sk as u64;
     let _ = MESH_SOCK_UNREAD.remove(&id);
+    let sending = SockSending {
+        charged: 0,
+        receiver: 0,
+        paced: u32::from(agent),
+        _pad: 0,
+    };
+    if MESH_SOCK_SENDING.insert(&id, &sending, 0).is_err() {
+        count(counters::SOCKMAP_ADD_FAILED);
+        return None;
+    }
     if MESH_SOCK_IDS.insert(&key, &id, 0).is_err() {
         count(counters::SOCKMAP_ADD_FAILED);
         return None;
@@ -64,8 +78,8 @@ pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {
 }
 
 #[inline(always)]
-fn is_mesh_hop(ctx: &SockOpsContext, key: &SockKey, active: bool) -> bool {
-    if is_loopback16(&key.local_addr) && is_loopback16(&key.remote_addr) {
+fn is_mesh_hop(ctx: &SockOpsContext, key: &SockKey, loopback: bool, active: bool) -> bool {
+    if loopback {
         // The app dialled the agent's outbound listener, or the agent accepted it.
         return if active {
             key.remote_port == OUTBOUND_PORT

@@ -115,14 +115,16 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
         .collect();
     link_pins.sort();
     // Five cgroup links, the inbound (sk_lookup) link of the one enrolled pod, and
-    // with sockmap on the recvmsg tracepoint that bounds it.
+    // with sockmap on the recvmsg and sendmsg tracepoints that bound it.
     let guard = usize::from(sockmap_on());
-    assert_eq!(link_pins.len(), 6 + guard, "{link_pins:?}");
-    assert_eq!(
-        link_pins.iter().filter(|p| *p == "mesh_recv_guard").count(),
-        guard,
-        "{link_pins:?}"
-    );
+    assert_eq!(link_pins.len(), 6 + 2 * guard, "{link_pins:?}");
+    for name in ["mesh_recv_guard", "mesh_send_guard"] {
+        assert_eq!(
+            link_pins.iter().filter(|p| *p == name).count(),
+            guard,
+            "{link_pins:?}"
+        );
+    }
     let sk_lookup = link_pins
         .iter()
         .filter(|p| p.starts_with("mesh_sk_lookup-"));
@@ -153,7 +155,7 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
             .output()
             .expect("bpftool");
         let progs = String::from_utf8_lossy(&out.stdout).into_owned();
-        let left: Vec<&str> = ["mesh_recv_guard", "mesh_sk_msg"]
+        let left: Vec<&str> = ["mesh_recv_guard", "mesh_send_guard", "mesh_sk_msg"]
             .into_iter()
             .filter(|n| progs.contains(n))
             .collect();

@@ -190,7 +190,7 @@ fn a_receiver_that_stops_reading_pushes_back_through_the_mesh() {
     let out = json(&out.unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log("node-1"))));
     let accepted = out["accepted"].as_u64().unwrap();
     eprintln!(
-        "sockmap {}: {accepted} bytes accepted while the receiver stalled",
+        "sockmap {}: {accepted} bytes accepted while the receiver stalled: {out}",
         sockmap_on()
     );
     assert_eq!(out["reply"], accepted.to_string(), "{out}");
@@ -198,12 +198,26 @@ fn a_receiver_that_stops_reading_pushes_back_through_the_mesh() {
         accepted < 64 * 1024 * 1024,
         "{accepted} bytes accepted while the receiver did not read"
     );
+    // Two seconds after the server started draining, the path is empty again: the
+    // last writes go straight through. A path left waiting for a TCP zero-window
+    // probe (the receiver was never told there is more to read) takes 0.2 s to
+    // seconds here.
+    let last_write_ms = out["last_write_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(last_write_ms < 150, "the last write waited: {out}");
     if sockmap_on() {
-        // The kernel bounds nothing here: the unread guard moved the writers to TCP,
-        // and once the receiver had caught up, the last write came back.
+        // The kernel bounds nothing here: the unread guard held both writers back (the
+        // application's by moving it to TCP, the agent's by its own pacing until the
+        // server caught up), and once the agent had caught up, the client's last
+        // writes came back to the sockmap.
         let k = kernel_counters(&c, "node-1");
+        let unread = || {
+            c.meshctl_json("node-1", &["bpf", "maps", "--dump", "MESH_SOCK_UNREAD"])
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        };
         assert!(k["sockmap_backpressure"] > 0, "{k:?}");
-        assert!(k["sockmap_resumed"] > 0, "{k:?}");
+        assert!(k["sockmap_paced"] > 0, "{k:?}");
+        assert!(k["sockmap_resumed"] > 0, "{k:?}\n{}", unread());
         assert!(k["sockmap_redirected"] > 0, "{k:?}");
     }
 }

@@ -181,16 +181,29 @@ impl Datapath {
         // stalled receiver queues, so no guard means no sockmap.
         let mut sockmap = false;
         if options.sockmap {
-            match attach_recv_guard(&mut ebpf) {
-                Ok(link) => {
-                    links.push(pin_link(link, &link_dir, programs::RECV_GUARD)?);
-                    attached.push(programs::RECV_GUARD);
-                    attach_sk_msg(&mut ebpf)?;
-                    attached.push(programs::SK_MSG);
-                    sockmap = true;
+            let guards = [
+                (programs::RECV_GUARD, programs::RECV_GUARD_TARGET),
+                (programs::SEND_GUARD, programs::SEND_GUARD_TARGET),
+            ];
+            let mut guard_links = Vec::new();
+            for (name, target) in guards {
+                match attach_guard(&mut ebpf, name, target) {
+                    Ok(link) => guard_links.push((name, link)),
+                    Err(e) => {
+                        warn!(error = %e,
+                            "sockmap acceleration off: an unread-bytes guard cannot attach");
+                        break;
+                    }
                 }
-                Err(e) => warn!(error = %e,
-                    "sockmap acceleration off: the unread-bytes guard cannot attach"),
+            }
+            if guard_links.len() == guards.len() {
+                for (name, link) in guard_links {
+                    links.push(pin_link(link, &link_dir, name)?);
+                    attached.push(name);
+                }
+                attach_sk_msg(&mut ebpf)?;
+                attached.push(programs::SK_MSG);
+                sockmap = true;
             }
         }
         write_settings(&mut ebpf, sockmap, options.sockmap_unread_limit)?;
@@ -247,7 +260,8 @@ impl Datapath {
                     source,
                 })?;
         }
-        let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf)?);
+        let limit = sockmap.then_some(options.sockmap_unread_limit);
+        let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf, limit)?);
         let events = match ebpf.take_map(mesh_common::maps::EVENTS) {
             Some(m) => Some(RingBuf::try_from(m).map_err(|source| DatapathError::Map {
                 name: mesh_common::maps::EVENTS,
@@ -305,6 +319,7 @@ impl Datapath {
             sockmap_fallback = c[counters::SOCKMAP_FALLBACK as usize],
             sockmap_backpressure = c[counters::SOCKMAP_BACKPRESSURE as usize],
             sockmap_resumed = c[counters::SOCKMAP_RESUMED as usize],
+            sockmap_paced = c[counters::SOCKMAP_PACED as usize],
             "kernel counters"
         );
         for link in links {
@@ -338,9 +353,13 @@ fn write_settings(ebpf: &mut Ebpf, sockmap: bool, unread_limit: u32) -> Result<(
         .map_err(map_err)
 }
 
-/// Loads and attaches the raw tracepoint that counts what sockmap receivers read.
-fn attach_recv_guard(ebpf: &mut Ebpf) -> Result<FdLink, DatapathError> {
-    let name = programs::RECV_GUARD;
+/// Loads and attaches one of the raw tracepoints that keep the sockmap's unread
+/// counts true: what receivers read, what senders really sent.
+fn attach_guard(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    target: &str,
+) -> Result<FdLink, DatapathError> {
     let prog_err = |source| DatapathError::Program { name, source };
     let prog: &mut RawTracePoint = ebpf
         .program_mut(name)
@@ -348,7 +367,7 @@ fn attach_recv_guard(ebpf: &mut Ebpf) -> Result<FdLink, DatapathError> {
         .try_into()
         .map_err(prog_err)?;
     prog.load().map_err(prog_err)?;
-    let id = prog.attach(programs::RECV_GUARD_TARGET).map_err(prog_err)?;
+    let id = prog.attach(target).map_err(prog_err)?;
     Ok(prog.take_link(id).map_err(prog_err)?.into())
 }
 

@@ -9,7 +9,7 @@ use aya::{
 };
 use mesh_common::{
     EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey,
-    ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
+    ServiceKey, ServiceValue, SockFlow, SockKey, SockSending, counters, maps,
 };
 
 use super::maps::from_ip16;
@@ -65,6 +65,7 @@ pub fn counter_name(i: u32) -> String {
         counters::SOCKMAP_FALLBACK => "sockmap_fallback".into(),
         counters::SOCKMAP_BACKPRESSURE => "sockmap_backpressure".into(),
         counters::SOCKMAP_RESUMED => "sockmap_resumed".into(),
+        counters::SOCKMAP_PACED => "sockmap_paced".into(),
         other => format!("slot {other}"),
     }
 }
@@ -169,6 +170,18 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                     "sockmap"
                 };
                 format!("{} bytes unread, sender on {path}", v.unread)
+            },
+        ),
+        maps::SOCK_SENDING => hash_entries(
+            map,
+            rows,
+            |k: &u64| format!("socket {k:#x}"),
+            |v: &SockSending| {
+                let who = if v.paced != 0 { "agent" } else { "app" };
+                format!(
+                    "{who} socket, sends to socket {:#x}, {} bytes charged in the call in progress",
+                    v.receiver, v.charged
+                )
             },
         ),
         maps::SOCK_IDS => hash_entries(

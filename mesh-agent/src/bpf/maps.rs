@@ -13,7 +13,7 @@ use aya::{
 };
 use mesh_common::{
     EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PROTO_TCP,
-    PeerKey, ServiceKey, ServiceValue, counters, maps,
+    PeerKey, ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
 };
 
 use super::datapath::DatapathError;
@@ -55,6 +55,11 @@ pub struct MeshMaps {
     inbound: Locked<InboundKey, InboundPolicy>,
     plaintext_listeners: Mutex<SockHash<MapData, InboundKey>>,
     counters: PerCpuArray<MapData, u64>,
+    /// Read only, to see whether a receiver the agent sends to has caught up.
+    sock_ids: HashMap<MapData, SockKey, u64>,
+    sock_unread: HashMap<MapData, u64, SockFlow>,
+    /// The unread limit when sockmap acceleration is on.
+    sockmap_limit: Option<u32>,
 }
 
 /// How the kernel treats plaintext arriving at an enrolled pod.
@@ -84,7 +89,7 @@ pub struct MapUpdateError {
 }
 
 impl MeshMaps {
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+    pub(super) fn take(ebpf: &mut Ebpf, sockmap_limit: Option<u32>) -> Result<Self, DatapathError> {
         Ok(MeshMaps {
             enrolled: Mutex::new(take(ebpf, maps::ENROLLED_NETNS)?),
             services: Mutex::new(take(ebpf, maps::SERVICES)?),
@@ -92,6 +97,9 @@ impl MeshMaps {
             inbound: Mutex::new(take(ebpf, maps::INBOUND)?),
             plaintext_listeners: Mutex::new(take(ebpf, maps::PLAINTEXT_LISTENERS)?),
             counters: take(ebpf, maps::COUNTERS)?,
+            sock_ids: take(ebpf, maps::SOCK_IDS)?,
+            sock_unread: take(ebpf, maps::SOCK_UNREAD)?,
+            sockmap_limit,
         })
     }
 
@@ -197,6 +205,18 @@ impl MeshMaps {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let _ = m.remove(&InboundKey { addr: ip16(ip) });
+    }
+
+    /// The unread limit, when sockmap acceleration is on.
+    pub fn sockmap_limit(&self) -> Option<u32> {
+        self.sockmap_limit
+    }
+
+    /// Bytes the other end of the hop `own` (one of the agent's sockets) has not read
+    /// yet, when both ends are in the sockmap.
+    pub fn unread_by_peer(&self, own: &SockKey) -> Option<i64> {
+        let id = self.sock_ids.get(&own.peer(), 0).ok()?;
+        self.sock_unread.get(&id, 0).ok().map(|f| f.unread)
     }
 
     /// Kernel counters summed over CPUs, indexed by `mesh_common::counters`.

@@ -7,17 +7,18 @@
 //! docs/security.md for why the source address is not preserved.
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
 use tracing::info;
 
-use super::{InboundError, PodContext, ProxyContext, dial::DialError, dial::dial_from};
+use super::{
+    InboundError, PodContext, ProxyContext, dial::DialError, dial::dial_from, podhop::PodHop,
+};
 use crate::{
     authz::{ConnAttrs, LiveGuard},
     telemetry::{Outcome, ResponseFlag},
 };
 
 pub struct Delivered {
-    pub app: TcpStream,
+    pub app: PodHop,
     pub guard: LiveGuard,
 }
 
@@ -51,6 +52,7 @@ pub async fn deliver(
             DialError::Io(source) => InboundError::Connect { addr, source },
             DialError::Timeout(_) => InboundError::ConnectTimeout { addr },
         })?;
+    let app = PodHop::new(app, pod.netns_cookie, &ctx.maps);
     Ok(Delivered { app, guard })
 }
 

@@ -7,6 +7,7 @@ mod error;
 mod inbound;
 mod outbound;
 mod plaintext;
+mod podhop;
 mod pool;
 mod relay;
 mod tunnel;

@@ -17,6 +17,7 @@ use super::{
     InboundError, OutboundError, PodContext, ProxyContext, TunnelError,
     deliver::deliver,
     dial::{DialError, dial_from},
+    podhop::PodHop,
     relay::{RelayEnd, relay, reset},
     tunnel,
 };
@@ -46,7 +47,7 @@ pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Ar
 /// The upstream side of a connection, however it is reached.
 enum Upstream {
     Local {
-        app: TcpStream,
+        app: PodHop,
         guard: crate::authz::LiveGuard,
     },
     Tunnel(tunnel::TunnelStream),
@@ -55,7 +56,7 @@ enum Upstream {
 
 async fn handle(
     id: u64,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
@@ -93,6 +94,7 @@ async fn handle(
         }
     };
     let _ = client.set_nodelay(true);
+    let mut client = PodHop::new(client, pod.netns_cookie, &ctx.maps);
     let conn = ctx.telemetry.open(info);
     let never = CancellationToken::new();
     let (result, dest_conn) = match upstream {

@@ -94,7 +94,8 @@ where
 
 /// Closes with RST rather than FIN, so the peer sees a failed connection, not an
 /// empty response.
-pub fn reset(stream: tokio::net::TcpStream) {
+pub fn reset(stream: impl Into<tokio::net::TcpStream>) {
+    let stream = stream.into();
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_linger(Some(std::time::Duration::ZERO));
     drop(stream);

@@ -227,15 +227,29 @@ async fn main() -> anyhow::Result<()> {
                     Err(_) => break,
                 }
             }
-            // Once the server has caught up, a last write: the path must carry it in
-            // order after everything else (and may return to the fast path for it).
+            // Once the server has caught up, a few last writes: the path must carry
+            // them in order after everything else, without waiting, and return to the
+            // fast path. (The kernel skips the sk_msg program for the first send after
+            // a TCP push that failed part-way, so one write may not be enough.)
             tokio::time::sleep(Duration::from_secs(3)).await;
-            c.write_all(&chunk).await?;
-            accepted += chunk.len() as u64;
+            let mut last_write_ms = 0u64;
+            let last = &chunk[..8 * 1024];
+            for _ in 0..8 {
+                let t = std::time::Instant::now();
+                c.write_all(last).await?;
+                last_write_ms = last_write_ms.max(t.elapsed().as_millis() as u64);
+                accepted += last.len() as u64;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let t = std::time::Instant::now();
             c.shutdown().await?;
             let mut reply = String::new();
             c.read_to_string(&mut reply).await?;
-            println!("{}", json!({ "accepted": accepted, "reply": reply.trim() }));
+            let reply_ms = t.elapsed().as_millis() as u64;
+            println!(
+                "{}",
+                json!({ "accepted": accepted, "reply": reply.trim(), "last_write_ms": last_write_ms, "reply_ms": reply_ms })
+            );
             Ok(())
         }
         Cmd::Source { addr, bytes, then } => {

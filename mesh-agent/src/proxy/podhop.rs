@@ -1,0 +1,177 @@
+//! The agent's end of a pod-agent hop (the application's connection it accepted, or
+//! the one it dialled to deliver), as sockmap acceleration needs it to be handled.
+//!
+//! Two rules of the kernel side (mesh-ebpf `skmsg`) show up here:
+//!   - reads go on until the kernel says EAGAIN. An application's socket whose
+//!     receiver (this one) fell behind sends by TCP, and those bytes queue behind the
+//!     sockmap queue; the read that empties the sockmap queue comes back short while
+//!     TCP bytes wait. tokio takes a short read for "drained" and would wait for an
+//!     edge that never comes;
+//!   - the agent bounds what it leaves unread in the application's sockmap queue
+//!     itself: it sends up to its credit (the unread limit), then looks up how much
+//!     the application has not read yet, and while that is more than half the limit
+//!     it waits, polling. One map lookup per limit's worth of bytes sent, none for
+//!     small exchanges.
+//!
+//! With sockmap acceleration off this is a plain `TcpStream`.
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use mesh_common::SockKey;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Sleep,
+};
+
+use crate::bpf::{MeshMaps, ip16};
+
+/// How long the first wait for a lagging receiver is; it doubles up to [`MAX_WAIT`].
+const FIRST_WAIT: Duration = Duration::from_millis(1);
+const MAX_WAIT: Duration = Duration::from_millis(16);
+
+pub struct PodHop {
+    io: TcpStream,
+    /// Present when sockmap acceleration is on.
+    pacing: Option<Pacing>,
+}
+
+struct Pacing {
+    maps: Arc<MeshMaps>,
+    netns_cookie: u64,
+    limit: i64,
+    /// Bytes the agent may still send before it looks at the receiver again.
+    credit: i64,
+    /// This socket's key, worked out on the first look.
+    key: Option<SockKey>,
+    wait: Option<Pin<Box<Sleep>>>,
+    next_wait: Duration,
+}
+
+impl PodHop {
+    pub fn new(io: TcpStream, netns_cookie: u64, maps: &Arc<MeshMaps>) -> Self {
+        let pacing = maps.sockmap_limit().map(|limit| Pacing {
+            maps: maps.clone(),
+            netns_cookie,
+            limit: i64::from(limit),
+            credit: i64::from(limit),
+            key: None,
+            wait: None,
+            next_wait: FIRST_WAIT,
+        });
+        PodHop { io, pacing }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.io
+    }
+}
+
+impl From<PodHop> for TcpStream {
+    fn from(hop: PodHop) -> TcpStream {
+        hop.io
+    }
+}
+
+impl Pacing {
+    fn key_of(&mut self, io: &TcpStream) -> io::Result<SockKey> {
+        if let Some(k) = self.key {
+            return Ok(k);
+        }
+        let (local, peer) = (io.local_addr()?, io.peer_addr()?);
+        let key = SockKey {
+            netns_cookie: self.netns_cookie,
+            local_addr: ip16(local.ip()),
+            remote_addr: ip16(peer.ip()),
+            local_port: local.port(),
+            remote_port: peer.port(),
+            _pad: 0,
+        };
+        self.key = Some(key);
+        Ok(key)
+    }
+
+    /// Looks at the receiver once the credit is used up: new credit, or a wait while
+    /// it is more than half the limit behind. A receiver that is not in the maps
+    /// (it closed, or its socket is not accelerated) gets a full credit.
+    fn refill(&mut self, io: &TcpStream) -> io::Result<()> {
+        let key = self.key_of(io)?;
+        let unread = self.maps.unread_by_peer(&key).unwrap_or(0);
+        if unread > self.limit / 2 {
+            self.wait = Some(Box::pin(tokio::time::sleep(self.next_wait)));
+            self.next_wait = (self.next_wait * 2).min(MAX_WAIT);
+        } else {
+            self.credit = self.limit - unread;
+            self.next_wait = FIRST_WAIT;
+        }
+        Ok(())
+    }
+
+    /// Ready once there is credit to send with.
+    fn poll_credit(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(wait) = self.wait.as_mut() {
+                ready!(wait.as_mut().poll(cx));
+                self.wait = None;
+            } else if self.credit > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            self.refill(io)?;
+        }
+    }
+}
+
+impl AsyncRead for PodHop {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pacing.is_none() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        // try_read leaves the readiness set after a short read; only EAGAIN clears it.
+        loop {
+            ready!(this.io.poll_read_ready(cx))?;
+            match this.io.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PodHop {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let Some(pacing) = this.pacing.as_mut() else {
+            return Pin::new(&mut this.io).poll_write(cx, buf);
+        };
+        ready!(pacing.poll_credit(&this.io, cx))?;
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+        pacing.credit -= n as i64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
