@@ -2,11 +2,14 @@
 //! the one it dialled to deliver), as sockmap acceleration needs it to be handled.
 //!
 //! Two rules of the kernel side (mesh-ebpf `skmsg`) show up here:
-//!   - reads go on until the kernel says EAGAIN. An application's socket whose
-//!     receiver (this one) fell behind sends by TCP, and those bytes queue behind the
-//!     sockmap queue; the read that empties the sockmap queue comes back short while
-//!     TCP bytes wait. tokio takes a short read for "drained" and would wait for an
-//!     edge that never comes;
+//!   - after a read that filled the buffer, the next short read is not taken for
+//!     "drained": the agent reads again until the kernel says EAGAIN. An
+//!     application's socket whose receiver (this one) fell more than the unread limit
+//!     behind sends by TCP, and those bytes queue behind the sockmap queue; the read
+//!     that empties the sockmap queue comes back short while TCP bytes wait. tokio
+//!     takes a short read for "drained" and would wait for an edge that never comes.
+//!     That short read always follows full ones (the limit is megabytes), so small
+//!     exchanges pay no extra read;
 //!   - the agent bounds what it leaves unread in the application's sockmap queue
 //!     itself: it sends up to its credit (the unread limit), then looks up how much
 //!     the application has not read yet, and while that is more than half the limit
@@ -37,6 +40,8 @@ const MAX_WAIT: Duration = Duration::from_millis(16);
 
 pub struct PodHop {
     io: TcpStream,
+    /// The last read filled the buffer: read on until EAGAIN.
+    after_full_read: bool,
     /// Present when sockmap acceleration is on.
     pacing: Option<Pacing>,
 }
@@ -64,7 +69,11 @@ impl PodHop {
             wait: None,
             next_wait: FIRST_WAIT,
         });
-        PodHop { io, pacing }
+        PodHop {
+            io,
+            after_full_read: false,
+            pacing,
+        }
     }
 
     pub fn get_ref(&self) -> &TcpStream {
@@ -136,12 +145,20 @@ impl AsyncRead for PodHop {
         if this.pacing.is_none() {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
+        let room = buf.remaining();
+        if !this.after_full_read {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            this.after_full_read = room > 0 && buf.filled().len() - before == room;
+            return Poll::Ready(Ok(()));
+        }
         // try_read leaves the readiness set after a short read; only EAGAIN clears it.
         loop {
             ready!(this.io.poll_read_ready(cx))?;
             match this.io.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
+                    this.after_full_read = room > 0 && n == room;
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
