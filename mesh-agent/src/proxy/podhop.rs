@@ -34,6 +34,19 @@ use tokio::{
 
 use crate::bpf::{MeshMaps, ip16};
 
+/// Where the agent learns how far behind the other end of one of its hops is: the
+/// kernel's unread counts (`MeshMaps`), or a stand-in in tests.
+pub trait UnreadGauge: Send + Sync {
+    /// Bytes the other end of `own` has not read, if it is in the sockmap.
+    fn unread_by_peer(&self, own: &SockKey) -> Option<i64>;
+}
+
+impl UnreadGauge for MeshMaps {
+    fn unread_by_peer(&self, own: &SockKey) -> Option<i64> {
+        MeshMaps::unread_by_peer(self, own)
+    }
+}
+
 /// How long the first wait for a lagging receiver is; it doubles up to [`MAX_WAIT`].
 const FIRST_WAIT: Duration = Duration::from_millis(1);
 const MAX_WAIT: Duration = Duration::from_millis(16);
@@ -47,7 +60,7 @@ pub struct PodHop {
 }
 
 struct Pacing {
-    maps: Arc<MeshMaps>,
+    gauge: Arc<dyn UnreadGauge>,
     netns_cookie: u64,
     limit: i64,
     /// Bytes the agent may still send before it looks at the receiver again.
@@ -60,8 +73,19 @@ struct Pacing {
 
 impl PodHop {
     pub fn new(io: TcpStream, netns_cookie: u64, maps: &Arc<MeshMaps>) -> Self {
-        let pacing = maps.sockmap_limit().map(|limit| Pacing {
-            maps: maps.clone(),
+        let gauge: Arc<dyn UnreadGauge> = maps.clone();
+        Self::with_gauge(io, netns_cookie, maps.sockmap_limit(), gauge)
+    }
+
+    /// `limit` is the sockmap's unread limit, `None` when sockmap acceleration is off.
+    fn with_gauge(
+        io: TcpStream,
+        netns_cookie: u64,
+        limit: Option<u32>,
+        gauge: Arc<dyn UnreadGauge>,
+    ) -> Self {
+        let pacing = limit.map(|limit| Pacing {
+            gauge,
             netns_cookie,
             limit: i64::from(limit),
             credit: i64::from(limit),
@@ -110,7 +134,7 @@ impl Pacing {
     /// (it closed, or its socket is not accelerated) gets a full credit.
     fn refill(&mut self, io: &TcpStream) -> io::Result<()> {
         let key = self.key_of(io)?;
-        let unread = self.maps.unread_by_peer(&key).unwrap_or(0);
+        let unread = self.gauge.unread_by_peer(&key).unwrap_or(0);
         if unread > self.limit / 2 {
             self.wait = Some(Box::pin(tokio::time::sleep(self.next_wait)));
             self.next_wait = (self.next_wait * 2).min(MAX_WAIT);
@@ -190,5 +214,117 @@ impl AsyncWrite for PodHop {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicI64, AtomicUsize, Ordering},
+    };
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// A receiver whose unread count the test sets; it records the keys asked about.
+    #[derive(Default)]
+    struct FakeGauge {
+        unread: AtomicI64,
+        looks: AtomicUsize,
+        keys: Mutex<Vec<SockKey>>,
+    }
+
+    impl UnreadGauge for FakeGauge {
+        fn unread_by_peer(&self, own: &SockKey) -> Option<i64> {
+            self.looks.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut keys) = self.keys.lock() {
+                keys.push(*own);
+            }
+            Some(self.unread.load(Ordering::SeqCst))
+        }
+    }
+
+    const LIMIT: u32 = 16 * 1024;
+
+    async fn pair(
+        gauge: Arc<FakeGauge>,
+        limit: Option<u32>,
+    ) -> (PodHop, TcpStream, std::net::SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let hop = PodHop::with_gauge(client.unwrap(), 7, limit, gauge);
+        (hop, accepted.unwrap().0, addr)
+    }
+
+    #[tokio::test]
+    async fn small_exchanges_never_look_at_the_receiver() {
+        let gauge = Arc::new(FakeGauge::default());
+        let (mut hop, mut peer, _) = pair(gauge.clone(), Some(LIMIT)).await;
+        for _ in 0..8 {
+            hop.write_all(&[1u8; 1024]).await.unwrap();
+            let mut buf = [0u8; 1024];
+            peer.read_exact(&mut buf).await.unwrap();
+            peer.write_all(&buf).await.unwrap();
+            hop.read_exact(&mut buf).await.unwrap();
+        }
+        assert_eq!(gauge.looks.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_agent_waits_while_its_receiver_is_behind() {
+        let gauge = Arc::new(FakeGauge::default());
+        let (mut hop, _peer, addr) = pair(gauge.clone(), Some(LIMIT)).await;
+        // The whole credit goes without a look.
+        hop.write_all(&vec![0u8; LIMIT as usize]).await.unwrap();
+        assert_eq!(gauge.looks.load(Ordering::SeqCst), 0);
+
+        // The receiver has read nothing: the next send waits, looking again and again.
+        gauge.unread.store(i64::from(LIMIT), Ordering::SeqCst);
+        let blocked = tokio::time::timeout(Duration::from_millis(100), hop.write(&[0u8; 512]));
+        assert!(blocked.await.is_err(), "sent to a receiver a limit behind");
+        assert!(gauge.looks.load(Ordering::SeqCst) >= 3);
+        let key = gauge.keys.lock().unwrap()[0];
+        assert_eq!(key.netns_cookie, 7);
+        assert_eq!(key.remote_port, addr.port());
+        assert_eq!(key.remote_addr, ip16(addr.ip()));
+
+        // Still more than half the limit behind: still waiting.
+        gauge
+            .unread
+            .store(i64::from(LIMIT / 2) + 1, Ordering::SeqCst);
+        let blocked = tokio::time::timeout(Duration::from_millis(60), hop.write(&[0u8; 512]));
+        assert!(
+            blocked.await.is_err(),
+            "sent to a receiver over half the limit behind"
+        );
+
+        // Caught up to half: the send goes, and the credit is what the receiver has room for.
+        gauge.unread.store(i64::from(LIMIT / 4), Ordering::SeqCst);
+        let n = tokio::time::timeout(Duration::from_secs(2), hop.write(&[0u8; 512]))
+            .await
+            .expect("still waiting once the receiver caught up")
+            .unwrap();
+        assert_eq!(n, 512);
+        let credit = hop.pacing.as_ref().map(|p| p.credit);
+        assert_eq!(credit, Some(i64::from(LIMIT - LIMIT / 4) - 512));
+    }
+
+    #[tokio::test]
+    async fn without_sockmap_it_is_the_plain_stream() {
+        let gauge = Arc::new(FakeGauge::default());
+        gauge.unread.store(i64::MAX, Ordering::SeqCst);
+        let (mut hop, mut peer, _) = pair(gauge.clone(), None).await;
+        hop.write_all(&vec![3u8; 4 * LIMIT as usize]).await.unwrap();
+        hop.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 4 * LIMIT as usize);
+        assert_eq!(gauge.looks.load(Ordering::SeqCst), 0);
     }
 }
