@@ -63,6 +63,17 @@ pub static MESH_SOCK_IDS: LruHashMap<SockKey, u64> =
 pub static MESH_SOCK_UNREAD: LruHashMap<u64, SockFlow> =
     LruHashMap::with_max_entries(limits::SOCK_UNREAD, 0);
 
+/// Adds `delta` to the unread count of the receiving socket `id`, if it has a record,
+/// and returns the record.
+#[inline(always)]
+pub fn add_unread(id: u64, delta: i64) -> Option<*mut SockFlow> {
+    let flow = MESH_SOCK_UNREAD.get_ptr_mut(&id)?;
+    // SAFETY: `unread` is the 8-byte aligned first field of a live map value. Atomic:
+    // senders add and the receiver's guard subtracts, from different CPUs.
+    unsafe { crate::atomic::add_i64(core::ptr::addr_of_mut!((*flow).unread), delta) };
+    Some(flow)
+}
+
 #[map]
 pub static MESH_SOCK_SENDING: LruHashMap<u64, SockSending> =
     LruHashMap::with_max_entries(limits::SOCK_SENDING, 0);

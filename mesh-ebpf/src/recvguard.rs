@@ -6,7 +6,7 @@
 //! kernel BTF nor BPF trampolines.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 
-use crate::maps::MESH_SOCK_UNREAD;
+use crate::maps::add_unread;
 
 const MSG_PEEK: i64 = 2;
 
@@ -19,10 +19,6 @@ pub fn mesh_recv_guard(ctx: RawTracePointContext) -> i32 {
     if read <= 0 || flags & MSG_PEEK != 0 {
         return 0;
     }
-    if let Some(flow) = MESH_SOCK_UNREAD.get_ptr_mut(&sk) {
-        // SAFETY: `unread` is the 8-byte aligned first field of a map value; atomic
-        // because the sender updates it from another CPU.
-        unsafe { crate::atomic::add_i64(core::ptr::addr_of_mut!((*flow).unread), -read) };
-    }
+    let _ = add_unread(sk, -read);
     0
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 
 use crate::{
     atomic::add_i64,
-    maps::{MESH_SOCK_SENDING, MESH_SOCK_UNREAD},
+    maps::{MESH_SOCK_SENDING, add_unread},
 };
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
@@ -34,11 +34,8 @@ pub fn mesh_send_guard(ctx: RawTracePointContext) -> i32 {
     }
     // SAFETY: as above.
     unsafe { add_i64(core::ptr::addr_of_mut!((*sending).charged), -charged) };
-    if sent != charged
-        && let Some(flow) = MESH_SOCK_UNREAD.get_ptr_mut(&receiver)
-    {
-        // SAFETY: `unread` is the 8-byte aligned first field of a map value.
-        unsafe { add_i64(core::ptr::addr_of_mut!((*flow).unread), sent - charged) };
+    if sent != charged {
+        let _ = add_unread(receiver, sent - charged);
     }
     0
 }

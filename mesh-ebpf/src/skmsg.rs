@@ -33,7 +33,7 @@ use crate::{
     addr::read_ip6,
     maps::{
         MESH_SOCK_FALLBACK, MESH_SOCK_IDS, MESH_SOCK_SENDING, MESH_SOCK_UNREAD, MESH_SOCKETS, add,
-        count, setting,
+        add_unread, count, setting,
     },
 };
 
@@ -114,10 +114,7 @@ fn fall_back(own: &SockKey) -> Option<Path> {
 /// The receiver's flow record, charged with `size` (created on the first send).
 #[inline(always)]
 fn flow_of(id: u64, size: i64) -> Option<*mut SockFlow> {
-    if let Some(flow) = MESH_SOCK_UNREAD.get_ptr_mut(&id) {
-        // SAFETY: `unread` is the 8-byte aligned first field of a map value; the
-        // receiver's guard subtracts from another CPU, hence the atomic add.
-        unsafe { crate::atomic::add_i64(core::ptr::addr_of_mut!((*flow).unread), size) };
+    if let Some(flow) = add_unread(id, size) {
         return Some(flow);
     }
     let first = SockFlow {

@@ -76,26 +76,7 @@ fn large_transfer_checksums_and_half_close_both_ways() {
     const BYTES: u64 = 256 * 1024 * 1024;
     for svc in [vip(10), vip(11)] {
         // Client -> server, then the client half-closes and still reads the answer.
-        let out = json(
-            &c.run_in(
-                &client,
-                &[
-                    "sink",
-                    "--addr",
-                    &sa(svc, 80),
-                    "--bytes",
-                    &BYTES.to_string(),
-                ],
-                SECS * 4,
-            )
-            .unwrap(),
-        );
-        let sent_sha = out["sent_sha"].as_str().unwrap();
-        assert_eq!(
-            out["reply"].as_str().unwrap(),
-            format!("{BYTES} {sent_sha}"),
-            "{out}"
-        );
+        sink_verified(&mut c, &client, &sa(svc, 80), BYTES, SECS * 4);
 
         // Server -> client, then the server half-closes and still receives.
         let out = json(

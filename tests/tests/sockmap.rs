@@ -76,26 +76,7 @@ fn sockmap_carries_the_pod_hops_only_when_switched_on() {
 
     let before = [kernel_counters(&c, "node-1"), kernel_counters(&c, "node-2")];
     for svc in [vip(10), vip(11)].repeat(TRANSFERS as usize) {
-        let out = json(
-            &c.run_in(
-                &client,
-                &[
-                    "sink",
-                    "--addr",
-                    &sa(svc, 80),
-                    "--bytes",
-                    &BYTES.to_string(),
-                ],
-                SECS * 2,
-            )
-            .unwrap(),
-        );
-        let sent_sha = out["sent_sha"].as_str().unwrap();
-        assert_eq!(
-            out["reply"].as_str().unwrap(),
-            format!("{BYTES} {sent_sha}"),
-            "{out}"
-        );
+        sink_verified(&mut c, &client, &sa(svc, 80), BYTES, SECS * 2);
     }
     std::thread::sleep(Duration::from_millis(300));
     mesh_tests::cluster::terminate(&mut tcpdump, Duration::from_secs(5)).ok();

@@ -39,6 +39,15 @@ fn sock(addr: [u8; 16], port: u16) -> String {
     SocketAddr::new(from_ip16(addr), port).to_string()
 }
 
+/// One end of a pod-agent hop: its namespace and local address.
+fn sock_end(k: &SockKey) -> String {
+    format!(
+        "netns {} {}",
+        k.netns_cookie,
+        sock(k.local_addr, k.local_port)
+    )
+}
+
 fn mode(m: u32) -> &'static str {
     match m {
         MODE_STRICT => "STRICT",
@@ -146,11 +155,7 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                     .iter()
                     .map(|k| {
                         (
-                            format!(
-                                "netns {} {}",
-                                k.netns_cookie,
-                                sock(k.local_addr, k.local_port)
-                            ),
+                            sock_end(k),
                             format!("peer {}", sock(k.remote_addr, k.remote_port)),
                         )
                     })
@@ -184,30 +189,8 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                 )
             },
         ),
-        maps::SOCK_IDS => hash_entries(
-            map,
-            rows,
-            |k: &SockKey| {
-                format!(
-                    "netns {} {}",
-                    k.netns_cookie,
-                    sock(k.local_addr, k.local_port)
-                )
-            },
-            |v: &u64| format!("socket {v:#x}"),
-        ),
-        maps::SOCK_FALLBACK => hash_entries(
-            map,
-            rows,
-            |k: &SockKey| {
-                format!(
-                    "netns {} {}",
-                    k.netns_cookie,
-                    sock(k.local_addr, k.local_port)
-                )
-            },
-            |_: &u8| "TCP path".to_owned(),
-        ),
+        maps::SOCK_IDS => hash_entries(map, rows, sock_end, |v: &u64| format!("socket {v:#x}")),
+        maps::SOCK_FALLBACK => hash_entries(map, rows, sock_end, |_: &u8| "TCP path".to_owned()),
         maps::SETTINGS => {
             let map: aya::maps::Array<MapData, u32> = aya::maps::Array::try_from(map)?;
             let mut out = Vec::new();

@@ -99,10 +99,6 @@ impl PodHop {
             pacing,
         }
     }
-
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.io
-    }
 }
 
 impl From<PodHop> for TcpStream {

@@ -65,6 +65,25 @@ pub fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"))
 }
 
+/// Sends `bytes` from `pod` to `addr` (`mesh-testpod sink`) and checks the server
+/// received exactly them: its reply is their length and SHA-256.
+pub fn sink_verified(c: &mut Cluster, pod: &Pod, addr: &str, bytes: u64, timeout: Duration) {
+    let out = json(
+        &c.run_in(
+            pod,
+            &["sink", "--addr", addr, "--bytes", &bytes.to_string()],
+            timeout,
+        )
+        .unwrap(),
+    );
+    let sent_sha = out["sent_sha"].as_str().unwrap();
+    assert_eq!(
+        out["reply"].as_str().unwrap(),
+        format!("{bytes} {sent_sha}"),
+        "{out}"
+    );
+}
+
 /// The access log lines of an agent log (one per connection, `connection closed` on
 /// the `access` target, which always carries a `reporter`).
 #[allow(dead_code, reason = "not every test file reads the access log")]
