@@ -238,7 +238,7 @@ fn pod_resolver(proxy: &Arc<ProxyContext>) -> kernel_flows::PodResolver {
                 .values()
                 .find(|p| p.netns_cookie == cookie && cookie != 0)
         });
-        pod.map(|p| p.workload.id.to_string())
+        pod.map(|p| p.id.to_string())
     })
 }
 

@@ -7,9 +7,21 @@
 //! byte order.
 #![no_std]
 
-/// `SO_MARK` set on every socket the agent opens. The `connect4/6` programs never
-/// redirect a socket carrying it, so the agent cannot capture its own traffic.
+/// `SO_MARK` set on every socket the agent opens. The `connect4/6` programs leave a
+/// socket carrying it alone only when the calling process is the agent itself (its
+/// thread group id is in [`settings::AGENT_TGID`]): a process in a pod that sets the
+/// mark, even as root with CAP_NET_ADMIN, is captured like any other.
 pub const BYPASS_MARK: u32 = 0x0004_d3a1;
+
+/// Every port the agent listens on, in a pod or on the node. A tunnel CONNECT to one
+/// of them is refused: the mesh's own ports are never a destination.
+pub const MESH_PORTS: [u16; 5] = [
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    INBOUND_TUNNEL_PORT,
+    METRICS_PORT,
+    READINESS_PORT,
+];
 
 /// Outbound listener the agent holds inside each enrolled pod's network namespace.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -24,7 +36,9 @@ pub const READINESS_PORT: u16 = 15021;
 
 /// Map names, one definition shared by the kernel object and the loader.
 pub mod maps {
-    /// netns cookie -> [`super::EnrolledNetns`]: network namespaces of enrolled pods.
+    /// netns cookie -> [`super::EnrolledNetns`]: network namespaces of enrolled pods,
+    /// with the pod's inbound mode and own addresses. `connect4/6` capture in them,
+    /// `sk_lookup` enforces the mode for every address of the namespace.
     pub const ENROLLED_NETNS: &str = "MESH_ENROLLED_NETNS";
     /// [`super::ServiceKey`] -> [`super::ServiceValue`]: mesh services (ClusterIP, port, proto).
     pub const SERVICES: &str = "MESH_SERVICES";
@@ -36,9 +50,8 @@ pub mod maps {
     pub const PEER_ORIG_DST: &str = "MESH_PEER_ORIG_DST";
     /// Per-CPU counters, indexed by [`super::counters`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
-    /// Pod IP -> how its inbound plaintext is treated ([`InboundPolicy`]).
-    pub const INBOUND: &str = "MESH_INBOUND";
-    /// Pod IP -> the agent's plaintext listener (:15006) in that pod (SOCKHASH).
+    /// [`super::ListenerKey`] (netns cookie, address family) -> the agent's plaintext
+    /// listener (:15006) in that pod (SOCKHASH).
     pub const PLAINTEXT_LISTENERS: &str = "MESH_PLAINTEXT_LISTENERS";
     /// Ring buffer of [`super::FlowEvent`]s for `meshctl observe`.
     pub const EVENTS: &str = "MESH_EVENTS";
@@ -60,6 +73,23 @@ pub mod maps {
     pub const SOCK_SENDING: &str = "MESH_SOCK_SENDING";
     /// Array of u32 switches, indexed by [`super::settings`].
     pub const SETTINGS: &str = "MESH_SETTINGS";
+
+    /// Every map of the object, for pinning, inspection and metrics.
+    pub const ALL: [&str; 13] = [
+        ENROLLED_NETNS,
+        SERVICES,
+        SOCK_ORIG_DST,
+        PEER_ORIG_DST,
+        COUNTERS,
+        PLAINTEXT_LISTENERS,
+        EVENTS,
+        SOCKETS,
+        SOCK_FALLBACK,
+        SOCK_IDS,
+        SOCK_UNREAD,
+        SOCK_SENDING,
+        SETTINGS,
+    ];
 }
 
 /// Indices into [`maps::SETTINGS`]; each slot is 0 (off) or 1 (on).
@@ -71,6 +101,9 @@ pub mod settings {
     /// window pushes back, until the receiver has read everything; the agent's own
     /// socket waits. This is the sockmap's stand-in for a receive buffer.
     pub const SOCKMAP_UNREAD_LIMIT: u32 = 1;
+    /// The agent's thread group id (its pid in the node's pid namespace). Only sockets
+    /// that process connects are exempt from capture; a pod cannot take this id.
+    pub const AGENT_TGID: u32 = 2;
     pub const LEN: u32 = 4;
 }
 
@@ -81,8 +114,11 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
-    /// sk_lookup, attached to each enrolled pod's network namespace.
+    /// sk_lookup, attached to each enrolled pod's network namespace: one instance per
+    /// pod, with the pod's netns cookie in [`SK_LOOKUP_NETNS_GLOBAL`].
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// The global the loader sets for each instance of [`SK_LOOKUP`].
+    pub const SK_LOOKUP_NETNS_GLOBAL: &str = "NETNS_COOKIE";
     /// sk_msg, attached to [`super::maps::SOCKETS`].
     pub const SK_MSG: &str = "mesh_sk_msg";
     /// Raw tracepoint on every recvmsg: counts what sockmap receivers read.
@@ -103,7 +139,8 @@ pub mod limits {
     pub const SERVICES: u32 = 65536;
     pub const SOCK_ORIG_DST: u32 = 65536;
     pub const PEER_ORIG_DST: u32 = 65536;
-    pub const INBOUND: u32 = 8192;
+    /// Two plaintext listeners (IPv4, IPv6) per enrolled pod.
+    pub const PLAINTEXT_LISTENERS: u32 = 2 * ENROLLED_NETNS;
     /// Bytes of the flow event ring buffer (a power-of-two number of pages): about
     /// 4600 events of 56 bytes (plus an 8-byte header each) before the reader catches up.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -116,13 +153,17 @@ pub mod limits {
 
 /// Indices into the per-CPU counter array.
 pub mod counters {
-    /// connect() from an enrolled netns to a mesh service, redirected to the agent.
+    /// TCP connect() from an enrolled netns, redirected to the agent (any destination
+    /// but loopback and the pod's own addresses).
     pub const REDIRECTED: u32 = 0;
-    /// connect() from an enrolled netns that carried the bypass mark.
+    /// connect() from an enrolled netns by the agent itself (bypass mark and the
+    /// agent's thread group): not captured.
     pub const BYPASS_MARK: u32 = 1;
-    /// connect() from an enrolled netns to a destination that is not a mesh service.
+    /// ... of the redirected ones, those whose destination is not a mesh ClusterIP
+    /// (a pod IP, or anything outside the mesh): the agent decides what they are.
     pub const NOT_A_SERVICE: u32 = 2;
-    /// A record could not be written (map full, or the kernel refused).
+    /// A record could not be written (map full, or the kernel refused); the connect()
+    /// is refused (EPERM) rather than let out uncaptured.
     pub const MAP_UPDATE_FAILED: u32 = 3;
     /// getpeername() answered with the original destination.
     pub const PEERNAME_RESTORED: u32 = 4;
@@ -152,7 +193,36 @@ pub mod counters {
     /// Sends of the agent to a receiver more than half the unread limit behind (the
     /// agent waits for it to catch up before it goes past the limit).
     pub const SOCKMAP_PACED: u32 = 16;
-    pub const LEN: u32 = 17;
+    /// connect() from an enrolled netns carrying the bypass mark from a process that
+    /// is not the agent: captured anyway.
+    pub const BYPASS_MARK_FORGED: u32 = 17;
+    /// connect() from an enrolled netns to loopback or the pod's own address: in-pod
+    /// traffic, not captured.
+    pub const IN_POD: u32 = 18;
+    pub const LEN: u32 = 19;
+
+    /// Every counter's name, by index, as metrics and `meshctl` show it.
+    pub const NAMES: [&str; LEN as usize] = [
+        "redirected",
+        "bypass_mark",
+        "not_a_service",
+        "map_update_failed",
+        "peername_restored",
+        "inbound_strict_refused",
+        "inbound_plaintext_captured",
+        "inbound_no_listener",
+        "events_dropped",
+        "sockmap_added",
+        "sockmap_add_failed",
+        "sockmap_redirected",
+        "sockmap_redirected_bytes",
+        "sockmap_fallback",
+        "sockmap_backpressure",
+        "sockmap_resumed",
+        "sockmap_paced",
+        "bypass_mark_forged",
+        "in_pod",
+    ];
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -162,9 +232,131 @@ pub const PROTO_UDP: u8 = 17;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EnrolledNetns {
-    /// Reserved for per-pod flags (inbound mode, ...). Zero today.
-    pub flags: u32,
+    /// How plaintext arriving in this netns is treated: [`MODE_STRICT`] or
+    /// [`MODE_PERMISSIVE`]; anything else is treated as STRICT.
+    pub mode: u32,
     pub _pad: u32,
+    /// The pod's own addresses (16-byte form; all zero when unused). A connect() to
+    /// one of them stays inside the pod and is not captured.
+    pub own: [[u8; 16]; 2],
+}
+
+/// Key of [`maps::PLAINTEXT_LISTENERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// `AF_INET` (2) or `AF_INET6` (10): sk_lookup can only hand a connection to a
+    /// listener of its own family.
+    pub family: u32,
+    pub _pad: u32,
+}
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// What `connect4/6` does with a connect() from a socket in an enrolled netns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectVerdict {
+    /// The agent's own socket (bypass mark, agent's thread group): left alone.
+    Agent,
+    /// Loopback or one of the pod's own addresses: left alone.
+    InPod,
+    /// Redirected to the agent. `forged_mark`: the socket carried the bypass mark
+    /// but the caller is not the agent.
+    Capture { forged_mark: bool },
+}
+
+/// The capture decision, kept out of the program so it can be tested on the host.
+/// `caller_tgid` is the thread group of the process calling connect(), `agent_tgid`
+/// the one the agent wrote into [`settings::AGENT_TGID`] (0: not written yet, so
+/// nothing is exempt).
+pub const fn connect_verdict(
+    enrolled: &EnrolledNetns,
+    dst: &[u8; 16],
+    marked: bool,
+    caller_tgid: u32,
+    agent_tgid: u32,
+) -> ConnectVerdict {
+    let agent = agent_tgid != 0 && caller_tgid == agent_tgid;
+    if marked && agent {
+        return ConnectVerdict::Agent;
+    }
+    if is_loopback16(dst) || is_own(enrolled, dst) {
+        return ConnectVerdict::InPod;
+    }
+    ConnectVerdict::Capture {
+        forged_mark: marked && !agent,
+    }
+}
+
+/// Whether `addr` is one of the pod's own addresses.
+pub const fn is_own(enrolled: &EnrolledNetns, addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < enrolled.own.len() {
+        if !is_zero16(&enrolled.own[i]) && eq16(&enrolled.own[i], addr) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+const fn is_zero16(a: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Byte-wise equality that the BPF target compiles without a `memcmp` call.
+pub const fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// What `sk_lookup` does with a new inbound TCP connection in an enrolled netns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundVerdict {
+    /// The regular socket lookup goes on: the tunnel port, or traffic from inside the
+    /// pod (loopback, or a source that is one of the pod's own addresses).
+    Pass,
+    /// STRICT: plaintext from outside the pod is refused.
+    Refuse,
+    /// PERMISSIVE: handed to the agent's plaintext listener, which authorizes it.
+    Capture,
+}
+
+/// The inbound decision, for every address of the netns: the destination address
+/// plays no part, so an address the agent never heard of (IPv6 link-local, one
+/// added later) is covered like the pod IP.
+pub const fn inbound_verdict(
+    enrolled: &EnrolledNetns,
+    local: &[u8; 16],
+    remote: &[u8; 16],
+    local_port: u16,
+) -> InboundVerdict {
+    if local_port == INBOUND_TUNNEL_PORT {
+        return InboundVerdict::Pass;
+    }
+    if is_loopback16(remote) || eq16(local, remote) || is_own(enrolled, remote) {
+        return InboundVerdict::Pass;
+    }
+    if enrolled.mode == MODE_PERMISSIVE {
+        InboundVerdict::Capture
+    } else {
+        InboundVerdict::Refuse
+    }
 }
 
 /// Key of [`maps::SERVICES`].
@@ -314,23 +506,9 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// `InboundPolicy::mode` values.
+/// `EnrolledNetns::mode` values.
 pub const MODE_STRICT: u32 = 1;
 pub const MODE_PERMISSIVE: u32 = 2;
-
-/// Key of the inbound maps: a pod IP, IPv4 as v4-mapped.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct InboundKey {
-    pub addr: [u8; 16],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InboundPolicy {
-    pub mode: u32,
-    pub _pad: u32,
-}
 
 /// `FlowEvent::kind` values.
 pub mod events {
@@ -370,8 +548,7 @@ pub struct FlowEvent {
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
-    unsafe impl aya::Pod for super::InboundKey {}
-    unsafe impl aya::Pod for super::InboundPolicy {}
+    unsafe impl aya::Pod for super::ListenerKey {}
     // SAFETY: every type is #[repr(C)], Copy, made of integers and byte arrays, with all
     // padding spelled out as fields, so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::EnrolledNetns {}
@@ -392,13 +569,12 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<EnrolledNetns>(), 8);
+        assert_eq!(size_of::<EnrolledNetns>(), 40);
+        assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 4);
         assert_eq!(size_of::<OrigDst>(), 32);
         assert_eq!(size_of::<PeerKey>(), 32);
-        assert_eq!(size_of::<InboundKey>(), 16);
-        assert_eq!(size_of::<InboundPolicy>(), 8);
         assert_eq!(size_of::<FlowEvent>(), 56);
         assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<SockFlow>(), 16);
@@ -445,5 +621,126 @@ mod tests {
                 .to_ipv6_mapped()
                 .octets()
         );
+    }
+
+    fn pod(mode: u32) -> EnrolledNetns {
+        EnrolledNetns {
+            mode,
+            _pad: 0,
+            own: [v4_mapped([10, 244, 1, 5]), [0; 16]],
+        }
+    }
+
+    const AGENT: u32 = 4242;
+
+    #[test]
+    fn the_agent_is_exempt_only_with_the_mark_and_its_own_thread_group() {
+        let p = pod(MODE_STRICT);
+        let dst = v4_mapped([10, 244, 2, 9]);
+        assert_eq!(
+            connect_verdict(&p, &dst, true, AGENT, AGENT),
+            ConnectVerdict::Agent
+        );
+        // A root process in the pod that sets the mark is captured, and counted.
+        assert_eq!(
+            connect_verdict(&p, &dst, true, 77, AGENT),
+            ConnectVerdict::Capture { forged_mark: true }
+        );
+        // Before the agent wrote its id, nothing is exempt.
+        assert_eq!(
+            connect_verdict(&p, &dst, true, 0, 0),
+            ConnectVerdict::Capture { forged_mark: true }
+        );
+        assert_eq!(
+            connect_verdict(&p, &dst, false, AGENT, AGENT),
+            ConnectVerdict::Capture { forged_mark: false }
+        );
+    }
+
+    #[test]
+    fn every_destination_is_captured_but_loopback_and_the_pod_itself() {
+        let p = pod(MODE_PERMISSIVE);
+        for dst in [
+            v4_mapped([10, 96, 0, 10]),
+            v4_mapped([10, 244, 2, 9]),
+            v4_mapped([192, 0, 2, 1]),
+            [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        ] {
+            assert_eq!(
+                connect_verdict(&p, &dst, false, 1, AGENT),
+                ConnectVerdict::Capture { forged_mark: false },
+                "{dst:?}"
+            );
+        }
+        for dst in [
+            v4_mapped([127, 0, 0, 1]),
+            core::net::Ipv6Addr::LOCALHOST.octets(),
+            v4_mapped([10, 244, 1, 5]),
+        ] {
+            assert_eq!(
+                connect_verdict(&p, &dst, false, 1, AGENT),
+                ConnectVerdict::InPod
+            );
+        }
+        // An all-zero slot is no address: 0.0.0.0-mapped is not "own".
+        assert!(!is_own(&p, &[0; 16]));
+    }
+
+    #[test]
+    fn inbound_is_decided_by_the_netns_mode_for_every_address() {
+        let outside = v4_mapped([10, 244, 1, 9]);
+        let link_local = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        let added = v4_mapped([10, 250, 0, 1]);
+        let strict = pod(MODE_STRICT);
+        let permissive = pod(MODE_PERMISSIVE);
+        for local in [v4_mapped([10, 244, 1, 5]), link_local, added] {
+            let remote = if local == link_local {
+                [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 9, 9, 9, 9, 9, 9, 9, 9]
+            } else {
+                outside
+            };
+            assert_eq!(
+                inbound_verdict(&strict, &local, &remote, 8080),
+                InboundVerdict::Refuse
+            );
+            assert_eq!(
+                inbound_verdict(&permissive, &local, &remote, 8080),
+                InboundVerdict::Capture
+            );
+            assert_eq!(
+                inbound_verdict(&strict, &local, &remote, INBOUND_TUNNEL_PORT),
+                InboundVerdict::Pass
+            );
+        }
+        // From inside the pod: the agent delivering, the app to itself.
+        let me = v4_mapped([10, 244, 1, 5]);
+        assert_eq!(
+            inbound_verdict(&strict, &me, &me, 8080),
+            InboundVerdict::Pass
+        );
+        assert_eq!(
+            inbound_verdict(&strict, &added, &me, 8080),
+            InboundVerdict::Pass
+        );
+        assert_eq!(
+            inbound_verdict(&strict, &me, &v4_mapped([127, 0, 0, 1]), 8080),
+            InboundVerdict::Pass
+        );
+        // An unknown mode is STRICT.
+        assert_eq!(
+            inbound_verdict(&pod(0), &me, &outside, 8080),
+            InboundVerdict::Refuse
+        );
+    }
+
+    #[test]
+    fn the_name_tables_cover_every_index() {
+        assert_eq!(counters::NAMES.len(), counters::LEN as usize);
+        assert_eq!(counters::NAMES[counters::IN_POD as usize], "in_pod");
+        assert_eq!(
+            counters::NAMES[counters::BYPASS_MARK_FORGED as usize],
+            "bypass_mark_forged"
+        );
+        assert!(maps::ALL.contains(&maps::SETTINGS));
     }
 }

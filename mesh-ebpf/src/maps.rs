@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, FlowEvent, InboundKey, InboundPolicy, OrigDst, PeerKey, ServiceKey,
+    EnrolledNetns, FlowEvent, ListenerKey, OrigDst, PeerKey, ServiceKey,
     ServiceValue, SockFlow, SockKey, SockSending, counters, limits, settings,
 };
 
@@ -25,12 +25,8 @@ pub static MESH_PEER_ORIG_DST: LruHashMap<PeerKey, OrigDst> =
     LruHashMap::with_max_entries(limits::PEER_ORIG_DST, 0);
 
 #[map]
-pub static MESH_INBOUND: HashMap<InboundKey, InboundPolicy> =
-    HashMap::with_max_entries(limits::INBOUND, 0);
-
-#[map]
-pub static MESH_PLAINTEXT_LISTENERS: SockHash<InboundKey> =
-    SockHash::with_max_entries(limits::INBOUND, 0);
+pub static MESH_PLAINTEXT_LISTENERS: SockHash<ListenerKey> =
+    SockHash::with_max_entries(limits::PLAINTEXT_LISTENERS, 0);
 
 #[map]
 pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::LEN, 0);

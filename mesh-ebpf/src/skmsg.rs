@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use core::ptr::addr_of_mut;
-use mesh_common::{SockFlow, SockKey, counters, remote_port_from_ctx, settings};
+use mesh_common::{AF_INET, AF_INET6, SockFlow, SockKey, counters, remote_port_from_ctx, settings};
 
 use crate::{
     addr::read_ip6,
@@ -37,8 +37,8 @@ use crate::{
     },
 };
 
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+
+
 
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use core::ptr::addr_of_mut;
 use mesh_common::{
-    BYPASS_MARK, OUTBOUND_PORT, SockKey, SockSending, counters, is_loopback16,
+    AF_INET, AF_INET6, BYPASS_MARK, OUTBOUND_PORT, SockKey, SockSending, counters, is_loopback16,
     remote_port_from_ctx, settings,
 };
 
@@ -24,8 +24,8 @@ use crate::{
     },
 };
 
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+
+
 
 /// Puts an established socket into `MESH_SOCKETS` when it is one end of a pod-agent hop.
 #[inline(always)]

@@ -15,15 +15,15 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use core::ptr::addr_of_mut;
-use mesh_common::{PeerKey, counters};
+use mesh_common::{AF_INET, AF_INET6, PeerKey, counters};
 
 use crate::{
     addr::read_ip6,
     maps::{MESH_PEER_ORIG_DST, MESH_SOCK_ORIG_DST, count},
 };
 
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+
+
 
 #[sock_ops]
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {

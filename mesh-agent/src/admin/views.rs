@@ -68,7 +68,7 @@ pub fn workloads(state: &AdminState, core: &Core) -> pb::WorkloadsReply {
         .iter()
         .map(|p| {
             let enrolled =
-                p.ip.is_some_and(|ip| local.get(&ip).is_some_and(|c| c.workload.id == p.id));
+                p.ip.is_some_and(|ip| local.get(&ip).is_some_and(|c| c.id == p.id));
             let on_node = p.node_name.as_deref() == Some(state.node.as_str());
             let mtls_mode = if on_node && p.enroll {
                 mode_name(policy.mtls_mode(&Workload {
@@ -423,17 +423,5 @@ pub fn render_metrics(state: &AdminState) -> String {
 
 /// Map names are a fixed set: labels stay bounded and `'static`.
 fn mesh_common_map_name(name: &str) -> Option<&'static str> {
-    use mesh_common::maps::*;
-    [
-        ENROLLED_NETNS,
-        SERVICES,
-        SOCK_ORIG_DST,
-        PEER_ORIG_DST,
-        COUNTERS,
-        INBOUND,
-        PLAINTEXT_LISTENERS,
-        EVENTS,
-    ]
-    .into_iter()
-    .find(|n| *n == name)
+    mesh_common::maps::ALL.into_iter().find(|n| *n == name)
 }

@@ -4,9 +4,14 @@
 //!   <pin_dir>/maps/<MAP>     every map, so bpftool and a restarted agent can see them
 //!   <pin_dir>/links/<prog>   every cgroup link
 //!   <pin_dir>/links/mesh_sk_lookup-<netns cookie>   the inbound program of each enrolled pod
+//!   <pin_dir>/layout-<hash>/ an empty directory naming the map layout of the pins
+//!                            (bpffs holds no regular files)
 //! A clean shutdown removes all of it, which detaches the programs (a link lives as long
-//! as a pin or an fd refers to it). Stale pins from an agent that crashed are removed
-//! at start, so two generations never run side by side.
+//! as a pin or an fd refers to it). After a crash or a restart the new agent *adopts*
+//! what is pinned: it opens the same maps (so every enrolled netns keeps its mode and
+//! STRICT never lapses), attaches its own programs next to the old ones and only then
+//! replaces the old links' pins. Pins of another map layout (an incompatible upgrade)
+//! are removed first, and that is logged.
 use std::{
     fs::File,
     path::{Path, PathBuf},
@@ -63,6 +68,8 @@ pub enum DatapathError {
     },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
+    #[error("map {name} of the eBPF object is not in mesh_common::maps::ALL")]
+    UnlistedMap { name: String },
 }
 
 /// The kernel object, as compiled by build.rs from `mesh-ebpf`.
@@ -98,12 +105,18 @@ pub struct Datapath {
     pub programs: Vec<&'static str>,
 }
 
-/// The inbound enforcement program (sk_lookup), loaded once and attached to each
-/// enrolled pod's network namespace. Each link is pinned like the cgroup links, so a
-/// crashed agent leaves STRICT pods refusing plaintext (fail closed) until it is back.
+/// The inbound enforcement program (sk_lookup), one instance per enrolled pod's
+/// network namespace: the program cannot ask which netns it runs in, so each
+/// instance is loaded with its pod's netns cookie as a constant. Every instance uses
+/// the pinned maps. Each link is pinned like the cgroup links, so a crashed agent
+/// leaves STRICT pods refusing plaintext (fail closed) until it is back.
 pub struct InboundHook {
-    ebpf: std::sync::Mutex<Ebpf>,
+    /// The main object: owns the fds of the maps and the cgroup programs.
+    _main: std::sync::Mutex<Ebpf>,
+    map_dir: PathBuf,
     link_dir: PathBuf,
+    /// One load of the object at a time (each opens every pinned map).
+    loading: std::sync::Mutex<()>,
 }
 
 /// The sk_lookup program attached to one pod's netns, held through its pin.
@@ -122,27 +135,86 @@ impl PodInboundLink {
 }
 
 impl InboundHook {
+    /// Attaches the inbound program to a pod's netns and pins the link. A link an
+    /// earlier agent pinned for the same netns is replaced only once the new one is
+    /// attached: the netns is never without enforcement.
     pub fn attach(&self, netns: &File, netns_cookie: u64) -> Result<PodInboundLink, DatapathError> {
         let name = programs::SK_LOOKUP;
         let prog_err = |source| DatapathError::Program { name, source };
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        // No kernel BTF: sk_lookup needs no relocation, and the parse is the largest
+        // allocation the agent would make.
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(None)
+            .override_global(programs::SK_LOOKUP_NETNS_GLOBAL, &netns_cookie, true);
+        for map in mesh_common::maps::ALL {
+            loader.map_pin_path(map, self.map_dir.join(map));
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let prog: &mut SkLookup = ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram { name })?
             .try_into()
             .map_err(prog_err)?;
+        prog.load().map_err(prog_err)?;
         let id = prog.attach(netns).map_err(prog_err)?;
         let link = FdLink::from(prog.take_link(id).map_err(prog_err)?);
         let pin = self.link_dir.join(format!("{name}-{netns_cookie}"));
-        // A pin left by an earlier enrollment of the same netns (the agent does not
-        // reuse it) would make the new pin fail.
-        let _ = std::fs::remove_file(&pin);
-        let link = link.pin(&pin).map_err(|source| DatapathError::Pin {
-            what: format!("link {}", pin.display()),
-            source,
-        })?;
+        let link = replace_pin(link, &pin)?;
         Ok(PodInboundLink { link })
     }
+
+    /// Removes the pinned inbound links of netns not in `live` (left by an earlier
+    /// agent for pods that are gone). Returns how many.
+    pub fn remove_stale(&self, live: &std::collections::HashSet<u64>) -> usize {
+        let prefix = format!("{}-", programs::SK_LOOKUP);
+        let Ok(entries) = std::fs::read_dir(&self.link_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(cookie) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|c| c.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !live.contains(&cookie) && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// Pins `link` at `pin`, replacing (and so detaching) whatever link was pinned there
+/// only after the new one is attached.
+fn replace_pin(link: FdLink, pin: &Path) -> Result<PinnedLink, DatapathError> {
+    let pin_err = |source| DatapathError::Pin {
+        what: format!("link {}", pin.display()),
+        source,
+    };
+    // bpffs refuses names with a dot.
+    let mut fresh = pin.as_os_str().to_owned();
+    fresh.push("_new");
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    let pinned = link.pin(&fresh).map_err(pin_err)?;
+    // rename(2) on bpffs swaps the pins atomically; the old link loses its last
+    // reference and detaches.
+    std::fs::rename(&fresh, pin).map_err(|source| DatapathError::PinDir {
+        path: pin.to_owned(),
+        source,
+    })?;
+    // The PinnedLink remembers the path it was pinned at; open the final one.
+    drop(pinned);
+    PinnedLink::from_pin(pin).map_err(|source| DatapathError::Link {
+        name: programs::SK_LOOKUP,
+        source,
+    })
 }
 
 impl Datapath {
@@ -155,11 +227,21 @@ impl Datapath {
             let path = path.to_owned();
             move |source| DatapathError::PinDir { path, source }
         };
-        remove_pins(pin_dir).map_err(pin_err(pin_dir))?;
+        let layout = pin_dir.join(format!("layout-{:016x}", layout_hash()));
+        if layout.is_dir() {
+            info!(pins = %pin_dir.display(), "adopting the kernel state an earlier agent left");
+        } else {
+            if pin_dir.exists() {
+                warn!(pins = %pin_dir.display(),
+                    "pinned maps have another layout (or none); starting from empty maps");
+            }
+            remove_pins(pin_dir).map_err(pin_err(pin_dir))?;
+        }
         let link_dir = pin_dir.join("links");
         let map_dir = pin_dir.join("maps");
         std::fs::create_dir_all(&link_dir).map_err(pin_err(&link_dir))?;
         std::fs::create_dir_all(&map_dir).map_err(pin_err(&map_dir))?;
+        std::fs::create_dir_all(&layout).map_err(pin_err(&layout))?;
 
         let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.to_owned(),
@@ -167,7 +249,25 @@ impl Datapath {
         })?;
         // EbpfLoader::new() reads the kernel's BTF once; Ebpf::load would read a second
         // copy while the first is still alive, and that peak stays in the agent's RSS.
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        // Every map is opened from its pin when there is one, else created and pinned.
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&'static str, PathBuf)> = mesh_common::maps::ALL
+            .iter()
+            .map(|name| (*name, map_dir.join(name)))
+            .collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        // A map missing from the list would be created anew by every per-pod load.
+        if let Some((name, _)) = ebpf
+            .maps()
+            .find(|(n, _)| !n.starts_with('.') && !mesh_common::maps::ALL.contains(n))
+        {
+            return Err(DatapathError::UnlistedMap {
+                name: name.to_owned(),
+            });
+        }
 
         // aya attaches through bpf_link (kernel 5.7+). A cgroup link always coexists
         // with other programs on the same cgroup (systemd's, a CNI's) and the kernel
@@ -248,18 +348,6 @@ impl Datapath {
             prog.load().map_err(prog_err)?;
         }
 
-        for (name, map) in ebpf.maps() {
-            // Compiler-made maps (.rodata, .bss) hold constants, not state anyone
-            // inspects, and bpffs refuses their names.
-            if name.starts_with('.') {
-                continue;
-            }
-            map.pin(map_dir.join(name))
-                .map_err(|source| DatapathError::Pin {
-                    what: format!("map {name}"),
-                    source,
-                })?;
-        }
         let limit = sockmap.then_some(options.sockmap_unread_limit);
         let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf, limit)?);
         let events = match ebpf.take_map(mesh_common::maps::EVENTS) {
@@ -274,8 +362,10 @@ impl Datapath {
             "eBPF programs attached");
         Ok(Datapath {
             inbound: std::sync::Arc::new(InboundHook {
-                ebpf: std::sync::Mutex::new(ebpf),
+                _main: std::sync::Mutex::new(ebpf),
+                map_dir: map_dir.clone(),
                 link_dir,
+                loading: std::sync::Mutex::new(()),
             }),
             links,
             pin_dir: pin_dir.to_owned(),
@@ -349,6 +439,9 @@ fn write_settings(ebpf: &mut Ebpf, sockmap: bool, unread_limit: u32) -> Result<(
         .map_err(map_err)?;
     map.set(settings::SOCKMAP_UNREAD_LIMIT, unread_limit, 0)
         .map_err(map_err)?;
+    // The one process whose marked sockets are not captured: this agent.
+    map.set(settings::AGENT_TGID, std::process::id(), 0)
+        .map_err(map_err)?;
     map.set(settings::SOCKMAP, u32::from(sockmap), 0)
         .map_err(map_err)
 }
@@ -402,11 +495,44 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
 }
 
 fn pin_link(link: FdLink, dir: &Path, name: &'static str) -> Result<PinnedLink, DatapathError> {
-    link.pin(dir.join(name))
-        .map_err(|source| DatapathError::Pin {
-            what: format!("link {name}"),
-            source,
-        })
+    replace_pin(link, &dir.join(name))
+}
+
+/// Names the layout of every map: pins made with another layout cannot be adopted.
+/// FNV-1a over the map names, the sizes of every key and value type and the limits.
+fn layout_hash() -> u64 {
+    use mesh_common::*;
+    use std::mem::size_of;
+    let sizes = [
+        size_of::<EnrolledNetns>(),
+        size_of::<ListenerKey>(),
+        size_of::<ServiceKey>(),
+        size_of::<ServiceValue>(),
+        size_of::<OrigDst>(),
+        size_of::<PeerKey>(),
+        size_of::<SockKey>(),
+        size_of::<SockFlow>(),
+        size_of::<SockSending>(),
+        size_of::<FlowEvent>(),
+    ];
+    let limits = [
+        limits::ENROLLED_NETNS,
+        limits::SERVICES,
+        limits::SOCK_ORIG_DST,
+        limits::PEER_ORIG_DST,
+        limits::PLAINTEXT_LISTENERS,
+        limits::EVENTS_BYTES,
+        limits::SOCKETS,
+        counters::LEN,
+        settings::LEN,
+    ];
+    let text = format!(
+        "v2 maps={} sizes={sizes:?} limits={limits:?}",
+        mesh_common::maps::ALL.join(",")
+    );
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Removes a pin directory tree. On bpffs, unlinking a pin drops the kernel reference:

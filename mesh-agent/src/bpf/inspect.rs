@@ -8,7 +8,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey,
+    EnrolledNetns, ListenerKey, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey,
     ServiceKey, ServiceValue, SockFlow, SockKey, SockSending, counters, maps,
 };
 
@@ -109,7 +109,15 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
             map,
             rows,
             |k: &u64| format!("netns cookie {k}"),
-            |v: &EnrolledNetns| format!("flags {}", v.flags),
+            |v: &EnrolledNetns| {
+                let own: Vec<String> = v
+                    .own
+                    .iter()
+                    .filter(|a| **a != [0u8; 16])
+                    .map(|a| from_ip16(*a).to_string())
+                    .collect();
+                format!("{} own [{}]", mode(v.mode), own.join(", "))
+            },
         ),
         maps::SERVICES => hash_entries(
             map,
@@ -129,19 +137,23 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
             |k: &PeerKey| format!("netns {} client {}", k.netns_cookie, sock(k.addr, k.port)),
             |v: &OrigDst| sock(v.addr, v.port),
         ),
-        maps::INBOUND => hash_entries(
-            map,
-            rows,
-            |k: &InboundKey| from_ip16(k.addr).to_string(),
-            |v: &InboundPolicy| mode(v.mode).to_owned(),
-        ),
         maps::PLAINTEXT_LISTENERS => {
-            let map: SockHash<MapData, InboundKey> = SockHash::try_from(map)?;
-            let keys: Vec<InboundKey> = map.keys().flatten().collect();
+            let map: SockHash<MapData, ListenerKey> = SockHash::try_from(map)?;
+            let keys: Vec<ListenerKey> = map.keys().flatten().collect();
             if let Some(rows) = rows {
                 *rows = keys
                     .iter()
-                    .map(|k| (from_ip16(k.addr).to_string(), "agent :15006 socket".into()))
+                    .map(|k| {
+                        let family = if k.family == mesh_common::AF_INET6 {
+                            "ipv6"
+                        } else {
+                            "ipv4"
+                        };
+                        (
+                            format!("netns cookie {} {family}", k.netns_cookie),
+                            "agent :15006 socket".into(),
+                        )
+                    })
                     .collect();
                 rows.sort();
             }

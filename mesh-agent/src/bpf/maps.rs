@@ -12,8 +12,8 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, InboundKey, InboundPolicy, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PROTO_TCP,
-    PeerKey, ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
+    AF_INET, AF_INET6, EnrolledNetns, ListenerKey, MODE_PERMISSIVE, MODE_STRICT, OrigDst,
+    PROTO_TCP, PeerKey, ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
 };
 
 use super::datapath::DatapathError;
@@ -52,8 +52,7 @@ pub struct MeshMaps {
     enrolled: Locked<u64, EnrolledNetns>,
     services: Locked<ServiceKey, ServiceValue>,
     peers: Locked<PeerKey, OrigDst>,
-    inbound: Locked<InboundKey, InboundPolicy>,
-    plaintext_listeners: Mutex<SockHash<MapData, InboundKey>>,
+    plaintext_listeners: Mutex<SockHash<MapData, ListenerKey>>,
     counters: PerCpuArray<MapData, u64>,
     /// Read only, to see whether a receiver the agent sends to has caught up.
     sock_ids: HashMap<MapData, SockKey, u64>,
@@ -69,6 +68,32 @@ pub enum InboundMode {
     Strict,
     /// Handed to the agent's plaintext listener in the pod.
     Permissive,
+}
+
+impl InboundMode {
+    fn raw(self) -> u32 {
+        match self {
+            InboundMode::Strict => MODE_STRICT,
+            InboundMode::Permissive => MODE_PERMISSIVE,
+        }
+    }
+
+    /// Anything but PERMISSIVE is STRICT, as the kernel reads it.
+    fn from_raw(raw: u32) -> InboundMode {
+        if raw == MODE_PERMISSIVE {
+            InboundMode::Permissive
+        } else {
+            InboundMode::Strict
+        }
+    }
+}
+
+fn listener_key(netns_cookie: u64, ipv6: bool) -> ListenerKey {
+    ListenerKey {
+        netns_cookie,
+        family: if ipv6 { AF_INET6 } else { AF_INET },
+        _pad: 0,
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -94,7 +119,6 @@ impl MeshMaps {
             enrolled: Mutex::new(take(ebpf, maps::ENROLLED_NETNS)?),
             services: Mutex::new(take(ebpf, maps::SERVICES)?),
             peers: Mutex::new(take(ebpf, maps::PEER_ORIG_DST)?),
-            inbound: Mutex::new(take(ebpf, maps::INBOUND)?),
             plaintext_listeners: Mutex::new(take(ebpf, maps::PLAINTEXT_LISTENERS)?),
             counters: take(ebpf, maps::COUNTERS)?,
             sock_ids: take(ebpf, maps::SOCK_IDS)?,
@@ -103,19 +127,59 @@ impl MeshMaps {
         })
     }
 
-    pub fn enroll(&self, netns_cookie: u64) -> Result<(), MapUpdateError> {
+    /// Enrolls the netns `netns_cookie`: from now on `connect4/6` capture in it and
+    /// `sk_lookup` applies `mode` to every address of it. `own` are the pod's
+    /// addresses (the first two are kept; connects to them stay in the pod).
+    pub fn enroll(
+        &self,
+        netns_cookie: u64,
+        mode: InboundMode,
+        own: &[IpAddr],
+    ) -> Result<(), MapUpdateError> {
+        let mut slots = [[0u8; 16]; 2];
+        for (slot, ip) in slots.iter_mut().zip(own) {
+            *slot = ip16(*ip);
+        }
+        let value = EnrolledNetns {
+            mode: mode.raw(),
+            _pad: 0,
+            own: slots,
+        };
         let mut m = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(netns_cookie, EnrolledNetns { flags: 0, _pad: 0 }, 0)
+        m.insert(netns_cookie, value, 0)
             .map_err(|source| MapUpdateError {
                 map: maps::ENROLLED_NETNS,
                 source,
             })
     }
 
+    /// Changes the inbound mode of an enrolled netns in place (no window: the entry
+    /// is overwritten, never removed).
+    pub fn set_mode(&self, netns_cookie: u64, mode: InboundMode) -> Result<(), MapUpdateError> {
+        let mut m = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
+        let err = |source| MapUpdateError {
+            map: maps::ENROLLED_NETNS,
+            source,
+        };
+        let mut value = m.get(&netns_cookie, 0).map_err(err)?;
+        value.mode = mode.raw();
+        m.insert(netns_cookie, value, 0).map_err(err)
+    }
+
     pub fn unenroll(&self, netns_cookie: u64) {
         let mut m = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
         // Not found is fine: the goal is that it is not there.
         let _ = m.remove(&netns_cookie);
+    }
+
+    /// The enrolled netns cookies and their modes (after a restart: what the previous
+    /// agent left, which keeps being enforced until this one takes over).
+    pub fn enrolled(&self) -> Vec<(u64, InboundMode)> {
+        let m = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, InboundMode::from_raw(v.mode)))
+            .collect()
     }
 
     /// Makes the services map hold exactly `desired`. Returns (added, removed).
@@ -158,53 +222,33 @@ impl MeshMaps {
         Some(SocketAddr::new(from_ip16(orig.addr), orig.port))
     }
 
-    /// Sets the plaintext treatment of the pod at `ip`.
-    pub fn set_inbound(&self, ip: IpAddr, mode: InboundMode) -> Result<(), MapUpdateError> {
-        let mode = match mode {
-            InboundMode::Strict => MODE_STRICT,
-            InboundMode::Permissive => MODE_PERMISSIVE,
-        };
-        let mut m = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(
-            InboundKey { addr: ip16(ip) },
-            InboundPolicy { mode, _pad: 0 },
-            0,
-        )
-        .map_err(|source| MapUpdateError {
-            map: maps::INBOUND,
-            source,
-        })
-    }
-
-    pub fn remove_inbound(&self, ip: IpAddr) {
-        let mut m = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = m.remove(&InboundKey { addr: ip16(ip) });
-    }
-
-    /// Registers the agent's plaintext listener in the pod at `ip`. The kernel drops
-    /// the entry by itself when the socket closes.
+    /// Registers the agent's plaintext listener in the netns `netns_cookie` for one
+    /// address family. The kernel drops the entry by itself when the socket closes.
     pub fn set_plaintext_listener(
         &self,
-        ip: IpAddr,
+        netns_cookie: u64,
+        ipv6: bool,
         listener: &impl AsRawFd,
     ) -> Result<(), MapUpdateError> {
         let mut m = self
             .plaintext_listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        m.insert(InboundKey { addr: ip16(ip) }, listener.as_raw_fd(), 0)
+        m.insert(listener_key(netns_cookie, ipv6), listener.as_raw_fd(), 0)
             .map_err(|source| MapUpdateError {
                 map: maps::PLAINTEXT_LISTENERS,
                 source,
             })
     }
 
-    pub fn remove_plaintext_listener(&self, ip: IpAddr) {
+    pub fn remove_plaintext_listeners(&self, netns_cookie: u64) {
         let mut m = self
             .plaintext_listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let _ = m.remove(&InboundKey { addr: ip16(ip) });
+        for ipv6 in [false, true] {
+            let _ = m.remove(&listener_key(netns_cookie, ipv6));
+        }
     }
 
     /// The unread limit, when sockmap acceleration is on.

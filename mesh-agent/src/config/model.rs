@@ -75,7 +75,12 @@ pub struct EndpointSlice {
 pub struct Pod {
     pub id: NamespacedName,
     pub node_name: Option<String>,
+    /// The primary address (`status.podIP`); `None` once the pod has finished.
     pub ip: Option<IpAddr>,
+    /// Every address of the pod (`status.podIP` then the rest of `status.podIPs`).
+    pub ips: Vec<IpAddr>,
+    /// `status.phase` is Succeeded or Failed: the pod owns no IP and is not enrolled.
+    pub finished: bool,
     pub service_account: String,
     /// Where the pod's network namespace is (annotation [`NETNS_ANNOTATION`]).
     pub netns: Option<PathBuf>,

@@ -182,10 +182,32 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 pub fn pod(pod: &core::Pod) -> Result<Pod> {
     let id = object_id(&pod.metadata)?;
     let spec = pod.spec.as_ref();
-    let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
-        Some(v) => Some(ip(v, "status.podIP".to_owned())?),
-        None => None,
-    };
+    let status = pod.status.as_ref();
+    let mut ips = Vec::new();
+    if let Some(v) = status.and_then(|s| s.pod_ip.as_deref()) {
+        ips.push(ip(v, "status.podIP".to_owned())?);
+    }
+    for (i, entry) in status
+        .and_then(|s| s.pod_ips.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let addr = ip(&entry.ip, format!("status.podIPs[{i}].ip"))?;
+        if !ips.contains(&addr) {
+            ips.push(addr);
+        }
+    }
+    // A pod that has run to completion keeps its status but no longer owns its IP:
+    // the address may already belong to a new pod.
+    let finished = matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    if finished {
+        ips.clear();
+    }
+    let ip = ips.first().copied();
     let netns = match annotation(&pod.metadata, NETNS_ANNOTATION) {
         Some(p) if p.starts_with('/') => Some(PathBuf::from(p)),
         Some(p) => {
@@ -211,6 +233,8 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
         id,
         node_name: spec.and_then(|s| s.node_name.clone()),
         ip,
+        ips,
+        finished,
         service_account: spec
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".to_owned()),

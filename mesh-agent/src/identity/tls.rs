@@ -74,6 +74,10 @@ pub fn server_config(
             identity: identity.clone(),
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: a resumed session would carry the client's identity forward
+    // without checking its certificate again (expiry, a root removed from the bundle).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -94,5 +98,7 @@ pub fn client_config(
             identity: source.clone(),
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Every connection is a full handshake that verifies the server again.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

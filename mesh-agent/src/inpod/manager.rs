@@ -1,20 +1,26 @@
 //! Keeps the set of enrolled pods equal to the local pods in the config.
 //!
-//! Enrolling a pod: get its workload certificate, enter its netns, bind the agent's
-//! listeners there (outbound :15001, tunnel :15008, plaintext :15006), start serving,
-//! register the plaintext listener and the pod's mTLS mode with the kernel, attach the
-//! inbound program to the netns, and only then put the netns cookie in the enrolled
-//! map, so that no connection is ever redirected to a listener that is not there yet.
-//! Removing a pod goes the other way.
+//! Enrolling a pod: enter its netns, bind the agent's listeners there (outbound
+//! :15001, tunnel :15008, plaintext :15006), start serving, register the plaintext
+//! listeners with the kernel, put the netns in the enrolled map with its mode and
+//! addresses (from then on `connect4/6` capture in it, so the listeners are already
+//! there), and attach the inbound program to the netns. The pod's certificate is not
+//! waited for: a STRICT pod is STRICT from the first moment, and its tunnel accepts
+//! connections once the certificate arrives (fetched in the background).
+//!
+//! A change to a running pod's labels or owner is applied in place. Only a change of
+//! its addresses, identity or network namespace re-enrolls it, and when the netns
+//! stays the same the kernel entry and the inbound program are kept throughout, so
+//! enforcement never lapses. Removing a pod goes the other way.
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use anyhow::Context as _;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use mesh_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 use socket2::{Domain, Socket, Type};
 use tokio::task::JoinHandle;
@@ -25,25 +31,17 @@ use crate::{
     authz::{PolicySet, Workload},
     bpf::{InboundHook, InboundMode, PodInboundLink},
     config::{Config, MtlsMode, NamespacedName, Pod},
-    identity::{Identity, server_config},
-    proxy::{self, PodContext, ProxyContext},
+    identity::Identity,
+    proxy::{self, PodContext, PodMeta, ProxyContext},
 };
 
 /// Backlog of the listeners: bursts of connects from one pod queue here.
 const BACKLOG: i32 = 4096;
-/// How long enrolling waits for the pod's first certificate before retrying later.
-const CERT_WAIT: Duration = Duration::from_secs(5);
 
 struct RunningPod {
     spec: Pod,
     ctx: Arc<PodContext>,
     tasks: Vec<JoinHandle<()>>,
-    inbound: Option<Inbound>,
-}
-
-/// The pod's kernel-side inbound enforcement.
-struct Inbound {
-    ip: IpAddr,
     mode: InboundMode,
     /// The sk_lookup program on the pod's netns; pinned, so it must be detached
     /// explicitly when the pod leaves the mesh.
@@ -76,6 +74,40 @@ fn mode_of(m: MtlsMode) -> InboundMode {
     }
 }
 
+/// How a running pod must follow a change to its object.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    None,
+    /// Labels or owner: swapped into the running pod.
+    InPlace,
+    /// Addresses, identity or enrollment: listeners rebound. `same_netns`: the kernel
+    /// entry and the inbound program stay in place meanwhile.
+    Reenroll { same_netns: bool },
+}
+
+fn change_of(old: &Pod, new: &Pod) -> Change {
+    if old == new {
+        return Change::None;
+    }
+    let identity_changed = old.id != new.id || old.service_account != new.service_account;
+    if old.ips != new.ips || identity_changed || old.netns != new.netns {
+        return Change::Reenroll {
+            same_netns: old.netns == new.netns,
+        };
+    }
+    Change::InPlace
+}
+
+fn meta_of(pod: &Pod) -> PodMeta {
+    PodMeta {
+        workload: Workload {
+            id: pod.id.clone(),
+            labels: pod.labels.clone(),
+        },
+        workload_name: pod.workload.clone(),
+    }
+}
+
 impl PodManager {
     pub fn new(
         node: String,
@@ -105,15 +137,31 @@ impl PodManager {
     pub async fn reconcile(&mut self, config: &Config, policy: &PolicySet) {
         let desired: HashMap<&NamespacedName, &Pod> =
             local_pods(&self.node, config).map(|p| (&p.id, p)).collect();
-        let stale: Vec<NamespacedName> = self
-            .running
-            .iter()
-            .filter(|(id, running)| desired.get(id).is_none_or(|p| **p != running.spec))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stale {
-            if let Some(pod) = self.running.remove(&id) {
-                self.stop(pod);
+        let mut keep_kernel = HashSet::new();
+        let ids: Vec<NamespacedName> = self.running.keys().cloned().collect();
+        for id in ids {
+            let change = match (desired.get(&id), self.running.get(&id)) {
+                (Some(new), Some(running)) => change_of(&running.spec, new),
+                _ => Change::Reenroll { same_netns: false },
+            };
+            match change {
+                Change::None => {}
+                Change::InPlace => {
+                    if let (Some(new), Some(running)) = (desired.get(&id), self.running.get_mut(&id))
+                    {
+                        running.ctx.meta.store(Arc::new(meta_of(new)));
+                        running.spec = (*new).clone();
+                        info!(pod = %id, "pod updated in place");
+                    }
+                }
+                Change::Reenroll { same_netns } => {
+                    if let Some(pod) = self.running.remove(&id) {
+                        if same_netns {
+                            keep_kernel.insert(pod.ctx.netns_cookie);
+                        }
+                        self.stop(pod, same_netns);
+                    }
+                }
             }
         }
         self.failing.retain(|id, _| desired.contains_key(id));
@@ -129,6 +177,7 @@ impl PodManager {
             match self.start(pod, policy).await {
                 Ok(running) => {
                     self.failing.remove(id);
+                    keep_kernel.remove(&running.ctx.netns_cookie);
                     self.running.insert(id.clone(), running);
                 }
                 Err(e) => {
@@ -142,21 +191,42 @@ impl PodManager {
         }
         self.update_modes(policy);
         self.publish_local();
+        self.clean_adopted(config);
+    }
+
+    /// Once every local pod runs under this agent, removes what an earlier agent (or
+    /// an earlier enrollment) left in the kernel for netns no pod here has any more.
+    /// Until then it keeps being enforced: a pod not yet taken over stays STRICT.
+    fn clean_adopted(&mut self, config: &Config) {
+        if !self.all_enrolled(config) {
+            return;
+        }
+        let live: HashSet<u64> = self.running.values().map(|p| p.ctx.netns_cookie).collect();
+        let maps = &self.proxy.maps;
+        let mut removed = 0;
+        for (cookie, _) in maps.enrolled() {
+            if !live.contains(&cookie) {
+                maps.unenroll(cookie);
+                maps.remove_plaintext_listeners(cookie);
+                removed += 1;
+            }
+        }
+        removed += self.hook.remove_stale(&live);
+        if removed > 0 {
+            info!(removed, "removed kernel state of pods no longer here");
+        }
     }
 
     /// Applies the PeerAuthentication mode of each running pod to the kernel; running
-    /// pods switch between STRICT and PERMISSIVE without a restart.
+    /// pods switch between STRICT and PERMISSIVE in place.
     fn update_modes(&mut self, policy: &PolicySet) {
         for pod in self.running.values_mut() {
-            let Some(inbound) = pod.inbound.as_mut() else {
-                continue;
-            };
-            let mode = mode_of(policy.mtls_mode(&pod.ctx.workload));
-            if mode != inbound.mode {
-                match self.proxy.maps.set_inbound(inbound.ip, mode) {
+            let mode = mode_of(policy.mtls_mode(&pod.ctx.workload()));
+            if mode != pod.mode {
+                match self.proxy.maps.set_mode(pod.ctx.netns_cookie, mode) {
                     Ok(()) => {
                         info!(pod = %pod.spec.id, ?mode, "inbound mTLS mode changed");
-                        inbound.mode = mode;
+                        pod.mode = mode;
                     }
                     Err(e) => warn!(pod = %pod.spec.id, error = %e, "cannot change inbound mode"),
                 }
@@ -164,12 +234,12 @@ impl PodManager {
         }
     }
 
-    /// Same-node delivery finds local pods by IP here.
+    /// Same-node delivery finds local pods by any of their IPs here.
     fn publish_local(&self) {
         let local = self
             .running
             .values()
-            .filter_map(|p| Some((p.ctx.ip?, p.ctx.clone())))
+            .flat_map(|p| p.ctx.ips.iter().map(|ip| (ip.to_canonical(), p.ctx.clone())))
             .collect();
         self.proxy.local.store(Arc::new(local));
     }
@@ -177,12 +247,6 @@ impl PodManager {
     async fn start(&self, pod: &Pod, policy: &PolicySet) -> anyhow::Result<RunningPod> {
         let path = pod.netns.clone().context("pod has no network namespace")?;
         let identity = self.identity(pod);
-        self.proxy
-            .secrets
-            .wait(&identity, CERT_WAIT)
-            .await
-            .with_context(|| format!("no certificate for {identity} yet"))?;
-        let tls_server = server_config(&self.proxy.secrets, &identity)?;
         let netns_file =
             File::open(&path).with_context(|| format!("opening netns {}", path.display()))?;
         let netns =
@@ -191,48 +255,20 @@ impl PodManager {
             .run(bind_all)
             .await?
             .with_context(|| format!("binding the agent's listeners in {}", path.display()))?;
-        let workload = Workload {
-            id: pod.id.clone(),
-            labels: pod.labels.clone(),
-        };
+        let meta = meta_of(pod);
+        let mode = mode_of(policy.mtls_mode(&meta.workload));
         let ctx = Arc::new(PodContext {
-            workload: workload.clone(),
-            workload_name: pod.workload.clone(),
+            id: pod.id.clone(),
+            meta: ArcSwap::from_pointee(meta),
             ip: pod.ip,
+            ips: pod.ips.iter().map(|ip| ip.to_canonical()).collect(),
             identity: identity.clone(),
             netns,
             netns_cookie: l.cookie,
-            tls_server,
+            tls_server: ArcSwapOption::empty(),
         });
         let maps = &self.proxy.maps;
         let mut tasks = Vec::new();
-        let result = (|| -> anyhow::Result<Option<Inbound>> {
-            let inbound = match pod.ip {
-                Some(ip) => {
-                    let plaintext = match (ip, &l.plaintext_v6) {
-                        (IpAddr::V6(_), Some(v6)) => v6,
-                        _ => &l.plaintext_v4,
-                    };
-                    maps.set_plaintext_listener(ip, plaintext)?;
-                    let mode = mode_of(policy.mtls_mode(&workload));
-                    maps.set_inbound(ip, mode)?;
-                    let link = self.hook.attach(&netns_file, l.cookie)?;
-                    Some(Inbound { ip, mode, link })
-                }
-                None => None,
-            };
-            Ok(inbound)
-        })();
-        let inbound = match result {
-            Ok(i) => i,
-            Err(e) => {
-                if let Some(ip) = pod.ip {
-                    maps.remove_inbound(ip);
-                    maps.remove_plaintext_listener(ip);
-                }
-                return Err(e);
-            }
-        };
         let spawn = |tasks: &mut Vec<JoinHandle<()>>,
                      kind: &'static str,
                      listener: std::net::TcpListener|
@@ -255,7 +291,11 @@ impl PodManager {
             plaintext_v6,
             cookie,
         } = l;
-        let spawned = (|| -> anyhow::Result<()> {
+        let enrolled = (|| -> anyhow::Result<PodInboundLink> {
+            maps.set_plaintext_listener(cookie, false, &plaintext_v4)?;
+            if let Some(v6) = &plaintext_v6 {
+                maps.set_plaintext_listener(cookie, true, v6)?;
+            }
             for x in tunnel {
                 spawn(&mut tasks, "tunnel", x)?;
             }
@@ -266,47 +306,51 @@ impl PodManager {
             for x in outbound {
                 spawn(&mut tasks, "outbound", x)?;
             }
-            maps.enroll(cookie)?;
-            Ok(())
+            // Capture starts here: every listener it needs is up.
+            maps.enroll(cookie, mode, &ctx.ips)?;
+            Ok(self.hook.attach(&netns_file, cookie)?)
         })();
-        if let Err(e) = spawned {
-            tasks.iter().for_each(JoinHandle::abort);
-            if let Some(i) = inbound {
-                i.link.detach();
+        let link = match enrolled {
+            Ok(link) => link,
+            Err(e) => {
+                tasks.iter().for_each(JoinHandle::abort);
+                maps.unenroll(cookie);
+                maps.remove_plaintext_listeners(cookie);
+                return Err(e);
             }
-            if let Some(ip) = pod.ip {
-                maps.remove_inbound(ip);
-                maps.remove_plaintext_listener(ip);
-            }
-            return Err(e);
-        }
+        };
         info!(pod = %pod.id, %identity, netns = %path.display(), netns_cookie = cookie,
-            mode = ?inbound.as_ref().map(|i| i.mode), "pod enrolled");
+            ?mode, "pod enrolled");
         Ok(RunningPod {
             spec: pod.clone(),
             ctx,
             tasks,
-            inbound,
+            mode,
+            link,
         })
     }
 
-    fn stop(&self, pod: RunningPod) {
-        // Unenroll first: from now on new connects go where the application sent them.
-        self.proxy.maps.unenroll(pod.ctx.netns_cookie);
-        if let Some(inbound) = pod.inbound {
-            inbound.link.detach();
-            self.proxy.maps.remove_inbound(inbound.ip);
-            self.proxy.maps.remove_plaintext_listener(inbound.ip);
+    /// Takes a pod out of the mesh. `keep_kernel`: it is about to be enrolled again
+    /// in the same netns, so its kernel entry and inbound program stay (STRICT holds;
+    /// outbound connects meanwhile are refused, as no listener is there).
+    fn stop(&self, pod: RunningPod, keep_kernel: bool) {
+        if !keep_kernel {
+            // Unenroll first: from now on new connects go where the application sent them.
+            self.proxy.maps.unenroll(pod.ctx.netns_cookie);
+            pod.link.detach();
+            self.proxy
+                .maps
+                .remove_plaintext_listeners(pod.ctx.netns_cookie);
         }
         // Closing the listeners; connections already accepted run on their own tasks.
         pod.tasks.iter().for_each(JoinHandle::abort);
-        info!(pod = %pod.spec.id, "pod unenrolled");
+        info!(pod = %pod.spec.id, keep_kernel, "pod unenrolled");
     }
 
     pub fn shutdown(&mut self) {
         let running = std::mem::take(&mut self.running);
         for (_, pod) in running {
-            self.stop(pod);
+            self.stop(pod, false);
         }
         self.publish_local();
     }
@@ -315,10 +359,9 @@ impl PodManager {
 /// The pods of `config` this node must enroll: on this node, not opted out, and bound
 /// to a network namespace.
 fn local_pods<'a>(node: &'a str, config: &'a Config) -> impl Iterator<Item = &'a Pod> + 'a {
-    config
-        .pods
-        .iter()
-        .filter(move |p| p.enroll && p.node_name.as_deref() == Some(node) && p.netns.is_some())
+    config.pods.iter().filter(move |p| {
+        p.enroll && !p.finished && p.node_name.as_deref() == Some(node) && p.netns.is_some()
+    })
 }
 
 /// Runs on the pod's netns thread. IPv4 listeners are required, IPv6 ones are bound when
@@ -369,4 +412,72 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
     Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn pod() -> Pod {
+        Pod {
+            id: NamespacedName {
+                namespace: "ns".into(),
+                name: "p".into(),
+            },
+            node_name: Some("n1".into()),
+            ip: Some(IpAddr::from([10, 244, 1, 2])),
+            ips: vec![IpAddr::from([10, 244, 1, 2])],
+            finished: false,
+            service_account: "sa".into(),
+            netns: Some("/run/netns/p".into()),
+            enroll: true,
+            labels: Default::default(),
+            workload: "p".into(),
+        }
+    }
+
+    #[test]
+    fn labels_and_owner_change_in_place() {
+        let old = pod();
+        let mut new = pod();
+        new.labels.insert("version".into(), "v2".into());
+        new.workload = "other".into();
+        assert_eq!(change_of(&old, &new), Change::InPlace);
+        assert_eq!(change_of(&old, &old.clone()), Change::None);
+    }
+
+    #[test]
+    fn addresses_identity_and_netns_re_enroll() {
+        let old = pod();
+        let mut ip = pod();
+        ip.ips.push(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 1]));
+        assert_eq!(
+            change_of(&old, &ip),
+            Change::Reenroll { same_netns: true }
+        );
+        let mut sa = pod();
+        sa.service_account = "other".into();
+        assert_eq!(
+            change_of(&old, &sa),
+            Change::Reenroll { same_netns: true }
+        );
+        let mut netns = pod();
+        netns.netns = Some("/run/netns/q".into());
+        assert_eq!(
+            change_of(&old, &netns),
+            Change::Reenroll { same_netns: false }
+        );
+    }
+
+    #[test]
+    fn finished_pods_are_not_enrolled() {
+        let mut done = pod();
+        done.finished = true;
+        let config = Config {
+            pods: vec![pod(), done],
+            ..Default::default()
+        };
+        assert_eq!(local_pods("n1", &config).count(), 1);
+    }
 }

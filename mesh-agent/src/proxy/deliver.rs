@@ -22,16 +22,24 @@ pub struct Delivered {
     pub guard: LiveGuard,
 }
 
+/// Authorizes and connects to the application. `addr` is where the application is
+/// reached: the address the client dialled when the kernel handed over plaintext
+/// (any address of the pod), otherwise the pod IP at the destination port.
 pub async fn deliver(
     pod: &PodContext,
     ctx: &ProxyContext,
     attrs: ConnAttrs,
+    addr: Option<SocketAddr>,
 ) -> Result<Delivered, InboundError> {
-    let ip = pod.ip.ok_or(InboundError::NoPodIp)?;
+    let addr = match addr {
+        Some(a) => a,
+        None => SocketAddr::new(pod.ip.ok_or(InboundError::NoPodIp)?, attrs.dest_port),
+    };
+    let workload = pod.workload();
     // Registered before the check: a policy change racing with this connection either
     // is seen by the check or re-checks the registered connection.
-    let guard = ctx.live.register(pod.workload.clone(), attrs.clone());
-    let verdict = ctx.policy.load().evaluate(&pod.workload, &attrs);
+    let guard = ctx.live.register(workload.clone(), attrs.clone());
+    let verdict = ctx.policy.load().evaluate(&workload, &attrs);
     for policy in &verdict.audited {
         info!(
             %policy,
@@ -45,7 +53,6 @@ pub async fn deliver(
     if !verdict.decision.allowed() {
         return Err(InboundError::Denied(verdict.decision));
     }
-    let addr = SocketAddr::new(ip, attrs.dest_port);
     let app = dial_from(&pod.netns, addr, ctx.connect_timeout)
         .await
         .map_err(|e| match e {

@@ -8,8 +8,6 @@ use crate::{authz::Decision, config::NamespacedName, identity::Identity};
 pub enum OutboundError {
     #[error("no original destination recorded for client {client} (not a redirected connection)")]
     NoOriginalDst { client: SocketAddr },
-    #[error("{dst} is not a known service (removed from config?)")]
-    UnknownService { dst: SocketAddr },
     #[error("service {service} port {port} has no ready endpoints")]
     NoEndpoints { service: NamespacedName, port: u16 },
     #[error("connecting to endpoint {endpoint}: {source}")]
@@ -39,7 +37,6 @@ impl OutboundError {
     pub fn reason(&self) -> &'static str {
         match self {
             OutboundError::NoOriginalDst { .. } => "no_orig_dst",
-            OutboundError::UnknownService { .. } => "unknown_service",
             OutboundError::NoEndpoints { .. } => "no_endpoints",
             OutboundError::Connect { .. } => "connect_failed",
             OutboundError::ConnectTimeout { .. } => "connect_timeout",
@@ -89,6 +86,8 @@ pub enum InboundError {
     Denied(Decision),
     #[error("the pod has no IP")]
     NoPodIp,
+    #[error("plaintext from {workload}, a meshed workload: only a bypass of its agent sends that")]
+    PlaintextFromMeshed { workload: NamespacedName },
     #[error("connecting to the application at {addr}: {source}")]
     Connect {
         addr: SocketAddr,
@@ -103,6 +102,7 @@ impl InboundError {
         match self {
             InboundError::Denied(_) => "denied",
             InboundError::NoPodIp => "no_pod_ip",
+            InboundError::PlaintextFromMeshed { .. } => "plaintext_from_meshed",
             InboundError::Connect { .. } => "app_connect_failed",
             InboundError::ConnectTimeout { .. } => "app_connect_timeout",
         }
@@ -110,7 +110,9 @@ impl InboundError {
 
     pub fn status(&self) -> http::StatusCode {
         match self {
-            InboundError::Denied(_) => http::StatusCode::FORBIDDEN,
+            InboundError::Denied(_) | InboundError::PlaintextFromMeshed { .. } => {
+                http::StatusCode::FORBIDDEN
+            }
             _ => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }

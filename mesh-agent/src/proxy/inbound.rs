@@ -8,6 +8,7 @@ use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
+use mesh_common::MESH_PORTS;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -27,15 +28,22 @@ use crate::{
 pub const MAX_STREAMS: u32 = 1000;
 
 pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    let acceptor = TlsAcceptor::from(pod.tls_server.clone());
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                let span = info_span!("tunnel_in", id, dst = %pod.workload.id, peer = %peer);
+                let span = info_span!("tunnel_in", id, dst = %pod.id, peer = %peer);
+                // Until the pod's first certificate and trust bundle arrive there is
+                // nothing to present: the connection is closed (the peer retries).
+                let acceptor = match pod.tls_server(&ctx.secrets) {
+                    Ok(c) => TlsAcceptor::from(c),
+                    Err(e) => {
+                        span.in_scope(|| debug!(error = %e, "no TLS identity yet; closing"));
+                        continue;
+                    }
+                };
                 tokio::spawn(
-                    handle(stream, peer, acceptor.clone(), pod.clone(), ctx.clone())
-                        .instrument(span),
+                    handle(stream, peer, acceptor, pod.clone(), ctx.clone()).instrument(span),
                 );
             }
             Err(e) => {
@@ -115,10 +123,16 @@ async fn connect(
     }
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     // Only this pod: the tunnel is not a way to reach anything else from the node.
-    let Some(target) = target.filter(|t| Some(t.ip()) == pod.ip) else {
+    let Some(target) = target.filter(|t| pod.ips.contains(&t.ip().to_canonical())) else {
         warn!(authority = ?req.uri().authority(), "CONNECT target is not this pod");
         return status(StatusCode::BAD_REQUEST);
     };
+    // The mesh's own ports are never a destination: a CONNECT to :15008 would nest
+    // tunnels and make the inner stream come from the pod itself.
+    if MESH_PORTS.contains(&target.port()) {
+        warn!(port = target.port(), "CONNECT to one of the mesh's own ports refused");
+        return status(StatusCode::FORBIDDEN);
+    }
     let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("conn", id, src = %source, peer = %peer, dst = %pod.identity, port = target.port());
     let attrs = ConnAttrs {
@@ -148,7 +162,7 @@ async fn connect(
         service: None,
         original_dst: None,
     };
-    let delivered = match deliver(&pod, &ctx, attrs).instrument(span.clone()).await {
+    let delivered = match deliver(&pod, &ctx, attrs, Some(target)).instrument(span.clone()).await {
         Ok(d) => d,
         Err(e) => {
             span.in_scope(|| warn!(reason = e.reason(), error = %e, "inbound connection refused"));

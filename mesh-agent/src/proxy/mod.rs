@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use error::{InboundError, OutboundError, TunnelError};
 pub use inbound::serve_tunnel;
@@ -29,6 +29,7 @@ pub use pool::Pool;
 
 use crate::{
     authz::{Decision, LiveConns, PolicySet, Workload},
+    config::NamespacedName,
     bpf::MeshMaps,
     identity::{Identity, SecretManager},
     inpod::Netns,
@@ -55,23 +56,55 @@ pub struct ProxyContext {
 
 /// One enrolled pod, as its connections see it.
 pub struct PodContext {
-    pub workload: Workload,
-    /// The metrics name (Deployment or other owner).
-    pub workload_name: String,
+    pub id: NamespacedName,
+    /// Labels and the metrics name: a change to them is applied in place, without
+    /// re-enrolling the pod (which would lift its enforcement for a moment).
+    pub meta: ArcSwap<PodMeta>,
+    /// The primary address.
     pub ip: Option<IpAddr>,
+    /// Every address of the pod.
+    pub ips: Vec<IpAddr>,
     pub identity: Identity,
     pub netns: Netns,
     pub netns_cookie: u64,
-    pub tls_server: Arc<rustls::ServerConfig>,
+    /// The tunnel's TLS settings, built once the first trust bundle is there: a pod
+    /// is enrolled (and enforced) before its certificate arrives.
+    pub tls_server: ArcSwapOption<rustls::ServerConfig>,
+}
+
+/// What can change about a running pod without re-enrolling it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    pub workload: Workload,
+    /// The metrics name (Deployment or other owner).
+    pub workload_name: String,
 }
 
 impl PodContext {
+    /// The workload as policy sees it (its labels as of now).
+    pub fn workload(&self) -> Workload {
+        self.meta.load().workload.clone()
+    }
+
     pub fn workload_ref(&self) -> WorkloadRef {
         WorkloadRef {
-            namespace: self.workload.id.namespace.clone(),
-            workload: self.workload_name.clone(),
-            pod: self.workload.id.name.clone(),
+            namespace: self.id.namespace.clone(),
+            workload: self.meta.load().workload_name.clone(),
+            pod: self.id.name.clone(),
         }
+    }
+
+    /// The tunnel's server TLS settings, or why there are none yet.
+    pub fn tls_server(
+        &self,
+        secrets: &Arc<SecretManager>,
+    ) -> Result<Arc<rustls::ServerConfig>, crate::identity::TlsConfigError> {
+        if let Some(c) = self.tls_server.load_full() {
+            return Ok(c);
+        }
+        let c = crate::identity::server_config(secrets, &self.identity)?;
+        self.tls_server.store(Some(c.clone()));
+        Ok(c)
     }
 }
 

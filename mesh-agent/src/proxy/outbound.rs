@@ -1,9 +1,11 @@
 //! Outbound: a connection the kernel redirected from a pod to the agent's listener in
 //! that pod is carried to an endpoint of the service the pod dialled.
 //!
-//! The path of one connection: accept (the listener tells the source pod, hence its
-//! identity) -> original destination from the kernel map -> service -> endpoint (round
-//! robin) -> one of three ways to the endpoint:
+//! The kernel captures every TCP connection of the pod, so the original destination
+//! can be anything. The path of one connection: accept (the listener tells the source
+//! pod, hence its identity) -> original destination from the kernel map -> a ClusterIP
+//! is a service, whose endpoint is picked (round robin); any other address is its own
+//! endpoint (a pod IP, or something outside the mesh) -> one of three ways to it:
 //!   local       the endpoint is a pod of this node: authorized and delivered here;
 //!   hbone       a meshed pod on another node: the mTLS tunnel to its `:15008`;
 //!   passthrough a workload outside the mesh: a plain connection, as the app asked.
@@ -31,7 +33,7 @@ pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Ar
         match listener.accept().await {
             Ok((stream, client)) => {
                 let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                let span = info_span!("conn", id, src = %pod.workload.id, client = %client);
+                let span = info_span!("conn", id, src = %pod.id, client = %client);
                 tokio::spawn(handle(id, stream, client, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(e) => {
@@ -140,9 +142,7 @@ async fn handle(
 /// policy denied it (reported by the destination view).
 fn outcome_of(e: &OutboundError) -> (Outcome, Option<String>) {
     let flag = match e {
-        OutboundError::NoOriginalDst { .. } | OutboundError::UnknownService { .. } => {
-            ResponseFlag::NoRoute
-        }
+        OutboundError::NoOriginalDst { .. } => ResponseFlag::NoRoute,
         OutboundError::NoEndpoints { .. } => ResponseFlag::NoHealthyUpstream,
         OutboundError::Tunnel {
             source: TunnelError::Status(s),
@@ -176,16 +176,20 @@ async fn route(
         .take_orig_dst(pod.netns_cookie, *peer)
         .ok_or(OutboundError::NoOriginalDst { client: *peer })?;
     info.original_dst = Some(dst);
-    let target = ctx
-        .routes
-        .load()
-        .get(dst)
-        .ok_or(OutboundError::UnknownService { dst })?;
-    info.service = Some(target.service.clone());
-    let endpoint = target.pick().ok_or_else(|| OutboundError::NoEndpoints {
-        service: target.service.clone(),
-        port: target.port,
-    })?;
+    let target = ctx.routes.load().get(dst);
+    let endpoint = match target {
+        Some(target) => {
+            info.service = Some(target.service.clone());
+            target.pick().ok_or_else(|| OutboundError::NoEndpoints {
+                service: target.service.clone(),
+                port: target.port,
+            })?
+        }
+        // Not a ClusterIP: the address is the endpoint. A meshed pod's IP takes the
+        // same path as a service endpoint of that pod (local delivery or the tunnel,
+        // with both identities and the destination's policy), without a service.
+        None => dst,
+    };
     info.destination.addr = Some(endpoint);
     if let Some(w) = ctx.workloads.load().get(endpoint.ip()) {
         info.destination.workload = Some(w.workload_ref());
@@ -219,7 +223,7 @@ async fn connect(
             source_ip: pod.ip.unwrap_or(endpoint.ip()),
             dest_port: endpoint.port(),
         };
-        let delivered = deliver(&dest, ctx, attrs)
+        let delivered = deliver(&dest, ctx, attrs, Some(endpoint))
             .await
             .map_err(|source| OutboundError::Local { endpoint, source })?;
         return Ok(Upstream::Local {

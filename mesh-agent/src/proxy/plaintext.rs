@@ -7,7 +7,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, info_span, warn};
 
 use super::{
-    PodContext, ProxyContext,
+    InboundError, PodContext, ProxyContext,
     deliver::{deliver, outcome_of},
     relay::{RelayEnd, relay, reset},
 };
@@ -21,8 +21,7 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: A
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                let span =
-                    info_span!("conn", id, dst = %pod.workload.id, peer = %peer, mtls = false);
+                let span = info_span!("conn", id, dst = %pod.id, peer = %peer, mtls = false);
                 tokio::spawn(handle(id, stream, peer, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(e) => {
@@ -54,16 +53,13 @@ async fn handle(
         source_ip: peer.ip(),
         dest_port: target.port(),
     };
+    let source = ctx.workloads.load().get(peer.ip()).cloned();
     let info = ConnInfo {
         id,
         reporter: Reporter::Destination,
         mode: Mode::Plaintext,
         source: Peer {
-            workload: ctx
-                .workloads
-                .load()
-                .get(peer.ip())
-                .map(|w| w.workload_ref()),
+            workload: source.as_ref().map(|w| w.workload_ref()),
             addr: Some(peer),
             identity: None,
         },
@@ -75,7 +71,18 @@ async fn handle(
         service: None,
         original_dst: None,
     };
-    let delivered = match deliver(&pod, &ctx, attrs).await {
+    // A meshed pod's connections all leave through its agent, over mTLS: plaintext
+    // from its address can only be a bypass (or a spoof), in every mode.
+    if let Some(w) = source.as_ref().filter(|w| w.meshed) {
+        let e = InboundError::PlaintextFromMeshed {
+            workload: w.id.clone(),
+        };
+        warn!(reason = e.reason(), error = %e, "plaintext connection refused");
+        ctx.telemetry.refused(&info, &outcome_of(&e));
+        reset(client);
+        return;
+    }
+    let delivered = match deliver(&pod, &ctx, attrs, Some(target)).await {
         Ok(d) => d,
         Err(e) => {
             warn!(reason = e.reason(), error = %e, port = target.port(), "plaintext connection refused");

@@ -26,11 +26,11 @@ pub struct WorkloadIndex {
 
 impl WorkloadIndex {
     pub fn build(config: &Config, trust_domain: &str) -> WorkloadIndex {
+        // Every address of a pod names it (dual stack); a finished pod owns none.
         let by_ip = config
             .pods
             .iter()
-            .filter_map(|p| {
-                let ip = p.ip?;
+            .flat_map(|p| {
                 let info = WorkloadInfo {
                     id: p.id.clone(),
                     node: p.node_name.clone(),
@@ -38,7 +38,7 @@ impl WorkloadIndex {
                     meshed: p.enroll,
                     workload: p.workload.clone(),
                 };
-                Some((ip, info))
+                p.ips.iter().map(move |ip| (ip.to_canonical(), info.clone()))
             })
             .collect();
         WorkloadIndex { by_ip }
