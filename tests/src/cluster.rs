@@ -17,8 +17,8 @@ use crate::proc::{enter, ip_in, run};
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// The agent's readiness port (DESIGN.md).
-pub const READINESS_PORT: u16 = 15021;
-pub const METRICS_PORT: u16 = 15020;
+pub const READINESS_PORT: u16 = mesh_common::READINESS_PORT;
+pub const METRICS_PORT: u16 = mesh_common::METRICS_PORT;
 /// The CA runs in the fabric namespace, reachable from every node.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
 pub const CA_PORT: u16 = 15012;
@@ -418,6 +418,11 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The CA's process id, once it runs.
+    pub fn ca_pid(&self) -> Option<u32> {
+        self.ca.as_ref().map(Child::id)
     }
 
     /// Starts the agent of `node` in the node's netns and in a cgroup under the node's

@@ -53,22 +53,37 @@ fn non_enrolled_pods_and_the_agents_own_connections_are_not_redirected() {
         "direct",
         "non-enrolled pod must not be redirected"
     );
-    let mark = mesh_bypass_mark().to_string();
+    // The test process is root with CAP_NET_ADMIN in the pod: it can set the agent's
+    // bypass mark, and is captured all the same (it lands on `meshed`, through the
+    // agent, not on `direct`), and the kernel counts the forgery.
+    let mark = mesh_common::BYPASS_MARK.to_string();
+    let forged_before = kernel_counters(&c, "node-1")
+        .get("bypass_mark_forged")
+        .copied()
+        .unwrap_or(0);
     assert_eq!(
         who(&mut c, &enrolled, &["--addr", &decoy, "--mark", &mark]),
-        "direct",
-        "a socket with the bypass mark must not be redirected"
+        "meshed",
+        "a pod's socket with the bypass mark must still be redirected"
+    );
+    assert_eq!(
+        kernel_counters(&c, "node-1")["bypass_mark_forged"],
+        forged_before + 1
+    );
+    // And it is the pod's connection in the agent's books, not the agent's.
+    let log = c.agent_log("node-1");
+    assert!(
+        access_lines(&log).iter().any(|l| has_fields(
+            l,
+            &[("src_workload", "default/enrolled"), ("dst_workload", "default/meshed")]
+        )),
+        "{log}"
     );
     assert_eq!(
         who(&mut c, &enrolled, &["--addr", &sa(vip(30), 80)]),
         "direct",
         "the agent's own upstream connection must not be captured"
     );
-}
-
-/// The bypass mark, as the agent sets it (mesh-common).
-fn mesh_bypass_mark() -> u32 {
-    0x0004_d3a1
 }
 
 #[test]

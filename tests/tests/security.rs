@@ -12,7 +12,7 @@ use std::{
 use common::*;
 use mesh_tests::{pattern::Pattern, tls};
 
-const TUNNEL: u16 = 15008;
+const TUNNEL: u16 = mesh_common::INBOUND_TUNNEL_PORT;
 
 fn poll(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -280,12 +280,18 @@ fn certificates_rotate_under_traffic_and_tls12_is_refused() {
     // Short-lived tunnel connections, so that new handshakes happen during rotation.
     c.agent_args = vec!["--tunnel-idle-timeout".into(), "200ms".into()];
     let (client, server) = client_server(&mut c);
+    // The tunnel port is probed from outside the mesh: an enrolled pod's connection
+    // to it would be captured by its own agent.
+    let outsider = c.add_pod("node-1", "outsider").unwrap();
+    let cfg = std::fs::read_to_string(c.config_dir.join("cluster.yaml")).unwrap()
+        + &c.pod_yaml(&outsider, false);
+    c.write_config("cluster.yaml", &cfg).unwrap();
     c.start_agent("node-1").unwrap();
     c.start_agent("node-2").unwrap();
     let tunnel = sa(server.ip, TUNNEL);
     let peek = |c: &mut Cluster| {
         json(
-            &c.run_in(&client, &["tls-peek", "--addr", &tunnel], SECS)
+            &c.run_in(&outsider, &["tls-peek", "--addr", &tunnel], SECS)
                 .unwrap(),
         )
     };
@@ -316,7 +322,7 @@ fn certificates_rotate_under_traffic_and_tls12_is_refused() {
     );
 
     let probe = json(
-        &c.run_in(&client, &["tls12-probe", "--addr", &tunnel], SECS)
+        &c.run_in(&outsider, &["tls12-probe", "--addr", &tunnel], SECS)
             .unwrap(),
     );
     assert_eq!(

@@ -62,7 +62,7 @@ fn sockmap_carries_the_pod_hops_only_when_switched_on() {
         .unwrap()
         .args(["-i", "lo", "-n", "-s", "96", "-U", "-w"])
         .arg(&capture)
-        .arg("tcp port 15001")
+        .arg(format!("tcp port {}", mesh_common::OUTBOUND_PORT))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -392,26 +392,12 @@ impl Datapath {
         } = self;
         drop(events);
         let c = maps.counters();
-        info!(
-            redirected = c[counters::REDIRECTED as usize],
-            bypass_mark = c[counters::BYPASS_MARK as usize],
-            not_a_service = c[counters::NOT_A_SERVICE as usize],
-            map_update_failed = c[counters::MAP_UPDATE_FAILED as usize],
-            peername_restored = c[counters::PEERNAME_RESTORED as usize],
-            inbound_strict_refused = c[counters::INBOUND_STRICT_REFUSED as usize],
-            inbound_plaintext_captured = c[counters::INBOUND_PLAINTEXT_CAPTURED as usize],
-            inbound_no_listener = c[counters::INBOUND_NO_LISTENER as usize],
-            events_dropped = c[counters::EVENTS_DROPPED as usize],
-            sockmap_added = c[counters::SOCKMAP_ADDED as usize],
-            sockmap_add_failed = c[counters::SOCKMAP_ADD_FAILED as usize],
-            sockmap_redirected = c[counters::SOCKMAP_REDIRECTED as usize],
-            sockmap_redirected_bytes = c[counters::SOCKMAP_REDIRECTED_BYTES as usize],
-            sockmap_fallback = c[counters::SOCKMAP_FALLBACK as usize],
-            sockmap_backpressure = c[counters::SOCKMAP_BACKPRESSURE as usize],
-            sockmap_resumed = c[counters::SOCKMAP_RESUMED as usize],
-            sockmap_paced = c[counters::SOCKMAP_PACED as usize],
-            "kernel counters"
-        );
+        let summary: Vec<String> = counters::NAMES
+            .iter()
+            .zip(c.iter())
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect();
+        info!(counters = %summary.join(" "), "kernel counters");
         for link in links {
             match link.unpin() {
                 // Dropping the last fd of an unpinned link detaches the program.

@@ -56,26 +56,21 @@ fn mode(m: u32) -> &'static str {
     }
 }
 
+/// Names a socket the kernel knows by its address without printing the address (a
+/// kernel pointer would defeat KASLR): a keyed hash, with a key random per process,
+/// so one dump still shows which entries name the same socket.
+fn opaque(kernel_addr: u64) -> String {
+    use std::hash::BuildHasher as _;
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let h = KEY.get_or_init(Default::default).hash_one(kernel_addr);
+    format!("socket #{:08x}", h as u32)
+}
+
 pub fn counter_name(i: u32) -> String {
-    match i {
-        counters::REDIRECTED => "redirected".into(),
-        counters::BYPASS_MARK => "bypass_mark".into(),
-        counters::NOT_A_SERVICE => "not_a_service".into(),
-        counters::MAP_UPDATE_FAILED => "map_update_failed".into(),
-        counters::PEERNAME_RESTORED => "peername_restored".into(),
-        counters::INBOUND_STRICT_REFUSED => "inbound_strict_refused".into(),
-        counters::INBOUND_PLAINTEXT_CAPTURED => "inbound_plaintext_captured".into(),
-        counters::INBOUND_NO_LISTENER => "inbound_no_listener".into(),
-        counters::EVENTS_DROPPED => "events_dropped".into(),
-        counters::SOCKMAP_ADDED => "sockmap_added".into(),
-        counters::SOCKMAP_ADD_FAILED => "sockmap_add_failed".into(),
-        counters::SOCKMAP_REDIRECTED => "sockmap_redirected".into(),
-        counters::SOCKMAP_REDIRECTED_BYTES => "sockmap_redirected_bytes".into(),
-        counters::SOCKMAP_FALLBACK => "sockmap_fallback".into(),
-        counters::SOCKMAP_BACKPRESSURE => "sockmap_backpressure".into(),
-        counters::SOCKMAP_RESUMED => "sockmap_resumed".into(),
-        counters::SOCKMAP_PACED => "sockmap_paced".into(),
-        other => format!("slot {other}"),
+    match counters::NAMES.get(i as usize) {
+        Some(name) => (*name).to_owned(),
+        None => format!("slot {i}"),
     }
 }
 
@@ -179,7 +174,7 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
         maps::SOCK_UNREAD => hash_entries(
             map,
             rows,
-            |k: &u64| format!("socket {k:#x}"),
+            |k: &u64| opaque(*k),
             |v: &SockFlow| {
                 let path = if v.on_tcp != 0 {
                     "TCP (receiver behind)"
@@ -192,16 +187,17 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
         maps::SOCK_SENDING => hash_entries(
             map,
             rows,
-            |k: &u64| format!("socket {k:#x}"),
+            |k: &u64| opaque(*k),
             |v: &SockSending| {
                 let who = if v.paced != 0 { "agent" } else { "app" };
                 format!(
-                    "{who} socket, sends to socket {:#x}, {} bytes charged in the call in progress",
-                    v.receiver, v.charged
+                    "{who} socket, sends to {}, {} bytes charged in the call in progress",
+                    opaque(v.receiver),
+                    v.charged
                 )
             },
         ),
-        maps::SOCK_IDS => hash_entries(map, rows, sock_end, |v: &u64| format!("socket {v:#x}")),
+        maps::SOCK_IDS => hash_entries(map, rows, sock_end, |v: &u64| opaque(*v)),
         maps::SOCK_FALLBACK => hash_entries(map, rows, sock_end, |_: &u8| "TCP path".to_owned()),
         maps::SETTINGS => {
             let map: aya::maps::Array<MapData, u32> = aya::maps::Array::try_from(map)?;

@@ -45,6 +45,19 @@ pub enum SignRefusal {
     NotOnNode { node: String, identity: Identity },
     #[error("signing failed: {0}")]
     Sign(rcgen::Error),
+    #[error("the CSR's key type is not allowed (ECDSA P-256 or P-384, or Ed25519)")]
+    KeyType,
+}
+
+/// Key types the CA signs: those the agent makes (P-256) and other modern curves; no
+/// RSA of unknown size.
+fn key_allowed(alg: &rcgen::SignatureAlgorithm) -> bool {
+    [
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        &rcgen::PKCS_ECDSA_P384_SHA384,
+        &rcgen::PKCS_ED25519,
+    ]
+    .contains(&alg)
 }
 
 pub struct Authority {
@@ -150,6 +163,9 @@ impl Authority {
     ) -> Result<(Identity, Vec<String>), SignRefusal> {
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignRefusal::BadCsr)?;
+        if !key_allowed(csr.public_key.algorithm()) {
+            return Err(SignRefusal::KeyType);
+        }
         let uri = match csr.params.subject_alt_names.as_slice() {
             [SanType::URI(uri)] => uri.as_str().to_owned(),
             _ => return Err(SignRefusal::BadSan),
@@ -176,17 +192,18 @@ impl Authority {
         let skew = (ttl / 10).min(Duration::from_secs(60));
         let now = OffsetDateTime::now_utc();
         // Only what the CA decides goes in: the SAN it checked, its validity, usages.
+        // The X.509-SVID profile: an empty subject (the identity is the URI SAN alone),
+        // an explicit CA:FALSE, and for an ECDSA key digitalSignature only.
         let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
         params.subject_alt_names = vec![SanType::URI(
             rcgen::string::Ia5String::try_from(identity.to_string()).map_err(SignRefusal::Sign)?,
         )];
         params.not_before = now - skew;
         params.not_after = now + ttl;
         params.serial_number = Some(serial());
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -298,6 +315,50 @@ mod tests {
         )
         .unwrap()
         .0
+    }
+
+    #[test]
+    fn workload_certificates_follow_the_x509_svid_profile() {
+        use x509_parser::extensions::ParsedExtension;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = authority(dir.path());
+        let uri = "spiffe://cluster.local/ns/default/sa/web";
+        let (_, chain) = ca
+            .sign(&csr_for(uri), "node-1", Duration::ZERO, |_| true)
+            .unwrap();
+        let der: rustls::pki_types::CertificateDer =
+            rustls::pki_types::pem::PemObject::from_pem_slice(chain[0].as_bytes()).unwrap();
+        let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(x.subject().iter().count(), 0, "subject {}", x.subject());
+        let bc = x.basic_constraints().unwrap().expect("basicConstraints present");
+        assert!(!bc.value.ca);
+        let ku = x.key_usage().unwrap().expect("keyUsage present").value;
+        assert!(ku.digital_signature());
+        assert!(!ku.key_encipherment() && !ku.key_cert_sign());
+        let eku = x.extended_key_usage().unwrap().expect("EKU present").value;
+        assert!(eku.server_auth && eku.client_auth);
+        let sans: Vec<String> = x
+            .extensions()
+            .iter()
+            .filter_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(s) => Some(
+                    s.general_names
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(sans, vec![format!("URI({uri})")]);
+    }
+
+    #[test]
+    fn only_modern_key_types_are_signed() {
+        assert!(key_allowed(&rcgen::PKCS_ECDSA_P256_SHA256));
+        assert!(key_allowed(&rcgen::PKCS_ED25519));
+        assert!(!key_allowed(&rcgen::PKCS_RSA_SHA256));
     }
 
     #[test]

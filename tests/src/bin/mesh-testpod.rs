@@ -102,6 +102,26 @@ enum Cmd {
         #[arg(long)]
         secs: u64,
     },
+    /// A connection every `every_ms` for `secs`, each asking WHO with a short timeout:
+    /// how many were answered (a fail-open window shows as answers).
+    Probe {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+        #[arg(long, default_value_t = 50)]
+        every_ms: u64,
+    },
+    /// Open `count` TCP connections to `addr` that never send a byte; hold them for
+    /// `secs`, then report how many were established and how many the server closed.
+    Idle {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        secs: u64,
+    },
     /// TLS 1.3 handshake without a client certificate: print the server's certificate.
     TlsPeek {
         #[arg(long)]
@@ -171,6 +191,61 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             println!("{}", json!({ "ok": ok, "failed": failed }));
+            Ok(())
+        }
+        Cmd::Probe {
+            addr,
+            secs,
+            every_ms,
+        } => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+            let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+            let (mut sent, mut answered, mut answers) = (0u64, 0u64, Vec::new());
+            while std::time::Instant::now() < deadline {
+                tick.tick().await;
+                sent += 1;
+                let r = tokio::time::timeout(Duration::from_millis(500), async {
+                    let mut c = connect(addr, None).await?;
+                    c.write_all(b"WHO\n").await?;
+                    let mut s = String::new();
+                    c.read_to_string(&mut s).await?;
+                    anyhow::ensure!(!s.is_empty(), "empty answer");
+                    anyhow::Ok(s.trim().to_owned())
+                })
+                .await;
+                if let Ok(Ok(who)) = r {
+                    answered += 1;
+                    if answers.len() < 5 {
+                        answers.push(who);
+                    }
+                }
+            }
+            println!(
+                "{}",
+                json!({ "sent": sent, "answered": answered, "answers": answers })
+            );
+            Ok(())
+        }
+        Cmd::Idle { addr, count, secs } => {
+            let mut conns = Vec::new();
+            let mut failed = 0u64;
+            for _ in 0..count {
+                match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+                    Ok(Ok(c)) => conns.push(c),
+                    _ => failed += 1,
+                }
+            }
+            println!("{}", json!({ "established": conns.len(), "failed": failed }));
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            // A server that closed an idle connection shows as end-of-stream.
+            let mut closed = 0u64;
+            for c in &conns {
+                let mut b = [0u8; 1];
+                if matches!(c.try_read(&mut b), Ok(0)) {
+                    closed += 1;
+                }
+            }
+            println!("{}", json!({ "held": conns.len(), "closed_by_server": closed }));
             Ok(())
         }
         Cmd::TlsPeek { addr } => {

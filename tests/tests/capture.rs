@@ -1,0 +1,313 @@
+//! Capture that holds under attack: every connection of an enrolled pod goes through
+//! the agent (pod IPs too, not only ClusterIPs), STRICT holds on every address of a
+//! pod, and no restart or pod update opens a window in which plaintext gets through.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use mesh_tests::proc::ip_in;
+
+fn poll(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn applied(c: &Cluster, node: &str) -> usize {
+    c.agent_log(node).matches("config applied").count()
+}
+
+/// Writes `file` and waits until every agent in `nodes` applied it.
+fn apply(c: &Cluster, nodes: &[&str], file: &str, text: &str) {
+    let before: Vec<usize> = nodes.iter().map(|n| applied(c, n)).collect();
+    c.write_config(file, text).unwrap();
+    for (n, b) in nodes.iter().zip(before) {
+        poll("config to be applied", Duration::from_secs(10), || {
+            applied(c, n) > b
+        });
+    }
+}
+
+/// The pod's name from a WHO answer ("<name> <peer address>").
+fn who(c: &mut Cluster, pod: &Pod, addr: &str) -> Result<String, String> {
+    c.run_in(pod, &["who", "--addr", addr], SECS)
+        .map(|out| {
+            json(&out)["replies"][0]
+                .as_str()
+                .unwrap_or_default()
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// The Pod object of `pod` in namespace `ns`.
+fn pod_in(c: &Cluster, pod: &Pod, ns: &str) -> String {
+    c.pod_yaml(pod, true)
+        .replace("namespace: default", &format!("namespace: {ns}"))
+}
+
+const DENY_EVIL: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+    metadata: {name: deny-evil, namespace: default}\nspec:\n  action: DENY\n  \
+    rules:\n  - from: [{source: {namespaces: [\"evil\"]}}]\n---\n";
+
+#[test]
+fn meshed_pods_reach_meshed_pods_by_pod_ip_over_the_mesh_under_strict() {
+    let _g = serial();
+    let mut c = cluster(&["node-1", "node-2"]);
+    let client = c.add_pod("node-1", "client").unwrap();
+    let evil = c.add_pod("node-1", "attacker").unwrap();
+    let near = c.add_pod("node-1", "near").unwrap();
+    let far = c.add_pod("node-2", "far").unwrap();
+    serve(&mut c, &near);
+    serve(&mut c, &far);
+    let cfg = c.pod_yaml(&client, true)
+        + &pod_in(&c, &evil, "evil")
+        + &c.pod_yaml(&near, true)
+        + &c.pod_yaml(&far, true)
+        + &yaml::service("far", vip(70), 80, PORT)
+        + &yaml::endpoint_slice("far", PORT, &[far.ip])
+        + &yaml::peer_authentication("STRICT")
+        + &yaml::peer_authentication("STRICT").replace("namespace: default", "namespace: evil");
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    c.start_agent("node-2").unwrap();
+
+    // By pod IP, under STRICT, on another node and on the same node.
+    assert_eq!(who(&mut c, &client, &sa(far.ip, PORT)).unwrap(), "far");
+    assert_eq!(who(&mut c, &client, &sa(near.ip, PORT)).unwrap(), "near");
+    // The cross-node hop is the mTLS tunnel with both identities, at both ends, and
+    // no service (it was not a ClusterIP).
+    let src_id = "spiffe://cluster.local/ns/default/sa/client";
+    let dst_id = "spiffe://cluster.local/ns/default/sa/far";
+    poll("both ends to log the pod-IP hop", SECS, || {
+        let n1 = c.agent_log("node-1");
+        let n2 = c.agent_log("node-2");
+        access_lines(&n1).iter().any(|l| {
+            has_fields(
+                l,
+                &[
+                    ("reporter", "source"),
+                    ("mode", "hbone"),
+                    ("security", "mutual_tls"),
+                    ("src_identity", src_id),
+                    ("dst_identity", dst_id),
+                    ("dst_service", "\""),
+                ],
+            )
+        }) && access_lines(&n2).iter().any(|l| {
+            has_fields(
+                l,
+                &[
+                    ("reporter", "destination"),
+                    ("src_identity", src_id),
+                    ("dst_identity", dst_id),
+                ],
+            )
+        })
+    });
+    let metrics = c.metrics("node-2").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\"")
+            && l.contains("destination_service=\"unknown\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{metrics}"
+    );
+
+    // A DENY on the source namespace refuses the pod-IP path and the ClusterIP path
+    // alike, and the same pod outside `evil` still gets through.
+    apply(&c, &["node-1", "node-2"], "deny.yaml", DENY_EVIL);
+    for addr in [sa(far.ip, PORT), sa(vip(70), 80), sa(near.ip, PORT)] {
+        let r = who(&mut c, &evil, &addr);
+        assert!(r.is_err(), "evil to {addr} must be refused, got {r:?}");
+        assert_eq!(
+            who(&mut c, &client, &addr).unwrap_or_default().is_empty(),
+            false,
+            "client to {addr}"
+        );
+    }
+    let n2 = c.agent_log("node-2");
+    assert!(
+        access_lines(&n2).iter().any(|l| has_fields(
+            l,
+            &[
+                ("reporter", "destination"),
+                ("src_workload", "evil/attacker"),
+                ("verdict", "denied"),
+                ("policy", "default/deny-evil"),
+            ]
+        )),
+        "{n2}"
+    );
+}
+
+/// The ifindex of `dev` in the network namespace `netns`.
+fn ifindex(netns: &str, dev: &str) -> u32 {
+    let out = ip_in(netns, &["-o", "link", "show", dev]).unwrap();
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+/// The IPv6 link-local address of `dev` in `netns`, once it is usable.
+fn link_local(netns: &str, dev: &str) -> String {
+    let mut found = String::new();
+    poll("an IPv6 link-local address", SECS, || {
+        let out = ip_in(netns, &["-6", "-o", "addr", "show", "dev", dev, "scope", "link"])
+            .unwrap_or_default();
+        if out.contains("tentative") {
+            return false;
+        }
+        found = out
+            .split_whitespace()
+            .skip_while(|w| *w != "inet6")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        !found.is_empty()
+    });
+    found
+}
+
+#[test]
+fn strict_covers_every_address_of_a_pod_and_permissive_captures_each() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let server = c.add_pod("node-1", "server").unwrap();
+    let outsider = c.add_pod("node-1", "outsider").unwrap();
+    serve(&mut c, &server);
+    // A second address, added inside the pod after the config was written.
+    let added = "10.244.1.200";
+    ip_in(&server.netns, &["addr", "add", &format!("{added}/32"), "dev", "eth0"]).unwrap();
+    let server_ll = link_local(&server.netns, "eth0");
+    link_local(&outsider.netns, "eth0");
+    let node_netns = c.node("node-1").netns.clone();
+    link_local(&node_netns, "cbr0");
+    let cfg = c.pod_yaml(&server, true) + &c.pod_yaml(&outsider, false);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+
+    let from_pod = format!("[{server_ll}%{}]:{PORT}", ifindex(&outsider.netns, "eth0"));
+    let from_node = format!("[{server_ll}%{}]:{PORT}", ifindex(&node_netns, "cbr0"));
+    let v4 = sa(server.ip, PORT);
+    let added_addr = format!("{added}:{PORT}");
+    // Connects from the node's own netns go through a process there.
+    let node_pod = Pod {
+        name: "node".into(),
+        node: "node-1".into(),
+        ip: "10.244.1.1".parse().unwrap(),
+        netns_path: format!("/run/netns/{node_netns}").into(),
+        netns: node_netns.clone(),
+        cgroup: c.node("node-1").cgroup.clone(),
+    };
+    let probes: [(&Pod, &str); 5] = [
+        (&outsider, &v4),
+        (&outsider, &from_pod),
+        (&outsider, &added_addr),
+        (&node_pod, &from_node),
+        (&node_pod, &added_addr),
+    ];
+
+    for mode in ["STRICT", "PERMISSIVE"] {
+        apply(&c, &["node-1"], "peer-auth.yaml", &yaml::peer_authentication(mode));
+        for (pod, addr) in probes {
+            let before = kernel_counters(&c, "node-1");
+            let r = who(&mut c, pod, addr);
+            let after = kernel_counters(&c, "node-1");
+            let grew = |k: &str| after[k] > before[k];
+            match mode {
+                "STRICT" => {
+                    assert!(r.is_err(), "STRICT: {} to {addr} answered: {r:?}", pod.name);
+                    assert!(grew("inbound_strict_refused"), "{mode} {addr}");
+                }
+                _ => {
+                    assert_eq!(r.as_deref(), Ok("server"), "PERMISSIVE: {} to {addr}", pod.name);
+                    assert!(grew("inbound_plaintext_captured"), "{mode} {addr}: not captured");
+                }
+            }
+        }
+    }
+}
+
+/// Plaintext probes from a pod outside the mesh, every 50 ms for `secs`, while `f`
+/// runs: how many were answered.
+fn answered_while(
+    c: &mut Cluster,
+    from: &Pod,
+    addr: &str,
+    secs: u64,
+    f: impl FnOnce(&mut Cluster),
+) -> serde_json::Value {
+    let probe = c
+        .spawn(
+            from,
+            &["probe", "--addr", addr, "--secs", &secs.to_string(), "--every-ms", "50"],
+        )
+        .unwrap();
+    f(c);
+    let out = probe.wait_with_output().unwrap();
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn strict_never_lapses_across_a_crash_a_restart_without_the_ca_and_a_label_change() {
+    let _g = serial();
+    let mut c = cluster(&["node-1", "node-2"]);
+    let client = c.add_pod("node-1", "client").unwrap();
+    let server = c.add_pod("node-2", "server").unwrap();
+    let outsider = c.add_pod("node-2", "outsider").unwrap();
+    serve(&mut c, &server);
+    let base = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&outsider, false)
+        + &yaml::service("web", vip(80), 80, PORT)
+        + &yaml::endpoint_slice("web", PORT, &[server.ip])
+        + &yaml::peer_authentication("STRICT");
+    c.write_config("cluster.yaml", &(base.clone() + &c.pod_yaml(&server, true)))
+        .unwrap();
+    c.start_agent("node-1").unwrap();
+    c.start_agent("node-2").unwrap();
+    let direct = sa(server.ip, PORT);
+    assert!(who(&mut c, &outsider, &direct).is_err(), "STRICT to begin with");
+    assert_eq!(who(&mut c, &client, &sa(vip(80), 80)).unwrap(), "server");
+
+    // SIGKILL, then a restart while the CA answers nothing for 15 s.
+    let ca = c.ca_pid().expect("the CA runs");
+    let out = answered_while(&mut c, &outsider, &direct, 20, |c| {
+        c.crash_agent("node-2").unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(ca as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .unwrap();
+        let dir = c.config_dir.clone();
+        c.launch_agent("node-2", &dir).unwrap();
+        std::thread::sleep(Duration::from_secs(15));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(ca as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        )
+        .unwrap();
+    });
+    assert!(out["sent"].as_u64().unwrap() > 200, "{out}");
+    assert_eq!(out["answered"], 0, "plaintext reached the STRICT pod: {out}");
+    c.wait_ready("node-2", SECS).unwrap();
+    assert_eq!(who(&mut c, &client, &sa(vip(80), 80)).unwrap(), "server");
+
+    // A label change is applied in place: no re-enrollment, no window.
+    let out = answered_while(&mut c, &outsider, &direct, 3, |c| {
+        let relabelled = c
+            .pod_yaml(&server, true)
+            .replace("labels: {app: server}", "labels: {app: server, version: v2}");
+        apply(c, &["node-2"], "cluster.yaml", &(base.clone() + &relabelled));
+    });
+    assert_eq!(out["answered"], 0, "plaintext reached the STRICT pod: {out}");
+    let log = c.agent_log("node-2");
+    assert!(log.contains("pod updated in place"), "{log}");
+    assert_eq!(who(&mut c, &client, &sa(vip(80), 80)).unwrap(), "server");
+}
