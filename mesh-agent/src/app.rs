@@ -30,7 +30,7 @@ use crate::{
 const RETRY_PODS: Duration = Duration::from_secs(1);
 
 pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
-    raise_fd_limit();
+    crate::limits::raise_fd_limit();
     let started = Instant::now();
     let readiness = Arc::new(Readiness::default());
     tokio::spawn({
@@ -92,6 +92,16 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         next_conn_id: AtomicU64::new(1),
         telemetry: telemetry.clone(),
+        conns: {
+            let budget = crate::limits::FdBudget::for_limit(crate::limits::nofile());
+            info!(data_path_connections = budget.data_path,
+                per_pod = args.tunnel.max_connections_per_pod, "connection caps");
+            crate::limits::ConnLimits::new(
+                "data path",
+                budget.data_path,
+                args.tunnel.max_connections_per_pod as usize,
+            )
+        },
     });
     let reaper = tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout));
     let kernel_flows = datapath.events.take().map(|ring| {
@@ -307,20 +317,5 @@ async fn reap_pool(proxy: Arc<ProxyContext>, idle_timeout: Duration) {
                 "tunnel connections closed"
             );
         }
-    }
-}
-
-/// One connection costs the agent two fds (client and upstream); the default soft
-/// limit of 1024 would cap it near 500 connections.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                warn!(error = %e, "cannot raise the open file limit");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot read the open file limit"),
     }
 }

@@ -129,6 +129,11 @@ pub struct IdentityArgs {
 /// The HBONE tunnel between nodes.
 #[derive(Debug, Args)]
 pub struct TunnelArgs {
+    /// Concurrent connections one pod may hold through the agent (outbound, inbound and
+    /// deliveries together); the agent's total is cut from its fd limit.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_pod: u32,
+
     /// Streams per pooled tunnel connection before another connection is opened.
     #[arg(long, default_value_t = 100)]
     pub tunnel_stream_limit: u32,

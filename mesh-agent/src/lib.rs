@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod inpod;
+pub mod limits;
 pub mod memory;
 pub mod proxy;
 pub mod state;

@@ -20,6 +20,8 @@ use crate::{
 pub struct Delivered {
     pub app: PodHop,
     pub guard: LiveGuard,
+    /// The connection's slot under the destination pod's connection cap.
+    pub _permit: crate::limits::ConnPermit<u64>,
 }
 
 /// Authorizes and connects to the application. `addr` is where the application is
@@ -35,6 +37,11 @@ pub async fn deliver(
         Some(a) => a,
         None => SocketAddr::new(pod.ip.ok_or(InboundError::NoPodIp)?, attrs.dest_port),
     };
+    // Every stream of a tunnel connection is a connection to the app: each counts.
+    let permit = ctx
+        .conns
+        .try_admit(pod.netns_cookie)
+        .map_err(InboundError::Limited)?;
     let workload = pod.workload();
     // Registered before the check: a policy change racing with this connection either
     // is seen by the check or re-checks the registered connection.
@@ -60,7 +67,11 @@ pub async fn deliver(
             DialError::Timeout(_) => InboundError::ConnectTimeout { addr },
         })?;
     let app = PodHop::new(app, pod.netns_cookie, &ctx.maps);
-    Ok(Delivered { app, guard })
+    Ok(Delivered {
+        app,
+        guard,
+        _permit: permit,
+    })
 }
 
 /// How a refusal on the destination side is reported.

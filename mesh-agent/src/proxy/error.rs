@@ -86,6 +86,8 @@ pub enum InboundError {
     Denied(Decision),
     #[error("the pod has no IP")]
     NoPodIp,
+    #[error("{0}")]
+    Limited(crate::limits::LimitError),
     #[error("plaintext from {workload}, a meshed workload: only a bypass of its agent sends that")]
     PlaintextFromMeshed { workload: NamespacedName },
     #[error("connecting to the application at {addr}: {source}")]
@@ -102,6 +104,7 @@ impl InboundError {
         match self {
             InboundError::Denied(_) => "denied",
             InboundError::NoPodIp => "no_pod_ip",
+            InboundError::Limited(e) => e.reason(),
             InboundError::PlaintextFromMeshed { .. } => "plaintext_from_meshed",
             InboundError::Connect { .. } => "app_connect_failed",
             InboundError::ConnectTimeout { .. } => "app_connect_timeout",

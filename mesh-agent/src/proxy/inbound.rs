@@ -24,33 +24,37 @@ use crate::{
     telemetry::{ConnInfo, Mode, Outcome, Peer, Reporter, ResponseFlag},
 };
 
-/// Concurrent CONNECT streams one client connection may hold.
-pub const MAX_STREAMS: u32 = 1000;
+/// Concurrent CONNECT streams one client connection may hold (the client side opens
+/// another pooled connection past its own limit of 100 by default).
+pub const MAX_STREAMS: u32 = 256;
+
+static HANDSHAKE_FAILED: crate::limits::Throttle =
+    crate::limits::Throttle::new(std::time::Duration::from_secs(10));
+static HANDSHAKE_TIMED_OUT: crate::limits::Throttle =
+    crate::limits::Throttle::new(std::time::Duration::from_secs(10));
 
 pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                let span = info_span!("tunnel_in", id, dst = %pod.id, peer = %peer);
-                // Until the pod's first certificate and trust bundle arrive there is
-                // nothing to present: the connection is closed (the peer retries).
-                let acceptor = match pod.tls_server(&ctx.secrets) {
-                    Ok(c) => TlsAcceptor::from(c),
-                    Err(e) => {
-                        span.in_scope(|| debug!(error = %e, "no TLS identity yet; closing"));
-                        continue;
-                    }
-                };
-                tokio::spawn(
-                    handle(stream, peer, acceptor, pod.clone(), ctx.clone()).instrument(span),
-                );
-            }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
+        let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx).await;
+            let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            let span = info_span!("tunnel_in", id, dst = %pod.id, peer = %peer);
+            // Until the pod's first certificate and trust bundle arrive there is
+            // nothing to present: the connection is closed (the peer retries).
+            let acceptor = match pod.tls_server(&ctx.secrets) {
+                Ok(c) => TlsAcceptor::from(c),
+                Err(e) => {
+                    span.in_scope(|| debug!(error = %e, "no TLS identity yet; closing"));
+                    continue;
+                }
+            };
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    handle(stream, peer, acceptor, pod, ctx).await
+                }
+                .instrument(span),
+            );
     }
 }
 
@@ -65,11 +69,15 @@ async fn handle(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            warn!(error = %e, "TLS handshake refused");
+            if let Some(n) = HANDSHAKE_FAILED.hit() {
+                warn!(error = %e, times = n, "TLS handshakes refused");
+            }
             return;
         }
         Err(_) => {
-            warn!("TLS handshake timed out");
+            if let Some(n) = HANDSHAKE_TIMED_OUT.hit() {
+                warn!(times = n, "TLS handshakes timed out");
+            }
             return;
         }
     };

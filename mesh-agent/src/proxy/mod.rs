@@ -1,6 +1,7 @@
 //! The proxies. Outbound: pod -> service endpoint, delivered locally on the same node,
 //! through the mTLS tunnel to another node, or passed through to a workload outside the
 //! mesh. Inbound: the tunnel's server side (:15008) and plaintext capture (:15006).
+mod accept;
 mod deliver;
 mod dial;
 mod error;
@@ -52,6 +53,9 @@ pub struct ProxyContext {
     /// Source of connection ids for tracing spans and logs.
     pub next_conn_id: AtomicU64,
     pub telemetry: Arc<Telemetry>,
+    /// Concurrent connections of the data path, per pod (netns cookie) and in total:
+    /// one pod cannot take the agent's file descriptors from the others.
+    pub conns: Arc<crate::limits::ConnLimits<u64>>,
 }
 
 /// One enrolled pod, as its connections see it.

@@ -30,19 +30,17 @@ use crate::{
 
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                let span = info_span!("conn", id, src = %pod.id, client = %client);
-                tokio::spawn(handle(id, stream, client, pod.clone(), ctx.clone()).instrument(span));
-            }
-            Err(e) => {
-                // Usually EMFILE/ENFILE: back off instead of spinning; accepted
-                // connections keep running.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
+        let (stream, client, permit) = super::accept::accept(&listener, &pod, &ctx).await;
+            let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            let span = info_span!("conn", id, src = %pod.id, client = %client);
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    handle(id, stream, client, pod, ctx).await
+                }
+                .instrument(span),
+            );
     }
 }
 
@@ -51,6 +49,7 @@ enum Upstream {
     Local {
         app: PodHop,
         guard: crate::authz::LiveGuard,
+        _permit: crate::limits::ConnPermit<u64>,
     },
     Tunnel(tunnel::TunnelStream),
     Passthrough(TcpStream),
@@ -100,7 +99,11 @@ async fn handle(
     let conn = ctx.telemetry.open(info);
     let never = CancellationToken::new();
     let (result, dest_conn) = match upstream {
-        Upstream::Local { mut app, guard } => {
+        Upstream::Local {
+            mut app,
+            guard,
+            _permit,
+        } => {
             // Same node: the destination's view is reported here too.
             let dest = dest_view.map(|d| ctx.telemetry.open(d));
             let views: Vec<&ConnHandle> = std::iter::once(&conn).chain(dest.as_ref()).collect();
@@ -229,6 +232,7 @@ async fn connect(
         return Ok(Upstream::Local {
             app: delivered.app,
             guard: delivered.guard,
+            _permit: delivered._permit,
         });
     }
     let remote = ctx

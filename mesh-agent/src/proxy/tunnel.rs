@@ -20,9 +20,11 @@ use super::{
 use crate::identity::{Identity, client_config};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Flow-control windows: large enough that one stream can fill a fast link.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Flow-control windows: large enough that one stream can fill a fast link, small
+/// enough to bound what a peer can make the agent hold. The connection window is the
+/// bound per tunnel connection: a peer can never have more than it sent and unread.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// An open CONNECT stream; holds its pool lease for as long as it lives.
 pub struct TunnelStream {

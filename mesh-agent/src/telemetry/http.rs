@@ -1,32 +1,76 @@
 //! The node's plain HTTP endpoints: readiness (`:15021/healthz/ready`) and Prometheus
 //! metrics (`:15020/metrics`). HTTP/1.1 only, GET only, tiny responses.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+//!
+//! Any pod can reach them, so they are bounded: a request's headers must arrive within
+//! [`HEADER_TIMEOUT`], each connection carries one request (no keep-alive), the whole
+//! request is over within [`REQUEST_DEADLINE`], and the two listeners together hold at
+//! most [`crate::limits::NODE_LISTENER_CONNS`] connections, [`PER_SOURCE`] per source
+//! address; more are closed at once. The data path's fds are budgeted apart.
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use super::Readiness;
+use crate::limits::{ConnLimits, FdBudget, Throttle};
+
+/// Time a client has to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time a connection may live at all (one small request and its answer).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections from one address to the node listeners together.
+pub const PER_SOURCE: usize = 32;
+
+/// The caps shared by both node listeners, sized from the fd limit.
+fn limits() -> &'static Arc<ConnLimits<IpAddr>> {
+    static LIMITS: OnceLock<Arc<ConnLimits<IpAddr>>> = OnceLock::new();
+    LIMITS.get_or_init(|| {
+        let budget = FdBudget::for_limit(crate::limits::nofile());
+        ConnLimits::new("node listeners", budget.node_listeners, PER_SOURCE)
+    })
+}
+
+static REFUSED: Throttle = Throttle::new(Duration::from_secs(10));
+static ACCEPT_FAILED: Throttle = Throttle::new(Duration::from_secs(10));
 
 type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
 
 async fn serve(listener: TcpListener, handler: Handler) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                if let Some(n) = ACCEPT_FAILED.hit() {
+                    warn!(error = %e, times = n, "accept failed; backing off");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = match limits().try_admit(peer.ip().to_canonical()) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(n) = REFUSED.hit() {
+                    warn!(%peer, error = %e, times = n, "node listener connections refused");
+                }
+                drop(stream);
                 continue;
             }
         };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let (status, content_type, body) = handler(req.uri().path());
                 let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -36,11 +80,16 @@ async fn serve(listener: TcpListener, handler: Handler) {
                 }
                 async move { Ok::<_, Infallible>(resp) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(error = %e, "HTTP connection ended with an error");
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
+            match tokio::time::timeout(REQUEST_DEADLINE, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "HTTP connection ended with an error"),
+                Err(_) => debug!("HTTP connection closed at its deadline"),
             }
         });
     }

@@ -1,0 +1,41 @@
+//! The accept step every pod listener shares: back off on errors (EMFILE) instead of
+//! spinning, and admit a connection only within the pod's and the agent's connection
+//! caps. Both are counted and warned about at most once per period, not per event.
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+use super::{PodContext, ProxyContext};
+use crate::limits::{ConnPermit, Throttle};
+
+static ACCEPT_FAILED: Throttle = Throttle::new(Duration::from_secs(10));
+static OVER_LIMIT: Throttle = Throttle::new(Duration::from_secs(10));
+
+/// Waits for the next connection that may be served. One over a cap is closed at once.
+pub async fn accept(
+    listener: &TcpListener,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+) -> (TcpStream, SocketAddr, ConnPermit<u64>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => match ctx.conns.try_admit(pod.netns_cookie) {
+                Ok(permit) => return (stream, peer, permit),
+                Err(e) => {
+                    if let Some(n) = OVER_LIMIT.hit() {
+                        warn!(%peer, reason = e.reason(), error = %e, times = n,
+                            "connections refused at the connection cap");
+                    }
+                    drop(stream);
+                }
+            },
+            Err(e) => {
+                if let Some(n) = ACCEPT_FAILED.hit() {
+                    warn!(error = %e, times = n, "accept failed; backing off");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
