@@ -1,13 +1,15 @@
 //! `mesh-agent ca`: the mesh's certificate authority, a gRPC service over TLS.
 mod authority;
+mod listener;
 mod node_auth;
+mod rate;
 mod service;
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tracing::info;
 
 pub use authority::{Authority, Source};
@@ -17,6 +19,7 @@ use crate::{
 };
 
 pub async fn run(args: CaArgs) -> anyhow::Result<()> {
+    crate::limits::raise_fd_limit();
     let source = match (&args.root_cert, &args.signing_cert, &args.signing_key) {
         (Some(root_cert), signing_cert, Some(signing_key)) => Source::Files {
             root_cert,
@@ -43,15 +46,24 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
             path: args.node_tokens.clone(),
         }),
         config: config.updates.clone(),
+        rate: rate::SigningRate::default(),
     };
-    let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(chain, key));
+    let tls = listener::server_config(&chain, &key).context("CA TLS settings")?;
+    let tcp = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let incoming = listener::incoming(tcp, tls);
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     info!(listen = %args.listen, trust_domain = %args.trust_domain, "CA serving");
     Server::builder()
-        .tls_config(tls)
-        .context("CA TLS settings")?
+        // A silent peer is found and dropped; a request cannot hold a slot forever.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .timeout(std::time::Duration::from_secs(10))
+        .max_concurrent_streams(Some(16))
+        .concurrency_limit_per_connection(16)
         .add_service(CertificateServiceServer::new(service))
-        .serve_with_shutdown(args.listen, async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             tokio::select! {
                 _ = sigterm.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

@@ -24,6 +24,9 @@ pub struct CaService {
     pub nodes: Arc<dyn NodeAuthenticator>,
     /// The cluster's pods: which identities run on which node.
     pub config: watch::Receiver<Arc<Generation>>,
+    /// CSRs per node and per identity: a misbehaving node (or a clock far ahead of
+    /// the CA, renewing in a loop) cannot keep the CA busy.
+    pub rate: super::rate::SigningRate,
 }
 
 impl CaService {
@@ -51,6 +54,10 @@ impl CertificateService for CaService {
             Status::unauthenticated(e.to_string())
         })?;
         let req = request.into_inner();
+        if let Err(e) = self.rate.check(&node, &req.csr) {
+            warn!(%node, error = %e, "CSR refused: rate limit");
+            return Err(Status::resource_exhausted(e.to_string()));
+        }
         let ttl = Duration::from_secs(u64::try_from(req.validity_duration_seconds).unwrap_or(0));
         match self
             .authority

@@ -190,12 +190,16 @@ impl SecretManager {
                         expires_in_s = cert.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
                         "certificate issued"
                     );
+                    let now = SystemTime::now();
+                    if let Some(skew) = clock_skew(cert.not_before, cert.not_after, now) {
+                        warn!(skew_s = skew, "the CA's clock and this node's disagree: \
+                            certificates look {} to this node", if skew > 0 { "old" } else { "not yet valid" });
+                    }
+                    let life = cert.not_after.duration_since(cert.not_before).unwrap_or_default();
                     tx.send_replace(Some(cert));
                     backoff = BACKOFF_START;
-                    let wait = refresh_at
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO);
-                    tokio::time::sleep(wait).await;
+                    let wait = refresh_at.duration_since(now).unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(renewal_wait(wait, life, rand::random::<f64>())).await;
                 }
                 Err(e) => {
                     let still_valid = tx
@@ -256,5 +260,56 @@ impl SecretManager {
         for (_, e) in self.entries().drain() {
             e.task.abort();
         }
+    }
+}
+
+/// How long to wait before renewing: `until_refresh` (half the lifetime on this
+/// node's clock), but never less than a tenth of the lifetime nor one second, so a
+/// clock far ahead of the CA cannot make the agent renew in a loop; plus up to 10%
+/// jitter (`jitter` in 0..1) so a node's identities do not all renew at once.
+pub fn renewal_wait(until_refresh: Duration, life: Duration, jitter: f64) -> Duration {
+    let floor = (life / 10).max(Duration::from_secs(1));
+    let base = until_refresh.max(floor);
+    base + base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1)
+}
+
+/// Seconds by which this node's clock seems off from the CA's, when that is more
+/// than the CA's backdating explains: positive when the node is ahead (the fresh
+/// certificate is already past a quarter of its life), negative when it is behind
+/// (the certificate is not valid yet).
+pub fn clock_skew(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> Option<i64> {
+    let life = not_after.duration_since(not_before).ok()?;
+    match now.duration_since(not_before) {
+        Ok(age) if age > life / 4 && age > Duration::from_secs(120) => {
+            Some(age.as_secs() as i64)
+        }
+        Ok(_) => None,
+        Err(e) => Some(-(e.duration().as_secs() as i64)),
+    }
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+
+    #[test]
+    fn renewal_has_a_floor_and_bounded_jitter() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(renewal_wait(Duration::ZERO, hour, 0.0), hour / 10);
+        assert_eq!(
+            renewal_wait(Duration::ZERO, Duration::from_secs(4), 0.0),
+            Duration::from_secs(1)
+        );
+        let w = renewal_wait(hour / 2, hour, 1.0);
+        assert!(w >= hour / 2 && w <= (hour / 2).mul_f64(1.1), "{w:?}");
+    }
+
+    #[test]
+    fn skew_is_reported_only_beyond_backdating() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(clock_skew(t0, t0 + day, t0 + Duration::from_secs(60)), None);
+        assert_eq!(clock_skew(t0, t0 + day, t0 + day / 2), Some(43_200));
+        assert_eq!(clock_skew(t0, t0 + day, t0 - Duration::from_secs(30)), Some(-30));
     }
 }
