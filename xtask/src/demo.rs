@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use mesh_tests::Cluster;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::{root, sh};
 
@@ -49,7 +49,7 @@ fn topology(dir: &std::path::Path) -> anyhow::Result<Topology> {
     let (mut pods, mut vip, mut target_port) = (Vec::new(), None, None);
     for f in &files {
         let text = std::fs::read_to_string(f)?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let v: Value =
                 serde::Deserialize::deserialize(doc).with_context(|| format!("{}", f.display()))?;
             match str_at(&v, &["kind"]) {

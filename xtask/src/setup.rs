@@ -17,6 +17,8 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     // The encryption test captures the wire between node namespaces.
     "tcpdump",
+    // The config test checks that an idle agent opens no config file.
+    "strace",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

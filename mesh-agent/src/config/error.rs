@@ -42,6 +42,19 @@ pub enum ConfigError {
         source: FieldError,
     },
 
+    #[error("{}: {size} bytes, over the limit of {limit} per file", path.display())]
+    FileTooLarge { path: PathBuf, size: u64, limit: u64 },
+
+    #[error("{}: the directory holds {size} bytes of config, over the limit of {limit}", path.display())]
+    DirTooLarge { path: PathBuf, size: u64, limit: u64 },
+
+    #[error("{}: line {line}: YAML {what} are not accepted (Kubernetes objects never need them, and expanding them is a memory bomb)", path.display())]
+    Anchors {
+        path: PathBuf,
+        line: usize,
+        what: &'static str,
+    },
+
     #[error("{}: {object} is defined twice (also in {})", path.display(), first.display())]
     Duplicate {
         path: PathBuf,

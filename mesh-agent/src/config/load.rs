@@ -9,7 +9,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use super::{
     error::{ConfigError, FieldError},
@@ -50,17 +50,87 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(files)
 }
 
+/// A config file larger than this is refused unread (10,000 services with their
+/// endpoints fit in a few MiB).
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// ... and so is a directory holding more than this in all.
+pub const MAX_DIR_BYTES: u64 = 64 * 1024 * 1024;
+
 pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     let mut config = Config::default();
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    let mut total = 0u64;
     for path in config_files(dir)? {
-        let text = fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.clone(),
             source,
-        })?;
+        };
+        let size = fs::metadata(&path).map_err(read_err)?.len();
+        if size > MAX_FILE_BYTES {
+            return Err(ConfigError::FileTooLarge {
+                path,
+                size,
+                limit: MAX_FILE_BYTES,
+            });
+        }
+        total += size;
+        if total > MAX_DIR_BYTES {
+            return Err(ConfigError::DirTooLarge {
+                path: dir.to_owned(),
+                size: total,
+                limit: MAX_DIR_BYTES,
+            });
+        }
+        // Read at most the limit: a file that grows between the two steps is refused.
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(fs::File::open(&path).map_err(read_err)?, MAX_FILE_BYTES + 1),
+            &mut text,
+        )
+        .map_err(read_err)?;
+        if text.len() as u64 > MAX_FILE_BYTES {
+            return Err(ConfigError::FileTooLarge {
+                path,
+                size: text.len() as u64,
+                limit: MAX_FILE_BYTES,
+            });
+        }
         load_text(&path, &text, &mut config, &mut seen)?;
     }
     Ok(config)
+}
+
+/// Refuses anchors and aliases before anything expands them: a few KB of aliases
+/// can stand for gigabytes of objects. The event parser does not expand aliases.
+fn refuse_anchors(path: &Path, text: &str) -> Result<(), ConfigError> {
+    use yaml_rust2::parser::{Event, Parser};
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        let (event, mark) = match parser.next_token() {
+            Ok(e) => e,
+            // Malformed YAML is reported by the deserializer, with its own words.
+            Err(_) => return Ok(()),
+        };
+        let what = match event {
+            Event::StreamEnd => return Ok(()),
+            Event::Alias(_) => Some("aliases"),
+            Event::Scalar(_, _, anchor, _)
+            | Event::SequenceStart(anchor, _)
+            | Event::MappingStart(anchor, _)
+                if anchor != 0 =>
+            {
+                Some("anchors")
+            }
+            _ => None,
+        };
+        if let Some(what) = what {
+            return Err(ConfigError::Anchors {
+                path: path.to_owned(),
+                line: mark.line(),
+                what,
+            });
+        }
+    }
 }
 
 /// Parses one file's text into `config`. `seen` catches an object defined twice.
@@ -70,7 +140,8 @@ pub fn load_text(
     config: &mut Config,
     seen: &mut HashMap<String, PathBuf>,
 ) -> Result<(), ConfigError> {
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    refuse_anchors(path, text)?;
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let document = index + 1;
         let value = Value::deserialize(doc).map_err(|e| ConfigError::Yaml {
             path: path.to_owned(),

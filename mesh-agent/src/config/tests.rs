@@ -174,3 +174,43 @@ fn load_dir_reads_only_yaml_files_in_order() {
     let names: Vec<_> = c.services.iter().map(|s| s.id.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
 }
+
+/// A few KB that a YAML library would expand to millions of nodes.
+pub fn alias_bomb() -> String {
+    let mut s = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: bomb}\nspec:\n  a: &a [");
+    s.push_str(&vec!["x"; 2000].join(","));
+    s.push_str("]\n  b: [");
+    s.push_str(&vec!["*a"; 3000].join(","));
+    s.push_str("]\n");
+    s
+}
+
+#[test]
+fn anchors_and_aliases_are_refused_before_expansion() {
+    let started = std::time::Instant::now();
+    let e = err(&alias_bomb());
+    assert!(e.contains("/cfg/app.yaml: line 5: YAML anchors are not accepted"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    let e = err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: *missing\n");
+    assert!(e.contains("aliases") || e.contains("malformed"), "{e}");
+}
+
+#[test]
+fn oversized_files_are_refused_unparsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(super::load::MAX_FILE_BYTES + 1).unwrap();
+    let e = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("big.yaml") && e.contains("over the limit"), "{e}");
+}
+
+#[test]
+fn the_alias_bomb_is_refused_from_a_directory_too() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bomb.yaml"), alias_bomb()).unwrap();
+    let started = std::time::Instant::now();
+    let e = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("bomb.yaml: line 5: YAML anchors"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}

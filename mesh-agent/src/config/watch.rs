@@ -1,7 +1,10 @@
-//! Watching the config directory. inotify (through `notify`) gives sub-second reaction;
-//! a slow poll of file sizes and mtimes is the safety net for filesystems and editors
-//! whose changes inotify misses. A directory that fails to load is logged and counted,
-//! and the last good generation keeps serving.
+//! Watching the config directory. inotify (through `notify`) gives sub-second reaction
+//! to writes, renames and removals (never to reads: the agent's own reads must not
+//! wake it); a slow poll of file sizes and mtimes is the safety net for filesystems
+//! whose changes inotify misses. Files are read only when that fingerprint changed, so
+//! an idle agent reads no config file, and they are parsed on a blocking thread, off
+//! the runtime that carries traffic. A directory that fails to load is logged and
+//! counted, and the last good generation keeps serving.
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -16,8 +19,10 @@ use super::{load, model::Config};
 
 /// How long to wait for a burst of file events to settle before reloading.
 const SETTLE: Duration = Duration::from_millis(100);
-/// The safety-net poll.
-const POLL: Duration = Duration::from_secs(2);
+/// The safety-net poll while inotify watches.
+const POLL: Duration = Duration::from_secs(30);
+/// The poll when inotify cannot watch the directory.
+const POLL_UNWATCHED: Duration = Duration::from_secs(2);
 
 /// One successfully loaded config.
 #[derive(Debug)]
@@ -66,7 +71,7 @@ impl ConfigWatch {
 
         // The watcher lives inside the task so it stops with it.
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            if res.is_ok_and(|e| is_change(&e.kind)) {
                 let _ = events_tx.send(());
             }
         })
@@ -74,7 +79,7 @@ impl ConfigWatch {
         let watcher = match watcher {
             Ok(w) => Some(w),
             Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "cannot watch config directory; polling every {POLL:?}");
+                warn!(dir = %dir.display(), error = %e, "cannot watch config directory; polling every {POLL_UNWATCHED:?}");
                 None
             }
         };
@@ -94,14 +99,26 @@ async fn reload_loop(
     let mut fingerprint = None;
     let mut last_good: Option<Config> = None;
     let mut last_error: Option<String> = None;
-    let mut poll = tokio::time::interval(POLL);
-    let mut watching = true;
+    let mut poll = tokio::time::interval(if _watcher.is_some() {
+        POLL
+    } else {
+        POLL_UNWATCHED
+    });
+    let mut watching = _watcher.is_some();
     loop {
         let now = fingerprint_of(&dir);
         let changed = now != fingerprint || last_good.is_none();
         if changed {
             fingerprint = now;
-            match load::load_dir(&dir) {
+            let d = dir.clone();
+            let loaded = match tokio::task::spawn_blocking(move || load::load_dir(&d)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(error = %e, "config loader task failed");
+                    continue;
+                }
+            };
+            match loaded {
                 Ok(config) if last_good.as_ref() == Some(&config) => {
                     last_error = None;
                     stats.set_error(None);
@@ -142,10 +159,20 @@ async fn reload_loop(
                 }
                 tokio::time::sleep(SETTLE).await;
                 while events.try_recv().is_ok() {}
-                fingerprint = None; // an event always forces a re-read
             }
             _ = poll.tick() => {}
         }
+    }
+}
+
+/// Writes, renames and removals; not opens, reads or attribute changes.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::{EventKind, event::ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
 }
 
@@ -164,4 +191,63 @@ fn fingerprint_of(dir: &Path) -> Option<Vec<(PathBuf, u64, Option<SystemTime>)>>
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::{
+        EventKind,
+        event::{AccessKind, CreateKind, DataChange, MetadataKind, ModifyKind, RenameMode},
+    };
+
+    #[test]
+    fn only_writes_renames_and_removals_wake_the_watcher() {
+        assert!(is_change(&EventKind::Create(CreateKind::File)));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Content
+        ))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(is_change(&EventKind::Remove(notify::event::RemoveKind::File)));
+        assert!(!is_change(&EventKind::Access(AccessKind::Read)));
+        assert!(!is_change(&EventKind::Modify(ModifyKind::Metadata(
+            MetadataKind::AccessTime
+        ))));
+    }
+
+    #[tokio::test]
+    async fn a_broken_file_next_to_a_valid_change_applies_neither() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{}}\n")
+        };
+        std::fs::write(dir.path().join("a.yaml"), svc("one")).unwrap();
+        let mut w = ConfigWatch::start(dir.path().to_owned());
+        tokio::time::timeout(Duration::from_secs(5), w.updates.wait_for(|g| g.number == 1))
+            .await
+            .unwrap()
+            .unwrap();
+        // A valid change and a broken file land together: the last good generation
+        // keeps serving, the valid change is not applied on its own.
+        std::fs::write(dir.path().join("a.yaml"), svc("two")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: [").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while w.stats.last_error().is_none() {
+            assert!(std::time::Instant::now() < deadline, "the broken file was not seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let g = w.updates.borrow_and_update().clone();
+        assert_eq!(g.number, 1);
+        assert_eq!(g.config.services[0].id.name, "one");
+        assert!(w.stats.last_error().unwrap().contains("b.yaml"));
+        // Fixed: both apply as one new generation.
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.updates.wait_for(|g| g.number == 2))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.updates.borrow().config.services[0].id.name, "two");
+    }
 }

@@ -266,6 +266,11 @@ impl PodManager {
             netns,
             netns_cookie: l.cookie,
             tls_server: ArcSwapOption::empty(),
+            tunnel_peers: crate::limits::ConnLimits::new(
+                "tunnel",
+                usize::MAX,
+                proxy::TUNNEL_PER_SOURCE,
+            ),
         });
         let maps = &self.proxy.maps;
         let mut tasks = Vec::new();

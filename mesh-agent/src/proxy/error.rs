@@ -63,6 +63,10 @@ pub enum TunnelError {
     Http(#[from] hyper::Error),
     #[error("peer answered CONNECT with {0}")]
     Status(http::StatusCode),
+    #[error("building the CONNECT request: {0}")]
+    Request(http::Error),
+    #[error("the peer did not open a stream within {0:?}; its connection takes no new streams")]
+    StreamTimeout(Duration),
 }
 
 impl TunnelError {
@@ -75,6 +79,8 @@ impl TunnelError {
             TunnelError::Http(_) => "tunnel_protocol_error",
             TunnelError::Status(s) if *s == http::StatusCode::FORBIDDEN => "denied_by_peer",
             TunnelError::Status(_) => "tunnel_refused",
+            TunnelError::Request(_) => "tunnel_request_invalid",
+            TunnelError::StreamTimeout(_) => "tunnel_stream_timeout",
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{
     PodContext, ProxyContext,
     deliver::deliver,
     relay::{RelayEnd, relay},
-    tunnel::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, STREAM_WINDOW},
+    tunnel::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW},
 };
 use crate::{
     authz::ConnAttrs,
@@ -30,6 +30,8 @@ pub const MAX_STREAMS: u32 = 256;
 
 static HANDSHAKE_FAILED: crate::limits::Throttle =
     crate::limits::Throttle::new(std::time::Duration::from_secs(10));
+static PER_SOURCE_REFUSED: crate::limits::Throttle =
+    crate::limits::Throttle::new(std::time::Duration::from_secs(10));
 static HANDSHAKE_TIMED_OUT: crate::limits::Throttle =
     crate::limits::Throttle::new(std::time::Duration::from_secs(10));
 
@@ -38,6 +40,15 @@ pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<
         let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx).await;
             let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
             let span = info_span!("tunnel_in", id, dst = %pod.id, peer = %peer);
+            let source_permit = match pod.tunnel_peers.try_admit(peer.ip().to_canonical()) {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(n) = PER_SOURCE_REFUSED.hit() {
+                        span.in_scope(|| warn!(error = %e, times = n, "tunnel connections refused"));
+                    }
+                    continue;
+                }
+            };
             // Until the pod's first certificate and trust bundle arrive there is
             // nothing to present: the connection is closed (the peer retries).
             let acceptor = match pod.tls_server(&ctx.secrets) {
@@ -50,7 +61,7 @@ pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<
             let (pod, ctx) = (pod.clone(), ctx.clone());
             tokio::spawn(
                 async move {
-                    let _permit = permit;
+                    let _permits = (permit, source_permit);
                     handle(stream, peer, acceptor, pod, ctx).await
                 }
                 .instrument(span),
@@ -101,6 +112,9 @@ async fn handle(
         async move { Ok::<_, Infallible>(connect(req, peer, source, pod, ctx).await) }
     });
     let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -74,7 +74,14 @@ pub struct PodContext {
     /// The tunnel's TLS settings, built once the first trust bundle is there: a pod
     /// is enrolled (and enforced) before its certificate arrives.
     pub tls_server: ArcSwapOption<rustls::ServerConfig>,
+    /// Tunnel connections to this pod by source address: one source (a flood of
+    /// half-open handshakes) cannot take the pod's whole connection cap.
+    pub tunnel_peers: Arc<crate::limits::ConnLimits<IpAddr>>,
 }
+
+/// Tunnel connections one source address may hold to one pod (a peer's agent pools
+/// about one per 100 streams per source pod).
+pub const TUNNEL_PER_SOURCE: usize = 64;
 
 /// What can change about a running pod without re-enrolling it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,6 +33,15 @@ pub struct PooledConn {
     pub sender: SendRequest<Empty<Bytes>>,
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// A stream could not be opened in time: the peer is wedged. No new stream goes
+    /// on this connection; the ones open finish or fail on their own.
+    dead: std::sync::atomic::AtomicBool,
+}
+
+impl PooledConn {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && !self.dead.load(Ordering::Acquire)
+    }
 }
 
 /// One stream's claim on a pooled connection; released on drop.
@@ -43,6 +52,11 @@ pub struct Lease {
 impl Lease {
     pub fn sender(&self) -> SendRequest<Empty<Bytes>> {
         self.conn.sender.clone()
+    }
+
+    /// Takes the connection out of the pool for new streams.
+    pub fn mark_dead(&self) {
+        self.conn.dead.store(true, Ordering::Release);
     }
 }
 
@@ -93,7 +107,7 @@ impl Pool {
     {
         let slot = self.slot(key);
         let mut conns = slot.lock().await;
-        conns.retain(|c| !c.sender.is_closed());
+        conns.retain(|c| c.usable());
         if let Some(conn) = conns
             .iter()
             .find(|c| c.active.load(Ordering::Acquire) < self.stream_limit)
@@ -106,6 +120,7 @@ impl Pool {
             sender,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
+            dead: std::sync::atomic::AtomicBool::new(false),
         });
         conns.push(conn.clone());
         debug!(dest = %key.dest, addr = %key.addr, conns = conns.len(), "new tunnel connection");
@@ -133,7 +148,7 @@ impl Pool {
                         .elapsed()
                         >= self.idle_timeout;
                 // Streams already open on an unwanted connection finish; no new ones.
-                wanted && !idle && !c.sender.is_closed()
+                wanted && !idle && c.usable()
             });
             closed += before - conns.len();
         }

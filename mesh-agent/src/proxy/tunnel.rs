@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::INBOUND_TUNNEL_PORT;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -19,7 +19,14 @@ use super::{
 };
 use crate::identity::{Identity, client_config};
 
+/// The server side's bound on a client's TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 PING on every pooled connection, idle or not, and how long an answer may
+/// take: a peer that stops answering is found within their sum.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Unacknowledged data on a tunnel socket for this long ends it (TCP_USER_TIMEOUT).
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Flow-control windows: large enough that one stream can fill a fast link, small
 /// enough to bound what a peer can make the agent hold. The connection window is the
 /// bound per tunnel connection: a peer can never have more than it sent and unread.
@@ -50,14 +57,27 @@ pub async fn open(
         .method(Method::CONNECT)
         .uri(target.to_string())
         .body(Empty::<Bytes>::new())
-        .map_err(|_| TunnelError::Status(StatusCode::BAD_REQUEST))?;
+        .map_err(TunnelError::Request)?;
     let mut sender = lease.sender();
-    sender.ready().await?;
-    let resp = sender.send_request(req).await?;
-    if resp.status() != StatusCode::OK {
-        return Err(TunnelError::Status(resp.status()));
-    }
-    let upgraded = hyper::upgrade::on(resp).await?;
+    // A pooled connection to a peer that went silent would take the stream and never
+    // answer: opening a stream has the connect timeout, and a connection that misses
+    // it takes no more streams.
+    let opened = tokio::time::timeout(ctx.connect_timeout, async {
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(TunnelError::Status(resp.status()));
+        }
+        Ok(hyper::upgrade::on(resp).await?)
+    })
+    .await;
+    let upgraded = match opened {
+        Ok(r) => r?,
+        Err(_) => {
+            lease.mark_dead();
+            return Err(TunnelError::StreamTimeout(ctx.connect_timeout));
+        }
+    };
     Ok(TunnelStream {
         io: TokioIo::new(upgraded),
         _lease: lease,
@@ -80,14 +100,28 @@ async fn dial(
             DialError::Io(e) => TunnelError::Connect(e),
             DialError::Timeout(t) => TunnelError::ConnectTimeout(t),
         })?;
+    // Dead peers are found by the kernel too: keepalive probes on an idle socket, and
+    // the user timeout on data that is never acknowledged.
+    let sock = socket2::SockRef::from(&tcp);
+    let _ = sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_INTERVAL)
+            .with_interval(KEEPALIVE_TIMEOUT)
+            .with_retries(3),
+    );
+    let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
     let tls = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
+        ctx.connect_timeout,
         TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
     )
     .await
     .map_err(|_| TunnelError::Handshake(std::io::ErrorKind::TimedOut.into()))?
     .map_err(|e| TunnelError::Handshake(readable(e)))?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .handshake(TokioIo::new(tls))

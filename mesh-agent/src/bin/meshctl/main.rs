@@ -137,7 +137,7 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 fn print_structured<T: serde::Serialize>(output: Output, value: &T) -> Result<(), Failure> {
     let text = match output {
-        Output::Yaml => serde_yaml::to_string(value)?,
+        Output::Yaml => serde_yaml_ng::to_string(value)?,
         _ => serde_json::to_string_pretty(value)? + "\n",
     };
     print!("{text}");
@@ -536,7 +536,7 @@ async fn observe(
         let line = match out {
             Output::Table => render_flow(&ev),
             Output::Json => serde_json::to_string(&ev)?,
-            Output::Yaml => format!("---\n{}", serde_yaml::to_string(&ev)?),
+            Output::Yaml => format!("---\n{}", serde_yaml_ng::to_string(&ev)?),
         };
         writeln!(stdout, "{line}")?;
         // Line by line: observe is often piped into grep or a test.
