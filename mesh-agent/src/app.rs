@@ -94,8 +94,11 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         conns: {
             let budget = crate::limits::FdBudget::for_limit(crate::limits::nofile());
-            info!(data_path_connections = budget.data_path,
-                per_pod = args.tunnel.max_connections_per_pod, "connection caps");
+            info!(
+                data_path_connections = budget.data_path,
+                per_pod = args.tunnel.max_connections_per_pod,
+                "connection caps"
+            );
             crate::limits::ConnLimits::new(
                 "data path",
                 budget.data_path,

@@ -177,7 +177,8 @@ impl Throttle {
     fn hit_at(&self, now: Instant) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.1 += 1;
-        let due = s.0.is_none_or(|last| now.duration_since(last) >= self.every);
+        let due =
+            s.0.is_none_or(|last| now.duration_since(last) >= self.every);
         if due {
             let n = s.1;
             *s = (Some(now), 0);
@@ -199,12 +200,18 @@ mod tests {
         let _a2 = l.try_admit("a").unwrap();
         assert_eq!(
             l.try_admit("a").err(),
-            Some(LimitError::PerKey { name: "t", limit: 2 })
+            Some(LimitError::PerKey {
+                name: "t",
+                limit: 2
+            })
         );
         let _b1 = l.try_admit("b").unwrap();
         assert_eq!(
             l.try_admit("c").err(),
-            Some(LimitError::Global { name: "t", limit: 3 })
+            Some(LimitError::Global {
+                name: "t",
+                limit: 3
+            })
         );
         drop(a1);
         assert_eq!(l.open(), 2);

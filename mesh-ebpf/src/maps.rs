@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, FlowEvent, ListenerKey, OrigDst, PeerKey, ServiceKey,
-    ServiceValue, SockFlow, SockKey, SockSending, counters, limits, settings,
+    EnrolledNetns, FlowEvent, ListenerKey, OrigDst, PeerKey, ServiceKey, ServiceValue, SockFlow,
+    SockKey, SockSending, counters, limits, settings,
 };
 
 #[map]

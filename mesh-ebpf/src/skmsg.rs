@@ -37,9 +37,6 @@ use crate::{
     },
 };
 
-
-
-
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     // SK_DROP is never returned: the kernel keeps a drop verdict for every later send

@@ -24,9 +24,6 @@ use crate::{
     },
 };
 
-
-
-
 /// Puts an established socket into `MESH_SOCKETS` when it is one end of a pod-agent hop.
 #[inline(always)]
 pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {

@@ -22,9 +22,6 @@ use crate::{
     maps::{MESH_PEER_ORIG_DST, MESH_SOCK_ORIG_DST, count},
 };
 
-
-
-
 #[sock_ops]
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {

@@ -112,16 +112,20 @@ fn invalid_config_is_rejected_with_file_object_and_field_and_traffic_keeps_flowi
             "badport.yaml: Service default/bad: field `spec.ports[0].port`",
         ),
     ];
-    let mut bomb = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: bomb}\nspec:\n  a: &a [");
+    let mut bomb =
+        String::from("apiVersion: v1\nkind: Service\nmetadata: {name: bomb}\nspec:\n  a: &a [");
     bomb.push_str(&vec!["x"; 2000].join(","));
     bomb.push_str("]\n  b: [");
     bomb.push_str(&vec!["*a"; 3000].join(","));
     bomb.push_str("]\n");
-    let cases = cases.into_iter().map(|(f, c, e)| (f, c.to_owned(), e)).chain([(
-        "bomb.yaml",
-        bomb,
-        "bomb.yaml: line 5: YAML anchors are not accepted",
-    )]);
+    let cases = cases
+        .into_iter()
+        .map(|(f, c, e)| (f, c.to_owned(), e))
+        .chain([(
+            "bomb.yaml",
+            bomb,
+            "bomb.yaml: line 5: YAML anchors are not accepted",
+        )]);
     for (file, content, expected) in cases {
         c.write_config(file, &content).unwrap();
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -159,22 +163,41 @@ fn invalid_config_is_rejected_with_file_object_and_field_and_traffic_keeps_flowi
         .unwrap();
     poll_log(&c, "broken.yaml: document 1: malformed YAML");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(generations(&c), before, "a generation was applied despite the broken file");
+    assert_eq!(
+        generations(&c),
+        before,
+        "a generation was applied despite the broken file"
+    );
     let seen = backends(&mut c, &client, 8);
-    assert!(seen.iter().any(|b| b == "two"), "the valid half was applied: {seen:?}");
+    assert!(
+        seen.iter().any(|b| b == "two"),
+        "the valid half was applied: {seen:?}"
+    );
     std::fs::remove_file(c.config_dir.join("broken.yaml")).unwrap();
 
     // An idle agent reads no config file: its own reads do not wake it.
     std::thread::sleep(Duration::from_millis(500));
     let pid = c.agent_pid("node-1").unwrap().to_string();
     let trace = std::process::Command::new("timeout")
-        .args(["5", "strace", "-f", "-qq", "-e", "trace=open,openat,openat2", "-p", &pid])
+        .args([
+            "5",
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=open,openat,openat2",
+            "-p",
+            &pid,
+        ])
         .output()
         .unwrap();
     let trace = String::from_utf8_lossy(&trace.stderr);
     let dir = c.config_dir.display().to_string();
     let reads: Vec<&str> = trace.lines().filter(|l| l.contains(&dir)).collect();
-    assert!(reads.is_empty(), "an idle agent opened config files: {reads:?}");
+    assert!(
+        reads.is_empty(),
+        "an idle agent opened config files: {reads:?}"
+    );
 
     // A later valid change is applied again (the agent did not get stuck).
     c.write_config("slice.yaml", &yaml::endpoint_slice("svc", PORT, &[one_ip]))

@@ -75,7 +75,10 @@ fn non_enrolled_pods_and_the_agents_own_connections_are_not_redirected() {
     assert!(
         access_lines(&log).iter().any(|l| has_fields(
             l,
-            &[("src_workload", "default/enrolled"), ("dst_workload", "default/meshed")]
+            &[
+                ("src_workload", "default/enrolled"),
+                ("dst_workload", "default/meshed")
+            ]
         )),
         "{log}"
     );

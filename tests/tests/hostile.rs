@@ -62,7 +62,10 @@ fn a_silent_peer_agent_costs_a_bounded_wait_and_the_pool_recovers() {
     signal::kill(peer, signal::Signal::SIGCONT).unwrap();
     let deadline = Instant::now() + SECS;
     while c.run_in(&client, &["who", "--addr", &web], SECS).is_err() {
-        assert!(Instant::now() < deadline, "traffic did not resume after SIGCONT");
+        assert!(
+            Instant::now() < deadline,
+            "traffic did not resume after SIGCONT"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -87,7 +90,11 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
     c.start_agent("node-2").unwrap();
     // Pods reach the CA as in a real cluster: the fabric routes back to node-1's pods.
     let fabric = c.fabric_netns().to_owned();
-    ip_in(&fabric, &["route", "add", "10.244.1.0/24", "via", "172.30.0.1"]).unwrap();
+    ip_in(
+        &fabric,
+        &["route", "add", "10.244.1.0/24", "via", "172.30.0.1"],
+    )
+    .unwrap();
     let web = sa(vip(91), 80);
     c.run_in(&client, &["who", "--addr", &web], SECS).unwrap();
     let agent = c.agent_pid("node-1").unwrap();
@@ -105,7 +112,15 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
         floods.push(
             c.spawn(
                 &attacker,
-                &["idle", "--addr", t, "--count", &FLOOD.to_string(), "--secs", "15"],
+                &[
+                    "idle",
+                    "--addr",
+                    t,
+                    "--count",
+                    &FLOOD.to_string(),
+                    "--secs",
+                    "15",
+                ],
             )
             .unwrap(),
         );
@@ -124,9 +139,15 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(checks >= 10, "only {checks} checks");
-    let ca_peek = c
-        .run_in(&client, &["tls-peek", "--addr", &format!("{CA_IP}:{CA_PORT}")], SECS);
-    assert!(ca_peek.is_ok(), "the CA did not complete a handshake: {ca_peek:?}");
+    let ca_peek = c.run_in(
+        &client,
+        &["tls-peek", "--addr", &format!("{CA_IP}:{CA_PORT}")],
+        SECS,
+    );
+    assert!(
+        ca_peek.is_ok(),
+        "the CA did not complete a handshake: {ca_peek:?}"
+    );
     let mut reports = Vec::new();
     for f in floods {
         let out = f.wait_with_output().unwrap();

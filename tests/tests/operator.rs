@@ -147,7 +147,8 @@ fn metrics_count_exactly_the_connections_and_bytes_carried() {
             "{text}"
         );
         assert!(
-            metric(&text, "mesh_bpf_map_capacity", &[("map", "MESH_SERVICES")]) == u64::from(mesh_common::limits::SERVICES),
+            metric(&text, "mesh_bpf_map_capacity", &[("map", "MESH_SERVICES")])
+                == u64::from(mesh_common::limits::SERVICES),
             "{text}"
         );
         assert!(
@@ -390,7 +391,10 @@ fn meshctl_inspects_a_live_agent() {
             .meshctl_json("node-1", &["bpf", "maps", "--dump", name])
             .unwrap();
         let text = d.to_string();
-        assert!(!text.contains("0xffff"), "{name} prints a kernel address: {text}");
+        assert!(
+            !text.contains("0xffff"),
+            "{name} prints a kernel address: {text}"
+        );
     }
     let missing = c
         .meshctl("node-1", &["bpf", "maps", "--dump", "NOPE"])

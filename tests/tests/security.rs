@@ -570,3 +570,53 @@ fn the_ca_signs_only_identities_that_run_on_the_asking_node() {
     let (code, _) = c.readiness("node-1").unwrap();
     assert_eq!(code, 503, "a node with an unsignable pod must not be ready");
 }
+
+#[test]
+fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let server = c.add_pod("node-1", "server").unwrap();
+    let outsider = c.add_pod("node-1", "outsider").unwrap();
+    serve(&mut c, &server);
+    let cfg = c.pod_yaml(&server, true) + &c.pod_yaml(&outsider, false);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    // A valid workload certificate from the mesh's own CA.
+    let (root_cert, root_key) = c.ca_root();
+    let (chain, key) = tls::issue(
+        "spiffe://cluster.local/ns/default/sa/client",
+        &std::fs::read_to_string(root_cert).unwrap(),
+        &std::fs::read_to_string(root_key).unwrap(),
+        now() - 60,
+        now() + 3600,
+    )
+    .unwrap();
+    let (cert_file, key_file) = (c.work_dir.join("client.crt"), c.work_dir.join("client.key"));
+    std::fs::write(&cert_file, chain).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let status = |c: &mut Cluster, port: u16| {
+        let out = c
+            .run_in(
+                &outsider,
+                &[
+                    "tunnel-connect",
+                    "--addr",
+                    &sa(server.ip, TUNNEL),
+                    "--target",
+                    &sa(server.ip, port),
+                    "--cert",
+                    &cert_file.display().to_string(),
+                    "--key",
+                    &key_file.display().to_string(),
+                ],
+                SECS,
+            )
+            .unwrap();
+        json(&out)["status"].as_u64().unwrap()
+    };
+    // The application port is open to a valid identity; the mesh's own ports never.
+    assert_eq!(status(&mut c, PORT), 200);
+    for port in mesh_common::MESH_PORTS {
+        assert_eq!(status(&mut c, port), 403, "CONNECT to :{port}");
+    }
+}

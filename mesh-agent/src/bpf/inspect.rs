@@ -8,8 +8,8 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, ListenerKey, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey,
-    ServiceKey, ServiceValue, SockFlow, SockKey, SockSending, counters, maps,
+    EnrolledNetns, ListenerKey, MODE_PERMISSIVE, MODE_STRICT, OrigDst, PeerKey, ServiceKey,
+    ServiceValue, SockFlow, SockKey, SockSending, counters, maps,
 };
 
 use super::maps::from_ip16;

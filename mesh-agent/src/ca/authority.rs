@@ -330,7 +330,10 @@ mod tests {
             rustls::pki_types::pem::PemObject::from_pem_slice(chain[0].as_bytes()).unwrap();
         let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(x.subject().iter().count(), 0, "subject {}", x.subject());
-        let bc = x.basic_constraints().unwrap().expect("basicConstraints present");
+        let bc = x
+            .basic_constraints()
+            .unwrap()
+            .expect("basicConstraints present");
         assert!(!bc.value.ca);
         let ku = x.key_usage().unwrap().expect("keyUsage present").value;
         assert!(ku.digital_signature());

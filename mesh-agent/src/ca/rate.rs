@@ -62,13 +62,16 @@ impl SigningRate {
         if b.len() > MAX_BUCKETS {
             b.retain(|_, v| now.saturating_duration_since(v.at) < Duration::from_secs(60));
         }
-        let fresh = |burst| Bucket { tokens: burst, at: now };
+        let fresh = |burst| Bucket {
+            tokens: burst,
+            at: now,
+        };
         let node_key = format!("node {node}");
-        if !b
-            .entry(node_key)
-            .or_insert_with(|| fresh(NODE_BURST))
-            .take(now, NODE_BURST, NODE_PER_SEC)
-        {
+        if !b.entry(node_key).or_insert_with(|| fresh(NODE_BURST)).take(
+            now,
+            NODE_BURST,
+            NODE_PER_SEC,
+        ) {
             return Err(RateError::Node);
         }
         // A renewal carries a new key each time: the identity is the SAN it asks for.
@@ -91,10 +94,13 @@ fn identity_hint(csr: &str) -> String {
     rcgen::CertificateSigningRequestParams::from_pem(csr)
         .ok()
         .and_then(|c| {
-            c.params.subject_alt_names.into_iter().find_map(|s| match s {
-                rcgen::SanType::URI(u) => Some(u.as_str().to_owned()),
-                _ => None,
-            })
+            c.params
+                .subject_alt_names
+                .into_iter()
+                .find_map(|s| match s {
+                    rcgen::SanType::URI(u) => Some(u.as_str().to_owned()),
+                    _ => None,
+                })
         })
         .unwrap_or_else(|| csr.to_owned())
 }
@@ -115,7 +121,8 @@ mod tests {
         r.check_at("n1", "csr-b", t0).unwrap();
         r.check_at("n2", "csr-a", t0).unwrap();
         // Refilled after a second.
-        r.check_at("n1", "csr-a", t0 + Duration::from_secs(1)).unwrap();
+        r.check_at("n1", "csr-a", t0 + Duration::from_secs(1))
+            .unwrap();
     }
 
     #[test]

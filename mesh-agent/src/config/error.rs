@@ -43,10 +43,18 @@ pub enum ConfigError {
     },
 
     #[error("{}: {size} bytes, over the limit of {limit} per file", path.display())]
-    FileTooLarge { path: PathBuf, size: u64, limit: u64 },
+    FileTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
 
     #[error("{}: the directory holds {size} bytes of config, over the limit of {limit}", path.display())]
-    DirTooLarge { path: PathBuf, size: u64, limit: u64 },
+    DirTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
 
     #[error("{}: line {line}: YAML {what} are not accepted (Kubernetes objects never need them, and expanding them is a memory bomb)", path.display())]
     Anchors {

@@ -177,7 +177,8 @@ fn load_dir_reads_only_yaml_files_in_order() {
 
 /// A few KB that a YAML library would expand to millions of nodes.
 pub fn alias_bomb() -> String {
-    let mut s = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: bomb}\nspec:\n  a: &a [");
+    let mut s =
+        String::from("apiVersion: v1\nkind: Service\nmetadata: {name: bomb}\nspec:\n  a: &a [");
     s.push_str(&vec!["x"; 2000].join(","));
     s.push_str("]\n  b: [");
     s.push_str(&vec!["*a"; 3000].join(","));
@@ -189,7 +190,10 @@ pub fn alias_bomb() -> String {
 fn anchors_and_aliases_are_refused_before_expansion() {
     let started = std::time::Instant::now();
     let e = err(&alias_bomb());
-    assert!(e.contains("/cfg/app.yaml: line 5: YAML anchors are not accepted"), "{e}");
+    assert!(
+        e.contains("/cfg/app.yaml: line 5: YAML anchors are not accepted"),
+        "{e}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
     let e = err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: *missing\n");
     assert!(e.contains("aliases") || e.contains("malformed"), "{e}");
@@ -202,7 +206,10 @@ fn oversized_files_are_refused_unparsed() {
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(super::load::MAX_FILE_BYTES + 1).unwrap();
     let e = load_dir(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("big.yaml") && e.contains("over the limit"), "{e}");
+    assert!(
+        e.contains("big.yaml") && e.contains("over the limit"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -210,7 +210,9 @@ mod tests {
         assert!(is_change(&EventKind::Modify(ModifyKind::Name(
             RenameMode::To
         ))));
-        assert!(is_change(&EventKind::Remove(notify::event::RemoveKind::File)));
+        assert!(is_change(&EventKind::Remove(
+            notify::event::RemoveKind::File
+        )));
         assert!(!is_change(&EventKind::Access(AccessKind::Read)));
         assert!(!is_change(&EventKind::Modify(ModifyKind::Metadata(
             MetadataKind::AccessTime
@@ -225,17 +227,23 @@ mod tests {
         };
         std::fs::write(dir.path().join("a.yaml"), svc("one")).unwrap();
         let mut w = ConfigWatch::start(dir.path().to_owned());
-        tokio::time::timeout(Duration::from_secs(5), w.updates.wait_for(|g| g.number == 1))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            w.updates.wait_for(|g| g.number == 1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         // A valid change and a broken file land together: the last good generation
         // keeps serving, the valid change is not applied on its own.
         std::fs::write(dir.path().join("a.yaml"), svc("two")).unwrap();
         std::fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: [").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while w.stats.last_error().is_none() {
-            assert!(std::time::Instant::now() < deadline, "the broken file was not seen");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the broken file was not seen"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let g = w.updates.borrow_and_update().clone();
@@ -244,10 +252,13 @@ mod tests {
         assert!(w.stats.last_error().unwrap().contains("b.yaml"));
         // Fixed: both apply as one new generation.
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), w.updates.wait_for(|g| g.number == 2))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            w.updates.wait_for(|g| g.number == 2),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(w.updates.borrow().config.services[0].id.name, "two");
     }
 }

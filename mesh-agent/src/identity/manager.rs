@@ -192,10 +192,17 @@ impl SecretManager {
                     );
                     let now = SystemTime::now();
                     if let Some(skew) = clock_skew(cert.not_before, cert.not_after, now) {
-                        warn!(skew_s = skew, "the CA's clock and this node's disagree: \
-                            certificates look {} to this node", if skew > 0 { "old" } else { "not yet valid" });
+                        warn!(
+                            skew_s = skew,
+                            "the CA's clock and this node's disagree: \
+                            certificates look {} to this node",
+                            if skew > 0 { "old" } else { "not yet valid" }
+                        );
                     }
-                    let life = cert.not_after.duration_since(cert.not_before).unwrap_or_default();
+                    let life = cert
+                        .not_after
+                        .duration_since(cert.not_before)
+                        .unwrap_or_default();
                     tx.send_replace(Some(cert));
                     backoff = BACKOFF_START;
                     let wait = refresh_at.duration_since(now).unwrap_or(Duration::ZERO);
@@ -280,9 +287,7 @@ pub fn renewal_wait(until_refresh: Duration, life: Duration, jitter: f64) -> Dur
 pub fn clock_skew(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> Option<i64> {
     let life = not_after.duration_since(not_before).ok()?;
     match now.duration_since(not_before) {
-        Ok(age) if age > life / 4 && age > Duration::from_secs(120) => {
-            Some(age.as_secs() as i64)
-        }
+        Ok(age) if age > life / 4 && age > Duration::from_secs(120) => Some(age.as_secs() as i64),
         Ok(_) => None,
         Err(e) => Some(-(e.duration().as_secs() as i64)),
     }
@@ -310,6 +315,9 @@ mod renewal_tests {
         let day = Duration::from_secs(86_400);
         assert_eq!(clock_skew(t0, t0 + day, t0 + Duration::from_secs(60)), None);
         assert_eq!(clock_skew(t0, t0 + day, t0 + day / 2), Some(43_200));
-        assert_eq!(clock_skew(t0, t0 + day, t0 - Duration::from_secs(30)), Some(-30));
+        assert_eq!(
+            clock_skew(t0, t0 + day, t0 - Duration::from_secs(30)),
+            Some(-30)
+        );
     }
 }

@@ -82,7 +82,9 @@ enum Change {
     InPlace,
     /// Addresses, identity or enrollment: listeners rebound. `same_netns`: the kernel
     /// entry and the inbound program stay in place meanwhile.
-    Reenroll { same_netns: bool },
+    Reenroll {
+        same_netns: bool,
+    },
 }
 
 fn change_of(old: &Pod, new: &Pod) -> Change {
@@ -147,7 +149,8 @@ impl PodManager {
             match change {
                 Change::None => {}
                 Change::InPlace => {
-                    if let (Some(new), Some(running)) = (desired.get(&id), self.running.get_mut(&id))
+                    if let (Some(new), Some(running)) =
+                        (desired.get(&id), self.running.get_mut(&id))
                     {
                         running.ctx.meta.store(Arc::new(meta_of(new)));
                         running.spec = (*new).clone();
@@ -239,7 +242,12 @@ impl PodManager {
         let local = self
             .running
             .values()
-            .flat_map(|p| p.ctx.ips.iter().map(|ip| (ip.to_canonical(), p.ctx.clone())))
+            .flat_map(|p| {
+                p.ctx
+                    .ips
+                    .iter()
+                    .map(|ip| (ip.to_canonical(), p.ctx.clone()))
+            })
             .collect();
         self.proxy.local.store(Arc::new(local));
     }
@@ -457,16 +465,10 @@ mod tests {
         let old = pod();
         let mut ip = pod();
         ip.ips.push(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 1]));
-        assert_eq!(
-            change_of(&old, &ip),
-            Change::Reenroll { same_netns: true }
-        );
+        assert_eq!(change_of(&old, &ip), Change::Reenroll { same_netns: true });
         let mut sa = pod();
         sa.service_account = "other".into();
-        assert_eq!(
-            change_of(&old, &sa),
-            Change::Reenroll { same_netns: true }
-        );
+        assert_eq!(change_of(&old, &sa), Change::Reenroll { same_netns: true });
         let mut netns = pod();
         netns.netns = Some("/run/netns/q".into());
         assert_eq!(

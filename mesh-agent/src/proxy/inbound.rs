@@ -7,8 +7,8 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
 use mesh_common::MESH_PORTS;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -16,7 +16,9 @@ use super::{
     PodContext, ProxyContext,
     deliver::deliver,
     relay::{RelayEnd, relay},
-    tunnel::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW},
+    tunnel::{
+        CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW,
+    },
 };
 use crate::{
     authz::ConnAttrs,
@@ -38,34 +40,34 @@ static HANDSHAKE_TIMED_OUT: crate::limits::Throttle =
 pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
         let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx).await;
-            let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-            let span = info_span!("tunnel_in", id, dst = %pod.id, peer = %peer);
-            let source_permit = match pod.tunnel_peers.try_admit(peer.ip().to_canonical()) {
-                Ok(p) => p,
-                Err(e) => {
-                    if let Some(n) = PER_SOURCE_REFUSED.hit() {
-                        span.in_scope(|| warn!(error = %e, times = n, "tunnel connections refused"));
-                    }
-                    continue;
+        let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("tunnel_in", id, dst = %pod.id, peer = %peer);
+        let source_permit = match pod.tunnel_peers.try_admit(peer.ip().to_canonical()) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(n) = PER_SOURCE_REFUSED.hit() {
+                    span.in_scope(|| warn!(error = %e, times = n, "tunnel connections refused"));
                 }
-            };
-            // Until the pod's first certificate and trust bundle arrive there is
-            // nothing to present: the connection is closed (the peer retries).
-            let acceptor = match pod.tls_server(&ctx.secrets) {
-                Ok(c) => TlsAcceptor::from(c),
-                Err(e) => {
-                    span.in_scope(|| debug!(error = %e, "no TLS identity yet; closing"));
-                    continue;
-                }
-            };
-            let (pod, ctx) = (pod.clone(), ctx.clone());
-            tokio::spawn(
-                async move {
-                    let _permits = (permit, source_permit);
-                    handle(stream, peer, acceptor, pod, ctx).await
-                }
-                .instrument(span),
-            );
+                continue;
+            }
+        };
+        // Until the pod's first certificate and trust bundle arrive there is
+        // nothing to present: the connection is closed (the peer retries).
+        let acceptor = match pod.tls_server(&ctx.secrets) {
+            Ok(c) => TlsAcceptor::from(c),
+            Err(e) => {
+                span.in_scope(|| debug!(error = %e, "no TLS identity yet; closing"));
+                continue;
+            }
+        };
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        tokio::spawn(
+            async move {
+                let _permits = (permit, source_permit);
+                handle(stream, peer, acceptor, pod, ctx).await
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -152,7 +154,10 @@ async fn connect(
     // The mesh's own ports are never a destination: a CONNECT to :15008 would nest
     // tunnels and make the inner stream come from the pod itself.
     if MESH_PORTS.contains(&target.port()) {
-        warn!(port = target.port(), "CONNECT to one of the mesh's own ports refused");
+        warn!(
+            port = target.port(),
+            "CONNECT to one of the mesh's own ports refused"
+        );
         return status(StatusCode::FORBIDDEN);
     }
     let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
@@ -184,7 +189,10 @@ async fn connect(
         service: None,
         original_dst: None,
     };
-    let delivered = match deliver(&pod, &ctx, attrs, Some(target)).instrument(span.clone()).await {
+    let delivered = match deliver(&pod, &ctx, attrs, Some(target))
+        .instrument(span.clone())
+        .await
+    {
         Ok(d) => d,
         Err(e) => {
             span.in_scope(|| warn!(reason = e.reason(), error = %e, "inbound connection refused"));

@@ -30,8 +30,8 @@ pub use pool::Pool;
 
 use crate::{
     authz::{Decision, LiveConns, PolicySet, Workload},
-    config::NamespacedName,
     bpf::MeshMaps,
+    config::NamespacedName,
     identity::{Identity, SecretManager},
     inpod::Netns,
     state::{RouteTable, WorkloadIndex},

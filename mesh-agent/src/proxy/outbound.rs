@@ -31,16 +31,16 @@ use crate::{
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
         let (stream, client, permit) = super::accept::accept(&listener, &pod, &ctx).await;
-            let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-            let span = info_span!("conn", id, src = %pod.id, client = %client);
-            let (pod, ctx) = (pod.clone(), ctx.clone());
-            tokio::spawn(
-                async move {
-                    let _permit = permit;
-                    handle(id, stream, client, pod, ctx).await
-                }
-                .instrument(span),
-            );
+        let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("conn", id, src = %pod.id, client = %client);
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                handle(id, stream, client, pod, ctx).await
+            }
+            .instrument(span),
+        );
     }
 }
 

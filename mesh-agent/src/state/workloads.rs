@@ -38,7 +38,9 @@ impl WorkloadIndex {
                     meshed: p.enroll,
                     workload: p.workload.clone(),
                 };
-                p.ips.iter().map(move |ip| (ip.to_canonical(), info.clone()))
+                p.ips
+                    .iter()
+                    .map(move |ip| (ip.to_canonical(), info.clone()))
             })
             .collect();
         WorkloadIndex { by_ip }

@@ -122,6 +122,18 @@ enum Cmd {
         #[arg(long)]
         secs: u64,
     },
+    /// mTLS to a tunnel endpoint with the given workload certificate, then one
+    /// CONNECT to `target`: print the status.
+    TunnelConnect {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// TLS 1.3 handshake without a client certificate: print the server's certificate.
     TlsPeek {
         #[arg(long)]
@@ -235,7 +247,10 @@ async fn main() -> anyhow::Result<()> {
                     _ => failed += 1,
                 }
             }
-            println!("{}", json!({ "established": conns.len(), "failed": failed }));
+            println!(
+                "{}",
+                json!({ "established": conns.len(), "failed": failed })
+            );
             tokio::time::sleep(Duration::from_secs(secs)).await;
             // A server that closed an idle connection shows as end-of-stream.
             let mut closed = 0u64;
@@ -247,7 +262,26 @@ async fn main() -> anyhow::Result<()> {
                     _ => closed += 1,
                 }
             }
-            println!("{}", json!({ "held": conns.len(), "closed_by_server": closed }));
+            println!(
+                "{}",
+                json!({ "held": conns.len(), "closed_by_server": closed })
+            );
+            Ok(())
+        }
+        Cmd::TunnelConnect {
+            addr,
+            target,
+            cert,
+            key,
+        } => {
+            let status = mesh_tests::tls::connect_status(
+                addr,
+                &target,
+                &std::fs::read_to_string(cert)?,
+                &std::fs::read_to_string(key)?,
+            )
+            .await?;
+            println!("{}", json!({ "status": status }));
             Ok(())
         }
         Cmd::TlsPeek { addr } => {
