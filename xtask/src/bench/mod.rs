@@ -6,6 +6,7 @@
 //!   direct         to a server pod on node-2, no mesh (the limit across nodes)
 //!   mesh-l4-local  through the agent to the node-1 server (ClusterIP)
 //!   mesh-mtls      through both agents and the mTLS tunnel to the node-2 server
+//!   mesh-mtls-podip the same, dialling the server's pod IP instead of a ClusterIP
 //!   each mesh scenario twice: agents with `--sockmap off`, then `-sockmap` with it on
 //!   haproxy        a per-node HAProxy on each node with mutual TLS between them
 mod haproxy;
@@ -343,6 +344,20 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                 baseline: "direct",
                 addr: &format!("{REMOTE_VIP}:80"),
                 bulk: &remote_vip_bulk,
+                proxies: &agents,
+            },
+        ));
+        report.scenarios.push(measure(
+            &mut c,
+            &oha,
+            &plan,
+            &client,
+            Target {
+                name: &format!("mesh-mtls-podip{suffix}"),
+                description: &format!("the server's pod IP (no ClusterIP), captured and carried through both agents and the mTLS tunnel; {how}"),
+                baseline: "direct",
+                addr: &remote_addr,
+                bulk: &remote_bulk,
                 proxies: &agents,
             },
         ));
