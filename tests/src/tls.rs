@@ -213,3 +213,49 @@ pub async fn connect_status(
     let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await??;
     Ok(resp.status().as_u16())
 }
+
+/// Connects twice with one client config (which keeps session tickets) and says how
+/// the second handshake went: "resumed" if the server let the session be resumed.
+pub async fn second_handshake(
+    addr: SocketAddr,
+    target: &str,
+    chain_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<&'static str> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Record::default()))
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut kind = "none";
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let tls = connector
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await?;
+        kind = match tls.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        // One request, so that any ticket the server sends is read.
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await?;
+        let task = tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(target)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(sender);
+        task.abort();
+    }
+    Ok(kind)
+}

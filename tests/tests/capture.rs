@@ -356,3 +356,47 @@ fn strict_never_lapses_across_a_crash_a_restart_without_the_ca_and_a_label_chang
     assert!(log.contains("pod updated in place"), "{log}");
     assert_eq!(who(&mut c, &client, &sa(vip(80), 80)).unwrap(), "server");
 }
+
+#[test]
+fn plaintext_from_a_meshed_pod_is_refused_even_where_plaintext_is_allowed() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let server = c.add_pod("node-1", "server").unwrap();
+    let client = c.add_pod("node-1", "client").unwrap();
+    let outsider = c.add_pod("node-1", "outsider").unwrap();
+    serve(&mut c, &server);
+    let cfg =
+        c.pod_yaml(&server, true) + &c.pod_yaml(&client, true) + &c.pod_yaml(&outsider, false);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    let target = sa(server.ip, PORT);
+    // A process in the meshed client's netns that escaped the pod's cgroup: its
+    // connect() is not captured, so it reaches the PERMISSIVE server as plaintext from
+    // a meshed pod's address. That can only be a bypass of the client's agent.
+    let escaped = |c: &Cluster, netns: &std::path::Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-testpod"));
+        cmd.args(["who", "--addr", &target]);
+        mesh_tests::proc::enter(&mut cmd, netns, None).unwrap();
+        let _ = c;
+        cmd.output().unwrap()
+    };
+    let from_meshed = escaped(&c, &client.netns_path);
+    assert!(
+        !String::from_utf8_lossy(&from_meshed.stdout).contains("server"),
+        "plaintext from a meshed pod was answered: {}",
+        String::from_utf8_lossy(&from_meshed.stdout)
+    );
+    // The control: the same plaintext from a pod outside the mesh is accepted.
+    let from_outside = escaped(&c, &outsider.netns_path);
+    assert!(
+        String::from_utf8_lossy(&from_outside.stdout).contains("server"),
+        "{}",
+        String::from_utf8_lossy(&from_outside.stderr)
+    );
+    let log = c.agent_log("node-1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("plaintext_from_meshed") && l.contains("default/client")),
+        "{log}"
+    );
+}

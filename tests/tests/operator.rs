@@ -549,7 +549,6 @@ fn observe_streams_policy_denials_and_kernel_refusals() {
     poll("the observers to be gone", Duration::from_secs(5), || {
         metric(&c.metrics("node-2").unwrap(), "mesh_flow_observers", &[]) == 0
     });
-    let _ = client;
 }
 
 #[test]

@@ -572,7 +572,7 @@ fn the_ca_signs_only_identities_that_run_on_the_asking_node() {
 }
 
 #[test]
-fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused() {
+fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused_and_sessions_never_resume() {
     let _g = serial();
     let mut c = cluster(&["node-1"]);
     let server = c.add_pod("node-1", "server").unwrap();
@@ -619,4 +619,24 @@ fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused() {
     for port in mesh_common::MESH_PORTS {
         assert_eq!(status(&mut c, port), 403, "CONNECT to :{port}");
     }
+    // No TLS session can be resumed: every connection is a full handshake that checks
+    // the certificate again.
+    let out = c
+        .run_in(
+            &outsider,
+            &[
+                "tunnel-resume",
+                "--addr",
+                &sa(server.ip, TUNNEL),
+                "--target",
+                &sa(server.ip, PORT),
+                "--cert",
+                &cert_file.display().to_string(),
+                "--key",
+                &key_file.display().to_string(),
+            ],
+            SECS,
+        )
+        .unwrap();
+    assert_eq!(json(&out)["second_handshake"], "full", "{out}");
 }

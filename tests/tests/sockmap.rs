@@ -118,8 +118,22 @@ fn sockmap_carries_the_pod_hops_only_when_switched_on() {
             "only {payload} bytes of TCP payload on lo"
         );
     }
-    let maps = c.meshctl_json("node-1", &["bpf", "maps"]).unwrap();
-    assert!(maps.to_string().contains("MESH_SOCKETS"), "{maps}");
+    // The switch the kernel programs read is the one the agent was started with.
+    let settings = c
+        .meshctl_json("node-1", &["bpf", "maps", "--dump", "MESH_SETTINGS"])
+        .unwrap();
+    let switch = settings["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "sockmap")
+        .cloned()
+        .unwrap_or_else(|| panic!("no sockmap setting: {settings}"));
+    assert_eq!(
+        switch["value"],
+        if sockmap_on() { "on" } else { "off" },
+        "{settings}"
+    );
 }
 
 /// TCP payload bytes in a classic pcap file of an Ethernet-framed capture (`lo`).

@@ -212,6 +212,7 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                     mesh_common::settings::SOCKMAP_UNREAD_LIMIT => {
                         ("sockmap_unread_limit".to_owned(), format!("{v} bytes"))
                     }
+                    mesh_common::settings::AGENT_TGID => ("agent_tgid".to_owned(), v.to_string()),
                     other => (format!("slot {other}"), v.to_string()),
                 };
                 out.push((name, value));

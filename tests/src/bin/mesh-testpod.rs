@@ -134,6 +134,18 @@ enum Cmd {
         #[arg(long)]
         key: PathBuf,
     },
+    /// As tunnel-connect, twice with one client config: did the second handshake
+    /// resume the first session?
+    TunnelResume {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// TLS 1.3 handshake without a client certificate: print the server's certificate.
     TlsPeek {
         #[arg(long)]
@@ -282,6 +294,22 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             println!("{}", json!({ "status": status }));
+            Ok(())
+        }
+        Cmd::TunnelResume {
+            addr,
+            target,
+            cert,
+            key,
+        } => {
+            let second = mesh_tests::tls::second_handshake(
+                addr,
+                &target,
+                &std::fs::read_to_string(cert)?,
+                &std::fs::read_to_string(key)?,
+            )
+            .await?;
+            println!("{}", json!({ "second_handshake": second }));
             Ok(())
         }
         Cmd::TlsPeek { addr } => {
