@@ -619,6 +619,41 @@ fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused_and_sessions_never_r
     for port in mesh_common::MESH_PORTS {
         assert_eq!(status(&mut c, port), 403, "CONNECT to :{port}");
     }
+    // A certificate the mesh's root signed, but for another trust domain, is no
+    // workload of this mesh.
+    let (foreign, foreign_key) = tls::issue(
+        "spiffe://elsewhere.example/ns/default/sa/client",
+        &std::fs::read_to_string(c.ca_root().0).unwrap(),
+        &std::fs::read_to_string(c.ca_root().1).unwrap(),
+        now() - 60,
+        now() + 3600,
+    )
+    .unwrap();
+    let (f_cert, f_key) = (
+        c.work_dir.join("foreign.crt"),
+        c.work_dir.join("foreign.key"),
+    );
+    std::fs::write(&f_cert, foreign).unwrap();
+    std::fs::write(&f_key, foreign_key).unwrap();
+    let r = c.run_in(
+        &outsider,
+        &[
+            "tunnel-connect",
+            "--addr",
+            &sa(server.ip, TUNNEL),
+            "--target",
+            &sa(server.ip, PORT),
+            "--cert",
+            &f_cert.display().to_string(),
+            "--key",
+            &f_key.display().to_string(),
+        ],
+        SECS,
+    );
+    assert!(
+        r.as_ref().map_or(true, |out| json(out)["status"] != 200),
+        "a peer from another trust domain got through: {r:?}"
+    );
     // No TLS session can be resumed: every connection is a full handshake that checks
     // the certificate again.
     let out = c

@@ -32,6 +32,8 @@ pub const MAX_STREAMS: u32 = 256;
 
 static HANDSHAKE_FAILED: crate::limits::Throttle =
     crate::limits::Throttle::new(std::time::Duration::from_secs(10));
+static FOREIGN_DOMAIN: crate::limits::Throttle =
+    crate::limits::Throttle::new(std::time::Duration::from_secs(10));
 static PER_SOURCE_REFUSED: crate::limits::Throttle =
     crate::limits::Throttle::new(std::time::Duration::from_secs(10));
 static HANDSHAKE_TIMED_OUT: crate::limits::Throttle =
@@ -108,6 +110,14 @@ async fn handle(
             return;
         }
     };
+    // The bundle may hold roots shared with other SPIFFE trust domains: only this
+    // mesh's own domain is a workload here (policy matches namespaces within it).
+    if source.trust_domain != pod.identity.trust_domain {
+        if let Some(n) = FOREIGN_DOMAIN.hit() {
+            warn!(source = %source, times = n, "peer from another trust domain refused");
+        }
+        return;
+    }
     debug!(source = %source, "mTLS established");
     let service = service_fn(move |req| {
         let (pod, ctx, source) = (pod.clone(), ctx.clone(), source.clone());
