@@ -34,7 +34,20 @@ fn a_thousand_concurrent_connections_complete_and_fds_return() {
     // It also pools a tunnel, closed after the 1 s idle timeout.
     c.run_in(&client, &["who", "--addr", &sa(vip(60), 80)], SECS)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(2000));
+    // Wait for the pooled tunnel to idle out, as the agent itself reports it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c
+        .metrics("node-1")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == "mesh_tunnel_connections 0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the pooled tunnel never idled out"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = open_fds(pid);
 
     let out = json(
