@@ -59,3 +59,18 @@ pub fn ip_in(netns: &str, args: &[&str]) -> anyhow::Result<String> {
     full.extend_from_slice(args);
     run("ip", &full)
 }
+
+/// Waits until `path` stops growing: its size unchanged over three checks 50 ms
+/// apart (a packet-buffered capture that has written everything in flight). Gives up
+/// after `limit`, leaving the caller's assertions to judge what was written.
+pub fn wait_settled(path: &Path, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let size = || std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let (mut last, mut same) = (size(), 0);
+    while same < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let now = size();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+}

@@ -123,7 +123,7 @@ fn capture_transfer(c: &mut Cluster, pod: &Pod, addr: &str, seed: u64, len: usiz
             .starts_with(&format!("{len} ")),
         "transfer incomplete: {out}"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    mesh_tests::proc::wait_settled(&file, Duration::from_secs(2));
     mesh_tests::cluster::terminate(&mut dump, Duration::from_secs(5)).ok();
     std::fs::read(&file).unwrap()
 }

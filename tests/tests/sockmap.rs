@@ -78,7 +78,7 @@ fn sockmap_carries_the_pod_hops_only_when_switched_on() {
     for svc in [vip(10), vip(11)].repeat(TRANSFERS as usize) {
         sink_verified(&mut c, &client, &sa(svc, 80), BYTES, SECS * 2);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    mesh_tests::proc::wait_settled(&capture, Duration::from_secs(2));
     mesh_tests::cluster::terminate(&mut tcpdump, Duration::from_secs(5)).ok();
     let after = [kernel_counters(&c, "node-1"), kernel_counters(&c, "node-2")];
     let delta = |node: usize, name: &str| after[node][name] - before[node][name];
