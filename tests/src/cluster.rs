@@ -16,7 +16,7 @@ use crate::proc::{enter, ip_in, run};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// The agent's readiness port (DESIGN.md).
+/// The agent's readiness port.
 pub const READINESS_PORT: u16 = mesh_common::READINESS_PORT;
 pub const METRICS_PORT: u16 = mesh_common::METRICS_PORT;
 /// The CA runs in the fabric namespace, reachable from every node.

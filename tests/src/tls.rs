@@ -180,14 +180,12 @@ pub fn rogue_ca() -> anyhow::Result<(String, String)> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// An HBONE client with a given workload certificate: mTLS 1.3 to `addr`, then one
-/// HTTP/2 CONNECT to `target`. Returns the status the tunnel endpoint answered.
-pub async fn connect_status(
-    addr: SocketAddr,
-    target: &str,
+/// A TLS 1.3 client that presents a workload certificate and accepts any server (the
+/// tests look at what the server does, not at who it is), with ALPN h2.
+fn workload_connector(
     chain_pem: &str,
     key_pem: &str,
-) -> anyhow::Result<u16> {
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
@@ -197,21 +195,56 @@ pub async fn connect_status(
         .with_custom_certificate_verifier(Arc::new(Record::default()))
         .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// One HBONE exchange: mTLS to `addr`, then one HTTP/2 CONNECT to `target`. Returns
+/// how the TLS handshake went ("full" or "resumed") and the CONNECT's status (or why
+/// there was none); a failed TLS handshake is the error.
+async fn hbone_exchange(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    target: &str,
+) -> anyhow::Result<(&'static str, anyhow::Result<u16>)> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = connector
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(tls))
-            .await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(hyper::Method::CONNECT)
-        .uri(target)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await??;
-    Ok(resp.status().as_u16())
+    let kind = match tls.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    };
+    let status = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await?;
+        let task = tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(target)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
+        // Any ticket the server sent after the handshake has been read by now.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(sender);
+        task.abort();
+        Ok(resp??.status().as_u16())
+    }
+    .await;
+    Ok((kind, status))
+}
+
+/// An HBONE client with a given workload certificate: mTLS 1.3 to `addr`, then one
+/// HTTP/2 CONNECT to `target`. Returns the status the tunnel endpoint answered.
+pub async fn connect_status(
+    addr: SocketAddr,
+    target: &str,
+    chain_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<u16> {
+    let connector = workload_connector(chain_pem, key_pem)?;
+    hbone_exchange(&connector, addr, target).await?.1
 }
 
 /// Connects twice with one client config (which keeps session tickets) and says how
@@ -222,40 +255,8 @@ pub async fn second_handshake(
     chain_pem: &str,
     key_pem: &str,
 ) -> anyhow::Result<&'static str> {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Record::default()))
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let mut kind = "none";
-    for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let tls = connector
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await?;
-        kind = match tls.get_ref().1.handshake_kind() {
-            Some(rustls::HandshakeKind::Resumed) => "resumed",
-            _ => "full",
-        };
-        // One request, so that any ticket the server sends is read.
-        let (mut sender, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .handshake(hyper_util::rt::TokioIo::new(tls))
-                .await?;
-        let task = tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(hyper::Method::CONNECT)
-            .uri(target)
-            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-        let _ = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drop(sender);
-        task.abort();
-    }
-    Ok(kind)
+    let connector = workload_connector(chain_pem, key_pem)?;
+    // The first exchange is there to leave a session ticket, whatever its CONNECT got.
+    let _first = hbone_exchange(&connector, addr, target).await?;
+    Ok(hbone_exchange(&connector, addr, target).await?.0)
 }

@@ -582,36 +582,18 @@ fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused_and_sessions_never_r
     c.write_config("cluster.yaml", &cfg).unwrap();
     c.start_agent("node-1").unwrap();
     // A valid workload certificate from the mesh's own CA.
-    let (root_cert, root_key) = c.ca_root();
-    let (chain, key) = tls::issue(
-        "spiffe://cluster.local/ns/default/sa/client",
-        &std::fs::read_to_string(root_cert).unwrap(),
-        &std::fs::read_to_string(root_key).unwrap(),
-        now() - 60,
-        now() + 3600,
-    )
-    .unwrap();
-    let (cert_file, key_file) = (c.work_dir.join("client.crt"), c.work_dir.join("client.key"));
-    std::fs::write(&cert_file, chain).unwrap();
-    std::fs::write(&key_file, key).unwrap();
+    let client_id = issue_to_files(&c, "client", "spiffe://cluster.local/ns/default/sa/client");
+    let tunnel = sa(server.ip, TUNNEL);
     let status = |c: &mut Cluster, port: u16| {
-        let out = c
-            .run_in(
-                &outsider,
-                &[
-                    "tunnel-connect",
-                    "--addr",
-                    &sa(server.ip, TUNNEL),
-                    "--target",
-                    &sa(server.ip, port),
-                    "--cert",
-                    &cert_file.display().to_string(),
-                    "--key",
-                    &key_file.display().to_string(),
-                ],
-                SECS,
-            )
-            .unwrap();
+        let out = tunnel_client(
+            c,
+            &outsider,
+            "tunnel-connect",
+            &tunnel,
+            &sa(server.ip, port),
+            &client_id,
+        )
+        .unwrap();
         json(&out)["status"].as_u64().unwrap()
     };
     // The application port is open to a valid identity; the mesh's own ports never.
@@ -621,34 +603,18 @@ fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused_and_sessions_never_r
     }
     // A certificate the mesh's root signed, but for another trust domain, is no
     // workload of this mesh.
-    let (foreign, foreign_key) = tls::issue(
+    let foreign = issue_to_files(
+        &c,
+        "foreign",
         "spiffe://elsewhere.example/ns/default/sa/client",
-        &std::fs::read_to_string(c.ca_root().0).unwrap(),
-        &std::fs::read_to_string(c.ca_root().1).unwrap(),
-        now() - 60,
-        now() + 3600,
-    )
-    .unwrap();
-    let (f_cert, f_key) = (
-        c.work_dir.join("foreign.crt"),
-        c.work_dir.join("foreign.key"),
     );
-    std::fs::write(&f_cert, foreign).unwrap();
-    std::fs::write(&f_key, foreign_key).unwrap();
-    let r = c.run_in(
+    let r = tunnel_client(
+        &mut c,
         &outsider,
-        &[
-            "tunnel-connect",
-            "--addr",
-            &sa(server.ip, TUNNEL),
-            "--target",
-            &sa(server.ip, PORT),
-            "--cert",
-            &f_cert.display().to_string(),
-            "--key",
-            &f_key.display().to_string(),
-        ],
-        SECS,
+        "tunnel-connect",
+        &tunnel,
+        &sa(server.ip, PORT),
+        &foreign,
     );
     assert!(
         r.as_ref().map_or(true, |out| json(out)["status"] != 200),
@@ -656,22 +622,57 @@ fn a_tunnel_connect_to_the_mesh_ports_of_the_pod_is_refused_and_sessions_never_r
     );
     // No TLS session can be resumed: every connection is a full handshake that checks
     // the certificate again.
-    let out = c
-        .run_in(
-            &outsider,
-            &[
-                "tunnel-resume",
-                "--addr",
-                &sa(server.ip, TUNNEL),
-                "--target",
-                &sa(server.ip, PORT),
-                "--cert",
-                &cert_file.display().to_string(),
-                "--key",
-                &key_file.display().to_string(),
-            ],
-            SECS,
-        )
-        .unwrap();
+    let out = tunnel_client(
+        &mut c,
+        &outsider,
+        "tunnel-resume",
+        &tunnel,
+        &sa(server.ip, PORT),
+        &client_id,
+    )
+    .unwrap();
     assert_eq!(json(&out)["second_handshake"], "full", "{out}");
+}
+
+/// A certificate for `uri` from the mesh's own root, valid for an hour, written to
+/// `<name>.crt` / `<name>.key` in the work dir. Returns the two paths.
+fn issue_to_files(c: &Cluster, name: &str, uri: &str) -> (String, String) {
+    let (root_cert, root_key) = c.ca_root();
+    let (chain, key) = tls::issue(
+        uri,
+        &std::fs::read_to_string(root_cert).unwrap(),
+        &std::fs::read_to_string(root_key).unwrap(),
+        now() - 60,
+        now() + 3600,
+    )
+    .unwrap();
+    let (cert_file, key_file) = (
+        c.work_dir.join(format!("{name}.crt")),
+        c.work_dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_file, chain).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    (
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    )
+}
+
+/// Runs `mesh-testpod <command>` (tunnel-connect or tunnel-resume) in `from` against
+/// the tunnel port `tunnel`, asking for `target`, as the workload in `cert`.
+fn tunnel_client(
+    c: &mut Cluster,
+    from: &Pod,
+    command: &str,
+    tunnel: &str,
+    target: &str,
+    (cert, key): &(String, String),
+) -> anyhow::Result<String> {
+    c.run_in(
+        from,
+        &[
+            command, "--addr", tunnel, "--target", target, "--cert", cert, "--key", key,
+        ],
+        SECS,
+    )
 }

@@ -124,28 +124,10 @@ enum Cmd {
     },
     /// mTLS to a tunnel endpoint with the given workload certificate, then one
     /// CONNECT to `target`: print the status.
-    TunnelConnect {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long)]
-        target: String,
-        #[arg(long)]
-        cert: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-    },
+    TunnelConnect(TunnelClient),
     /// As tunnel-connect, twice with one client config: did the second handshake
     /// resume the first session?
-    TunnelResume {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long)]
-        target: String,
-        #[arg(long)]
-        cert: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-    },
+    TunnelResume(TunnelClient),
     /// TLS 1.3 handshake without a client certificate: print the server's certificate.
     TlsPeek {
         #[arg(long)]
@@ -165,6 +147,29 @@ enum Cmd {
         #[arg(long)]
         key: PathBuf,
     },
+}
+
+/// A tunnel client: the endpoint, the CONNECT target and the workload certificate.
+#[derive(clap::Args)]
+struct TunnelClient {
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long)]
+    target: String,
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+impl TunnelClient {
+    /// (certificate chain PEM, key PEM).
+    fn read_identity(&self) -> anyhow::Result<(String, String)> {
+        Ok((
+            std::fs::read_to_string(&self.cert)?,
+            std::fs::read_to_string(&self.key)?,
+        ))
+    }
 }
 
 use mesh_tests::pattern::Pattern;
@@ -280,35 +285,15 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::TunnelConnect {
-            addr,
-            target,
-            cert,
-            key,
-        } => {
-            let status = mesh_tests::tls::connect_status(
-                addr,
-                &target,
-                &std::fs::read_to_string(cert)?,
-                &std::fs::read_to_string(key)?,
-            )
-            .await?;
+        Cmd::TunnelConnect(t) => {
+            let (cert, key) = t.read_identity()?;
+            let status = mesh_tests::tls::connect_status(t.addr, &t.target, &cert, &key).await?;
             println!("{}", json!({ "status": status }));
             Ok(())
         }
-        Cmd::TunnelResume {
-            addr,
-            target,
-            cert,
-            key,
-        } => {
-            let second = mesh_tests::tls::second_handshake(
-                addr,
-                &target,
-                &std::fs::read_to_string(cert)?,
-                &std::fs::read_to_string(key)?,
-            )
-            .await?;
+        Cmd::TunnelResume(t) => {
+            let (cert, key) = t.read_identity()?;
+            let second = mesh_tests::tls::second_handshake(t.addr, &t.target, &cert, &key).await?;
             println!("{}", json!({ "second_handshake": second }));
             Ok(())
         }
