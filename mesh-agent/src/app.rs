@@ -7,7 +7,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -21,8 +20,8 @@ use crate::{
     config::{ConfigWatch, Generation},
     identity::{CaClient, SecretManager},
     inpod::PodManager,
-    proxy::{Pool, ProxyContext},
-    state::{RouteTable, WorkloadIndex},
+    proxy::{ConfigParts, Pool, ProxyContext, SnapshotCell},
+    state::{HttpRoutes, RouteTable, WorkloadIndex},
     telemetry::{LogControl, Readiness, Telemetry, kernel_flows, serve_readiness},
 };
 
@@ -81,10 +80,10 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     );
 
     let proxy = Arc::new(ProxyContext {
-        routes: ArcSwap::from_pointee(RouteTable::default()),
-        workloads: ArcSwap::from_pointee(WorkloadIndex::default()),
-        policy: ArcSwap::from_pointee(PolicySet::default()),
-        local: ArcSwap::from_pointee(Default::default()),
+        snapshot: SnapshotCell::default(),
+        loads: Arc::new(crate::proxy::http::Loads::default()),
+        app_conns: Arc::new(crate::proxy::http::AppConns::default()),
+        detect_timeout: args.detect_timeout,
         live: Arc::new(LiveConns::default()),
         secrets: secrets.clone(),
         pool: pool.clone(),
@@ -127,6 +126,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     let settings = Settings {
         trust_domain: id_args.trust_domain.clone(),
         root_namespace: args.root_namespace.clone(),
+        server_first_ports: args.server_first_ports.clone(),
     };
     let mut config = ConfigWatch::start(args.config_dir.clone());
     let mut current: Arc<Generation> = config.updates.borrow().clone();
@@ -153,7 +153,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
             }
             _ = retry.tick() => {
                 if !pods.all_enrolled(&current.config) {
-                    let policy = proxy.policy.load_full();
+                    let policy = proxy.snapshot.load().policy.clone();
                     pods.reconcile(&current.config, &policy).await;
                 }
             }
@@ -244,7 +244,8 @@ async fn attach(
 fn pod_resolver(proxy: &Arc<ProxyContext>) -> kernel_flows::PodResolver {
     let proxy = proxy.clone();
     Arc::new(move |cookie, ip| {
-        let local = proxy.local.load();
+        let snap = proxy.snapshot.load();
+        let local = &snap.local;
         let by_ip = local.get(&ip.to_canonical());
         let pod = by_ip.or_else(|| {
             local
@@ -259,6 +260,8 @@ fn pod_resolver(proxy: &Arc<ProxyContext>) -> kernel_flows::PodResolver {
 struct Settings {
     trust_domain: String,
     root_namespace: String,
+    /// Ports never held for protocol detection (the server speaks first).
+    server_first_ports: Vec<u16>,
 }
 
 /// Applies one config generation: routes, workloads and policy first (so a captured
@@ -271,18 +274,26 @@ async fn apply(
     pods: &mut PodManager,
 ) {
     let policy = PolicySet::build(&generation.config, &settings.root_namespace);
-    proxy.policy.store(policy.clone());
+    let routes = Arc::new(RouteTable::build(&generation.config));
+    let http = HttpRoutes::build(&generation.config, &settings.server_first_ports);
+    for p in &http.problems {
+        warn!(route = %p.route, kind = %p.kind, reason = p.reason, "{}", p.message);
+    }
+    let addrs = routes.service_addrs();
+    proxy.snapshot.publish_config(ConfigParts {
+        generation: generation.number,
+        routes,
+        http: Arc::new(http),
+        workloads: Arc::new(WorkloadIndex::build(
+            &generation.config,
+            &settings.trust_domain,
+        )),
+        policy: policy.clone(),
+    });
     let closed = proxy.live.reevaluate(&policy);
     if closed > 0 {
         info!(closed, "policy change closed open connections");
     }
-    proxy.workloads.store(Arc::new(WorkloadIndex::build(
-        &generation.config,
-        &settings.trust_domain,
-    )));
-    let routes = RouteTable::build(&generation.config);
-    let addrs = routes.service_addrs();
-    proxy.routes.store(Arc::new(routes));
     match proxy.maps.sync_services(&addrs) {
         Ok((added, removed)) => info!(
             generation = generation.number,
@@ -304,7 +315,9 @@ async fn reap_pool(proxy: Arc<ProxyContext>, idle_timeout: Duration) {
     let every = (idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
     loop {
         tokio::time::sleep(every).await;
-        let workloads = proxy.workloads.load_full();
+        proxy.app_conns.reap();
+        let snap = proxy.snapshot.load();
+        let workloads = &snap.workloads;
         let closed = proxy
             .pool
             .reap(|key| {

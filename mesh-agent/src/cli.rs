@@ -17,6 +17,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only complicate clap"
+)]
 pub enum Command {
     /// Attach the kernel programs and carry the node's mesh traffic until SIGTERM.
     Run(RunArgs),
@@ -46,6 +50,21 @@ pub struct RunArgs {
     /// Upstream connect timeout; on expiry the client connection is reset.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+
+    /// How long protocol detection waits for a client's first bytes on a routed
+    /// Service port that does not declare its protocol; then the connection is
+    /// carried as opaque TCP.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub detect_timeout: Duration,
+
+    /// Ports where the server speaks first: never held for protocol detection, and
+    /// routes attached to them are refused (they stay L4). Comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "25,587,3306,4444,5432,6379,9300,11211"
+    )]
+    pub server_first_ports: Vec<u16>,
 
     /// Readiness endpoint (GET /healthz/ready), on the node.
     #[arg(long, default_value = "0.0.0.0:15021")]

@@ -655,27 +655,33 @@ impl Cluster {
     /// Starts `mesh-testpod serve` in `pod` (answering with the pod's name) and waits
     /// until it listens. Its log (`<work_dir>/<pod>.log`) records half-close tails.
     pub fn start_server(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
-        use std::io::BufRead as _;
         let log = self.work_dir.join(format!("{}.log", pod.name));
         let log = log.display().to_string();
-        let mut child = self.spawn(
+        let port = port.to_string();
+        self.start_listening(
             pod,
-            &[
-                "serve",
-                "--name",
-                &pod.name,
-                "--port",
-                &port.to_string(),
-                "--log",
-                &log,
-            ],
-        )?;
+            &["serve", "--name", &pod.name, "--port", &port, "--log", &log],
+        )
+    }
+
+    /// Starts `mesh-testpod echo-serve` (the HTTP echo server of the L7 tests) in
+    /// `pod`, answering with the pod's name, and waits until it listens.
+    pub fn start_echo_server(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let port = port.to_string();
+        self.start_listening(pod, &["echo-serve", "--name", &pod.name, "--port", &port])
+    }
+
+    /// Starts a `mesh-testpod` server and waits for its "listening" line on stderr.
+    fn start_listening(&mut self, pod: &Pod, args: &[&str]) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let mut child = self.spawn(pod, args)?;
         let stderr = child.stderr.take().context("server stderr")?;
         let mut msg = String::new();
         std::io::BufReader::new(stderr).read_line(&mut msg)?;
         anyhow::ensure!(
             msg.contains("listening"),
-            "server in {} did not start: {msg:?}",
+            "{} in {} did not start: {msg:?}",
+            args.first().unwrap_or(&"server"),
             pod.name
         );
         Ok(())

@@ -60,8 +60,8 @@ pub fn status(state: &AdminState) -> pb::StatusReply {
 
 pub fn workloads(state: &AdminState, core: &Core) -> pb::WorkloadsReply {
     let generation = core.config.borrow().clone();
-    let local = core.proxy.local.load();
-    let policy = core.proxy.policy.load();
+    let snap = core.proxy.snapshot.load();
+    let (local, policy) = (&snap.local, &snap.policy);
     let mut workloads: Vec<pb::Workload> = generation
         .config
         .pods
@@ -126,8 +126,8 @@ pub fn services(core: &Core) -> pb::ServicesReply {
 }
 
 pub fn endpoints(core: &Core) -> pb::EndpointsReply {
-    let routes = core.proxy.routes.load();
-    let workloads = core.proxy.workloads.load();
+    let snap = core.proxy.snapshot.load();
+    let (routes, workloads) = (&snap.routes, &snap.workloads);
     let services = routes
         .targets()
         .into_iter()

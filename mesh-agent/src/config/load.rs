@@ -13,8 +13,9 @@ use serde_yaml_ng::Value;
 
 use super::{
     error::{ConfigError, FieldError},
-    istio,
+    gateway, istio,
     model::Config,
+    route::RouteKind,
     translate,
 };
 
@@ -25,6 +26,9 @@ const KNOWN: &[(&str, &str)] = &[
     ("v1", "Pod"),
     ("security.istio.io/v1", "PeerAuthentication"),
     ("security.istio.io/v1", "AuthorizationPolicy"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1beta1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"),
 ];
 
 /// Lists the config files of `dir` in a stable order. Hidden files are skipped, so an
@@ -207,9 +211,20 @@ pub fn load_text(
             "AuthorizationPolicy" => typed(value)
                 .and_then(|p| istio::authorization_policy(&p))
                 .map(|p| config.authorization_policies.push(p)),
-            _ => typed(value)
+            "HTTPRoute" => typed(value)
+                .and_then(|r| gateway::route(&r, RouteKind::Http))
+                .map(|r| config.routes.push(r)),
+            "GRPCRoute" => typed(value)
+                .and_then(|r| gateway::route(&r, RouteKind::Grpc))
+                .map(|r| config.routes.push(r)),
+            "Pod" => typed(value)
                 .and_then(|p| translate::pod(&p))
                 .map(|p| config.pods.push(p)),
+            // KNOWN was checked above; a kind added there must be added here.
+            other => Err(FieldError::new(
+                "kind",
+                format!("{other} is known but has no translation (a bug)"),
+            )),
         };
         result.map_err(|e| object_err(label, e))?;
     }

@@ -36,6 +36,8 @@ pub struct ServicePort {
     pub port: u16,
     pub target_port: TargetPort,
     pub protocol: Protocol,
+    /// `appProtocol` as written (`http`, `kubernetes.io/h2c`, `grpc`, `tcp`, ...).
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
@@ -169,4 +171,6 @@ pub struct Config {
     pub pods: Vec<Pod>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// HTTPRoutes and GRPCRoutes.
+    pub routes: Vec<super::route::Route>,
 }

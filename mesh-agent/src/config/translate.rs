@@ -100,6 +100,7 @@ pub fn service(svc: &core::Service) -> Result<Service> {
             port: svc_port,
             target_port,
             protocol: protocol(p.protocol.as_deref(), format!("spec.ports[{i}].protocol"))?,
+            app_protocol: p.app_protocol.clone().filter(|a| !a.is_empty()),
         });
     }
     Ok(Service {

@@ -249,7 +249,7 @@ impl PodManager {
                     .map(|ip| (ip.to_canonical(), p.ctx.clone()))
             })
             .collect();
-        self.proxy.local.store(Arc::new(local));
+        self.proxy.snapshot.publish_local(local);
     }
 
     async fn start(&self, pod: &Pod, policy: &PolicySet) -> anyhow::Result<RunningPod> {

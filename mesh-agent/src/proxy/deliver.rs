@@ -46,7 +46,7 @@ pub async fn deliver(
     // Registered before the check: a policy change racing with this connection either
     // is seen by the check or re-checks the registered connection.
     let guard = ctx.live.register(workload.clone(), attrs.clone());
-    let verdict = ctx.policy.load().evaluate(&workload, &attrs);
+    let verdict = ctx.snapshot.load().policy.evaluate(&workload, &attrs);
     for policy in &verdict.audited {
         info!(
             %policy,

@@ -3,8 +3,6 @@
 //! CONNECT stream is one connection to the pod's application.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
-use bytes::Bytes;
-use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::MESH_PORTS;
@@ -15,6 +13,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::{
     PodContext, ProxyContext,
     deliver::deliver,
+    http::body::{self, Body},
     relay::{RelayEnd, relay},
     tunnel::{
         CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW,
@@ -137,8 +136,8 @@ async fn handle(
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<Body> {
+    let mut r = Response::new(body::empty());
     *r.status_mut() = code;
     r
 }
@@ -151,9 +150,10 @@ async fn connect(
     source: Identity,
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
-) -> Response<Empty<Bytes>> {
+) -> Response<Body> {
     if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        // A routed request (L7 between agents), not a tunnelled connection.
+        return super::http::inbound::serve_request(req, peer, &source, &pod, &ctx).await;
     }
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     // Only this pod: the tunnel is not a way to reach anything else from the node.
@@ -184,8 +184,9 @@ async fn connect(
         mode: Mode::Inbound,
         source: Peer {
             workload: ctx
-                .workloads
+                .snapshot
                 .load()
+                .workloads
                 .get(peer.ip())
                 .map(|w| w.workload_ref()),
             addr: Some(peer),

@@ -5,16 +5,18 @@ mod accept;
 mod deliver;
 mod dial;
 mod error;
+pub mod http;
 mod inbound;
 mod outbound;
 mod plaintext;
+pub mod plan;
 mod podhop;
 mod pool;
 mod relay;
+mod snapshot;
 mod tunnel;
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
@@ -27,24 +29,28 @@ pub use inbound::serve_tunnel;
 pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
 pub use pool::Pool;
+pub use snapshot::{ConfigParts, LocalPods, Snapshot, SnapshotCell};
 
 use crate::{
-    authz::{Decision, LiveConns, PolicySet, Workload},
+    authz::{Decision, LiveConns, Workload},
     bpf::MeshMaps,
     config::NamespacedName,
     identity::{Identity, SecretManager},
     inpod::Netns,
-    state::{RouteTable, WorkloadIndex},
     telemetry::{Telemetry, WorkloadRef},
 };
 
 /// Shared by every connection of this agent.
 pub struct ProxyContext {
-    pub routes: ArcSwap<RouteTable>,
-    pub workloads: ArcSwap<WorkloadIndex>,
-    pub policy: ArcSwap<PolicySet>,
-    /// The pods this agent serves, by IP: same-node traffic is delivered to them.
-    pub local: ArcSwap<HashMap<IpAddr, Arc<PodContext>>>,
+    /// Services, routes, workloads, policy and the pods this agent serves, as one
+    /// generation.
+    pub snapshot: SnapshotCell,
+    /// Per-endpoint latency and load, for per-request balancing.
+    pub loads: Arc<http::Loads>,
+    /// HTTP connections to applications (delivery and passthrough of routed requests).
+    pub app_conns: Arc<http::AppConns>,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
     pub live: Arc<LiveConns>,
     pub secrets: Arc<SecretManager>,
     pub pool: Arc<Pool>,

@@ -3,26 +3,32 @@
 //!
 //! The kernel captures every TCP connection of the pod, so the original destination
 //! can be anything. The path of one connection: accept (the listener tells the source
-//! pod, hence its identity) -> original destination from the kernel map -> a ClusterIP
-//! is a service, whose endpoint is picked (round robin); any other address is its own
+//! pod, hence its identity) -> original destination from the kernel map -> `plan()`:
+//! a ClusterIP with routes attached is HTTP (`http/`, routed per request, after
+//! protocol detection when the port does not declare it); another ClusterIP is a
+//! service, whose endpoint is picked (round robin); any other address is its own
 //! endpoint (a pod IP, or something outside the mesh) -> one of three ways to it:
 //!   local       the endpoint is a pod of this node: authorized and delivered here;
 //!   hbone       a meshed pod on another node: the mTLS tunnel to its `:15008`;
 //!   passthrough a workload outside the mesh: a plain connection, as the app asked.
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
     InboundError, OutboundError, PodContext, ProxyContext, TunnelError,
     deliver::deliver,
     dial::{DialError, dial_from},
+    http::detect::{Detected, Prefixed, detect},
+    plan::{Hop, Plan, TcpPlan, Way, plan},
     podhop::PodHop,
     relay::{RelayEnd, relay, reset},
     tunnel,
 };
+use crate::state::PortProtocol;
 use crate::{
     authz::ConnAttrs,
     telemetry::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, ResponseFlag},
@@ -77,25 +83,70 @@ async fn handle(
         service: None,
         original_dst: None,
     };
-    let mut dest_view = None;
-    let upstream = match route(&peer, &pod, &ctx, &mut info, &mut dest_view).await {
-        Ok(u) => u,
-        Err(e) => {
-            warn!(reason = e.reason(), error = %e, "connection refused; resetting client");
-            let (outcome, deciding) = outcome_of(&e);
-            ctx.telemetry.refused(&info, &outcome);
-            if let Some(mut dest) = dest_view {
-                dest.mode = Mode::Local;
-                let mut o = outcome.clone();
-                o.policy = deciding;
-                ctx.telemetry.refused(&dest, &o);
-            }
-            reset(client);
-            return;
+    let planned = match ctx.maps.take_orig_dst(pod.netns_cookie, peer) {
+        Some(dst) => {
+            info.original_dst = Some(dst);
+            // One snapshot for the whole decision.
+            let snap = ctx.snapshot.load();
+            plan(&snap, &pod, dst).map(|p| (p, snap, dst))
         }
+        None => Err(OutboundError::NoOriginalDst { client: peer }),
+    };
+    let (planned, _snap, dst) = match planned {
+        Ok(p) => p,
+        Err(e) => return refuse(&ctx, &info, None, client, e),
     };
     let _ = client.set_nodelay(true);
     let mut client = PodHop::new(client, pod.netns_cookie, &ctx.maps);
+    let (tcp, prefix) = match planned {
+        Plan::Tcp(t) => (t, Bytes::new()),
+        Plan::Http(h) => {
+            let (l7, prefix) = match h.routes.protocol {
+                PortProtocol::Http | PortProtocol::Http2 => (true, Bytes::new()),
+                PortProtocol::Opaque => (false, Bytes::new()),
+                PortProtocol::Detect => match detect(&mut client, ctx.detect_timeout).await {
+                    Ok((Detected::Opaque, prefix)) => (false, prefix),
+                    Ok((_, prefix)) => (true, prefix),
+                    Err(e) => {
+                        debug!(error = %e, "client connection failed during detection");
+                        return;
+                    }
+                },
+            };
+            if l7 {
+                let io = Prefixed::new(prefix, client);
+                super::http::serve(io, h, dst, pod, ctx, id).await;
+                return;
+            }
+            // Not HTTP after all: the Service's endpoints, per connection.
+            let Some(hop) = h.fallback else {
+                let e = OutboundError::NoEndpoints {
+                    service: h.service.clone(),
+                    port: h.port,
+                };
+                return refuse(&ctx, &info, None, client.into(), e);
+            };
+            let t = TcpPlan {
+                service: Some((h.service, h.port)),
+                hop,
+            };
+            (t, prefix)
+        }
+    };
+    info.service = tcp.service.as_ref().map(|(s, _)| s.clone());
+    info.destination.addr = Some(tcp.hop.endpoint);
+    if let Some(w) = &tcp.hop.workload {
+        info.destination.workload = Some(w.workload_ref());
+        if w.meshed {
+            info.destination.identity = Some(w.identity.clone());
+        }
+    }
+    let mut dest_view = None;
+    let upstream = match connect(&pod, &ctx, &tcp.hop, &mut info, &mut dest_view).await {
+        Ok(u) => u,
+        Err(e) => return refuse(&ctx, &info, dest_view, client.into(), e),
+    };
+    let mut client = Prefixed::new(prefix, client);
     let conn = ctx.telemetry.open(info);
     let never = CancellationToken::new();
     let (result, dest_conn) = match upstream {
@@ -133,12 +184,34 @@ async fn handle(
     };
     if result.is_err() {
         // The client must see a failure, not a clean end of stream.
-        reset(client);
+        let (_, hop) = client.into_parts();
+        reset(hop);
     }
     if let Some(d) = dest_conn {
         d.close(outcome.clone());
     }
     conn.close(outcome);
+}
+
+/// Reports a refused connection (by the source and, same-node, the destination
+/// view) and resets the client.
+fn refuse(
+    ctx: &ProxyContext,
+    info: &ConnInfo,
+    dest_view: Option<ConnInfo>,
+    client: TcpStream,
+    e: OutboundError,
+) {
+    warn!(reason = e.reason(), error = %e, "connection refused; resetting client");
+    let (outcome, deciding) = outcome_of(&e);
+    ctx.telemetry.refused(info, &outcome);
+    if let Some(mut dest) = dest_view {
+        dest.mode = Mode::Local;
+        let mut o = outcome.clone();
+        o.policy = deciding;
+        ctx.telemetry.refused(&dest, &o);
+    }
+    reset(client);
 }
 
 /// The response flag and reason of a refusal, and the deciding policy when a local
@@ -167,97 +240,61 @@ fn outcome_of(e: &OutboundError) -> (Outcome, Option<String>) {
     (Outcome::failed(flag, e.reason(), e), deciding)
 }
 
-async fn route(
-    peer: &SocketAddr,
-    pod: &PodContext,
-    ctx: &ProxyContext,
-    info: &mut ConnInfo,
-    dest_view: &mut Option<ConnInfo>,
-) -> Result<Upstream, OutboundError> {
-    let dst = ctx
-        .maps
-        .take_orig_dst(pod.netns_cookie, *peer)
-        .ok_or(OutboundError::NoOriginalDst { client: *peer })?;
-    info.original_dst = Some(dst);
-    let target = ctx.routes.load().get(dst);
-    let endpoint = match target {
-        Some(target) => {
-            info.service = Some(target.service.clone());
-            target.pick().ok_or_else(|| OutboundError::NoEndpoints {
-                service: target.service.clone(),
-                port: target.port,
-            })?
-        }
-        // Not a ClusterIP: the address is the endpoint. A meshed pod's IP takes the
-        // same path as a service endpoint of that pod (local delivery or the tunnel,
-        // with both identities and the destination's policy), without a service.
-        None => dst,
-    };
-    info.destination.addr = Some(endpoint);
-    if let Some(w) = ctx.workloads.load().get(endpoint.ip()) {
-        info.destination.workload = Some(w.workload_ref());
-        if w.meshed {
-            info.destination.identity = Some(w.identity.clone());
-        }
-    }
-    connect(pod, ctx, endpoint, info, dest_view).await
-}
-
 async fn connect(
     pod: &PodContext,
     ctx: &ProxyContext,
-    endpoint: SocketAddr,
+    hop: &Hop,
     info: &mut ConnInfo,
     dest_view: &mut Option<ConnInfo>,
 ) -> Result<Upstream, OutboundError> {
-    let local = ctx.local.load().get(&endpoint.ip().to_canonical()).cloned();
-    if let Some(dest) = local {
-        // Same node: the same identity and policy checks as across nodes, without
-        // encryption (the bytes never leave the node; see docs/security.md).
-        info.mode = Mode::Local;
-        info.destination.identity = Some(dest.identity.clone());
-        *dest_view = Some(ConnInfo {
-            reporter: Reporter::Destination,
-            ..info.clone()
-        });
-        let attrs = ConnAttrs {
-            principal: Some(pod.identity.principal()),
-            namespace: Some(pod.identity.namespace.clone()),
-            source_ip: pod.ip.unwrap_or(endpoint.ip()),
-            dest_port: endpoint.port(),
-        };
-        let delivered = deliver(&dest, ctx, attrs, Some(endpoint))
-            .await
-            .map_err(|source| OutboundError::Local { endpoint, source })?;
-        return Ok(Upstream::Local {
-            app: delivered.app,
-            guard: delivered.guard,
-            _permit: delivered._permit,
-        });
+    let endpoint = hop.endpoint;
+    match &hop.way {
+        Way::Local(dest) => {
+            // Same node: the same identity and policy checks as across nodes, without
+            // encryption (the bytes never leave the node; see docs/security.md).
+            info.mode = Mode::Local;
+            info.destination.identity = Some(dest.identity.clone());
+            *dest_view = Some(ConnInfo {
+                reporter: Reporter::Destination,
+                ..info.clone()
+            });
+            let attrs = ConnAttrs {
+                principal: Some(pod.identity.principal()),
+                namespace: Some(pod.identity.namespace.clone()),
+                source_ip: pod.ip.unwrap_or(endpoint.ip()),
+                dest_port: endpoint.port(),
+            };
+            let delivered = deliver(dest, ctx, attrs, Some(endpoint))
+                .await
+                .map_err(|source| OutboundError::Local { endpoint, source })?;
+            Ok(Upstream::Local {
+                app: delivered.app,
+                guard: delivered.guard,
+                _permit: delivered._permit,
+            })
+        }
+        Way::Hbone(identity) => {
+            info.mode = Mode::Hbone;
+            let stream = tunnel::open(pod, ctx, identity, endpoint)
+                .await
+                .map_err(|source| OutboundError::Tunnel {
+                    endpoint,
+                    identity: identity.clone(),
+                    source,
+                })?;
+            Ok(Upstream::Tunnel(stream))
+        }
+        Way::Passthrough => {
+            info.mode = Mode::Passthrough;
+            let up = dial_from(&pod.netns, endpoint, ctx.connect_timeout)
+                .await
+                .map_err(|e| match e {
+                    DialError::Io(source) => OutboundError::Connect { endpoint, source },
+                    DialError::Timeout(timeout) => {
+                        OutboundError::ConnectTimeout { endpoint, timeout }
+                    }
+                })?;
+            Ok(Upstream::Passthrough(up))
+        }
     }
-    let remote = ctx
-        .workloads
-        .load()
-        .get(endpoint.ip())
-        .filter(|w| w.meshed)
-        .map(|w| w.identity.clone());
-    if let Some(identity) = remote {
-        info.mode = Mode::Hbone;
-        let stream = tunnel::open(pod, ctx, &identity, endpoint)
-            .await
-            .map_err(|source| OutboundError::Tunnel {
-                endpoint,
-                identity: identity.clone(),
-                source,
-            })?;
-        return Ok(Upstream::Tunnel(stream));
-    }
-    info.mode = Mode::Passthrough;
-    let up = dial_from(&pod.netns, endpoint, ctx.connect_timeout)
-        .await
-        .map_err(|e| match e {
-            DialError::Io(source) => OutboundError::Connect { endpoint, source },
-            DialError::Timeout(timeout) => OutboundError::ConnectTimeout { endpoint, timeout },
-        })?;
-    Ok(Upstream::Passthrough(up))
 }

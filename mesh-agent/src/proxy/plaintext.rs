@@ -53,7 +53,7 @@ async fn handle(
         source_ip: peer.ip(),
         dest_port: target.port(),
     };
-    let source = ctx.workloads.load().get(peer.ip()).cloned();
+    let source = ctx.snapshot.load().workloads.get(peer.ip()).cloned();
     let info = ConnInfo {
         id,
         reporter: Reporter::Destination,

@@ -1,20 +1,24 @@
 //! The agent's end of a pod-agent hop (the application's connection it accepted, or
 //! the one it dialled to deliver), as sockmap acceleration needs it to be handled.
 //!
-//! Two rules of the kernel side (mesh-ebpf `skmsg`) show up here:
-//!   - after a read that filled the buffer, the next short read is not taken for
-//!     "drained": the agent reads again until the kernel says EAGAIN. An
-//!     application's socket whose receiver (this one) fell more than the unread limit
-//!     behind sends by TCP, and those bytes queue behind the sockmap queue; the read
-//!     that empties the sockmap queue comes back short while TCP bytes wait. tokio
-//!     takes a short read for "drained" and would wait for an edge that never comes.
-//!     That short read always follows full ones (the limit is megabytes), so small
-//!     exchanges pay no extra read;
+//! With sockmap on, a socket has two receive queues: the sockmap queue (bytes the
+//! other end's `sk_msg` put there) and TCP's own (bytes and the FIN that came by
+//! TCP/IP). A read takes from one of them only, so a short read does not mean
+//! "drained". Three rules follow:
+//!   - the agent reads until the kernel says EAGAIN, never taking a short read for
+//!     "drained" (tokio's own `poll_read` does, and would then wait for an edge that
+//!     has already come: bytes or a FIN that arrived by TCP behind the sockmap
+//!     bytes). This costs one extra read per burst;
 //!   - the agent bounds what it leaves unread in the application's sockmap queue
 //!     itself: it sends up to its credit (the unread limit), then looks up how much
 //!     the application has not read yet, and while that is more than half the limit
 //!     it waits, polling. One map lookup per limit's worth of bytes sent, none for
-//!     small exchanges.
+//!     small exchanges;
+//!   - the agent's FIN goes by TCP, so it could overtake what the application has
+//!     not read yet from the sockmap queue and meet the same short-read trap in the
+//!     application (most event loops take a short read for "drained"). Before it
+//!     shuts its side down, the agent waits until the application has read
+//!     everything it sent (none of that wait when it already has).
 //!
 //! With sockmap acceleration off this is a plain `TcpStream`.
 use std::{
@@ -53,8 +57,6 @@ const MAX_WAIT: Duration = Duration::from_millis(16);
 
 pub struct PodHop {
     io: TcpStream,
-    /// The last read filled the buffer: read on until EAGAIN.
-    after_full_read: bool,
     /// Present when sockmap acceleration is on.
     pacing: Option<Pacing>,
 }
@@ -93,11 +95,7 @@ impl PodHop {
             wait: None,
             next_wait: FIRST_WAIT,
         });
-        PodHop {
-            io,
-            after_full_read: false,
-            pacing,
-        }
+        PodHop { io, pacing }
     }
 }
 
@@ -141,6 +139,23 @@ impl Pacing {
         Ok(())
     }
 
+    /// Ready once the receiver has read everything sent to it (or is not in the maps).
+    fn poll_drained(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(wait) = self.wait.as_mut() {
+                ready!(wait.as_mut().poll(cx));
+                self.wait = None;
+            }
+            let key = self.key_of(io)?;
+            if self.gauge.unread_by_peer(&key).unwrap_or(0) <= 0 {
+                self.next_wait = FIRST_WAIT;
+                return Poll::Ready(Ok(()));
+            }
+            self.wait = Some(Box::pin(tokio::time::sleep(self.next_wait)));
+            self.next_wait = (self.next_wait * 2).min(MAX_WAIT);
+        }
+    }
+
     /// Ready once there is credit to send with.
     fn poll_credit(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
@@ -165,20 +180,12 @@ impl AsyncRead for PodHop {
         if this.pacing.is_none() {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
-        let room = buf.remaining();
-        if !this.after_full_read {
-            let before = buf.filled().len();
-            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-            this.after_full_read = room > 0 && buf.filled().len() - before == room;
-            return Poll::Ready(Ok(()));
-        }
         // try_read leaves the readiness set after a short read; only EAGAIN clears it.
         loop {
             ready!(this.io.poll_read_ready(cx))?;
             match this.io.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
-                    this.after_full_read = room > 0 && n == room;
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -209,7 +216,11 @@ impl AsyncWrite for PodHop {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if let Some(pacing) = this.pacing.as_mut() {
+            ready!(pacing.poll_drained(&this.io, cx))?;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -309,6 +320,43 @@ mod tests {
         assert_eq!(n, 512);
         let credit = hop.pacing.as_ref().map(|p| p.credit);
         assert_eq!(credit, Some(i64::from(LIMIT - LIMIT / 4) - 512));
+    }
+
+    #[tokio::test]
+    async fn the_fin_waits_until_the_receiver_has_read_everything() {
+        let gauge = Arc::new(FakeGauge::default());
+        let (mut hop, mut peer, _) = pair(gauge.clone(), Some(LIMIT)).await;
+        hop.write_all(b"tail").await.unwrap();
+        gauge.unread.store(4, Ordering::SeqCst);
+        let held = tokio::time::timeout(Duration::from_millis(80), hop.shutdown());
+        assert!(held.await.is_err(), "shut down before the receiver read");
+        gauge.unread.store(0, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(2), hop.shutdown())
+            .await
+            .expect("still holding the FIN once the receiver read everything")
+            .unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"tail");
+    }
+
+    #[tokio::test]
+    async fn a_short_read_does_not_hide_what_came_behind_it() {
+        let gauge = Arc::new(FakeGauge::default());
+        let (mut hop, mut peer, _) = pair(gauge, Some(LIMIT)).await;
+        // Bytes and the FIN are both queued before the first read.
+        peer.write_all(b"last bytes").await.unwrap();
+        peer.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut buf = [0u8; 64];
+        let n = hop.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"last bytes");
+        let eof = tokio::time::timeout(Duration::from_secs(2), hop.read(&mut buf)).await;
+        assert_eq!(
+            eof.expect("the FIN behind a short read was not seen")
+                .unwrap(),
+            0
+        );
     }
 
     #[tokio::test]

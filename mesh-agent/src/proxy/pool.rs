@@ -12,9 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
+
+use super::http::body::Body;
 use tracing::debug;
 
 use crate::identity::Identity;
@@ -30,7 +30,7 @@ pub struct PoolKey {
 }
 
 pub struct PooledConn {
-    pub sender: SendRequest<Empty<Bytes>>,
+    pub sender: SendRequest<Body>,
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
     /// A stream could not be opened in time: the peer is wedged. No new stream goes
@@ -50,7 +50,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn sender(&self) -> SendRequest<Empty<Bytes>> {
+    pub fn sender(&self) -> SendRequest<Body> {
         self.conn.sender.clone()
     }
 
@@ -103,7 +103,7 @@ impl Pool {
     pub async fn lease<F, Fut, E>(&self, key: &PoolKey, dial: F) -> Result<Lease, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<SendRequest<Empty<Bytes>>, E>>,
+        Fut: Future<Output = Result<SendRequest<Body>, E>>,
     {
         let slot = self.slot(key);
         let mut conns = slot.lock().await;

@@ -3,9 +3,10 @@
 //! certificate and accepts only the destination identity the config expects.
 use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, client::conn::http2::SendRequest,
+    upgrade::Upgraded,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::INBOUND_TUNNEL_PORT;
 use rustls::pki_types::ServerName;
@@ -15,6 +16,10 @@ use tracing::{Instrument, debug, debug_span};
 use super::{
     PodContext, ProxyContext, TunnelError,
     dial::{DialError, dial_from},
+    http::{
+        DST_HEADER, PROTO_HEADER, Wire,
+        body::{self, Body},
+    },
     pool::{Lease, PoolKey},
 };
 use crate::identity::{Identity, client_config};
@@ -39,12 +44,12 @@ pub struct TunnelStream {
     _lease: Lease,
 }
 
-pub async fn open(
+async fn lease(
     pod: &PodContext,
     ctx: &ProxyContext,
     dest: &Identity,
     target: SocketAddr,
-) -> Result<TunnelStream, TunnelError> {
+) -> Result<Lease, TunnelError> {
     let addr = SocketAddr::new(target.ip(), INBOUND_TUNNEL_PORT);
     let key = PoolKey {
         source_pod: pod.netns_cookie,
@@ -52,11 +57,57 @@ pub async fn open(
         dest: dest.clone(),
         addr,
     };
-    let lease = ctx.pool.lease(&key, || dial(pod, ctx, dest, addr)).await?;
+    ctx.pool.lease(&key, || dial(pod, ctx, dest, addr)).await
+}
+
+/// One HTTP request to `target` in the destination pod, as an HTTP/2 stream on the
+/// pooled tunnel connection (the same connection CONNECT streams use: no new TCP or
+/// TLS handshake per request). `req` is already in HTTP/2 form; `app` is what the
+/// destination agent speaks to the application.
+pub async fn send_request(
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    dest: &Identity,
+    target: SocketAddr,
+    app: Wire,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, TunnelError> {
+    let lease = lease(pod, ctx, dest, target).await?;
+    let h = req.headers_mut();
+    h.insert(
+        DST_HEADER,
+        http::HeaderValue::from_str(&target.to_string())
+            .map_err(|e| TunnelError::Request(http::Error::from(e)))?,
+    );
+    h.insert(
+        PROTO_HEADER,
+        http::HeaderValue::from_static(match app {
+            Wire::Http1 => "HTTP/1.1",
+            Wire::Http2 => "HTTP/2",
+        }),
+    );
+    let mut sender = lease.sender();
+    match tokio::time::timeout(ctx.connect_timeout, sender.ready()).await {
+        Ok(r) => r?,
+        Err(_) => {
+            lease.mark_dead();
+            return Err(TunnelError::StreamTimeout(ctx.connect_timeout));
+        }
+    }
+    Ok(sender.send_request(req).await?)
+}
+
+pub async fn open(
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    dest: &Identity,
+    target: SocketAddr,
+) -> Result<TunnelStream, TunnelError> {
+    let lease = lease(pod, ctx, dest, target).await?;
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .body(Empty::<Bytes>::new())
+        .body(body::empty())
         .map_err(TunnelError::Request)?;
     let mut sender = lease.sender();
     // A pooled connection to a peer that went silent would take the stream and never
@@ -89,7 +140,7 @@ async fn dial(
     ctx: &ProxyContext,
     dest: &Identity,
     addr: SocketAddr,
-) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+) -> Result<SendRequest<Body>, TunnelError> {
     if ctx.secrets.current(&pod.identity).is_none() {
         return Err(TunnelError::NoCertificate);
     }

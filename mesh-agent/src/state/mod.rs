@@ -1,7 +1,12 @@
 //! What the proxy consults for each connection, rebuilt from each config generation
-//! and swapped in whole: a connection sees one consistent generation.
+//! and published whole in the proxy's snapshot (`proxy::Snapshot`).
+mod http_routes;
 mod routes;
 mod workloads;
 
+pub use http_routes::{
+    CompiledBackend, CompiledRule, DEFAULT_SERVER_FIRST_PORTS, HttpRoutes, PortProtocol,
+    PortRoutes, RequestView, RouteProblem, Selected, declared, grpc_parts,
+};
 pub use routes::RouteTable;
-pub use workloads::WorkloadIndex;
+pub use workloads::{WorkloadIndex, WorkloadInfo};

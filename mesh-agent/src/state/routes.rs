@@ -79,7 +79,7 @@ impl RouteTable {
 /// Ready endpoints of one service port, in a stable order. A slice port matches the
 /// service port by name (both unnamed counts as a match), as Kubernetes does; a slice
 /// without ports falls back to a numeric targetPort.
-fn endpoints_of(config: &Config, svc: &Service, port: &ServicePort) -> Vec<SocketAddr> {
+pub(crate) fn endpoints_of(config: &Config, svc: &Service, port: &ServicePort) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for slice in config
         .endpoint_slices
@@ -131,6 +131,7 @@ mod tests {
                     port: 80,
                     target_port: TargetPort::Name("http".into()),
                     protocol: Protocol::Tcp,
+                    app_protocol: None,
                 }],
             }],
             endpoint_slices: vec![EndpointSlice {

@@ -41,6 +41,36 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         body: usize,
     },
+    /// HTTP echo server (HTTP/1.1 and h2c): answers with what it received, as JSON.
+    EchoServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// `count` HTTP requests on one connection; prints statuses and answering pods.
+    EchoGet {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+        #[arg(long)]
+        h2: bool,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// HTTP/2 requests in flight at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The Host / :authority (default: the address).
+        #[arg(long)]
+        host: Option<String>,
+        /// `name:value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Open `count` connections at once, then ask each who answers.
     Who {
         #[arg(long)]
@@ -180,6 +210,36 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve { name, port, log } => serve(name, port, log).await,
         Cmd::Http { port, body } => http_serve(port, body).await,
+        Cmd::EchoServe { name, port } => mesh_tests::echo::serve(name, port).await,
+        Cmd::EchoGet {
+            addr,
+            path,
+            h2,
+            count,
+            concurrency,
+            method,
+            host,
+            headers,
+        } => {
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .filter_map(|h| h.split_once(':'))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect();
+            let out = mesh_tests::echo::get(mesh_tests::echo::GetArgs {
+                addr,
+                path: &path,
+                h2,
+                count,
+                concurrency,
+                method: &method,
+                host: host.as_deref(),
+                headers: &headers,
+            })
+            .await?;
+            println!("{out}");
+            Ok(())
+        }
         Cmd::Who { addr, count, mark } => {
             let mut conns = Vec::new();
             for _ in 0..count {

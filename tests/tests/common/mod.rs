@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+#[allow(unused_imports, reason = "not every test file writes YAML")]
 pub use mesh_tests::{Cluster, Pod, yaml};
 
 /// The tests share the kernel's cgroup root and bpffs: one at a time.

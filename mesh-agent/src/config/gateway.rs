@@ -1,0 +1,919 @@
+//! `gateway.networking.k8s.io/v1` HTTPRoute and GRPCRoute attached to Services (GAMMA),
+//! the wire objects and their translation into the model (`route.rs`). Unknown fields
+//! are refused by the wire types; fields of the standard channel this agent does not
+//! implement yet (RequestMirror, CORS, retry, sessionPersistence, ExtensionRef) are
+//! refused by name, never silently ignored. Limits are Gateway API's own.
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+
+use super::{
+    error::FieldError,
+    model::NamespacedName,
+    route::{
+        Backend, Filter, HeaderMatch, HeaderMods, ParentRef, PathMatch, PathModifier, QueryMatch,
+        Redirect, Rewrite, Route, RouteKind, RouteMatch, RouteRule, StrMatch, Timeouts,
+    },
+    translate::object_id,
+};
+
+type Result<T> = std::result::Result<T, FieldError>;
+
+/// Gateway API's limits per route.
+const MAX_RULES: usize = 16;
+const MAX_MATCHES_PER_RULE: usize = 64;
+const MAX_MATCHES: usize = 128;
+const MAX_BACKENDS: usize = 16;
+const MAX_FILTERS: usize = 16;
+const MAX_PARENTS: usize = 32;
+const MAX_HEADER_MATCHES: usize = 16;
+/// A compiled regex may take at most this much memory.
+pub const REGEX_SIZE_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteObject {
+    #[serde(rename = "apiVersion")]
+    _api_version: String,
+    #[serde(rename = "kind")]
+    _kind: String,
+    metadata: ObjectMeta,
+    spec: RouteSpec,
+    /// Written by controllers; read back from the API, never used.
+    #[serde(default, rename = "status")]
+    _status: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RouteSpec {
+    #[serde(default)]
+    parent_refs: Vec<ParentRefObject>,
+    /// GAMMA: a mesh route matches by the Service's address, never by `Host`; the
+    /// field is accepted (routes are shared with gateways) and has no effect.
+    #[serde(default, rename = "hostnames")]
+    _hostnames: Vec<String>,
+    #[serde(default)]
+    rules: Vec<RuleObject>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ParentRefObject {
+    group: Option<String>,
+    kind: Option<String>,
+    name: String,
+    namespace: Option<String>,
+    port: Option<i32>,
+    section_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RuleObject {
+    name: Option<String>,
+    #[serde(default)]
+    matches: Vec<MatchObject>,
+    #[serde(default)]
+    filters: Vec<FilterObject>,
+    #[serde(default)]
+    backend_refs: Vec<BackendRefObject>,
+    timeouts: Option<TimeoutsObject>,
+    retry: Option<serde_yaml_ng::Value>,
+    session_persistence: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MatchObject {
+    path: Option<PathObject>,
+    #[serde(default)]
+    headers: Vec<NameValueMatch>,
+    #[serde(default)]
+    query_params: Vec<NameValueMatch>,
+    /// HTTPRoute: an HTTP method; GRPCRoute: `{type, service, method}`.
+    method: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PathObject {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NameValueMatch {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GrpcMethodObject {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    service: Option<String>,
+    method: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FilterObject {
+    #[serde(rename = "type")]
+    kind: String,
+    request_header_modifier: Option<HeaderModsObject>,
+    response_header_modifier: Option<HeaderModsObject>,
+    request_redirect: Option<RedirectObject>,
+    url_rewrite: Option<RewriteObject>,
+    /// Refused by type below; accepted here so the error names the type.
+    #[serde(rename = "requestMirror")]
+    _request_mirror: Option<serde_yaml_ng::Value>,
+    #[serde(rename = "cors")]
+    _cors: Option<serde_yaml_ng::Value>,
+    #[serde(rename = "extensionRef")]
+    _extension_ref: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HeaderModsObject {
+    #[serde(default)]
+    set: Vec<HeaderObject>,
+    #[serde(default)]
+    add: Vec<HeaderObject>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HeaderObject {
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RedirectObject {
+    scheme: Option<String>,
+    hostname: Option<String>,
+    path: Option<PathModifierObject>,
+    port: Option<i32>,
+    status_code: Option<i32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RewriteObject {
+    hostname: Option<String>,
+    path: Option<PathModifierObject>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PathModifierObject {
+    #[serde(rename = "type")]
+    kind: String,
+    replace_full_path: Option<String>,
+    replace_prefix_match: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BackendRefObject {
+    group: Option<String>,
+    kind: Option<String>,
+    name: String,
+    namespace: Option<String>,
+    port: Option<i32>,
+    weight: Option<i32>,
+    #[serde(default)]
+    filters: Vec<FilterObject>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TimeoutsObject {
+    request: Option<String>,
+    backend_request: Option<String>,
+}
+
+/// Translates an HTTPRoute (`kind` Http) or a GRPCRoute (`kind` Grpc).
+pub fn route(obj: &RouteObject, kind: RouteKind) -> Result<Route> {
+    let id = object_id(&obj.metadata)?;
+    let created = obj
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second());
+    let spec = &obj.spec;
+    if spec.parent_refs.is_empty() {
+        return Err(FieldError::new(
+            "spec.parentRefs",
+            "is required: a mesh route attaches to a Service",
+        ));
+    }
+    if spec.parent_refs.len() > MAX_PARENTS {
+        return Err(too_many("spec.parentRefs", MAX_PARENTS));
+    }
+    let parents = spec
+        .parent_refs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| parent(p, &id, &format!("spec.parentRefs[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    if spec.rules.len() > MAX_RULES {
+        return Err(too_many("spec.rules", MAX_RULES));
+    }
+    let mut total_matches = 0;
+    let mut rules = Vec::new();
+    for (i, r) in spec.rules.iter().enumerate() {
+        let field = format!("spec.rules[{i}]");
+        total_matches += r.matches.len();
+        if total_matches > MAX_MATCHES {
+            return Err(too_many("spec.rules[*].matches", MAX_MATCHES));
+        }
+        rules.push(rule(r, kind, &id, &field)?);
+    }
+    if rules.is_empty() {
+        // Gateway API's default: one rule matching everything, to the parent itself
+        // is not defined for mesh; a route without rules routes nothing.
+        return Err(FieldError::new("spec.rules", "is empty"));
+    }
+    Ok(Route {
+        id,
+        kind,
+        created,
+        parents,
+        rules,
+    })
+}
+
+fn too_many(field: &str, max: usize) -> FieldError {
+    FieldError::new(
+        field,
+        format!("more than {max} entries (Gateway API's limit)"),
+    )
+}
+
+fn is_core_group(group: Option<&str>) -> bool {
+    matches!(group, Some("") | Some("core"))
+}
+
+fn parent(p: &ParentRefObject, route: &NamespacedName, field: &str) -> Result<ParentRef> {
+    // `group` defaults to gateway.networking.k8s.io (a Gateway): a mesh parent must
+    // say the core group, as "" or "core".
+    if !is_core_group(p.group.as_deref()) || p.kind.as_deref() != Some("Service") {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "parent {}/{} is not supported: a mesh route attaches to a Service (group: \"\", kind: Service); Gateways are not served by this agent",
+                p.group.as_deref().unwrap_or("gateway.networking.k8s.io"),
+                p.kind.as_deref().unwrap_or("Gateway"),
+            ),
+        ));
+    }
+    name(&p.name, &format!("{field}.name"))?;
+    let port = p
+        .port
+        .map(|v| port(v, &format!("{field}.port")))
+        .transpose()?;
+    Ok(ParentRef {
+        service: NamespacedName {
+            namespace: p.namespace.clone().unwrap_or(route.namespace.clone()),
+            name: p.name.clone(),
+        },
+        port,
+        section: p.section_name.clone().filter(|s| !s.is_empty()),
+    })
+}
+
+fn name(v: &str, field: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{v:?} is not a Kubernetes object name"),
+        ))
+    }
+}
+
+fn port(v: i32, field: &str) -> Result<u16> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(FieldError::new(
+            field,
+            format!("{v} is not a port number (1-65535)"),
+        )),
+    }
+}
+
+fn rule(r: &RuleObject, kind: RouteKind, route: &NamespacedName, field: &str) -> Result<RouteRule> {
+    if r.retry.is_some() {
+        return Err(not_yet(&format!("{field}.retry"), "retries"));
+    }
+    if r.session_persistence.is_some() {
+        return Err(not_yet(
+            &format!("{field}.sessionPersistence"),
+            "session persistence",
+        ));
+    }
+    if r.matches.len() > MAX_MATCHES_PER_RULE {
+        return Err(too_many(&format!("{field}.matches"), MAX_MATCHES_PER_RULE));
+    }
+    let mut matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| route_match(m, kind, &format!("{field}.matches[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    if matches.is_empty() {
+        matches.push(RouteMatch::any());
+    }
+    let filters = filters(&r.filters, kind, &format!("{field}.filters"))?;
+    if r.backend_refs.len() > MAX_BACKENDS {
+        return Err(too_many(&format!("{field}.backendRefs"), MAX_BACKENDS));
+    }
+    let redirects = filters.iter().any(|f| matches!(f, Filter::Redirect(_)));
+    if redirects && !r.backend_refs.is_empty() {
+        return Err(FieldError::new(
+            format!("{field}.filters"),
+            "RequestRedirect cannot be combined with backendRefs",
+        ));
+    }
+    let backends = r
+        .backend_refs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| backend(b, kind, route, &format!("{field}.backendRefs[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    let timeouts = match &r.timeouts {
+        None => Timeouts::default(),
+        Some(t) => {
+            if kind == RouteKind::Grpc {
+                return Err(FieldError::new(
+                    format!("{field}.timeouts"),
+                    "is not a GRPCRoute field",
+                ));
+            }
+            let request = t
+                .request
+                .as_deref()
+                .map(|v| duration(v, &format!("{field}.timeouts.request")))
+                .transpose()?
+                .flatten();
+            let backend_request = t
+                .backend_request
+                .as_deref()
+                .map(|v| duration(v, &format!("{field}.timeouts.backendRequest")))
+                .transpose()?
+                .flatten();
+            if let (Some(req), Some(be)) = (request, backend_request)
+                && be > req
+            {
+                return Err(FieldError::new(
+                    format!("{field}.timeouts.backendRequest"),
+                    "is longer than timeouts.request",
+                ));
+            }
+            Timeouts {
+                request,
+                backend_request,
+            }
+        }
+    };
+    Ok(RouteRule {
+        name: r.name.clone(),
+        matches,
+        filters,
+        backends,
+        timeouts,
+    })
+}
+
+fn not_yet(field: &str, what: &str) -> FieldError {
+    FieldError::new(
+        field,
+        format!(
+            "{what} are not supported by this version of the agent (refused rather than ignored)"
+        ),
+    )
+}
+
+/// GEP-2257 durations: `^([0-9]{1,5}(h|m|s|ms)){1,4}$`. `Ok(None)` is zero, which
+/// Gateway API defines as "no timeout".
+pub fn duration(v: &str, field: &str) -> Result<Option<Duration>> {
+    let bad = || {
+        FieldError::new(
+            field,
+            format!("{v:?} is not a Gateway API duration (such as 500ms, 10s, 1m30s)"),
+        )
+    };
+    let mut rest = v;
+    let mut total = Duration::ZERO;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return Err(bad());
+        };
+        rest = &rest[len..];
+        total += unit * n as u32;
+        parts += 1;
+        if parts > 4 {
+            return Err(bad());
+        }
+    }
+    if parts == 0 {
+        return Err(bad());
+    }
+    Ok((!total.is_zero()).then_some(total))
+}
+
+fn regex(v: &str, field: &str) -> Result<String> {
+    regex::RegexBuilder::new(v)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map(|_| v.to_owned())
+        .map_err(|e| {
+            FieldError::new(
+                field,
+                format!("{v:?} is not a usable regular expression: {e}"),
+            )
+        })
+}
+
+fn str_match(kind: Option<&str>, value: &str, field: &str) -> Result<StrMatch> {
+    match kind.unwrap_or("Exact") {
+        "Exact" => Ok(StrMatch::Exact(value.to_owned())),
+        "RegularExpression" => Ok(StrMatch::Regex(regex(value, &format!("{field}.value"))?)),
+        other => Err(FieldError::new(
+            format!("{field}.type"),
+            format!("{other:?} is not Exact or RegularExpression"),
+        )),
+    }
+}
+
+fn header_name(v: &str, field: &str) -> Result<String> {
+    match http::HeaderName::from_bytes(v.as_bytes()) {
+        Ok(n) if !v.starts_with(':') => Ok(n.as_str().to_owned()),
+        _ => Err(FieldError::new(
+            field,
+            format!("{v:?} is not an HTTP header name"),
+        )),
+    }
+}
+
+fn header_value(v: &str, field: &str) -> Result<String> {
+    http::HeaderValue::from_str(v)
+        .map(|_| v.to_owned())
+        .map_err(|_| FieldError::new(field, format!("{v:?} is not a valid HTTP header value")))
+}
+
+fn path_value(v: &str, field: &str) -> Result<String> {
+    if !v.starts_with('/') || v.contains("//") || v.contains('?') || v.contains('#') {
+        return Err(FieldError::new(
+            field,
+            format!("{v:?} is not an absolute path (starts with /, no //, ? or #)"),
+        ));
+    }
+    http::uri::PathAndQuery::try_from(v)
+        .map(|_| v.to_owned())
+        .map_err(|_| FieldError::new(field, format!("{v:?} is not a valid path")))
+}
+
+fn route_match(m: &MatchObject, kind: RouteKind, field: &str) -> Result<RouteMatch> {
+    if m.headers.len() > MAX_HEADER_MATCHES {
+        return Err(too_many(&format!("{field}.headers"), MAX_HEADER_MATCHES));
+    }
+    let mut headers = Vec::new();
+    for (i, h) in m.headers.iter().enumerate() {
+        let f = format!("{field}.headers[{i}]");
+        let name = header_name(&h.name, &format!("{f}.name"))?;
+        if headers.iter().any(|x: &HeaderMatch| x.name == name) {
+            return Err(FieldError::new(
+                format!("{f}.name"),
+                format!("header {name:?} is matched twice"),
+            ));
+        }
+        headers.push(HeaderMatch {
+            name,
+            value: str_match(h.kind.as_deref(), &h.value, &f)?,
+        });
+    }
+    let path;
+    let mut method = None;
+    let mut query = Vec::new();
+    match kind {
+        RouteKind::Http => {
+            path = match &m.path {
+                None => PathMatch::Prefix("/".to_owned()),
+                Some(p) => {
+                    let value = p.value.as_deref().unwrap_or("/");
+                    let f = format!("{field}.path");
+                    match p.kind.as_deref().unwrap_or("PathPrefix") {
+                        "Exact" => PathMatch::Exact(path_value(value, &format!("{f}.value"))?),
+                        "PathPrefix" => {
+                            let v = path_value(value, &format!("{f}.value"))?;
+                            let trimmed = v.trim_end_matches('/');
+                            PathMatch::Prefix(if trimmed.is_empty() {
+                                "/".to_owned()
+                            } else {
+                                trimmed.to_owned()
+                            })
+                        }
+                        "RegularExpression" => {
+                            PathMatch::Regex(regex(value, &format!("{f}.value"))?)
+                        }
+                        other => {
+                            return Err(FieldError::new(
+                                format!("{f}.type"),
+                                format!("{other:?} is not Exact, PathPrefix or RegularExpression"),
+                            ));
+                        }
+                    }
+                }
+            };
+            for (i, q) in m.query_params.iter().enumerate() {
+                let f = format!("{field}.queryParams[{i}]");
+                if q.name.is_empty() {
+                    return Err(FieldError::new(format!("{f}.name"), "is empty"));
+                }
+                query.push(QueryMatch {
+                    name: q.name.clone(),
+                    value: str_match(q.kind.as_deref(), &q.value, &f)?,
+                });
+            }
+            if let Some(v) = &m.method {
+                let f = format!("{field}.method");
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| FieldError::new(&f, "is not a string"))?;
+                const METHODS: &[&str] = &[
+                    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+                ];
+                if !METHODS.contains(&s) {
+                    return Err(FieldError::new(
+                        f,
+                        format!("{s:?} is not one of {}", METHODS.join(", ")),
+                    ));
+                }
+                method = Some(s.to_owned());
+            }
+        }
+        RouteKind::Grpc => {
+            if m.path.is_some() {
+                return Err(FieldError::new(
+                    format!("{field}.path"),
+                    "is not a GRPCRoute field (use method)",
+                ));
+            }
+            if !m.query_params.is_empty() {
+                return Err(FieldError::new(
+                    format!("{field}.queryParams"),
+                    "is not a GRPCRoute field",
+                ));
+            }
+            path = match &m.method {
+                None => PathMatch::Grpc {
+                    service: None,
+                    method: None,
+                },
+                Some(v) => {
+                    let f = format!("{field}.method");
+                    let g: GrpcMethodObject =
+                        serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+                            FieldError::new(format!("{f}.{}", e.path()), e.into_inner().to_string())
+                        })?;
+                    if g.service.is_none() && g.method.is_none() {
+                        return Err(FieldError::new(f, "needs a service, a method or both"));
+                    }
+                    let kind = g.kind.as_deref();
+                    let one = |v: &Option<String>, sub: &str| -> Result<Option<StrMatch>> {
+                        v.as_deref()
+                            .map(|s| {
+                                if kind.unwrap_or("Exact") == "Exact"
+                                    && (s.is_empty() || s.contains('/'))
+                                {
+                                    return Err(FieldError::new(
+                                        format!("{f}.{sub}"),
+                                        format!("{s:?} is not a gRPC {sub} name"),
+                                    ));
+                                }
+                                str_match(kind, s, &f)
+                            })
+                            .transpose()
+                    };
+                    PathMatch::Grpc {
+                        service: one(&g.service, "service")?,
+                        method: one(&g.method, "method")?,
+                    }
+                }
+            };
+        }
+    }
+    Ok(RouteMatch {
+        path,
+        headers,
+        query,
+        method,
+    })
+}
+
+fn header_mods(h: &HeaderModsObject, field: &str) -> Result<HeaderMods> {
+    let pairs = |list: &[HeaderObject], sub: &str| -> Result<Vec<(String, String)>> {
+        list.iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let f = format!("{field}.{sub}[{i}]");
+                Ok((
+                    header_name(&h.name, &format!("{f}.name"))?,
+                    header_value(&h.value, &format!("{f}.value"))?,
+                ))
+            })
+            .collect()
+    };
+    let mods = HeaderMods {
+        set: pairs(&h.set, "set")?,
+        add: pairs(&h.add, "add")?,
+        remove: h
+            .remove
+            .iter()
+            .enumerate()
+            .map(|(i, n)| header_name(n, &format!("{field}.remove[{i}]")))
+            .collect::<Result<_>>()?,
+    };
+    if mods.set.is_empty() && mods.add.is_empty() && mods.remove.is_empty() {
+        return Err(FieldError::new(field, "sets, adds and removes nothing"));
+    }
+    Ok(mods)
+}
+
+fn path_modifier(p: &PathModifierObject, field: &str) -> Result<PathModifier> {
+    match p.kind.as_str() {
+        "ReplaceFullPath" => {
+            let v = p.replace_full_path.as_deref().ok_or_else(|| {
+                FieldError::new(format!("{field}.replaceFullPath"), "is required")
+            })?;
+            Ok(PathModifier::ReplaceFullPath(path_value(
+                v,
+                &format!("{field}.replaceFullPath"),
+            )?))
+        }
+        "ReplacePrefixMatch" => {
+            let v = p.replace_prefix_match.as_deref().ok_or_else(|| {
+                FieldError::new(format!("{field}.replacePrefixMatch"), "is required")
+            })?;
+            Ok(PathModifier::ReplacePrefixMatch(path_value(
+                v,
+                &format!("{field}.replacePrefixMatch"),
+            )?))
+        }
+        other => Err(FieldError::new(
+            format!("{field}.type"),
+            format!("{other:?} is not ReplaceFullPath or ReplacePrefixMatch"),
+        )),
+    }
+}
+
+fn hostname(v: &str, field: &str) -> Result<String> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(v.to_ascii_lowercase())
+    } else {
+        Err(FieldError::new(field, format!("{v:?} is not a hostname")))
+    }
+}
+
+fn filters(list: &[FilterObject], kind: RouteKind, field: &str) -> Result<Vec<Filter>> {
+    if list.len() > MAX_FILTERS {
+        return Err(too_many(field, MAX_FILTERS));
+    }
+    let mut out = Vec::new();
+    let mut seen = Vec::new();
+    for (i, f) in list.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        if seen.contains(&f.kind.as_str()) {
+            return Err(FieldError::new(
+                format!("{field}.type"),
+                format!("{} is listed twice in one rule", f.kind),
+            ));
+        }
+        seen.push(f.kind.as_str());
+        let need = |present: bool, sub: &str| {
+            if present {
+                Ok(())
+            } else {
+                Err(FieldError::new(
+                    format!("{field}.{sub}"),
+                    "is required by its type",
+                ))
+            }
+        };
+        let filter = match f.kind.as_str() {
+            "RequestHeaderModifier" => {
+                need(f.request_header_modifier.is_some(), "requestHeaderModifier")?;
+                Filter::RequestHeaders(header_mods(
+                    f.request_header_modifier
+                        .as_ref()
+                        .unwrap_or(&HeaderModsObject::default()),
+                    &format!("{field}.requestHeaderModifier"),
+                )?)
+            }
+            "ResponseHeaderModifier" => {
+                need(
+                    f.response_header_modifier.is_some(),
+                    "responseHeaderModifier",
+                )?;
+                Filter::ResponseHeaders(header_mods(
+                    f.response_header_modifier
+                        .as_ref()
+                        .unwrap_or(&HeaderModsObject::default()),
+                    &format!("{field}.responseHeaderModifier"),
+                )?)
+            }
+            "RequestRedirect" if kind == RouteKind::Http => {
+                let Some(r) = &f.request_redirect else {
+                    return Err(FieldError::new(
+                        format!("{field}.requestRedirect"),
+                        "is required by its type",
+                    ));
+                };
+                let f2 = format!("{field}.requestRedirect");
+                let status = match r.status_code.unwrap_or(302) {
+                    s @ (301 | 302 | 303 | 307 | 308) => s as u16,
+                    other => {
+                        return Err(FieldError::new(
+                            format!("{f2}.statusCode"),
+                            format!("{other} is not 301, 302, 303, 307 or 308"),
+                        ));
+                    }
+                };
+                let scheme = match r.scheme.as_deref() {
+                    None => None,
+                    Some(s @ ("http" | "https")) => Some(s.to_owned()),
+                    Some(other) => {
+                        return Err(FieldError::new(
+                            format!("{f2}.scheme"),
+                            format!("{other:?} is not http or https"),
+                        ));
+                    }
+                };
+                Filter::Redirect(Redirect {
+                    scheme,
+                    hostname: r
+                        .hostname
+                        .as_deref()
+                        .map(|h| hostname(h, &format!("{f2}.hostname")))
+                        .transpose()?,
+                    path: r
+                        .path
+                        .as_ref()
+                        .map(|p| path_modifier(p, &format!("{f2}.path")))
+                        .transpose()?,
+                    port: r.port.map(|p| port(p, &format!("{f2}.port"))).transpose()?,
+                    status,
+                })
+            }
+            "URLRewrite" if kind == RouteKind::Http => {
+                let Some(r) = &f.url_rewrite else {
+                    return Err(FieldError::new(
+                        format!("{field}.urlRewrite"),
+                        "is required by its type",
+                    ));
+                };
+                let f2 = format!("{field}.urlRewrite");
+                Filter::Rewrite(Rewrite {
+                    hostname: r
+                        .hostname
+                        .as_deref()
+                        .map(|h| hostname(h, &format!("{f2}.hostname")))
+                        .transpose()?,
+                    path: r
+                        .path
+                        .as_ref()
+                        .map(|p| path_modifier(p, &format!("{f2}.path")))
+                        .transpose()?,
+                })
+            }
+            "RequestMirror" => {
+                return Err(not_yet(&format!("{field}.type"), "RequestMirror filters"));
+            }
+            "CORS" => return Err(not_yet(&format!("{field}.type"), "CORS filters")),
+            "ExtensionRef" => {
+                return Err(not_yet(&format!("{field}.type"), "ExtensionRef filters"));
+            }
+            other => {
+                return Err(FieldError::new(
+                    format!("{field}.type"),
+                    format!("{other:?} is not a {kind} filter type"),
+                ));
+            }
+        };
+        out.push(filter);
+    }
+    let redirect = out.iter().any(|f| matches!(f, Filter::Redirect(_)));
+    let rewrite = out.iter().any(|f| matches!(f, Filter::Rewrite(_)));
+    if redirect && rewrite {
+        return Err(FieldError::new(
+            field,
+            "RequestRedirect and URLRewrite cannot be combined",
+        ));
+    }
+    Ok(out)
+}
+
+fn backend(
+    b: &BackendRefObject,
+    kind: RouteKind,
+    route: &NamespacedName,
+    field: &str,
+) -> Result<Backend> {
+    if !(b.group.is_none() || is_core_group(b.group.as_deref()))
+        || !matches!(b.kind.as_deref(), None | Some("Service"))
+    {
+        return Err(FieldError::new(
+            field,
+            "only Service backends are supported (group \"\", kind Service)",
+        ));
+    }
+    name(&b.name, &format!("{field}.name"))?;
+    let port = match b.port {
+        Some(p) => port(p, &format!("{field}.port"))?,
+        None => {
+            return Err(FieldError::new(
+                format!("{field}.port"),
+                "is required for a Service backend",
+            ));
+        }
+    };
+    let weight = match b.weight.unwrap_or(1) {
+        w @ 0..=1_000_000 => w as u32,
+        other => {
+            return Err(FieldError::new(
+                format!("{field}.weight"),
+                format!("{other} is not between 0 and 1000000"),
+            ));
+        }
+    };
+    let filters = filters(&b.filters, kind, &format!("{field}.filters"))?;
+    if filters.iter().any(|f| matches!(f, Filter::Redirect(_))) {
+        return Err(FieldError::new(
+            format!("{field}.filters"),
+            "a backend cannot redirect",
+        ));
+    }
+    Ok(Backend {
+        service: NamespacedName {
+            namespace: b.namespace.clone().unwrap_or(route.namespace.clone()),
+            name: b.name.clone(),
+        },
+        port,
+        weight,
+        filters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_follow_gep_2257() {
+        let d = |v| duration(v, "f");
+        assert_eq!(d("500ms").unwrap(), Some(Duration::from_millis(500)));
+        assert_eq!(d("1m30s").unwrap(), Some(Duration::from_secs(90)));
+        assert_eq!(d("1h").unwrap(), Some(Duration::from_secs(3600)));
+        assert_eq!(d("0s").unwrap(), None);
+        for bad in ["", "1", "s", "1.5s", "123456s", "1s1s1s1s1s", "-1s", "1d"] {
+            assert!(d(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

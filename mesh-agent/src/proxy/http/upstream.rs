@@ -1,0 +1,232 @@
+//! Sending one routed request to a backend: filters, timeouts, an endpoint by P2C,
+//! and the request on the way to that endpoint.
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, Uri, Version, header};
+
+use super::{
+    Conn, RequestLog, Wire,
+    body::{self, Body},
+    errors::Failure,
+    inbound::authorize,
+    request_filters, response_filters,
+    route::Forward,
+};
+use crate::{
+    authz::ConnAttrs,
+    proxy::{
+        Snapshot,
+        plan::{Way, hop_to},
+        tunnel,
+    },
+};
+
+/// A request to a rule's backend.
+pub async fn forward(
+    conn: &Conn,
+    snap: &Snapshot,
+    f: Forward,
+    mut req: Request<Body>,
+    wire: Wire,
+    log: &mut RequestLog<'_>,
+) -> Result<Response<Body>, Failure> {
+    let rule = f.rule.clone();
+    let backend = rule.backends.get(f.backend).ok_or(Failure::NoBackend)?;
+    let endpoints = backend
+        .endpoints
+        .as_deref()
+        .ok_or(Failure::InvalidBackend)?;
+    request_filters(&rule.filters, req.headers_mut());
+    request_filters(&backend.filters, req.headers_mut());
+    let send = send(
+        conn,
+        snap,
+        endpoints,
+        req,
+        Target {
+            wire,
+            authority: &f.authority,
+            path_and_query: &f.path_and_query,
+            timeout: rule.timeouts.backend_request,
+        },
+        log,
+    );
+    let mut resp = match rule.timeouts.request {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| Failure::Timeout)??,
+        None => send.await?,
+    };
+    response_filters(&rule.filters, &mut resp);
+    response_filters(&backend.filters, &mut resp);
+    Ok(resp)
+}
+
+/// A request to the Service's own endpoints (its routes were removed while the
+/// client's connection was open).
+pub async fn to_service(
+    conn: &Conn,
+    snap: &Snapshot,
+    req: Request<Body>,
+    wire: Wire,
+    authority: &str,
+    log: &mut RequestLog<'_>,
+) -> Result<Response<Body>, Failure> {
+    let target = snap
+        .routes
+        .get(conn.frontend)
+        .ok_or(Failure::InvalidBackend)?;
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_owned(), |p| p.as_str().to_owned());
+    send(
+        conn,
+        snap,
+        &target.endpoints,
+        req,
+        Target {
+            wire,
+            authority,
+            path_and_query: &pq,
+            timeout: None,
+        },
+        log,
+    )
+    .await
+}
+
+struct Target<'a> {
+    wire: Wire,
+    authority: &'a str,
+    path_and_query: &'a str,
+    /// `timeouts.backendRequest`: until the endpoint's response headers.
+    timeout: Option<Duration>,
+}
+
+/// Puts a request in the form its wire needs: HTTP/1.1 origin-form with a Host
+/// header, or HTTP/2 absolute-form (the authority travels as `:authority`).
+pub fn shape<B>(req: &mut Request<B>, wire: Wire, authority: &str, path_and_query: &str) {
+    match wire {
+        Wire::Http1 => {
+            if let Ok(uri) = Uri::try_from(path_and_query) {
+                *req.uri_mut() = uri;
+            }
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            *req.version_mut() = Version::HTTP_11;
+        }
+        Wire::Http2 => {
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build();
+            if let Ok(uri) = uri {
+                *req.uri_mut() = uri;
+            }
+            req.headers_mut().remove(header::HOST);
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+}
+
+async fn send(
+    conn: &Conn,
+    snap: &Snapshot,
+    endpoints: &[std::net::SocketAddr],
+    mut req: Request<Body>,
+    target: Target<'_>,
+    log: &mut RequestLog<'_>,
+) -> Result<Response<Body>, Failure> {
+    let (endpoint, in_flight) = conn.ctx.loads.pick(endpoints).ok_or(Failure::NoEndpoint)?;
+    log.upstream = endpoint.to_string();
+    let hop = hop_to(snap, endpoint);
+    let ctx = &conn.ctx;
+    let call = async {
+        match &hop.way {
+            Way::Local(dest) => {
+                let attrs = ConnAttrs {
+                    principal: Some(conn.pod.identity.principal()),
+                    namespace: Some(conn.pod.identity.namespace.clone()),
+                    source_ip: conn.pod.ip.unwrap_or(endpoint.ip()),
+                    dest_port: endpoint.port(),
+                };
+                authorize(snap, dest, &attrs)?;
+                shape(
+                    &mut req,
+                    target.wire,
+                    target.authority,
+                    target.path_and_query,
+                );
+                ctx.app_conns
+                    .send(
+                        &dest.netns,
+                        dest.netns_cookie,
+                        endpoint,
+                        target.wire,
+                        ctx.connect_timeout,
+                        req,
+                    )
+                    .await
+                    .map_err(|e| Failure::Upstream(e.to_string()))
+            }
+            Way::Hbone(identity) => {
+                shape(
+                    &mut req,
+                    Wire::Http2,
+                    target.authority,
+                    target.path_and_query,
+                );
+                tunnel::send_request(&conn.pod, ctx, identity, endpoint, target.wire, req)
+                    .await
+                    .map_err(|e| match e {
+                        crate::proxy::TunnelError::Status(s)
+                            if s == http::StatusCode::FORBIDDEN =>
+                        {
+                            Failure::Denied("at the destination".to_owned())
+                        }
+                        e => Failure::Upstream(e.to_string()),
+                    })
+            }
+            Way::Passthrough => {
+                shape(
+                    &mut req,
+                    target.wire,
+                    target.authority,
+                    target.path_and_query,
+                );
+                ctx.app_conns
+                    .send(
+                        &conn.pod.netns,
+                        conn.pod.netns_cookie,
+                        endpoint,
+                        target.wire,
+                        ctx.connect_timeout,
+                        req,
+                    )
+                    .await
+                    .map_err(|e| Failure::Upstream(e.to_string()))
+            }
+        }
+    };
+    let result = match target.timeout {
+        Some(t) => tokio::time::timeout(t, call)
+            .await
+            .unwrap_or(Err(Failure::Timeout)),
+        None => call.await,
+    };
+    match result {
+        Ok(resp) => {
+            in_flight.done();
+            let mut resp = resp.map(body::incoming);
+            *resp.version_mut() = Version::default();
+            Ok(resp)
+        }
+        Err(e) => {
+            in_flight.failed();
+            Err(e)
+        }
+    }
+}

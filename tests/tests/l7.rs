@@ -1,0 +1,423 @@
+//! L7 on the real kernel: HTTPRoutes attached to a Service (GAMMA), routed per request
+//! by the agents, across nodes and on one node, for HTTP/1.1 and HTTP/2 clients. The
+//! cases follow the Gateway API mesh conformance suite, asserting also what it does
+//! not (the rewritten path, the whole `Location`).
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use serde_json::Value;
+
+const ECHO_PORT: u16 = 8080;
+
+/// client and `local` on node-1; `v1` and `v2` on node-2. Services: `echo` (the
+/// frontend, 10.96.0.20:80, endpoints local and v1), `echo-v1`, `echo-v2` (one
+/// endpoint each), all HTTP on port 80 -> 8080.
+fn l7_cluster(routes: &str) -> (Cluster, Pod) {
+    let mut c = cluster(&["node-1", "node-2"]);
+    let client = c.add_pod("node-1", "client").unwrap();
+    let local = c.add_pod("node-1", "local").unwrap();
+    let v1 = c.add_pod("node-2", "v1").unwrap();
+    let v2 = c.add_pod("node-2", "v2").unwrap();
+    for p in [&local, &v1, &v2] {
+        echo_serve(&mut c, p);
+    }
+    let mut cfg = String::new();
+    for p in [&client, &local, &v1, &v2] {
+        cfg += &c.pod_yaml(p, true);
+    }
+    cfg += &http_service("echo", vip(20), &[local.ip, v1.ip]);
+    cfg += &http_service("echo-v1", vip(21), &[v1.ip]);
+    cfg += &http_service("echo-v2", vip(22), &[v2.ip]);
+    cfg += &http_service("echo-local", vip(23), &[local.ip]);
+    cfg += routes;
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    c.start_agent("node-2").unwrap();
+    (c, client)
+}
+
+fn http_service(name: &str, vip: std::net::IpAddr, endpoints: &[std::net::IpAddr]) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  clusterIP: {vip}\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: {name}-slice\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {ECHO_PORT}}}]\nendpoints:\n"
+    );
+    for ip in endpoints {
+        s.push_str(&format!("- addresses: [\"{ip}\"]\n"));
+    }
+    s.push_str("---\n");
+    s
+}
+
+fn echo_serve(c: &mut Cluster, pod: &Pod) {
+    c.start_echo_server(pod, ECHO_PORT)
+        .expect("start echo server");
+}
+
+struct Get<'a> {
+    path: &'a str,
+    h2: bool,
+    count: usize,
+    concurrency: usize,
+    method: &'a str,
+    headers: &'a [&'a str],
+}
+
+impl Default for Get<'_> {
+    fn default() -> Self {
+        Get {
+            path: "/",
+            h2: false,
+            count: 1,
+            concurrency: 1,
+            method: "GET",
+            headers: &[],
+        }
+    }
+}
+
+/// Runs `echo-get` from `client` against the echo frontend.
+fn get(c: &mut Cluster, client: &Pod, g: Get<'_>) -> Value {
+    let addr = sa(vip(20), 80);
+    let count = g.count.to_string();
+    let concurrency = g.concurrency.to_string();
+    let mut args = vec![
+        "echo-get",
+        "--addr",
+        &addr,
+        "--path",
+        g.path,
+        "--count",
+        &count,
+        "--method",
+        g.method,
+        "--host",
+        "echo",
+        "--concurrency",
+        &concurrency,
+    ];
+    if g.h2 {
+        args.push("--h2");
+    }
+    for h in g.headers {
+        args.push("--header");
+        args.push(h);
+    }
+    json(&c.run_in(client, &args, SECS).unwrap())
+}
+
+fn only_pod(out: &Value) -> String {
+    let pods = out["pods"].as_object().unwrap();
+    assert_eq!(pods.len(), 1, "{out}");
+    pods.keys().next().unwrap().clone()
+}
+
+const MATCHING: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: matching, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /}
+    - headers: [{name: version, value: one}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches:
+    - path: {type: PathPrefix, value: /v2}
+    - headers: [{name: version, value: two}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: Exact, value: /exact}}]
+    backendRefs: [{name: echo-local, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /q}, queryParams: [{name: animal, value: whale}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /nowhere}}]
+    backendRefs: [{name: missing, port: 80}]
+---
+"#;
+
+#[test]
+fn requests_are_routed_by_path_header_and_query_across_nodes_for_http1_and_http2() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(MATCHING);
+    for h2 in [false, true] {
+        for (path, headers, want) in [
+            ("/", &[][..], "v1"),
+            ("/example", &[], "v1"),
+            ("/v2", &[], "v2"),
+            ("/v2/", &[], "v2"),
+            ("/v2/example", &[], "v2"),
+            ("/v2example", &[], "v1"),
+            ("/foo/v2/example", &[], "v1"),
+            ("/", &["version: two"][..], "v2"),
+            ("/exact", &[], "local"),
+            ("/exact/more", &[], "v1"),
+            ("/q?animal=whale", &[], "v2"),
+            ("/q?animal=dolphin", &[], "v1"),
+        ] {
+            let out = get(
+                &mut c,
+                &client,
+                Get {
+                    path,
+                    h2,
+                    headers,
+                    ..Get::default()
+                },
+            );
+            assert_eq!(out["statuses"]["200"], 1, "{path} h2={h2}: {out}");
+            assert_eq!(only_pod(&out), want, "{path} {headers:?} h2={h2}: {out}");
+            // The app hears the protocol the client spoke, even across nodes (where
+            // the request travelled as HTTP/2 between the agents).
+            let proto = if h2 { "HTTP/2.0" } else { "HTTP/1.1" };
+            assert_eq!(out["last"]["proto"], proto, "{out}");
+            assert_eq!(out["last"]["path"], path, "{out}");
+            assert_eq!(out["last"]["host"], "echo", "{out}");
+            // The agents' own headers never reach the app.
+            let seen = out["last"]["headers"].as_object().unwrap();
+            assert!(seen.keys().all(|k| !k.starts_with("x-mesh-")), "{out}");
+        }
+        // A rule whose only backend does not exist: 500.
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/nowhere",
+                h2,
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["500"], 1, "{out}");
+    }
+    // A client cannot forge the headers between agents.
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/",
+            headers: &["x-mesh-dst: 10.0.0.1:22", "x-mesh-orig-proto: HTTP/2"],
+            ..Get::default()
+        },
+    );
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    assert_eq!(out["last"]["proto"], "HTTP/1.1", "{out}");
+    // One access log line per request, with the route and rule.
+    let log = c.agent_log("node-1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("httproute/default/matching") && l.contains("/v2example")),
+        "{log}"
+    );
+}
+
+const FILTERS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: filters, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, sectionName: http}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /headers}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-set, value: set-by-route}]
+        add: [{name: x-add, value: added}]
+        remove: [x-remove]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        add: [{name: x-response, value: from-route}]
+    backendRefs:
+    - name: echo-v2
+      port: 80
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier: {set: [{name: x-backend, value: v2}]}
+  - matches: [{path: {type: PathPrefix, value: /prefix}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: rewritten.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /full}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /one}}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /redirect-host}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {hostname: example.org}
+  - matches: [{path: {type: PathPrefix, value: /redirect-301}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /moved}}
+  - matches: [{path: {type: PathPrefix, value: /redirect-port}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {port: 8083, statusCode: 308, path: {type: ReplaceFullPath, replaceFullPath: /new}}
+---
+"#;
+
+#[test]
+fn filters_modify_headers_rewrite_paths_and_redirect() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(FILTERS);
+    for h2 in [false, true] {
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/headers",
+                h2,
+                headers: &["x-set: from-client", "x-add: from-client", "x-remove: gone"],
+                ..Get::default()
+            },
+        );
+        let seen = &out["last"]["headers"];
+        assert_eq!(seen["x-set"], "set-by-route", "{out}");
+        assert_eq!(seen["x-add"], "from-client,added", "{out}");
+        assert!(seen.get("x-remove").is_none(), "{out}");
+        assert_eq!(seen["x-backend"], "v2", "{out}");
+        assert_eq!(out["last_headers"]["x-response"], "from-route", "{out}");
+        assert_eq!(only_pod(&out), "v2");
+
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/prefix/one?x=1",
+                h2,
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["last"]["path"], "/one?x=1", "{out}");
+        assert_eq!(out["last"]["host"], "rewritten.example", "{out}");
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/prefix",
+                h2,
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["last"]["path"], "/", "{out}");
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/full/anything",
+                h2,
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["last"]["path"], "/one", "{out}");
+
+        for (path, status, location) in [
+            (
+                "/redirect-host/a",
+                "302",
+                "http://example.org/redirect-host/a",
+            ),
+            ("/redirect-301/a?b=c", "301", "https://echo/moved/a?b=c"),
+            ("/redirect-port", "308", "http://echo:8083/new"),
+        ] {
+            let out = get(
+                &mut c,
+                &client,
+                Get {
+                    path,
+                    h2,
+                    ..Get::default()
+                },
+            );
+            assert_eq!(out["statuses"][status], 1, "{path}: {out}");
+            assert_eq!(out["last_headers"]["location"], location, "{path}: {out}");
+        }
+        // Nothing matches: 404 from the agent.
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/other",
+                h2,
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["404"], 1, "{out}");
+    }
+}
+
+#[test]
+fn weights_split_requests_and_one_connection_is_balanced_per_request() {
+    let _g = serial();
+    let routes = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /split}}]
+    backendRefs:
+    - {name: echo-v1, port: 80, weight: 70}
+    - {name: echo-v2, port: 80, weight: 30}
+    - {name: echo-local, port: 80, weight: 0}
+  - backendRefs: [{name: echo, port: 80}]
+---
+"#;
+    let (mut c, client) = l7_cluster(routes);
+    for h2 in [false, true] {
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/split",
+                h2,
+                count: 1000,
+                ..Get::default()
+            },
+        );
+        let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
+        assert_eq!(out["statuses"]["200"], 1000, "{out}");
+        let v1 = pods.get("v1").copied().unwrap_or(0);
+        assert!((650..=750).contains(&v1), "70% within ±5%: {out}");
+        assert_eq!(pods.get("local"), None, "weight 0 got requests: {out}");
+    }
+    // The Service's own endpoints (local on node-1, v1 on node-2), per request on one
+    // HTTP/2 client connection with requests in flight at once: peak-EWMA spreads
+    // them by load (one request at a time would all go to the fastest endpoint).
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/",
+            h2: true,
+            count: 400,
+            concurrency: 16,
+            ..Get::default()
+        },
+    );
+    let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
+    assert_eq!(out["statuses"]["200"], 400, "{out}");
+    assert!(
+        pods.get("local").copied().unwrap_or(0) >= 20 && pods.get("v1").copied().unwrap_or(0) >= 20,
+        "one connection was not spread over both endpoints: {out}"
+    );
+    // A pod IP is not the frontend: no routes, the pod itself answers (MeshFrontend).
+    let v2_ip = c.pod_ip("v2");
+    let addr = sa(v2_ip, ECHO_PORT);
+    let out = json(
+        &c.run_in(
+            &client,
+            &["echo-get", "--addr", &addr, "--path", "/split"],
+            SECS,
+        )
+        .unwrap(),
+    );
+    assert_eq!(only_pod(&out), "v2", "{out}");
+}
