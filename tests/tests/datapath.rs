@@ -99,13 +99,20 @@ fn large_transfer_checksums_and_half_close_both_ways() {
         assert_eq!(out["sha"], out["expected_sha"], "{out}");
         assert_eq!(out["after_eof"], 0, "{out}");
     }
-    // Each server logged what arrived after it had half-closed.
+    // Each server logged what arrived after it had half-closed. The client is done
+    // once its own FIN is out (it had the server's already), so the server may still
+    // be reading: wait for its line.
     for backend in ["local", "remote"] {
-        let log = std::fs::read_to_string(c.work_dir.join(format!("{backend}.log"))).unwrap();
-        assert!(
-            log.lines().any(|l| l.starts_with("SOURCE-TAIL 123456 ")),
-            "{backend}: {log:?}"
-        );
+        let path = c.work_dir.join(format!("{backend}.log"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            if log.lines().any(|l| l.starts_with("SOURCE-TAIL 123456 ")) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{backend}: {log:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
