@@ -122,6 +122,27 @@ impl PolicySet {
         };
         Verdict { decision, audited }
     }
+
+    /// `evaluate`, with every AUDIT policy that matched logged: the check every
+    /// delivery (a connection or a routed request) makes.
+    pub fn check(&self, w: &Workload, c: &ConnAttrs) -> Result<(), Decision> {
+        let verdict = self.evaluate(w, c);
+        for policy in &verdict.audited {
+            tracing::info!(
+                %policy,
+                source = c.principal.as_deref().unwrap_or("(plaintext)"),
+                source_ip = %c.source_ip,
+                port = c.dest_port,
+                allowed = verdict.decision.allowed(),
+                "policy audit"
+            );
+        }
+        if verdict.decision.allowed() {
+            Ok(())
+        } else {
+            Err(verdict.decision)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,6 @@
 //! docs/security.md for why the source address is not preserved.
 use std::net::SocketAddr;
 
-use tracing::info;
-
 use super::{
     InboundError, PodContext, ProxyContext, dial::DialError, dial::dial_from, podhop::PodHop,
 };
@@ -46,20 +44,11 @@ pub async fn deliver(
     // Registered before the check: a policy change racing with this connection either
     // is seen by the check or re-checks the registered connection.
     let guard = ctx.live.register(workload.clone(), attrs.clone());
-    let verdict = ctx.snapshot.load().policy.evaluate(&workload, &attrs);
-    for policy in &verdict.audited {
-        info!(
-            %policy,
-            source = attrs.principal.as_deref().unwrap_or("(plaintext)"),
-            source_ip = %attrs.source_ip,
-            port = attrs.dest_port,
-            allowed = verdict.decision.allowed(),
-            "policy audit"
-        );
-    }
-    if !verdict.decision.allowed() {
-        return Err(InboundError::Denied(verdict.decision));
-    }
+    ctx.snapshot
+        .load()
+        .policy
+        .check(&workload, &attrs)
+        .map_err(InboundError::Denied)?;
     let app = dial_from(&pod.netns, addr, ctx.connect_timeout)
         .await
         .map_err(|e| match e {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use http::{Request, Response, Version};
 use mesh_common::MESH_PORTS;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{
     DST_HEADER, PROTO_HEADER, Wire, authority_of,
@@ -25,22 +25,9 @@ use crate::{
 
 /// Checks the destination pod's policy for a request; audit policies are logged.
 pub fn authorize(snap: &Snapshot, dest: &PodContext, attrs: &ConnAttrs) -> Result<(), Failure> {
-    let verdict = snap.policy.evaluate(&dest.workload(), attrs);
-    for policy in &verdict.audited {
-        info!(
-            %policy,
-            source = attrs.principal.as_deref().unwrap_or("(plaintext)"),
-            source_ip = %attrs.source_ip,
-            port = attrs.dest_port,
-            allowed = verdict.decision.allowed(),
-            "policy audit"
-        );
-    }
-    if verdict.decision.allowed() {
-        Ok(())
-    } else {
-        Err(Failure::Denied(deciding_policy(&verdict.decision)))
-    }
+    snap.policy
+        .check(&dest.workload(), attrs)
+        .map_err(|d| Failure::Denied(deciding_policy(&d)))
 }
 
 /// One routed request that arrived through the tunnel.
