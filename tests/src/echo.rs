@@ -169,6 +169,8 @@ pub struct GetArgs<'a> {
     pub method: &'a str,
     pub host: Option<&'a str>,
     pub headers: &'a [(String, String)],
+    /// (method, path): sent after the others on the same connection.
+    pub then: &'a [(String, String)],
 }
 
 /// `count` requests on one connection, and a summary of the answers.
@@ -190,18 +192,19 @@ pub async fn get(a: GetArgs<'_>) -> anyhow::Result<Value> {
         .host
         .map(str::to_owned)
         .unwrap_or_else(|| a.addr.to_string());
-    let make = || -> anyhow::Result<Request<Empty<Bytes>>> {
-        let mut b = Request::builder().method(a.method);
+    let make_for = |method: &str, path: &str| -> anyhow::Result<Request<Empty<Bytes>>> {
+        let mut b = Request::builder().method(method);
         b = if a.h2 {
-            b.uri(format!("http://{authority}{}", a.path))
+            b.uri(format!("http://{authority}{path}"))
         } else {
-            b.uri(a.path).header("host", &authority)
+            b.uri(path).header("host", &authority)
         };
         for (k, v) in a.headers {
             b = b.header(k, v);
         }
         Ok(b.body(Empty::<Bytes>::new())?)
     };
+    let make = || make_for(a.method, a.path);
     let lanes = if a.h2 { a.concurrency.max(1) } else { 1 };
     let mut tasks = tokio::task::JoinSet::new();
     for lane in 0..lanes {
@@ -227,6 +230,14 @@ pub async fn get(a: GetArgs<'_>) -> anyhow::Result<Value> {
             last = Some((status, headers, body));
         }
     }
+    let mut then = Vec::new();
+    for (method, path) in a.then {
+        let (status, _, _) = once(&sender, make_for(method, path)?).await?;
+        then.push(status);
+    }
     let (_, last_headers, last) = last.unwrap_or_default();
-    Ok(json!({ "statuses": statuses, "pods": pods, "last": last, "last_headers": last_headers }))
+    Ok(json!({
+        "statuses": statuses, "pods": pods, "last": last, "last_headers": last_headers,
+        "then": then,
+    }))
 }

@@ -3,18 +3,10 @@
 //! pod, and no restart or pod update opens a window in which plaintext gets through.
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use mesh_tests::proc::ip_in;
-
-fn poll(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn applied(c: &Cluster, node: &str) -> usize {
     c.agent_log(node).matches("config applied").count()

@@ -421,3 +421,298 @@ spec:
     );
     assert_eq!(only_pod(&out), "v2", "{out}");
 }
+
+const COUNTED: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: counted, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - name: remote
+    matches: [{path: {type: PathPrefix, value: /remote}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - name: here
+    matches: [{path: {type: PathPrefix, value: /here}}]
+    backendRefs: [{name: echo-local, port: 80}]
+---
+"#;
+
+#[test]
+fn request_metrics_count_exactly_at_both_reporters_and_meshctl_shows_routes() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(COUNTED);
+    let (mut watch, events) = observe(&c, "node-1", &["--service", "echo-v1"]);
+    poll("the observer to subscribe", SECS, || {
+        metric(&c.metrics("node-1").unwrap(), "mesh_flow_observers", &[]) == 1
+    });
+    let mut send = |path: &str, count: usize, headers: &[&str]| {
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path,
+                count,
+                headers,
+                ..Get::default()
+            },
+        );
+        assert_eq!(
+            out["statuses"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum::<u64>(),
+            count as u64,
+            "{out}"
+        );
+        out
+    };
+    let out = send("/remote", 5, &[]);
+    // A request id is made up when the client sent none; trace context passes.
+    let id = out["last"]["headers"]["x-request-id"]
+        .as_str()
+        .unwrap_or("");
+    assert_eq!(id.len(), 36, "{out}");
+    send("/remote", 3, &["x-echo-status: 503"]);
+    let out = send(
+        "/here",
+        4,
+        &[
+            "x-request-id: from-the-client",
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ],
+    );
+    assert_eq!(
+        out["last"]["headers"]["x-request-id"], "from-the-client",
+        "{out}"
+    );
+    assert_eq!(
+        out["last"]["headers"]["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "{out}"
+    );
+    send("/nothing", 2, &[]);
+    let count = |node: &str, labels: &[(&str, &str)]| {
+        metric(&c.metrics(node).unwrap(), "istio_requests_total", labels)
+    };
+    let remote = |reporter| {
+        [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
+            ("destination_workload", "v1"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/default/sa/v1",
+            ),
+            ("destination_service", "echo-v1.default.svc.cluster.local"),
+            ("destination_service_name", "echo-v1"),
+            ("destination_service_namespace", "default"),
+            ("request_protocol", "http"),
+            ("connection_security_policy", "mutual_tls"),
+        ]
+    };
+    // Counted when the response ends: the client has its answers, so both agents
+    // have counted, at most a scheduling moment later.
+    poll("the destination's counts", SECS, || {
+        count("node-2", &[("reporter", "destination")]) == 8
+    });
+    for (node, reporter) in [("node-1", "source"), ("node-2", "destination")] {
+        let mut ok = remote(reporter).to_vec();
+        ok.push(("response_code", "200"));
+        assert_eq!(count(node, &ok), 5, "{node}: {}", c.metrics(node).unwrap());
+        let mut failed = remote(reporter).to_vec();
+        failed.push(("response_code", "503"));
+        assert_eq!(
+            count(node, &failed),
+            3,
+            "{node}: {}",
+            c.metrics(node).unwrap()
+        );
+        let text = c.metrics(node).unwrap();
+        assert_eq!(
+            metric(&text, "istio_request_duration_milliseconds_count", &ok),
+            5,
+            "{text}"
+        );
+        assert!(metric(&text, "istio_response_bytes_sum", &ok) > 0, "{text}");
+        assert_eq!(
+            metric(&text, "istio_request_bytes_count", &failed),
+            3,
+            "{text}"
+        );
+    }
+    // The same-node requests are reported once by each view, in the one agent.
+    for reporter in ["source", "destination"] {
+        let labels = [
+            ("reporter", reporter),
+            ("destination_workload", "local"),
+            ("destination_service_name", "echo-local"),
+            ("response_code", "200"),
+            ("connection_security_policy", "none"),
+        ];
+        assert_eq!(
+            count("node-1", &labels),
+            4,
+            "{}",
+            c.metrics("node-1").unwrap()
+        );
+    }
+    assert_eq!(count("node-2", &[("destination_workload", "local")]), 0);
+    // No rule matched: 404 with Envoy's NR flag, at the source only.
+    assert_eq!(
+        count(
+            "node-1",
+            &[
+                ("response_code", "404"),
+                ("response_flags", "NR"),
+                ("destination_workload", "unknown")
+            ]
+        ),
+        2
+    );
+    // meshctl routes: the frontend and the requests per rule.
+    let out = c.meshctl("node-1", &["-o", "json", "routes"]).unwrap();
+    let routes = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        routes["frontends"][0]["service"], "default/echo:80",
+        "{routes}"
+    );
+    assert_eq!(
+        routes["frontends"][0]["routes"][0], "default/counted",
+        "{routes}"
+    );
+    let rule = |name: &str| {
+        routes["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(rule("remote")["requests"], 8, "{routes}");
+    assert_eq!(rule("remote")["errors"], 3, "{routes}");
+    assert_eq!(rule("here")["requests"], 4, "{routes}");
+    let table = c.meshctl("node-1", &["routes"]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("httproute/default/counted") && table.contains("remote"),
+        "{table}"
+    );
+    // meshctl observe: one event per request.
+    let (ev, _) = wait_for(&events, SECS, |e| {
+        e["kind"] == "request" && e["reason"].as_str().is_some_and(|r| r.contains("-> 503"))
+    })
+    .expect("a request event");
+    assert!(
+        ev["reason"].as_str().unwrap().contains("GET echo/remote"),
+        "{ev}"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+const L7_POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin-writes, namespace: default}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {methods: ["POST"], paths: ["/admin/*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc-get-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: v2}}
+  action: ALLOW
+  rules:
+  - to: [{operation: {methods: ["POST"], paths: ["/echo.Echo/Get"]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: all, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /echo.Echo}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /local}}]
+    backendRefs: [{name: echo-local, port: 80}]
+  - backendRefs: [{name: echo-v1, port: 80}]
+---
+"#;
+
+#[test]
+fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(L7_POLICY);
+    // Across nodes (enforced by node-2's agent) and on one node.
+    for (prefix, node) in [("", "node-2"), ("/local", "node-1")] {
+        let admin = format!("{prefix}/admin/users");
+        let then = [
+            format!("GET {admin}"),
+            format!("POST {prefix}/public"),
+            format!("POST {admin}"),
+        ];
+        let mut args_then = Vec::new();
+        for t in &then {
+            args_then.push("--then");
+            args_then.push(t.as_str());
+        }
+        let addr = sa(vip(20), 80);
+        let mut args = vec![
+            "echo-get", "--addr", &addr, "--host", "echo", "--method", "POST", "--path", &admin,
+        ];
+        args.extend(args_then);
+        let out = json(&c.run_in(&client, &args, SECS).unwrap());
+        assert_eq!(out["statuses"]["403"], 1, "{out}");
+        // The same connection carried on: GET allowed, POST elsewhere allowed, POST
+        // /admin denied again.
+        assert_eq!(out["then"], serde_json::json!([200, 200, 403]), "{out}");
+        let text = c.metrics(node).unwrap();
+        assert!(
+            metric(
+                &text,
+                "istio_requests_total",
+                &[
+                    ("reporter", "destination"),
+                    ("response_code", "403"),
+                    ("response_flags", "UAEX")
+                ]
+            ) >= 2,
+            "{text}"
+        );
+    }
+    // gRPC, method by method: v2 allows only /echo.Echo/Get; a denial is
+    // PERMISSION_DENIED (7) in a trailers-only response.
+    let grpc = |c: &mut Cluster, path: &str| {
+        get(
+            c,
+            &client,
+            Get {
+                path,
+                h2: true,
+                method: "POST",
+                headers: &["content-type: application/grpc"],
+                ..Get::default()
+            },
+        )
+    };
+    let ok = grpc(&mut c, "/echo.Echo/Get");
+    assert_eq!(only_pod(&ok), "v2", "{ok}");
+    let denied = grpc(&mut c, "/echo.Echo/Delete");
+    assert_eq!(denied["statuses"]["200"], 1, "{denied}");
+    assert_eq!(denied["last_headers"]["grpc-status"], "7", "{denied}");
+    assert!(
+        denied["last_headers"].get("x-echo-pod").is_none(),
+        "{denied}"
+    );
+}

@@ -6,21 +6,13 @@ mod common;
 use std::{
     io::{BufRead as _, Write as _},
     process::{Command, Stdio},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use common::*;
 use mesh_tests::{pattern::Pattern, tls};
 
 const TUNNEL: u16 = mesh_common::INBOUND_TUNNEL_PORT;
-
-fn poll(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Waits until the agent on `node` has applied a config generation newer than the
 /// ones it had logged before.
@@ -557,11 +549,15 @@ fn the_ca_signs_only_identities_that_run_on_the_asking_node() {
     });
     // Each identity is requested by its own task, so the refusal can be
     // logged before the signature of the pod that does run there.
-    poll("the CA to sign the pod that runs there", Duration::from_secs(10), || {
-        ca_log().contains(
+    poll(
+        "the CA to sign the pod that runs there",
+        Duration::from_secs(10),
+        || {
+            ca_log().contains(
             "certificate signed node=node-1 identity=spiffe://cluster.local/ns/default/sa/client",
         )
-    });
+        },
+    );
     poll(
         "the agent to report the refusal",
         Duration::from_secs(10),

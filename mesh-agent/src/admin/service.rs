@@ -91,6 +91,10 @@ impl Admin for AdminService {
         Ok(Response::new(views::conns(&self.state)))
     }
 
+    async fn routes(&self, _: Request<pb::Empty>) -> Reply<pb::RoutesReply> {
+        Ok(Response::new(views::routes(self.core()?)))
+    }
+
     async fn config_dump(&self, _: Request<pb::Empty>) -> Reply<pb::ConfigDumpReply> {
         Ok(Response::new(views::config_dump(self.core()?)))
     }

@@ -12,6 +12,7 @@ use crate::{
     bpf::inspect,
     config::{AuthzAction, MtlsMode, Rule, Selector, TargetPort},
     identity::Identity,
+    state::PortProtocol,
     telemetry::metrics::{EventLabel, IdentityLabel, MapLabel, ResultLabel},
 };
 
@@ -123,6 +124,58 @@ pub fn services(core: &Core) -> pb::ServicesReply {
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     pb::ServicesReply { services }
+}
+
+/// Routed frontends, and the requests per rule: every rule attached somewhere, with
+/// zero counts until used, then any counted rule that has since been removed.
+pub fn routes(core: &Core) -> pb::RoutesReply {
+    let snap = core.proxy.snapshot.load();
+    let mut counts = core.proxy.telemetry.route_counts();
+    let mut rules = std::collections::BTreeSet::new();
+    let frontends = snap
+        .http
+        .frontends()
+        .into_iter()
+        .map(|(frontend, consumer, routes)| {
+            rules.extend(routes.rules());
+            pb::RoutedFrontend {
+                service: format!("{}:{}", routes.service, routes.port),
+                frontend: frontend.to_string(),
+                consumer_namespace: consumer.unwrap_or_default(),
+                protocol: match routes.protocol {
+                    PortProtocol::Http => "http",
+                    PortProtocol::Http2 => "http2",
+                    PortProtocol::Opaque => "opaque",
+                    PortProtocol::Detect => "detect",
+                }
+                .to_owned(),
+                routes: routes.route_names(),
+            }
+        })
+        .collect();
+    for key in rules {
+        counts.entry(key).or_default();
+    }
+    let rules = counts
+        .into_iter()
+        .map(|((route, rule), c)| pb::RouteRuleCounts {
+            route,
+            rule,
+            requests: c.requests,
+            errors: c.errors,
+        })
+        .collect();
+    let problems = snap
+        .http
+        .problems
+        .iter()
+        .map(|p| format!("{} {}: {} ({})", p.kind, p.route, p.message, p.reason))
+        .collect();
+    pb::RoutesReply {
+        frontends,
+        rules,
+        problems,
+    }
 }
 
 pub fn endpoints(core: &Core) -> pb::EndpointsReply {

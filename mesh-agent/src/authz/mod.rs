@@ -1,13 +1,14 @@
-//! Who may talk to whom: PeerAuthentication (is plaintext accepted?) and L4
-//! AuthorizationPolicy, evaluated in Istio's order, plus the registry of open
-//! connections that a policy change re-checks.
+//! Who may talk to whom: PeerAuthentication (is plaintext accepted?) and
+//! AuthorizationPolicy (L4 per connection, L7 per routed request), evaluated in
+//! Istio's order, plus the registry of open connections that a policy change
+//! re-checks.
 mod live;
 mod rules;
 
 use std::sync::Arc;
 
 pub use live::{LiveConns, LiveGuard};
-pub use rules::ConnAttrs;
+pub use rules::{ConnAttrs, RequestAttrs, valid_template};
 
 use crate::config::{
     AuthorizationPolicy, AuthzAction, Config, MtlsMode, NamespacedName, PeerAuthentication,
@@ -97,16 +98,27 @@ impl PolicySet {
     /// Istio's order: AUDIT is recorded; any matching DENY denies; then, if ALLOW
     /// policies apply to the workload, one of them must match; no ALLOW policy allows.
     pub fn evaluate(&self, w: &Workload, c: &ConnAttrs) -> Verdict {
+        self.evaluate_request(w, c, None)
+    }
+
+    /// `evaluate` for one HTTP request (`req`), or for a connection (`None`: L7
+    /// fields are read as the rules module says).
+    pub fn evaluate_request(
+        &self,
+        w: &Workload,
+        c: &ConnAttrs,
+        req: Option<&RequestAttrs<'_>>,
+    ) -> Verdict {
         let applicable = || {
             self.policies
                 .iter()
                 .filter(|p| self.covers(&p.id.namespace, p.selector.as_ref(), w))
         };
         let audited = applicable()
-            .filter(|p| p.action == AuthzAction::Audit && p.matches(c))
+            .filter(|p| p.action == AuthzAction::Audit && p.matches(c, req))
             .map(|p| p.id.clone())
             .collect();
-        if let Some(p) = applicable().find(|p| p.action == AuthzAction::Deny && p.matches(c)) {
+        if let Some(p) = applicable().find(|p| p.action == AuthzAction::Deny && p.matches(c, req)) {
             return Verdict {
                 decision: Decision::Denied(p.id.clone()),
                 audited,
@@ -115,7 +127,7 @@ impl PolicySet {
         let mut allows = applicable()
             .filter(|p| p.action == AuthzAction::Allow)
             .peekable();
-        let decision = if allows.peek().is_none() || allows.any(|p| p.matches(c)) {
+        let decision = if allows.peek().is_none() || allows.any(|p| p.matches(c, req)) {
             Decision::Allow
         } else {
             Decision::NotAllowed
@@ -126,13 +138,25 @@ impl PolicySet {
     /// `evaluate`, with every AUDIT policy that matched logged: the check every
     /// delivery (a connection or a routed request) makes.
     pub fn check(&self, w: &Workload, c: &ConnAttrs) -> Result<(), Decision> {
-        let verdict = self.evaluate(w, c);
+        self.check_request(w, c, None)
+    }
+
+    /// `check` for one HTTP request.
+    pub fn check_request(
+        &self,
+        w: &Workload,
+        c: &ConnAttrs,
+        req: Option<&RequestAttrs<'_>>,
+    ) -> Result<(), Decision> {
+        let verdict = self.evaluate_request(w, c, req);
         for policy in &verdict.audited {
             tracing::info!(
                 %policy,
                 source = c.principal.as_deref().unwrap_or("(plaintext)"),
                 source_ip = %c.source_ip,
                 port = c.dest_port,
+                method = req.map(|r| r.method),
+                path = req.map(|r| r.path),
                 allowed = verdict.decision.allowed(),
                 "policy audit"
             );

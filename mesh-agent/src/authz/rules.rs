@@ -1,9 +1,18 @@
-//! Does one policy match one connection? Istio's semantics for the L4 fields: within a
-//! field any value matches, fields of a source are ANDed, `from` and `to` lists are
-//! ORed, a rule needs a matching `from` and a matching `to`, and rules are ORed.
+//! Does one policy match one connection or one request? Istio's semantics: within a
+//! field any value matches, fields are ANDed, `from` and `to` lists are ORed, a rule
+//! needs a matching `from`, a matching `to` and every `when`, and rules are ORed.
+//!
+//! L7 fields (hosts, methods, paths, `request.headers`) on a connection that is not an
+//! HTTP request cannot be decided. They are read the way that fails closed, as
+//! ztunnel does: in an ALLOW (or AUDIT) policy they never match, so the rule grants
+//! nothing; in a DENY policy they match, so the rule denies the whole connection.
 use std::net::IpAddr;
 
-use crate::config::{AuthorizationPolicy, OperationMatch, Rule, SourceMatch};
+use http::HeaderMap;
+
+use crate::config::{
+    AuthorizationPolicy, AuthzAction, Condition, OperationMatch, Rule, SourceMatch,
+};
 
 /// What authorization knows about a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +23,17 @@ pub struct ConnAttrs {
     pub namespace: Option<String>,
     pub source_ip: IpAddr,
     pub dest_port: u16,
+}
+
+/// What authorization knows about one HTTP request, on top of its connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestAttrs<'a> {
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    /// The authority (`:authority` or `Host`), possibly with a port.
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
 }
 
 /// `*`, `prefix*`, `*suffix` or exact. `*` needs a value: it does not match plaintext.
@@ -31,6 +51,67 @@ pub fn string_match(pattern: &str, value: Option<&str>) -> bool {
     pattern == value
 }
 
+/// A path template is `/`-separated segments, each literal, `{*}` (exactly one
+/// segment) or, last only, `{**}` (one or more segments).
+pub fn valid_template(t: &str) -> bool {
+    let Some(rest) = t.strip_prefix('/') else {
+        return false;
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    segments.iter().enumerate().all(|(i, s)| match *s {
+        "{*}" => true,
+        "{**}" => i + 1 == segments.len(),
+        s => !s.is_empty() && !s.contains('{') && !s.contains('}') && !s.contains('*'),
+    })
+}
+
+fn template_match(t: &str, path: &str) -> bool {
+    let (Some(t), Some(p)) = (t.strip_prefix('/'), path.strip_prefix('/')) else {
+        return false;
+    };
+    let mut parts = p.split('/');
+    for seg in t.split('/') {
+        match seg {
+            "{**}" => {
+                // One or more non-empty segments remain.
+                let rest: Vec<&str> = parts.by_ref().collect();
+                return !rest.is_empty() && rest.iter().all(|s| !s.is_empty());
+            }
+            "{*}" => match parts.next() {
+                Some(s) if !s.is_empty() => {}
+                _ => return false,
+            },
+            lit => {
+                if parts.next() != Some(lit) {
+                    return false;
+                }
+            }
+        }
+    }
+    parts.next().is_none()
+}
+
+fn path_match(pattern: &str, path: &str) -> bool {
+    if pattern.contains('{') {
+        template_match(pattern, path)
+    } else {
+        string_match(pattern, Some(path))
+    }
+}
+
+/// Hosts compare without case, and a pattern without a port also matches the host
+/// with any port (`web` matches `web:8080`), as Istio generates both.
+fn host_match(pattern: &str, host: &str) -> bool {
+    let (p, h) = (pattern.to_ascii_lowercase(), host.to_ascii_lowercase());
+    string_match(&p, Some(&h)) || strip_port(&h).is_some_and(|bare| string_match(&p, Some(bare)))
+}
+
+/// `name:port` -> `name` (an IPv6 literal is bracketed, so its colons are not a port).
+fn strip_port(h: &str) -> Option<&str> {
+    let (name, port) = h.rsplit_once(':')?;
+    (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())).then_some(name)
+}
+
 fn any_match(patterns: &[String], value: Option<&str>) -> bool {
     patterns.iter().any(|p| string_match(p, value))
 }
@@ -39,6 +120,16 @@ fn any_match(patterns: &[String], value: Option<&str>) -> bool {
 fn field(values: &[String], not_values: &[String], value: Option<&str>) -> bool {
     (values.is_empty() || any_match(values, value))
         && (not_values.is_empty() || !any_match(not_values, value))
+}
+
+/// The same, with a matcher of one's own.
+fn field_by(values: &[String], not_values: &[String], m: impl Fn(&str) -> bool) -> bool {
+    (values.is_empty() || values.iter().any(|v| m(v)))
+        && (not_values.is_empty() || !not_values.iter().any(|v| m(v)))
+}
+
+fn listed<T: PartialEq>(values: &[T], not_values: &[T], v: &T) -> bool {
+    (values.is_empty() || values.contains(v)) && !not_values.contains(v)
 }
 
 impl SourceMatch {
@@ -58,21 +149,122 @@ impl SourceMatch {
 }
 
 impl OperationMatch {
-    pub fn matches(&self, c: &ConnAttrs) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&c.dest_port))
-            && !self.not_ports.contains(&c.dest_port)
+    /// `undecidable`: what an L7 field counts as when there is no request.
+    pub fn matches(
+        &self,
+        c: &ConnAttrs,
+        req: Option<&RequestAttrs<'_>>,
+        undecidable: bool,
+    ) -> bool {
+        let l4 = listed(&self.ports, &self.not_ports, &c.dest_port);
+        if !l4 || !self.has_l7() {
+            return l4;
+        }
+        let Some(r) = req else {
+            return undecidable;
+        };
+        field_by(&self.hosts, &self.not_hosts, |p| host_match(p, r.host))
+            && field(&self.methods, &self.not_methods, Some(r.method))
+            && field_by(&self.paths, &self.not_paths, |p| path_match(p, r.path))
+    }
+}
+
+impl Condition {
+    pub fn matches(
+        &self,
+        c: &ConnAttrs,
+        req: Option<&RequestAttrs<'_>>,
+        undecidable: bool,
+    ) -> bool {
+        match self {
+            Condition::RequestHeader {
+                name,
+                values,
+                not_values,
+            } => match req {
+                Some(r) => {
+                    let value = r.headers.get(name.as_str()).and_then(|v| v.to_str().ok());
+                    field(values, not_values, value)
+                }
+                None => undecidable,
+            },
+            Condition::SourceIp { values, not_values } => {
+                let inside = |b: &[ipnet::IpNet]| b.iter().any(|n| n.contains(&c.source_ip));
+                (values.is_empty() || inside(values)) && !inside(not_values)
+            }
+            Condition::SourceNamespace { values, not_values } => {
+                field(values, not_values, c.namespace.as_deref())
+            }
+            Condition::SourcePrincipal { values, not_values } => {
+                field(values, not_values, c.principal.as_deref())
+            }
+            Condition::DestinationPort { values, not_values } => {
+                listed(values, not_values, &c.dest_port)
+            }
+        }
     }
 }
 
 impl Rule {
-    pub fn matches(&self, c: &ConnAttrs) -> bool {
+    pub fn matches(
+        &self,
+        c: &ConnAttrs,
+        req: Option<&RequestAttrs<'_>>,
+        undecidable: bool,
+    ) -> bool {
         (self.from.is_empty() || self.from.iter().any(|f| f.matches(c)))
-            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(c)))
+            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(c, req, undecidable)))
+            && self.when.iter().all(|w| w.matches(c, req, undecidable))
     }
 }
 
 impl AuthorizationPolicy {
-    pub fn matches(&self, c: &ConnAttrs) -> bool {
-        self.rules.iter().any(|r| r.matches(c))
+    /// Whether the policy matches a connection (`req` is `None`) or a request.
+    pub fn matches(&self, c: &ConnAttrs, req: Option<&RequestAttrs<'_>>) -> bool {
+        // Fail closed on what cannot be decided: see the module comment.
+        let undecidable = self.action == AuthzAction::Deny;
+        self.rules.iter().any(|r| r.matches(c, req, undecidable))
+    }
+
+    /// Whether any rule needs an HTTP request to be decided.
+    pub fn has_l7(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.to.iter().any(OperationMatch::has_l7) || r.when.iter().any(Condition::is_l7))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match_whole_segments() {
+        assert!(valid_template("/admin/{*}"));
+        assert!(valid_template("/a/{*}/b/{**}"));
+        assert!(!valid_template("/a/{**}/b"));
+        assert!(!valid_template("a/{*}"));
+        assert!(!valid_template("/a/x{*}"));
+        assert!(template_match("/admin/{*}", "/admin/users"));
+        assert!(!template_match("/admin/{*}", "/admin/users/1"));
+        assert!(!template_match("/admin/{*}", "/admin/"));
+        assert!(!template_match("/admin/{*}", "/admin"));
+        assert!(template_match("/a/{*}/b/{**}", "/a/x/b/c/d"));
+        assert!(!template_match("/a/{*}/b/{**}", "/a/x/b"));
+        assert!(!template_match("/a/{*}/b/{**}", "/a/x/b/"));
+        assert!(template_match("/pkg.Svc/{*}", "/pkg.Svc/Get"));
+    }
+
+    #[test]
+    fn hosts_ignore_case_and_port() {
+        assert!(host_match(
+            "web.default.svc.cluster.local",
+            "WEB.default.svc.cluster.local:80"
+        ));
+        assert!(host_match("*.example.com", "api.example.com:8443"));
+        assert!(!host_match("web", "webx"));
+        assert!(host_match("web:80", "web:80"));
+        assert!(!host_match("web:81", "web:80"));
+        assert!(host_match("[::1]", "[::1]:80"));
     }
 }

@@ -237,12 +237,12 @@ spec:
 fn unsupported_fields_are_rejected_by_name() {
     for (yaml, field) in [
         (
-            "spec:\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
-            "methods",
+            "spec:\n  rules:\n  - to: [{operation: {methods: [\"G*T\"]}}]\n",
+            "methods[0]",
         ),
         (
             "spec:\n  rules:\n  - when: [{key: a, values: [b]}]\n",
-            "when",
+            "when[0].key",
         ),
         ("spec:\n  action: CUSTOM\n", "spec.action"),
         (
@@ -283,4 +283,111 @@ fn unsupported_fields_are_rejected_by_name() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("portLevelMtls"), "{err}");
+}
+
+fn request<'a>(method: &'a str, path: &'a str, headers: &'a http::HeaderMap) -> RequestAttrs<'a> {
+    RequestAttrs {
+        method,
+        path,
+        host: "web.shop.svc.cluster.local:80",
+        headers,
+    }
+}
+
+const L7_DENY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin-writes, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {methods: ["POST"], paths: ["/admin/*"]}}]
+"#;
+
+#[test]
+fn an_l7_deny_takes_the_request_it_names_and_no_other() {
+    let p = policy(L7_DENY);
+    let h = http::HeaderMap::new();
+    let c = conn(Some(CLIENT), "10.0.0.1", 8080);
+    let deny = |m, path| {
+        p.evaluate_request(&web(), &c, Some(&request(m, path, &h)))
+            .decision
+    };
+    assert!(matches!(deny("POST", "/admin/users"), Decision::Denied(_)));
+    assert!(deny("GET", "/admin/users").allowed());
+    assert!(deny("POST", "/shop").allowed());
+    // On a connection that is not HTTP, the L7 parts of a DENY count as matching.
+    assert!(matches!(
+        p.evaluate(&web(), &c).decision,
+        Decision::Denied(_)
+    ));
+}
+
+#[test]
+fn an_l7_allow_grants_nothing_to_a_connection_that_is_not_http() {
+    let p = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc-get-only, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {namespaces: ["shop"]}}]
+    to: [{operation: {methods: ["POST"], paths: ["/echo.Echo/Get", "/health/{**}"], notHosts: ["evil*"]}}]
+    when:
+    - key: request.headers[x-tenant]
+      values: ["blue", "green*"]
+"#,
+    );
+    let c = conn(Some(CLIENT), "10.0.0.1", 8080);
+    let mut h = http::HeaderMap::new();
+    h.insert("x-tenant", http::HeaderValue::from_static("green-2"));
+    let verdict = |m, path, h: &http::HeaderMap| {
+        p.evaluate_request(&web(), &c, Some(&request(m, path, h)))
+            .decision
+    };
+    assert!(verdict("POST", "/echo.Echo/Get", &h).allowed());
+    assert!(verdict("POST", "/health/live/deep", &h).allowed());
+    assert_eq!(verdict("POST", "/health", &h), Decision::NotAllowed);
+    assert_eq!(
+        verdict("POST", "/echo.Echo/Delete", &h),
+        Decision::NotAllowed
+    );
+    assert_eq!(verdict("GET", "/echo.Echo/Get", &h), Decision::NotAllowed);
+    assert_eq!(
+        verdict("POST", "/echo.Echo/Get", &http::HeaderMap::new()),
+        Decision::NotAllowed
+    );
+    assert_eq!(p.evaluate(&web(), &c).decision, Decision::NotAllowed);
+}
+
+#[test]
+fn unsupported_l7_keys_and_bad_templates_are_refused_by_field() {
+    let load = |yaml: &str| {
+        let mut config = Config::default();
+        load_text(
+            Path::new("/cfg/policy.yaml"),
+            yaml,
+            &mut config,
+            &mut HashMap::new(),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let head = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  rules:\n";
+    let e = load(&format!(
+        "{head}  - when: [{{key: \"request.auth.claims[iss]\", values: [x]}}]\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("spec.rules[0].when[0].key"), "{e}");
+    let e = load(&format!(
+        "{head}  - to: [{{operation: {{paths: [\"/a/{{**}}/b\"]}}}}]\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("spec.rules[0].to[0].operation.paths[0]"), "{e}");
+    let e = load(&format!(
+        "{head}  - from: [{{source: {{requestPrincipals: [\"*\"]}}}}]\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("requestPrincipals"), "{e}");
 }

@@ -1,7 +1,7 @@
 //! `security.istio.io/v1` PeerAuthentication and AuthorizationPolicy, the documented
 //! subset (docs/config.md). The wire types refuse unknown fields, so a field the mesh
-//! does not implement (an L7 `methods`, a `when`, `portLevelMtls`...) is an error that
-//! names it, never a rule silently ignored.
+//! does not implement (`requestPrincipals`, a `when` on `request.auth.claims`,
+//! `portLevelMtls`...) is an error that names it, never a rule silently ignored.
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
@@ -11,8 +11,8 @@ use serde::Deserialize;
 use super::{
     error::FieldError,
     model::{
-        AuthorizationPolicy, AuthzAction, MtlsMode, OperationMatch, PeerAuthentication, Rule,
-        SourceMatch,
+        AuthorizationPolicy, AuthzAction, Condition, MtlsMode, OperationMatch, PeerAuthentication,
+        Rule, SourceMatch,
     },
     translate::object_id,
 };
@@ -76,6 +76,17 @@ struct AuthorizationPolicySpec {
 struct RuleObject {
     from: Option<Vec<From>>,
     to: Option<Vec<To>>,
+    when: Option<Vec<ConditionObject>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConditionObject {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default)]
+    not_values: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +125,18 @@ struct OperationObject {
     ports: Vec<String>,
     #[serde(default)]
     not_ports: Vec<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    not_hosts: Vec<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    not_methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    not_paths: Vec<String>,
 }
 
 pub fn peer_authentication(obj: &PeerAuthenticationObject) -> Result<PeerAuthentication> {
@@ -158,10 +181,11 @@ pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Authoriza
         }
         for (j, t) in r.to.iter().flatten().enumerate() {
             let field = format!("spec.rules[{i}].to[{j}].operation");
-            rule.to.push(OperationMatch {
-                ports: ports(&t.operation.ports, &format!("{field}.ports"))?,
-                not_ports: ports(&t.operation.not_ports, &format!("{field}.notPorts"))?,
-            });
+            rule.to.push(operation(&t.operation, &field)?);
+        }
+        for (j, c) in r.when.iter().flatten().enumerate() {
+            rule.when
+                .push(condition(c, &format!("spec.rules[{i}].when[{j}]"))?);
         }
         rules.push(rule);
     }
@@ -171,6 +195,117 @@ pub fn authorization_policy(obj: &AuthorizationPolicyObject) -> Result<Authoriza
         action,
         rules,
     })
+}
+
+fn operation(o: &OperationObject, field: &str) -> Result<OperationMatch> {
+    let m = OperationMatch {
+        ports: ports(&o.ports, &format!("{field}.ports"))?,
+        not_ports: ports(&o.not_ports, &format!("{field}.notPorts"))?,
+        hosts: o.hosts.clone(),
+        not_hosts: o.not_hosts.clone(),
+        methods: o.methods.clone(),
+        not_methods: o.not_methods.clone(),
+        paths: o.paths.clone(),
+        not_paths: o.not_paths.clone(),
+    };
+    for (name, values) in [
+        ("hosts", &m.hosts),
+        ("notHosts", &m.not_hosts),
+        ("methods", &m.methods),
+        ("notMethods", &m.not_methods),
+    ] {
+        patterns(values, &format!("{field}.{name}"))?;
+    }
+    for (name, values) in [("paths", &m.paths), ("notPaths", &m.not_paths)] {
+        for (k, v) in values.iter().enumerate() {
+            let ok = if v.contains('{') {
+                crate::authz::valid_template(v)
+            } else {
+                valid_pattern(v)
+            };
+            if !ok {
+                return Err(FieldError::new(
+                    format!("{field}.{name}[{k}]"),
+                    format!(
+                        "{v:?} is neither an Istio string match (exact, prefix*, *suffix, *) \
+                         nor a path template (/-separated segments, {{*}} for one segment, \
+                         {{**}} for the rest, last)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// A `when` condition; the keys are the ones the mesh can evaluate.
+fn condition(c: &ConditionObject, field: &str) -> Result<Condition> {
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return Err(FieldError::new(
+            format!("{field}.values"),
+            "a condition needs values or notValues",
+        ));
+    }
+    let strings = || -> Result<(Vec<String>, Vec<String>)> {
+        patterns(&c.values, &format!("{field}.values"))?;
+        patterns(&c.not_values, &format!("{field}.notValues"))?;
+        Ok((c.values.clone(), c.not_values.clone()))
+    };
+    let key = c.key.trim();
+    if let Some(name) = key
+        .strip_prefix("request.headers[")
+        .and_then(|k| k.strip_suffix(']'))
+    {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(FieldError::new(
+                format!("{field}.key"),
+                format!("{name:?} is not a header name"),
+            ));
+        }
+        let (values, not_values) = strings()?;
+        return Ok(Condition::RequestHeader {
+            name: name.to_ascii_lowercase(),
+            values,
+            not_values,
+        });
+    }
+    Ok(match key {
+        "source.ip" => Condition::SourceIp {
+            values: ip_blocks(&c.values, &format!("{field}.values"))?,
+            not_values: ip_blocks(&c.not_values, &format!("{field}.notValues"))?,
+        },
+        "source.namespace" => {
+            let (values, not_values) = strings()?;
+            Condition::SourceNamespace { values, not_values }
+        }
+        "source.principal" => {
+            let (values, not_values) = strings()?;
+            Condition::SourcePrincipal { values, not_values }
+        }
+        "destination.port" => Condition::DestinationPort {
+            values: ports(&c.values, &format!("{field}.values"))?,
+            not_values: ports(&c.not_values, &format!("{field}.notValues"))?,
+        },
+        other => {
+            return Err(FieldError::new(
+                format!("{field}.key"),
+                format!(
+                    "{other:?} is not supported; expected request.headers[NAME], source.ip, \
+                     source.namespace, source.principal or destination.port"
+                ),
+            ));
+        }
+    })
+}
+
+fn patterns(values: &[String], field: &str) -> Result<()> {
+    match values.iter().enumerate().find(|(_, v)| !valid_pattern(v)) {
+        Some((k, _)) => Err(FieldError::new(
+            format!("{field}[{k}]"),
+            "empty, or `*` in the middle (only a prefix or suffix `*` is supported)",
+        )),
+        None => Ok(()),
+    }
 }
 
 fn source(s: &SourceObject, field: &str) -> Result<SourceMatch> {
@@ -188,12 +323,7 @@ fn source(s: &SourceObject, field: &str) -> Result<SourceMatch> {
         ("namespaces", &m.namespaces),
         ("notNamespaces", &m.not_namespaces),
     ] {
-        if let Some((k, _)) = values.iter().enumerate().find(|(_, v)| !valid_pattern(v)) {
-            return Err(FieldError::new(
-                format!("{field}.{name}[{k}]"),
-                "empty, or `*` in the middle (only a prefix or suffix `*` is supported)",
-            ));
-        }
+        patterns(values, &format!("{field}.{name}"))?;
     }
     Ok(m)
 }

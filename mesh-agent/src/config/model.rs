@@ -131,18 +131,83 @@ pub struct SourceMatch {
     pub not_ip_blocks: Vec<IpNet>,
 }
 
-/// `to.operation`, L4 subset.
+/// `to.operation`. The L4 fields (ports) apply to every connection; the L7 fields
+/// (hosts, methods, paths) to HTTP requests (see `authz` for what they mean on a
+/// connection that is not HTTP).
 #[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct OperationMatch {
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    /// Istio string patterns, or path templates with `{*}` and `{**}`.
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
 }
 
-/// One rule: any `from` AND any `to` (an absent list matches everything).
+impl OperationMatch {
+    /// Whether any field needs an HTTP request to be decided.
+    pub fn has_l7(&self) -> bool {
+        [
+            &self.hosts,
+            &self.not_hosts,
+            &self.methods,
+            &self.not_methods,
+            &self.paths,
+            &self.not_paths,
+        ]
+        .iter()
+        .any(|v| !v.is_empty())
+    }
+}
+
+/// One `when` condition: the attribute named by `key` must match one of `values` (if
+/// any) and none of `not_values`.
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// `request.headers[name]` (L7); the name is lowercase.
+    RequestHeader {
+        name: String,
+        values: Vec<String>,
+        not_values: Vec<String>,
+    },
+    /// `source.ip`: addresses or CIDR blocks.
+    SourceIp {
+        values: Vec<IpNet>,
+        not_values: Vec<IpNet>,
+    },
+    /// `source.namespace`.
+    SourceNamespace {
+        values: Vec<String>,
+        not_values: Vec<String>,
+    },
+    /// `source.principal`.
+    SourcePrincipal {
+        values: Vec<String>,
+        not_values: Vec<String>,
+    },
+    /// `destination.port`.
+    DestinationPort {
+        values: Vec<u16>,
+        not_values: Vec<u16>,
+    },
+}
+
+impl Condition {
+    pub fn is_l7(&self) -> bool {
+        matches!(self, Condition::RequestHeader { .. })
+    }
+}
+
+/// One rule: any `from` AND any `to` AND every `when` (an absent list matches
+/// everything).
 #[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct Rule {
     pub from: Vec<SourceMatch>,
     pub to: Vec<OperationMatch>,
+    pub when: Vec<Condition>,
 }
 
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]

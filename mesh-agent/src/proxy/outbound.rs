@@ -115,7 +115,7 @@ async fn handle(
             };
             if l7 {
                 let io = Prefixed::new(prefix, client);
-                super::http::serve(io, h, dst, pod, ctx, id).await;
+                super::http::serve(io, h, dst, src_addr, pod, ctx, id).await;
                 return;
             }
             // Not HTTP after all: the Service's endpoints, per connection.

@@ -95,6 +95,18 @@ pub struct CompiledRule {
     pub timeouts: Timeouts,
 }
 
+impl CompiledRule {
+    /// "httproute/ns/name" or "grpcroute/ns/name": how logs, metrics and `meshctl`
+    /// name the route.
+    pub fn route_label(&self) -> String {
+        let kind = match self.kind {
+            RouteKind::Http => "httproute",
+            RouteKind::Grpc => "grpcroute",
+        };
+        format!("{kind}/{}", self.route)
+    }
+}
+
 #[derive(Debug)]
 enum PathTest {
     Exact(String),
@@ -276,6 +288,14 @@ impl PortRoutes {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Every (route label, rule name) with an entry here, in no particular order.
+    pub fn rules(&self) -> Vec<(String, String)> {
+        self.entries
+            .iter()
+            .map(|e| (e.rule.route_label(), e.rule.name.clone()))
+            .collect()
     }
 }
 

@@ -249,6 +249,8 @@ pub struct Telemetry {
     /// Kubernetes cluster domain, for Istio's FQDN service names.
     pub cluster_domain: String,
     live: Mutex<HashMap<u64, Arc<LiveConn>>>,
+    /// Requests per route rule (`meshctl routes`).
+    pub(super) routes: Mutex<super::requests::RouteTable>,
 }
 
 fn or_unknown(v: Option<String>) -> String {
@@ -262,6 +264,7 @@ impl Telemetry {
             flows: FlowHub::default(),
             cluster_domain: cluster_domain.to_owned(),
             live: Mutex::new(HashMap::new()),
+            routes: Mutex::new(Default::default()),
         })
     }
 

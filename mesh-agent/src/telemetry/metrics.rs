@@ -5,9 +5,18 @@
 //! names, and small enums. See docs/operations.md.
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+use super::requests::{HttpLabels, ISTIO_BUCKETS};
+
+/// A histogram family with Istio's buckets.
+pub type Histograms = Family<HttpLabels, Histogram, fn() -> Histogram>;
+
+fn istio_histogram() -> Histogram {
+    Histogram::new(ISTIO_BUCKETS)
+}
 
 /// Istio's TCP labels. Unknown values are "unknown", as in Istio.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +85,12 @@ pub enum ResponseFlag {
     Unauthorized,
     /// Ended with an I/O error after it was established.
     ConnectionTermination,
+    /// HTTP: the request or backend timeout expired.
+    UpstreamTimeout,
+    /// HTTP: the rule's backend does not exist.
+    NoCluster,
+    /// HTTP: the client went away before the response ended.
+    DownstreamTermination,
 }
 
 impl ResponseFlag {
@@ -87,6 +102,9 @@ impl ResponseFlag {
             ResponseFlag::UpstreamFailure => "UF",
             ResponseFlag::Unauthorized => "UAEX",
             ResponseFlag::ConnectionTermination => "UC",
+            ResponseFlag::UpstreamTimeout => "UT",
+            ResponseFlag::NoCluster => "NC",
+            ResponseFlag::DownstreamTermination => "DC",
         }
     }
 }
@@ -97,6 +115,10 @@ pub struct Metrics {
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub requests: Family<HttpLabels, Counter>,
+    pub request_duration: Histograms,
+    pub request_bytes: Histograms,
+    pub response_bytes: Histograms,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub config_generation: Gauge,
     pub map_entries: Family<MapLabel, Gauge>,
@@ -138,6 +160,30 @@ impl Default for Metrics {
             "istio_tcp_received_bytes",
             "Bytes received in requests (client to server), as Istio counts them",
             tcp_received_bytes.clone(),
+        );
+        let requests = Family::default();
+        registry.register(
+            "istio_requests",
+            "HTTP and gRPC requests, counted when the response ends",
+            requests.clone(),
+        );
+        let request_duration: Histograms = Family::new_with_constructor(istio_histogram);
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "From the request's arrival to the end of the response",
+            request_duration.clone(),
+        );
+        let request_bytes: Histograms = Family::new_with_constructor(istio_histogram);
+        registry.register(
+            "istio_request_bytes",
+            "Request body bytes",
+            request_bytes.clone(),
+        );
+        let response_bytes: Histograms = Family::new_with_constructor(istio_histogram);
+        registry.register(
+            "istio_response_bytes",
+            "Response body bytes",
+            response_bytes.clone(),
         );
         let config_reloads = Family::default();
         registry.register(
@@ -212,6 +258,10 @@ impl Default for Metrics {
             tcp_closed,
             tcp_sent_bytes,
             tcp_received_bytes,
+            requests,
+            request_duration,
+            request_bytes,
+            response_bytes,
             config_reloads,
             config_generation,
             map_entries,

@@ -8,6 +8,7 @@ pub mod kernel_flows;
 mod logging;
 pub mod metrics;
 mod readiness;
+pub mod requests;
 
 pub use conns::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, Telemetry, WorkloadRef};
 pub use flows::{Flow, FlowFilter, FlowHub, Origin};
@@ -15,3 +16,4 @@ pub use http::{serve_metrics, serve_readiness};
 pub use logging::{AccessLog, LogControl, LogFormat, init_logging};
 pub use metrics::{Metrics, ResponseFlag};
 pub use readiness::Readiness;
+pub use requests::{RequestEnd, RequestFacts};

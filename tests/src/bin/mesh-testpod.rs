@@ -70,6 +70,10 @@ enum Cmd {
         /// `name:value`, repeatable.
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// `METHOD PATH`, repeatable: more requests on the same connection, after the
+        /// others, each answer's status reported in order (`then`).
+        #[arg(long = "then")]
+        then: Vec<String>,
     },
     /// Open `count` connections at once, then ask each who answers.
     Who {
@@ -220,7 +224,13 @@ async fn main() -> anyhow::Result<()> {
             method,
             host,
             headers,
+            then,
         } => {
+            let then: Vec<(String, String)> = then
+                .iter()
+                .filter_map(|t| t.split_once(' '))
+                .map(|(m, p)| (m.trim().to_owned(), p.trim().to_owned()))
+                .collect();
             let headers: Vec<(String, String)> = headers
                 .iter()
                 .filter_map(|h| h.split_once(':'))
@@ -235,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
                 method: &method,
                 host: host.as_deref(),
                 headers: &headers,
+                then: &then,
             })
             .await?;
             println!("{out}");

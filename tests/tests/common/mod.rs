@@ -2,10 +2,12 @@
 #![allow(dead_code)]
 
 use std::{
+    io::{BufRead as _, BufReader},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Mutex,
-    time::Duration,
+    process::{Command, Stdio},
+    sync::{Mutex, mpsc},
+    time::{Duration, Instant},
 };
 
 #[allow(unused_imports, reason = "not every test file writes YAML")]
@@ -123,4 +125,73 @@ pub fn kernel_counters(c: &Cluster, node: &str) -> std::collections::HashMap<Str
             (k, v.unwrap_or_else(|| panic!("bad counter {e}")))
         })
         .collect()
+}
+
+/// The sum of the samples of `name` whose labels include every `labels` pair.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Reads `meshctl observe -o json` lines on a thread, so the test can wait with a
+/// deadline.
+/// Each event comes with the instant its line arrived.
+pub type Events = mpsc::Receiver<(serde_json::Value, Instant)>;
+
+pub fn observe(c: &Cluster, node: &str, args: &[&str]) -> (std::process::Child, Events) {
+    let mut child = Command::new(c.meshctl_bin())
+        .arg("--socket")
+        .arg(c.admin_socket(node))
+        .args(["-o", "json", "observe"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Ok(v) = serde_json::from_str(&line)
+                && tx.send((v, Instant::now())).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+pub fn wait_for(
+    rx: &Events,
+    timeout: Duration,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> Option<(serde_json::Value, Instant)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match rx.recv_timeout(left) {
+            Ok((v, at)) if f(&v) => return Some((v, at)),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Waits until `f` holds, failing the test after `timeout`.
+pub fn poll(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -61,6 +61,8 @@ enum Command {
     Certs,
     /// Connections open right now.
     Conns,
+    /// HTTPRoutes and GRPCRoutes by Service port, and requests per route rule.
+    Routes,
     /// The applied config.
     Config {
         #[command(subcommand)]
@@ -398,6 +400,10 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 t.render()
             })
         }
+        Command::Routes => {
+            let r = c.routes(pb::Empty {}).await.map_err(call_err)?.into_inner();
+            show(out, &r, render_routes)
+        }
         Command::Config {
             command: ConfigCommand::Dump,
         } => {
@@ -481,6 +487,37 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         } => observe(&mut c, sock, out, pod, service, verdict, *count).await,
         Command::Check { .. } => Ok(()),
     }
+}
+
+fn render_routes(r: &pb::RoutesReply) -> String {
+    let mut t = Table::new(&["SERVICE", "FRONTEND", "CLIENTS", "PROTOCOL", "ROUTES"]);
+    for f in &r.frontends {
+        t.row(vec![
+            f.service.clone(),
+            f.frontend.clone(),
+            if f.consumer_namespace.is_empty() {
+                "*".to_owned()
+            } else {
+                format!("ns {}", f.consumer_namespace)
+            },
+            f.protocol.clone(),
+            f.routes.join(","),
+        ]);
+    }
+    let mut rules = Table::new(&["ROUTE", "RULE", "REQUESTS", "ERRORS"]);
+    for c in &r.rules {
+        rules.row(vec![
+            c.route.clone(),
+            c.rule.clone(),
+            c.requests.to_string(),
+            c.errors.to_string(),
+        ]);
+    }
+    let mut out = format!("{}\n{}", t.render(), rules.render());
+    for p in &r.problems {
+        out.push_str(&format!("problem: {p}\n"));
+    }
+    out
 }
 
 fn render_status(r: &pb::StatusReply) -> String {

@@ -4,6 +4,7 @@
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::{self, Body};
+use crate::telemetry::ResponseFlag;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
@@ -36,6 +37,19 @@ impl Failure {
             Failure::Denied(_) => StatusCode::FORBIDDEN,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Envoy's response flag for the failure, as Istio's metrics report it.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            Failure::NotFound => ResponseFlag::NoRoute,
+            Failure::BadRedirect => ResponseFlag::None,
+            Failure::NoBackend | Failure::InvalidBackend => ResponseFlag::NoCluster,
+            Failure::NoEndpoint => ResponseFlag::NoHealthyUpstream,
+            Failure::Denied(_) => ResponseFlag::Unauthorized,
+            Failure::Timeout => ResponseFlag::UpstreamTimeout,
+            Failure::Upstream(_) => ResponseFlag::UpstreamFailure,
         }
     }
 

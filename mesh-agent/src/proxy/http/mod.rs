@@ -18,6 +18,8 @@ pub mod detect;
 mod errors;
 mod filters;
 pub mod inbound;
+mod metered;
+mod request_id;
 mod route;
 mod upstream;
 
@@ -40,9 +42,9 @@ use route::{Decision, Incoming, decide};
 
 use super::{PodContext, ProxyContext, plan::HttpPlan};
 use crate::{
-    config::{Filter, NamespacedName, RouteKind},
+    config::{Filter, NamespacedName},
     state::{PortProtocol, RequestView},
-    telemetry::access::TARGET as ACCESS,
+    telemetry::{Mode, Peer, Reporter, RequestFacts, ResponseFlag, access::TARGET as ACCESS},
 };
 
 /// Headers between agents: where the request goes in the destination pod, and what
@@ -50,6 +52,9 @@ use crate::{
 /// they are removed from every request the agent receives from a pod.
 pub const DST_HEADER: &str = "x-mesh-dst";
 pub const PROTO_HEADER: &str = "x-mesh-orig-proto";
+/// The Service a request was routed for, from the source agent (for the destination's
+/// metrics only).
+pub const SVC_HEADER: &str = "x-mesh-svc";
 
 /// Header-read bound for clients on an HTTP connection.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -59,6 +64,8 @@ struct Conn {
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
     frontend: SocketAddr,
+    /// The client's address in its pod.
+    client: SocketAddr,
     service: NamespacedName,
     port: u16,
     protocol: PortProtocol,
@@ -71,6 +78,7 @@ pub async fn serve<IO>(
     io: IO,
     plan: HttpPlan,
     frontend: SocketAddr,
+    client: SocketAddr,
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
     id: u64,
@@ -81,6 +89,7 @@ pub async fn serve<IO>(
         pod,
         ctx,
         frontend,
+        client,
         service: plan.service,
         port: plan.port,
         protocol: plan.routes.protocol,
@@ -134,6 +143,7 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
 fn strip_headers(h: &mut HeaderMap) {
     h.remove(DST_HEADER);
     h.remove(PROTO_HEADER);
+    h.remove(SVC_HEADER);
     for name in [
         "keep-alive",
         "proxy-connection",
@@ -168,6 +178,8 @@ async fn handle(conn: Arc<Conn>, req: Request<hyper::body::Incoming>) -> Respons
     };
     let (mut parts, body) = req.into_parts();
     strip_headers(&mut parts.headers);
+    request_id::ensure(&mut parts.headers);
+    let (body, request_bytes) = metered::count(body::incoming(body));
     let grpc = is_grpc(&parts.headers);
     let authority = authority_of(&Request::from_parts(parts.clone(), ()))
         .unwrap_or_else(|| conn.frontend.to_string());
@@ -204,11 +216,14 @@ async fn handle(conn: Arc<Conn>, req: Request<hyper::body::Incoming>) -> Respons
         route: String::new(),
         rule: String::new(),
         upstream: String::new(),
+        mode: Mode::Passthrough,
+        destination: Peer::default(),
+        service: conn.service.clone(),
     };
     let response = match decision {
         Decision::NotFound if routes.is_none() => {
             let wire = upstream_wire(conn.protocol, client_wire);
-            let req = Request::from_parts(parts, body::incoming(body));
+            let req = Request::from_parts(parts, body);
             upstream::to_service(&conn, &snap, req, wire, &authority, &mut log).await
         }
         Decision::NotFound => Err(Failure::NotFound),
@@ -236,16 +251,26 @@ async fn handle(conn: Arc<Conn>, req: Request<hyper::body::Incoming>) -> Respons
         Decision::Forward(f) => {
             log.rule_of(&f.rule);
             let wire = upstream_wire(conn.protocol, client_wire);
-            let req = Request::from_parts(parts, body::incoming(body));
+            let req = Request::from_parts(parts, body);
             upstream::forward(&conn, &snap, f, req, wire, &mut log).await
         }
     };
-    let response = match response {
-        Ok(r) => r,
-        Err(f) => f.response(grpc),
+    let (response, flag) = match response {
+        Ok(r) => (r, ResponseFlag::None),
+        Err(f) => (f.response(grpc), f.flag()),
     };
     log.emit(response.status(), start);
-    response
+    let facts = log.facts(grpc);
+    metered::report(
+        response,
+        metered::Report {
+            telemetry: conn.ctx.telemetry.clone(),
+            facts,
+            start,
+            request_bytes,
+            flag,
+        },
+    )
 }
 
 /// The app hears what the client spoke, except on ports declared HTTP/2 (h2c, gRPC).
@@ -283,19 +308,37 @@ struct RequestLog<'a> {
     route: String,
     rule: String,
     upstream: String,
+    /// How the request left this agent, and to whom (once an endpoint was picked).
+    mode: Mode,
+    destination: Peer,
+    /// The Service the request went to: the rule's backend, else the frontend's.
+    service: NamespacedName,
 }
 
 impl RequestLog<'_> {
     fn rule_of(&mut self, rule: &crate::state::CompiledRule) {
-        self.route = format!(
-            "{}/{}",
-            match rule.kind {
-                RouteKind::Http => "httproute",
-                RouteKind::Grpc => "grpcroute",
-            },
-            rule.route
-        );
+        self.route = rule.route_label();
         self.rule = rule.name.clone();
+    }
+
+    /// The source reporter's facts.
+    fn facts(&self, grpc: bool) -> RequestFacts {
+        RequestFacts {
+            reporter: Reporter::Source,
+            mode: self.mode,
+            source: Peer {
+                workload: Some(self.conn.pod.workload_ref()),
+                addr: Some(self.conn.client),
+                identity: Some(self.conn.pod.identity.clone()),
+            },
+            destination: self.destination.clone(),
+            service: Some(self.service.clone()),
+            grpc,
+            route: (!self.route.is_empty()).then(|| (self.route.clone(), self.rule.clone())),
+            method: self.method.to_owned(),
+            authority: self.authority.to_owned(),
+            path: self.path.to_owned(),
+        }
     }
 
     fn emit(&self, status: StatusCode, start: Instant) {

@@ -5,20 +5,20 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 
 use super::{
-    Conn, RequestLog, Wire,
+    Conn, RequestLog, SVC_HEADER, Wire,
     body::{self, Body},
     errors::Failure,
-    inbound::authorize,
+    inbound::{PodTarget, Sender, deliver},
     request_filters, response_filters,
     route::Forward,
 };
 use crate::{
-    authz::ConnAttrs,
     proxy::{
         Snapshot,
         plan::{Way, hop_to},
         tunnel,
     },
+    telemetry::{Mode, Peer},
 };
 
 /// A request to a rule's backend.
@@ -36,6 +36,7 @@ pub async fn forward(
         .endpoints
         .as_deref()
         .ok_or(Failure::InvalidBackend)?;
+    log.service = backend.service.clone();
     request_filters(&rule.filters, req.headers_mut());
     request_filters(&backend.filters, req.headers_mut());
     let send = send(
@@ -143,54 +144,56 @@ async fn send(
     let (endpoint, in_flight) = conn.ctx.loads.pick(endpoints).ok_or(Failure::NoEndpoint)?;
     log.upstream = endpoint.to_string();
     let hop = hop_to(snap, endpoint);
+    log.destination = Peer {
+        workload: hop.workload.as_ref().map(|w| w.workload_ref()),
+        addr: Some(endpoint),
+        identity: match &hop.way {
+            Way::Local(dest) => Some(dest.identity.clone()),
+            Way::Hbone(identity) => Some(identity.clone()),
+            Way::Passthrough => None,
+        },
+    };
     let ctx = &conn.ctx;
     let call = async {
         match &hop.way {
             Way::Local(dest) => {
-                let attrs = ConnAttrs {
-                    principal: Some(conn.pod.identity.principal()),
-                    namespace: Some(conn.pod.identity.namespace.clone()),
-                    source_ip: conn.pod.ip.unwrap_or(endpoint.ip()),
-                    dest_port: endpoint.port(),
+                log.mode = Mode::Local;
+                // The destination's own checks and report, as through the tunnel.
+                let from = Sender {
+                    identity: conn.pod.identity.clone(),
+                    addr: conn.client,
+                    workload: Some(conn.pod.workload_ref()),
+                    mode: Mode::Local,
+                    service: Some(log.service.clone()),
                 };
-                authorize(snap, dest, &attrs)?;
-                shape(
-                    &mut req,
-                    target.wire,
-                    target.authority,
-                    target.path_and_query,
-                );
-                ctx.app_conns
-                    .send(
-                        &dest.netns,
-                        dest.netns_cookie,
-                        endpoint,
-                        target.wire,
-                        ctx.connect_timeout,
-                        req,
-                    )
-                    .await
-                    .map_err(|e| Failure::Upstream(e.to_string()))
+                let into = PodTarget {
+                    pod: dest,
+                    target: endpoint,
+                    wire: target.wire,
+                    authority: target.authority,
+                    path_and_query: target.path_and_query,
+                };
+                Ok(deliver(ctx, snap, from, into, req).await)
             }
             Way::Hbone(identity) => {
+                log.mode = Mode::Hbone;
                 shape(
                     &mut req,
                     Wire::Http2,
                     target.authority,
                     target.path_and_query,
                 );
+                if let Ok(v) = HeaderValue::from_str(&log.service.to_string()) {
+                    req.headers_mut().insert(SVC_HEADER, v);
+                }
+                // A denial at the destination comes back as its 403 response.
                 tunnel::send_request(&conn.pod, ctx, identity, endpoint, target.wire, req)
                     .await
-                    .map_err(|e| match e {
-                        crate::proxy::TunnelError::Status(s)
-                            if s == http::StatusCode::FORBIDDEN =>
-                        {
-                            Failure::Denied("at the destination".to_owned())
-                        }
-                        e => Failure::Upstream(e.to_string()),
-                    })
+                    .map(|r| r.map(body::incoming))
+                    .map_err(|e| Failure::Upstream(e.to_string()))
             }
             Way::Passthrough => {
+                log.mode = Mode::Passthrough;
                 shape(
                     &mut req,
                     target.wire,
@@ -207,6 +210,7 @@ async fn send(
                         req,
                     )
                     .await
+                    .map(|r| r.map(body::incoming))
                     .map_err(|e| Failure::Upstream(e.to_string()))
             }
         }
@@ -218,9 +222,8 @@ async fn send(
         None => call.await,
     };
     match result {
-        Ok(resp) => {
+        Ok(mut resp) => {
             in_flight.done();
-            let mut resp = resp.map(body::incoming);
             *resp.version_mut() = Version::default();
             Ok(resp)
         }
