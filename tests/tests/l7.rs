@@ -625,7 +625,7 @@ metadata: {name: no-admin-writes, namespace: default}
 spec:
   action: DENY
   rules:
-  - to: [{operation: {methods: ["POST"], paths: ["/admin/*"]}}]
+  - to: [{operation: {methods: ["POST"], paths: ["/admin/*", "/local/admin/{**}"]}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -715,4 +715,20 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
         denied["last_headers"].get("x-echo-pod").is_none(),
         "{denied}"
     );
+    // The way around an L7 policy: the pod IP, where no route applies and the agents
+    // carry bytes, not requests. The policy fails closed there: the DENY's L7 parts
+    // count as matching, so the connection is refused.
+    let addr = sa(c.pod_ip("v1"), ECHO_PORT);
+    let out = c.run_in(
+        &client,
+        &["echo-get", "--addr", &addr, "--path", "/public"],
+        SECS,
+    );
+    assert!(out.is_err(), "a pod-IP connection got through: {out:?}");
+    poll("the destination to log the refusal", SECS, || {
+        c.agent_log("node-2").lines().any(|l| {
+            l.contains("inbound connection refused")
+                && l.contains("DENY policy default/no-admin-writes")
+        })
+    });
 }

@@ -31,6 +31,16 @@ pub enum Decision {
     NotAllowed,
 }
 
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Allow => f.write_str("allowed"),
+            Decision::Denied(p) => write!(f, "DENY policy {p}"),
+            Decision::NotAllowed => f.write_str("no ALLOW policy matched"),
+        }
+    }
+}
+
 impl Decision {
     pub fn allowed(&self) -> bool {
         matches!(self, Decision::Allow)

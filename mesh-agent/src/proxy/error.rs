@@ -88,7 +88,7 @@ impl TunnelError {
 /// The server side: why a connection to a local workload was not delivered.
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
-    #[error("denied by authorization policy: {0:?}")]
+    #[error("denied by authorization policy: {0}")]
     Denied(Decision),
     #[error("the pod has no IP")]
     NoPodIp,
