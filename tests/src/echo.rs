@@ -4,8 +4,10 @@
 //! The server answers every request (HTTP/1.1 or h2c, on one port) with a JSON body
 //! saying what it received: the pod that answered, method, path with query, host
 //! (`Host` or `:authority`), protocol and headers. Request headers steer it:
-//! `x-echo-status: N` answers with status N, `x-echo-delay-ms: N` waits first. The
-//! response carries `x-echo-pod`. A request body is read to the end and its length
+//! `x-echo-status: N` answers with status N, `x-echo-delay-ms: N` waits first;
+//! with `x-echo-fail-first: N` and `x-echo-key: K`, only the first N requests with key
+//! K get that status (default 500) and the later ones 200 (a backend that recovers,
+//! for retries). The response carries `x-echo-pod`. A request body is read to the end and its length
 //! and SHA-256 reported.
 //!
 //! The client sends `count` requests one after another on one connection and prints
@@ -15,7 +17,7 @@ use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Dur
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
@@ -42,6 +44,9 @@ pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
     }
 }
 
+/// Requests seen per `x-echo-key`.
+static SEEN: std::sync::Mutex<BTreeMap<String, u64>> = std::sync::Mutex::new(BTreeMap::new());
+
 async fn answer(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let header = |k: &str| {
         req.headers()
@@ -49,9 +54,22 @@ async fn answer(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let status: u16 = header("x-echo-status")
+    let mut status: u16 = header("x-echo-status")
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
+    if let Some(n) = header("x-echo-fail-first").and_then(|s| s.parse::<u64>().ok()) {
+        let key = header("x-echo-key").unwrap_or_default();
+        let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        let count = seen.entry(key).or_default();
+        *count += 1;
+        status = if *count <= n {
+            header("x-echo-status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(500)
+        } else {
+            200
+        };
+    }
     let delay: u64 = header("x-echo-delay-ms")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
@@ -117,14 +135,14 @@ async fn answer(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
 
 #[derive(Clone)]
 enum Sender {
-    H1(std::sync::Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>>),
-    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    H1(std::sync::Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 /// One answer: status, headers, body.
 type Answer = (u16, BTreeMap<String, String>, Value);
 
-async fn once(sender: &Sender, req: Request<Empty<Bytes>>) -> anyhow::Result<Answer> {
+async fn once(sender: &Sender, req: Request<Full<Bytes>>) -> anyhow::Result<Answer> {
     let resp = match sender {
         Sender::H1(s) => {
             let mut s = s.lock().await;
@@ -171,6 +189,8 @@ pub struct GetArgs<'a> {
     pub headers: &'a [(String, String)],
     /// (method, path): sent after the others on the same connection.
     pub then: &'a [(String, String)],
+    /// A request body of this many bytes (0: none).
+    pub body_bytes: usize,
 }
 
 /// `count` requests on one connection, and a summary of the answers.
@@ -192,7 +212,8 @@ pub async fn get(a: GetArgs<'_>) -> anyhow::Result<Value> {
         .host
         .map(str::to_owned)
         .unwrap_or_else(|| a.addr.to_string());
-    let make_for = |method: &str, path: &str| -> anyhow::Result<Request<Empty<Bytes>>> {
+    let body = Bytes::from(vec![b'x'; a.body_bytes]);
+    let make_for = |method: &str, path: &str| -> anyhow::Result<Request<Full<Bytes>>> {
         let mut b = Request::builder().method(method);
         b = if a.h2 {
             b.uri(format!("http://{authority}{path}"))
@@ -202,7 +223,7 @@ pub async fn get(a: GetArgs<'_>) -> anyhow::Result<Value> {
         for (k, v) in a.headers {
             b = b.header(k, v);
         }
-        Ok(b.body(Empty::<Bytes>::new())?)
+        Ok(b.body(Full::new(body.clone()))?)
     };
     let make = || make_for(a.method, a.path);
     let lanes = if a.h2 { a.concurrency.max(1) } else { 1 };

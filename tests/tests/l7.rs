@@ -4,7 +4,7 @@
 //! not (the rewritten path, the whole `Location`).
 mod common;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use common::*;
 use serde_json::Value;
@@ -731,4 +731,104 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
                 && l.contains("DENY policy default/no-admin-writes")
         })
     });
+}
+
+const RESILIENT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: resilient, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /timeout}}]
+    timeouts: {request: 500ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /no-timeout}}]
+    timeouts: {request: 0s}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /retry}}]
+    retry: {codes: [500], attempts: 3, backoff: 10ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+---
+"#;
+
+#[test]
+fn timeouts_answer_504_and_retries_stop_at_their_limits() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(RESILIENT);
+    let mut status_of = |path: &str, headers: &[&str], body_bytes: usize| {
+        let addr = sa(vip(20), 80);
+        let body = body_bytes.to_string();
+        let mut args = vec![
+            "echo-get",
+            "--addr",
+            &addr,
+            "--host",
+            "echo",
+            "--path",
+            path,
+            "--body-bytes",
+            &body,
+        ];
+        if body_bytes > 0 {
+            args.extend(["--method", "POST"]);
+        }
+        for h in headers {
+            args.extend(["--header", h]);
+        }
+        let out = json(&c.run_in(&client, &args, SECS).unwrap());
+        let statuses = out["statuses"].as_object().unwrap();
+        assert_eq!(statuses.len(), 1, "{out}");
+        let status: u16 = statuses.keys().next().unwrap().parse().unwrap();
+        (status, out)
+    };
+    // 500 ms request timeout on a backend that takes 1 s: 504.
+    let started = std::time::Instant::now();
+    let (status, out) = status_of("/timeout", &["x-echo-delay-ms: 1000"], 0);
+    assert_eq!(status, 504, "{out}");
+    assert!(
+        started.elapsed() < Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
+    // `0s` is no timeout.
+    assert_eq!(
+        status_of("/no-timeout", &["x-echo-delay-ms: 1000"], 0).0,
+        200
+    );
+    // Two 500s, then success, with attempts 3: 200.
+    let (status, out) = status_of("/retry", &["x-echo-fail-first: 2", "x-echo-key: a"], 0);
+    assert_eq!(status, 200, "{out}");
+    // Four 500s: the first attempt and three retries all fail.
+    let (status, out) = status_of("/retry", &["x-echo-fail-first: 4", "x-echo-key: b"], 0);
+    assert_eq!(status, 500, "{out}");
+    // ...and exactly four were sent: the fifth request with that key succeeds.
+    assert_eq!(
+        status_of("/retry", &["x-echo-fail-first: 4", "x-echo-key: b"], 0).0,
+        200
+    );
+    // A 503 is not in the codes: one attempt only, so the next one succeeds.
+    let h503 = [
+        "x-echo-fail-first: 1",
+        "x-echo-key: c",
+        "x-echo-status: 503",
+    ];
+    assert_eq!(status_of("/retry", &h503, 0).0, 503);
+    assert_eq!(status_of("/retry", &h503, 0).0, 200);
+    // A small body is sent again whole; a body over 64 KiB is not retried.
+    let (status, out) = status_of("/retry", &["x-echo-fail-first: 1", "x-echo-key: d"], 1024);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["last"]["body_len"], 1024, "{out}");
+    let (status, out) = status_of(
+        "/retry",
+        &["x-echo-fail-first: 1", "x-echo-key: e"],
+        100 * 1024,
+    );
+    assert_eq!(status, 500, "{out}");
+    let log = c.agent_log("node-1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("retries=2") && l.contains("path=\"/retry\"")),
+        "{log}"
+    );
 }

@@ -1,7 +1,7 @@
 //! `gateway.networking.k8s.io/v1` HTTPRoute and GRPCRoute attached to Services (GAMMA),
 //! the wire objects and their translation into the model (`route.rs`). Unknown fields
 //! are refused by the wire types; fields of the standard channel this agent does not
-//! implement yet (RequestMirror, CORS, retry, sessionPersistence, ExtensionRef) are
+//! implement yet (RequestMirror, CORS, sessionPersistence, ExtensionRef) are
 //! refused by name, never silently ignored. Limits are Gateway API's own.
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use super::{
     model::NamespacedName,
     route::{
         Backend, Filter, HeaderMatch, HeaderMods, ParentRef, PathMatch, PathModifier, QueryMatch,
-        Redirect, Rewrite, Route, RouteKind, RouteMatch, RouteRule, StrMatch, Timeouts,
+        Redirect, Retry, Rewrite, Route, RouteKind, RouteMatch, RouteRule, StrMatch, Timeouts,
     },
     translate::object_id,
 };
@@ -80,7 +80,7 @@ struct RuleObject {
     #[serde(default)]
     backend_refs: Vec<BackendRefObject>,
     timeouts: Option<TimeoutsObject>,
-    retry: Option<serde_yaml_ng::Value>,
+    retry: Option<RetryObject>,
     session_persistence: Option<serde_yaml_ng::Value>,
 }
 
@@ -195,6 +195,15 @@ struct BackendRefObject {
     weight: Option<i32>,
     #[serde(default)]
     filters: Vec<FilterObject>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RetryObject {
+    #[serde(default)]
+    codes: Option<Vec<i64>>,
+    attempts: Option<i64>,
+    backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -320,9 +329,11 @@ fn port(v: i32, field: &str) -> Result<u16> {
 }
 
 fn rule(r: &RuleObject, kind: RouteKind, route: &NamespacedName, field: &str) -> Result<RouteRule> {
-    if r.retry.is_some() {
-        return Err(not_yet(&format!("{field}.retry"), "retries"));
-    }
+    let retry = r
+        .retry
+        .as_ref()
+        .map(|o| retry(o, kind, &format!("{field}.retry")))
+        .transpose()?;
     if r.session_persistence.is_some() {
         return Err(not_yet(
             &format!("{field}.sessionPersistence"),
@@ -399,6 +410,58 @@ fn rule(r: &RuleObject, kind: RouteKind, route: &NamespacedName, field: &str) ->
         filters,
         backends,
         timeouts,
+        retry,
+    })
+}
+
+/// Retries a rule may ask for at most: each one is another request to a backend.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// Without `codes`: the gateway errors (Envoy's `gateway-error`). A 500 is not
+/// retried unless listed: it is often the application's own answer.
+pub const DEFAULT_RETRY_CODES: [u16; 3] = [502, 503, 504];
+/// Linkerd's default limit.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 1;
+/// Envoy's base interval.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+fn retry(o: &RetryObject, kind: RouteKind, field: &str) -> Result<Retry> {
+    if kind == RouteKind::Grpc {
+        return Err(FieldError::new(field, "is not a GRPCRoute field"));
+    }
+    let codes = match &o.codes {
+        None => DEFAULT_RETRY_CODES.to_vec(),
+        Some(codes) => codes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match u16::try_from(*c) {
+                Ok(c) if (400..=599).contains(&c) => Ok(c),
+                _ => Err(FieldError::new(
+                    format!("{field}.codes[{i}]"),
+                    format!("{c} is not a status code from 400 to 599"),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
+    let attempts = match o.attempts {
+        None => DEFAULT_RETRY_ATTEMPTS,
+        Some(a) => match u32::try_from(a) {
+            Ok(a) if a <= MAX_RETRY_ATTEMPTS => a,
+            _ => {
+                return Err(FieldError::new(
+                    format!("{field}.attempts"),
+                    format!("{a} is not from 0 to {MAX_RETRY_ATTEMPTS}"),
+                ));
+            }
+        },
+    };
+    let backoff = match &o.backoff {
+        None => DEFAULT_RETRY_BACKOFF,
+        Some(v) => duration(v, &format!("{field}.backoff"))?.unwrap_or(Duration::ZERO),
+    };
+    Ok(Retry {
+        codes,
+        attempts,
+        backoff,
     })
 }
 
@@ -915,5 +978,46 @@ mod tests {
         for bad in ["", "1", "s", "1.5s", "123456s", "1s1s1s1s1s", "-1s", "1d"] {
             assert!(d(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    fn retry_of(yaml: &str) -> Result<Retry> {
+        let o: RetryObject =
+            serde_yaml_ng::from_str(yaml).map_err(|e| FieldError::new("x", e.to_string()))?;
+        retry(&o, RouteKind::Http, "spec.rules[0].retry")
+    }
+
+    #[test]
+    fn retries_take_gateway_api_fields_with_bounded_defaults() {
+        let r = retry_of("{codes: [500, 503], attempts: 3, backoff: 100ms}").unwrap();
+        assert_eq!(
+            r,
+            Retry {
+                codes: vec![500, 503],
+                attempts: 3,
+                backoff: Duration::from_millis(100)
+            }
+        );
+        let d = retry_of("{}").unwrap();
+        assert_eq!(d.codes, DEFAULT_RETRY_CODES.to_vec());
+        assert_eq!(d.attempts, DEFAULT_RETRY_ATTEMPTS);
+        assert_eq!(d.backoff, DEFAULT_RETRY_BACKOFF);
+        let e = retry_of("{codes: [200]}").unwrap_err().to_string();
+        assert!(e.contains("spec.rules[0].retry.codes[0]"), "{e}");
+        let e = retry_of("{attempts: 11}").unwrap_err().to_string();
+        assert!(e.contains("spec.rules[0].retry.attempts"), "{e}");
+        let e = retry_of("{backoff: soon}").unwrap_err().to_string();
+        assert!(e.contains("spec.rules[0].retry.backoff"), "{e}");
+        assert!(
+            retry(
+                &RetryObject {
+                    codes: None,
+                    attempts: None,
+                    backoff: None
+                },
+                RouteKind::Grpc,
+                "f"
+            )
+            .is_err()
+        );
     }
 }

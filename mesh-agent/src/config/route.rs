@@ -49,6 +49,7 @@ pub struct RouteRule {
     pub filters: Vec<Filter>,
     pub backends: Vec<Backend>,
     pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
 }
 
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
@@ -151,6 +152,16 @@ pub struct Backend {
     /// Share of the rule's requests; 0 gets none.
     pub weight: u32,
     pub filters: Vec<Filter>,
+}
+
+/// `retry` (GEP-1731): a request that failed to connect, or got one of `codes`, is
+/// sent again, up to `attempts` more times, `backoff` apart, within the request
+/// timeout, if its body was small enough to keep.
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
+pub struct Retry {
+    pub codes: Vec<u16>,
+    pub attempts: u32,
+    pub backoff: Duration,
 }
 
 /// `None` is no timeout (absent, or `0s`).

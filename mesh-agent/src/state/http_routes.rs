@@ -14,8 +14,8 @@ use regex::Regex;
 
 use super::routes::endpoints_of;
 use crate::config::{
-    Config, Filter, NamespacedName, PathMatch, Protocol, Route, RouteKind, RouteMatch, Service,
-    ServicePort, StrMatch, Timeouts,
+    Config, Filter, NamespacedName, PathMatch, Protocol, Retry, Route, RouteKind, RouteMatch,
+    Service, ServicePort, StrMatch, Timeouts,
 };
 
 /// What a Service port says its clients speak.
@@ -93,6 +93,7 @@ pub struct CompiledRule {
     pub filters: Vec<Filter>,
     pub backends: Vec<CompiledBackend>,
     pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
 }
 
 impl CompiledRule {
@@ -510,6 +511,7 @@ fn compile(
                     })
                     .collect(),
                 timeouts: rule.timeouts,
+                retry: rule.retry.clone(),
             });
             for (mi, m) in rule.matches.iter().enumerate() {
                 let Some(entry) = entry(m, compiled.clone()) else {

@@ -74,6 +74,9 @@ enum Cmd {
         /// others, each answer's status reported in order (`then`).
         #[arg(long = "then")]
         then: Vec<String>,
+        /// Send a request body of this many bytes.
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
     },
     /// Open `count` connections at once, then ask each who answers.
     Who {
@@ -225,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
             host,
             headers,
             then,
+            body_bytes,
         } => {
             let then: Vec<(String, String)> = then
                 .iter()
@@ -246,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
                 host: host.as_deref(),
                 headers: &headers,
                 then: &then,
+                body_bytes,
             })
             .await?;
             println!("{out}");

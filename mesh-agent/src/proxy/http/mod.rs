@@ -19,6 +19,7 @@ mod errors;
 mod filters;
 pub mod inbound;
 mod metered;
+mod replay;
 mod request_id;
 mod route;
 mod upstream;
@@ -219,6 +220,7 @@ async fn handle(conn: Arc<Conn>, req: Request<hyper::body::Incoming>) -> Respons
         mode: Mode::Passthrough,
         destination: Peer::default(),
         service: conn.service.clone(),
+        retries: 0,
     };
     let response = match decision {
         Decision::NotFound if routes.is_none() => {
@@ -313,6 +315,8 @@ struct RequestLog<'a> {
     destination: Peer,
     /// The Service the request went to: the rule's backend, else the frontend's.
     service: NamespacedName,
+    /// Attempts after the first.
+    retries: u32,
 }
 
 impl RequestLog<'_> {
@@ -354,6 +358,7 @@ impl RequestLog<'_> {
             route = %self.route,
             rule = %self.rule,
             upstream = %self.upstream,
+            retries = self.retries,
             duration_ms = start.elapsed().as_millis() as u64,
             "request"
         );

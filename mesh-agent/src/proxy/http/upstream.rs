@@ -3,16 +3,19 @@
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Uri, Version, header};
+use tracing::debug;
 
 use super::{
     Conn, RequestLog, SVC_HEADER, Wire,
     body::{self, Body},
     errors::Failure,
     inbound::{PodTarget, Sender, deliver},
+    replay::Recording,
     request_filters, response_filters,
     route::Forward,
 };
 use crate::{
+    config::Retry,
     proxy::{
         Snapshot,
         plan::{Way, hop_to},
@@ -39,24 +42,38 @@ pub async fn forward(
     log.service = backend.service.clone();
     request_filters(&rule.filters, req.headers_mut());
     request_filters(&backend.filters, req.headers_mut());
-    let send = send(
-        conn,
-        snap,
-        endpoints,
-        req,
-        Target {
-            wire,
-            authority: &f.authority,
-            path_and_query: &f.path_and_query,
-            timeout: rule.timeouts.backend_request,
-        },
-        log,
-    );
+    let target = Target {
+        wire,
+        authority: &f.authority,
+        path_and_query: &f.path_and_query,
+        timeout: rule.timeouts.backend_request,
+    };
+    // Retries happen inside the request timeout, which bounds them all. Each attempt
+    // picks its endpoint anew.
+    let attempts = async {
+        let Some(retry) = &rule.retry else {
+            return send(conn, snap, endpoints, req, target, log).await;
+        };
+        let (parts, body) = req.into_parts();
+        let recording = Recording::new(body);
+        loop {
+            let req = again(&parts, recording.attempt());
+            let result = send(conn, snap, endpoints, req, target, log).await;
+            if !retryable(retry, &result) || log.retries >= retry.attempts || !recording.can_retry()
+            {
+                return result;
+            }
+            log.retries += 1;
+            debug!(retries = log.retries, "retrying the request");
+            drop(result);
+            tokio::time::sleep(retry.backoff).await;
+        }
+    };
     let mut resp = match rule.timeouts.request {
-        Some(t) => tokio::time::timeout(t, send)
+        Some(t) => tokio::time::timeout(t, attempts)
             .await
             .map_err(|_| Failure::Timeout)??,
-        None => send.await?,
+        None => attempts.await?,
     };
     response_filters(&rule.filters, &mut resp);
     response_filters(&backend.filters, &mut resp);
@@ -97,6 +114,27 @@ pub async fn to_service(
     .await
 }
 
+/// Whether an attempt's outcome may be retried: a connection failure, or one of the
+/// rule's codes.
+fn retryable(retry: &Retry, result: &Result<Response<Body>, Failure>) -> bool {
+    match result {
+        Ok(r) => retry.codes.contains(&r.status().as_u16()),
+        Err(Failure::Upstream(_)) => true,
+        Err(_) => false,
+    }
+}
+
+/// The request again, with a new attempt's body.
+fn again(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+#[derive(Clone, Copy)]
 struct Target<'a> {
     wire: Wire,
     authority: &'a str,
