@@ -314,6 +314,15 @@ impl Cluster {
     }
 
     /// The IP of a pod added earlier.
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
     pub fn pod_ip(&self, name: &str) -> IpAddr {
         self.pods
             .iter()
@@ -669,6 +678,12 @@ impl Cluster {
     pub fn start_echo_server(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
         let port = port.to_string();
         self.start_listening(pod, &["echo-serve", "--name", &pod.name, "--port", &port])
+    }
+
+    /// Starts the WebSocket echo server (`mesh-testpod ws-serve`) in `pod`.
+    pub fn start_ws_server(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let port = port.to_string();
+        self.start_listening(pod, &["ws-serve", "--name", &pod.name, "--port", &port])
     }
 
     /// Starts a `mesh-testpod` server and waits for its "listening" line on stderr.

@@ -12,6 +12,7 @@ pub mod echo;
 pub mod pattern;
 pub mod proc;
 pub mod tls;
+pub mod ws;
 pub mod yaml;
 
 pub use cluster::{Cluster, Node, Pod};

@@ -39,12 +39,22 @@ fn l7_cluster(routes: &str) -> (Cluster, Pod) {
 }
 
 fn http_service(name: &str, vip: std::net::IpAddr, endpoints: &[std::net::IpAddr]) -> String {
+    service_to(name, vip, endpoints, ECHO_PORT)
+}
+
+/// A Service on port 80 (named `http`) to `target` on `endpoints`.
+fn service_to(
+    name: &str,
+    vip: std::net::IpAddr,
+    endpoints: &[std::net::IpAddr],
+    target: u16,
+) -> String {
     let mut s = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-         spec:\n  clusterIP: {vip}\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}}}\n---\n\
+         spec:\n  clusterIP: {vip}\n  ports:\n  - {{name: http, port: 80, targetPort: {target}}}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata:\n  name: {name}-slice\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {ECHO_PORT}}}]\nendpoints:\n"
+         addressType: IPv4\nports: [{{name: http, port: {target}}}]\nendpoints:\n"
     );
     for ip in endpoints {
         s.push_str(&format!("- addresses: [\"{ip}\"]\n"));
@@ -829,6 +839,64 @@ fn timeouts_answer_504_and_retries_stop_at_their_limits() {
     assert!(
         log.lines()
             .any(|l| l.contains("retries=2") && l.contains("path=\"/retry\"")),
+        "{log}"
+    );
+}
+
+#[test]
+fn websocket_upgrades_pass_through_a_routed_port_on_one_node_and_across_nodes() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster("");
+    const WS_PORT: u16 = 8081;
+    for name in ["local", "v1"] {
+        let pod = c.pod(name);
+        c.start_ws_server(&pod, WS_PORT).expect("start ws server");
+    }
+    let applied = |c: &Cluster| {
+        ["node-1", "node-2"].map(|n| c.agent_log(n).matches("config applied").count())
+    };
+    let before = applied(&c);
+    let cfg = service_to("ws", vip(24), &[c.pod_ip("local"), c.pod_ip("v1")], WS_PORT)
+        + &service_to("ws-local", vip(25), &[c.pod_ip("local")], WS_PORT)
+        + &service_to("ws-v1", vip(26), &[c.pod_ip("v1")], WS_PORT)
+        + r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: ws, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: ws, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /here}}]
+    backendRefs: [{name: ws-local, port: 80}]
+  - backendRefs: [{name: ws-v1, port: 80}]
+---
+"#;
+    c.write_config("ws.yaml", &cfg).unwrap();
+    poll("both agents to apply the routes", SECS, || {
+        let now = applied(&c);
+        now[0] > before[0] && now[1] > before[1]
+    });
+    let addr = sa(vip(24), 80);
+    for (path, pod) in [("/here", "local"), ("/there", "v1")] {
+        let out = json(
+            &c.run_in(
+                &client,
+                &[
+                    "ws-get", "--addr", &addr, "--host", "ws", "--path", path, "--count", "20",
+                ],
+                SECS,
+            )
+            .unwrap(),
+        );
+        assert_eq!(out["status"], 101, "{out}");
+        let echoes = out["echoes"].as_array().unwrap();
+        assert_eq!(echoes.len(), 20, "{out}");
+        assert_eq!(echoes[19], format!("{pod}: message 19"), "{out}");
+    }
+    let log = c.agent_log("node-1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("httproute/default/ws") && l.contains("status=101")),
         "{log}"
     );
 }

@@ -78,6 +78,24 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         body_bytes: usize,
     },
+    /// A WebSocket echo server.
+    WsServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// `count` WebSocket messages on one connection; prints the echoes.
+    WsGet {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
     /// Open `count` connections at once, then ask each who answers.
     Who {
         #[arg(long)]
@@ -218,6 +236,17 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve { name, port, log } => serve(name, port, log).await,
         Cmd::Http { port, body } => http_serve(port, body).await,
         Cmd::EchoServe { name, port } => mesh_tests::echo::serve(name, port).await,
+        Cmd::WsServe { name, port } => mesh_tests::ws::serve(name, port).await,
+        Cmd::WsGet {
+            addr,
+            host,
+            path,
+            count,
+        } => {
+            let out = mesh_tests::ws::get(addr, &host, &path, count).await?;
+            println!("{out}");
+            Ok(())
+        }
         Cmd::EchoGet {
             addr,
             path,

@@ -22,6 +22,7 @@ mod metered;
 mod replay;
 mod request_id;
 mod route;
+mod upgrade;
 mod upstream;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
@@ -170,8 +171,11 @@ fn strip_headers(h: &mut HeaderMap) {
     }
 }
 
-async fn handle(conn: Arc<Conn>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Response<Body> {
     let start = Instant::now();
+    // Read before the hop-by-hop headers are stripped.
+    let upgrade = upgrade::requested(req.headers(), req.version())
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client_wire = if req.version() == Version::HTTP_2 {
         Wire::Http2
     } else {
@@ -254,7 +258,7 @@ async fn handle(conn: Arc<Conn>, req: Request<hyper::body::Incoming>) -> Respons
             log.rule_of(&f.rule);
             let wire = upstream_wire(conn.protocol, client_wire);
             let req = Request::from_parts(parts, body);
-            upstream::forward(&conn, &snap, f, req, wire, &mut log).await
+            upstream::forward(&conn, &snap, f, req, wire, upgrade, &mut log).await
         }
     };
     let (response, flag) = match response {

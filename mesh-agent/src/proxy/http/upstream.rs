@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Uri, Version, header};
+use hyper::upgrade::OnUpgrade;
 use tracing::debug;
 
 use super::{
@@ -13,6 +14,7 @@ use super::{
     replay::Recording,
     request_filters, response_filters,
     route::Forward,
+    upgrade::Upgrade,
 };
 use crate::{
     config::Retry,
@@ -31,6 +33,7 @@ pub async fn forward(
     f: Forward,
     mut req: Request<Body>,
     wire: Wire,
+    upgrade: Option<(HeaderValue, OnUpgrade)>,
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
     let rule = f.rule.clone();
@@ -49,8 +52,18 @@ pub async fn forward(
         timeout: rule.timeouts.backend_request,
     };
     // Retries happen inside the request timeout, which bounds them all. Each attempt
-    // picks its endpoint anew.
+    // picks its endpoint anew. An upgrade is sent once; the timeout bounds its
+    // handshake, not the upgraded connection.
     let attempts = async {
+        if let Some((protocol, client)) = upgrade {
+            let up = Upgrade {
+                protocol,
+                client,
+                authority: &f.authority,
+                path_and_query: &f.path_and_query,
+            };
+            return super::upgrade::send(conn, snap, endpoints, req, up, log).await;
+        }
         let Some(retry) = &rule.retry else {
             return send(conn, snap, endpoints, req, target, log).await;
         };
