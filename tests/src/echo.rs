@@ -33,9 +33,18 @@ pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
         let (stream, _) = listener.accept().await?;
         let name = name.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let name = name.clone();
-                async move { Ok::<_, Infallible>(answer(&name, req).await) }
+                async move {
+                    let r = if req.headers().contains_key("x-echo-stream") {
+                        crate::stream::answer(&name, req)
+                    } else {
+                        answer(&name, req)
+                            .await
+                            .map(|b| b.map_err(|never| match never {}).boxed())
+                    };
+                    Ok::<_, Infallible>(r)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)

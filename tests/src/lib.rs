@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod echo;
 pub mod pattern;
 pub mod proc;
+pub mod stream;
 pub mod tls;
 pub mod ws;
 pub mod yaml;

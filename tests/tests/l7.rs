@@ -900,3 +900,99 @@ spec:
         "{log}"
     );
 }
+
+const GRPC_ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Stream}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{method: {service: echo.Echo}, headers: [{name: x-tenant, value: local}]}]
+    backendRefs: [{name: echo-local, port: 80}]
+  - backendRefs: [{name: echo-v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: loses-to-grpc, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - backendRefs: [{name: echo-local, port: 80}]
+---
+"#;
+
+#[test]
+fn grpc_routes_streams_both_ways_with_trailers_and_a_1_gib_upload() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(GRPC_ROUTES);
+    let addr = sa(vip(20), 80);
+    // A bidirectional stream: each chunk is echoed before the next is sent, so the
+    // test stalls (and times out) if anything on the way waits for more.
+    let out = json(
+        &c.run_in(
+            &client,
+            &[
+                "echo-stream",
+                "--addr",
+                &addr,
+                "--host",
+                "echo",
+                "--count",
+                "50",
+            ],
+            SECS,
+        )
+        .unwrap(),
+    );
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(out["pod"], "v2", "{out}");
+    assert_eq!(out["echoed"], 50, "{out}");
+    assert_eq!(out["trailers"]["grpc-status"], "0", "{out}");
+    assert_eq!(out["trailers"]["x-echo-trailer"], "done", "{out}");
+    // GRPCRoute service and header matches; the HTTPRoute on the same port lost the
+    // conflict (GEP-1294), so nothing goes to its backend by default.
+    let unary = |c: &mut Cluster, headers: &[&str]| {
+        let mut h = vec!["content-type: application/grpc"];
+        h.extend_from_slice(headers);
+        let out = get(
+            c,
+            &client,
+            Get {
+                path: "/echo.Echo/Get",
+                h2: true,
+                method: "POST",
+                headers: &h,
+                ..Get::default()
+            },
+        );
+        only_pod(&out)
+    };
+    assert_eq!(unary(&mut c, &["x-tenant: local"]), "local");
+    assert_eq!(unary(&mut c, &[]), "v1");
+    // 1 GiB streamed over HTTP/1.1 across nodes (as HTTP/2 between the agents), and
+    // 256 MiB over HTTP/2, with matching checksums.
+    for (mib, h2) in [("1024", false), ("256", true)] {
+        let mut args = vec![
+            "echo-upload",
+            "--addr",
+            &addr,
+            "--host",
+            "echo",
+            "--mib",
+            mib,
+        ];
+        if h2 {
+            args.push("--h2");
+        }
+        let started = std::time::Instant::now();
+        let out = json(&c.run_in(&client, &args, Duration::from_secs(300)).unwrap());
+        eprintln!("{mib} MiB (h2={h2}) in {:?}", started.elapsed());
+        assert_eq!(out["status"], 200, "{out}");
+        assert_eq!(out["pod"], "v1", "{out}");
+        assert_eq!(out["server_len"], out["sent_len"], "{out}");
+        assert_eq!(out["server_sha"], out["sent_sha"], "{out}");
+    }
+}

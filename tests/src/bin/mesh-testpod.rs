@@ -78,6 +78,29 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         body_bytes: usize,
     },
+    /// A bidirectional stream shaped as gRPC through the echo server: `count` chunks,
+    /// each echoed before the next, then trailers both ways.
+    EchoStream {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/echo.Echo/Stream")]
+        path: String,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+    },
+    /// A streamed upload of `mib` MiB to the echo server; prints both checksums.
+    EchoUpload {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        mib: usize,
+        #[arg(long)]
+        h2: bool,
+    },
     /// A WebSocket echo server.
     WsServe {
         #[arg(long)]
@@ -237,6 +260,30 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Http { port, body } => http_serve(port, body).await,
         Cmd::EchoServe { name, port } => mesh_tests::echo::serve(name, port).await,
         Cmd::WsServe { name, port } => mesh_tests::ws::serve(name, port).await,
+        Cmd::EchoStream {
+            addr,
+            host,
+            path,
+            count,
+        } => {
+            println!(
+                "{}",
+                mesh_tests::stream::bidi(addr, &host, &path, count).await?
+            );
+            Ok(())
+        }
+        Cmd::EchoUpload {
+            addr,
+            host,
+            mib,
+            h2,
+        } => {
+            println!(
+                "{}",
+                mesh_tests::stream::upload(addr, &host, mib, h2).await?
+            );
+            Ok(())
+        }
         Cmd::WsGet {
             addr,
             host,
