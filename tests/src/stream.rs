@@ -103,7 +103,7 @@ pub async fn bidi(addr: SocketAddr, host: &str, path: &str, count: usize) -> any
         match frame.into_data() {
             Ok(d) => {
                 anyhow::ensure!(
-                    d == Bytes::from(format!("chunk {echoed} of {count}")),
+                    d == format!("chunk {echoed} of {count}").as_bytes(),
                     "echo {echoed} was {d:?}"
                 );
                 echoed += 1;
