@@ -271,3 +271,26 @@ pub async fn get(a: GetArgs<'_>) -> anyhow::Result<Value> {
         "then": then,
     }))
 }
+
+/// Connects, sends nothing for `wait`, then one GET on the same connection.
+pub async fn silent_get(addr: SocketAddr, host: &str, wait: Duration) -> anyhow::Result<Value> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    tokio::time::sleep(wait).await;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("/silent")
+        .header("host", host)
+        .body(Full::new(Bytes::new()))?;
+    let resp = s.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let pod = resp
+        .headers()
+        .get("x-echo-pod")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Ok(json!({ "status": status, "pod": pod }))
+}

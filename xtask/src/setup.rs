@@ -19,6 +19,11 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     // The config test checks that an idle agent opens no config file.
     "strace",
+    // Server-first and client-first protocols through a routed port (detection).
+    "mariadb-server",
+    "mariadb-client",
+    "redis-server",
+    "redis-tools",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -105,8 +105,14 @@ async fn handle(
                 PortProtocol::Http | PortProtocol::Http2 => (true, Bytes::new()),
                 PortProtocol::Opaque => (false, Bytes::new()),
                 PortProtocol::Detect => match detect(&mut client, ctx.detect_timeout).await {
-                    Ok((Detected::Opaque, prefix)) => (false, prefix),
-                    Ok((_, prefix)) => (true, prefix),
+                    Ok((Detected::Opaque, prefix)) => {
+                        debug!(read = prefix.len(), "detected: not HTTP, carried as TCP");
+                        (false, prefix)
+                    }
+                    Ok((d, prefix)) => {
+                        debug!(detected = ?d, "detected HTTP");
+                        (true, prefix)
+                    }
                     Err(e) => {
                         debug!(error = %e, "client connection failed during detection");
                         return;

@@ -101,6 +101,16 @@ enum Cmd {
         #[arg(long)]
         h2: bool,
     },
+    /// Connect, send nothing for `wait_secs`, then one HTTP/1.1 GET on that same
+    /// connection; prints its status and the answering pod.
+    SilentGet {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        wait_secs: u64,
+    },
     /// A WebSocket echo server.
     WsServe {
         #[arg(long)]
@@ -260,6 +270,16 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Http { port, body } => http_serve(port, body).await,
         Cmd::EchoServe { name, port } => mesh_tests::echo::serve(name, port).await,
         Cmd::WsServe { name, port } => mesh_tests::ws::serve(name, port).await,
+        Cmd::SilentGet {
+            addr,
+            host,
+            wait_secs,
+        } => {
+            let out =
+                mesh_tests::echo::silent_get(addr, &host, Duration::from_secs(wait_secs)).await?;
+            println!("{out}");
+            Ok(())
+        }
         Cmd::EchoStream {
             addr,
             host,
