@@ -7,7 +7,8 @@
 //! `x-echo-status: N` answers with status N, `x-echo-delay-ms: N` waits first;
 //! with `x-echo-fail-first: N` and `x-echo-key: K`, only the first N requests with key
 //! K get that status (default 500) and the later ones 200 (a backend that recovers,
-//! for retries). The response carries `x-echo-pod`. A request body is read to the end and its length
+//! for retries); `x-echo-slow-pod: NAME` makes only the pod NAME wait 100 ms. The
+//! response carries `x-echo-pod`. A request body is read to the end and its length
 //! and SHA-256 reported.
 //!
 //! The client sends `count` requests one after another on one connection and prints
@@ -79,9 +80,13 @@ async fn answer(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
             200
         };
     }
-    let delay: u64 = header("x-echo-delay-ms")
+    let mut delay: u64 = header("x-echo-delay-ms")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    // One slow endpoint among several: only the pod named here waits 100 ms.
+    if header("x-echo-slow-pod").as_deref() == Some(name) {
+        delay = delay.max(100);
+    }
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in req.headers() {
         let v = v.to_str().unwrap_or("(binary)");

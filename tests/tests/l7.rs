@@ -996,3 +996,121 @@ fn grpc_routes_streams_both_ways_with_trailers_and_a_1_gib_upload() {
         assert_eq!(out["server_sha"], out["sent_sha"], "{out}");
     }
 }
+
+#[test]
+fn one_connection_is_spread_per_request_and_a_slow_endpoint_gets_far_fewer() {
+    let _g = serial();
+    let routes = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: all, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /one}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - backendRefs: [{name: echo-trio, port: 80}]
+---
+"#;
+    let (mut c, client) = l7_cluster(routes);
+    let applied = c.agent_log("node-1").matches("config applied").count();
+    let trio = http_service(
+        "echo-trio",
+        vip(27),
+        &[c.pod_ip("local"), c.pod_ip("v1"), c.pod_ip("v2")],
+    );
+    c.write_config("trio.yaml", &trio).unwrap();
+    poll("the trio Service", SECS, || {
+        c.agent_log("node-1").matches("config applied").count() > applied
+    });
+    // 1,000 gRPC-shaped calls on one HTTP/2 connection, 16 at a time: all three
+    // endpoints take a share.
+    let grpc = ["content-type: application/grpc", "x-echo-slow-pod: none"];
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/echo.Echo/Get",
+            h2: true,
+            method: "POST",
+            count: 1000,
+            concurrency: 16,
+            headers: &grpc,
+            ..Get::default()
+        },
+    );
+    assert_eq!(out["statuses"]["200"], 1000, "{out}");
+    let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
+    for p in ["local", "v1", "v2"] {
+        assert!(pods.get(p).copied().unwrap_or(0) >= 50, "{p}: {out}");
+    }
+    // v2 answers in 100 ms, the others at once: it gets far fewer.
+    let slow = ["content-type: application/grpc", "x-echo-slow-pod: v2"];
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/echo.Echo/Get",
+            h2: true,
+            method: "POST",
+            count: 600,
+            concurrency: 8,
+            headers: &slow,
+            ..Get::default()
+        },
+    );
+    assert_eq!(out["statuses"]["200"], 600, "{out}");
+    let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
+    let v2 = pods.get("v2").copied().unwrap_or(0);
+    let others = pods
+        .get("local")
+        .copied()
+        .unwrap_or(0)
+        .min(pods.get("v1").copied().unwrap_or(0));
+    assert!(v2 * 3 < others, "the slow endpoint was not avoided: {out}");
+    // HTTP/1.1 across nodes travels as HTTP/2 requests on the pooled tunnel: 1,000
+    // sequential requests on one client connection open no tunnel connection.
+    get(
+        &mut c,
+        &client,
+        Get {
+            path: "/one",
+            ..Get::default()
+        },
+    );
+    let tunnels = |c: &Cluster| {
+        metric(
+            &c.metrics("node-1").unwrap(),
+            "mesh_tunnel_connections",
+            &[],
+        )
+    };
+    let before = tunnels(&c);
+    assert!(before >= 1, "{}", c.metrics("node-1").unwrap());
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/one",
+            count: 1000,
+            ..Get::default()
+        },
+    );
+    assert_eq!(out["statuses"]["200"], 1000, "{out}");
+    assert_eq!(out["last"]["proto"], "HTTP/1.1", "{out}");
+    assert_eq!(tunnels(&c), before);
+    // The destination agent took them as requests (only HTTP/2 requests on the
+    // tunnel reach its request metrics).
+    let text = c.metrics("node-2").unwrap();
+    assert!(
+        metric(
+            &text,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_service_name", "echo-v1")
+            ]
+        ) >= 1001,
+        "{text}"
+    );
+}
