@@ -1036,7 +1036,6 @@ spec:
             count: 1000,
             concurrency: 16,
             headers: &grpc,
-            ..Get::default()
         },
     );
     assert_eq!(out["statuses"]["200"], 1000, "{out}");
@@ -1056,7 +1055,6 @@ spec:
             count: 600,
             concurrency: 8,
             headers: &slow,
-            ..Get::default()
         },
     );
     assert_eq!(out["statuses"]["200"], 600, "{out}");
