@@ -72,8 +72,8 @@ fn mariadb_redis_and_a_silent_client_work_through_routed_ports_with_detection() 
         .args(["--skip-grant-tables", "--skip-name-resolve"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(c.work_dir.join("mariadb.log")).unwrap());
-    let child = mysqld.spawn().unwrap();
-    c.track(child.id());
+    let mut mysqld = mysqld.spawn().unwrap();
+    c.track(mysqld.id());
     let mut redis = c
         .command_in_pod(&cache, Path::new("/usr/bin/redis-server"))
         .unwrap();
@@ -89,8 +89,8 @@ fn mariadb_redis_and_a_silent_client_work_through_routed_ports_with_detection() 
         .args(["--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let child = redis.spawn().unwrap();
-    c.track(child.id());
+    let mut redis = redis.spawn().unwrap();
+    c.track(redis.id());
 
     let cfg = c.pod_yaml(&client, true)
         + &c.pod_yaml(&db, true)
@@ -196,4 +196,8 @@ fn mariadb_redis_and_a_silent_client_work_through_routed_ports_with_detection() 
         "{log}"
     );
     assert!(!log.contains("path=\"/silent\""), "{log}");
+    for server in [&mut mysqld, &mut redis] {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
 }
