@@ -15,6 +15,10 @@ const TLS_PORT: u16 = 7443;
 /// The same path to the bulk (SINK) server.
 pub const BULK_PORT: u16 = 7002;
 const BULK_TLS_PORT: u16 = 7444;
+/// HTTP mode: HAProxy parses every request (keep-alive to the client) and sends it
+/// as HTTP/2 over mutual TLS to the other node's HAProxy: the L7 baseline.
+pub const HTTP_PORT: u16 = 7003;
+const HTTP_TLS_PORT: u16 = 7445;
 
 fn openssl(args: &[&str], dir: &Path) -> anyhow::Result<()> {
     let out = std::process::Command::new("openssl")
@@ -142,15 +146,26 @@ fn start(c: &mut Cluster, node: &str, config: &Path) -> anyhow::Result<Child> {
     Ok(child)
 }
 
+/// The addresses the client pod dials for each path.
+pub struct Paths {
+    /// TCP mode to the HTTP server.
+    pub tcp: String,
+    /// TCP mode to the bulk server.
+    pub bulk: String,
+    /// HTTP mode to the HTTP server.
+    pub http: String,
+}
+
 /// Starts both HAProxies; the client pod dials `<client node gateway>:CLIENT_PORT`
-/// for `server` and `:BULK_PORT` for `bulk`. Returns both addresses.
+/// for `server` and `:BULK_PORT` for `bulk` (TCP mode), `:HTTP_PORT` for `server`
+/// in HTTP mode.
 pub fn run(
     c: &mut Cluster,
     client_node: &str,
     server_node: &str,
     server: (IpAddr, u16),
     bulk: u16,
-) -> anyhow::Result<(Haproxies, String, String)> {
+) -> anyhow::Result<(Haproxies, Paths)> {
     let dir: PathBuf = c.work_dir.join("haproxy");
     certificates(&dir)?;
     let server_node_ip = c.node(server_node).fabric_ip;
@@ -161,17 +176,29 @@ pub fn run(
     let d = dir.display();
     let mut client_cfg = global.to_owned();
     let mut server_cfg = global.to_owned();
-    for (name, front, tls, app_port) in [
-        ("http", CLIENT_PORT, TLS_PORT, server.1),
-        ("bulk", BULK_PORT, BULK_TLS_PORT, bulk),
+    for (name, front, tls, app_port, http) in [
+        ("http", CLIENT_PORT, TLS_PORT, server.1, false),
+        ("bulk", BULK_PORT, BULK_TLS_PORT, bulk, false),
+        ("l7", HTTP_PORT, HTTP_TLS_PORT, server.1, true),
     ] {
+        // HTTP mode: requests parsed and kept alive at each hop, HTTP/2 between the
+        // nodes (as the agents do).
+        let (mode, peer_alpn, bind_alpn) = if http {
+            (
+                "  mode http\n  option http-keep-alive\n",
+                " alpn h2",
+                " alpn h2",
+            )
+        } else {
+            ("", "", "")
+        };
         client_cfg.push_str(&format!(
-            "frontend {name}\n  bind {client_gw}:{front}\n  default_backend {name}-peer\n\
-             backend {name}-peer\n  server peer {server_node_ip}:{tls} ssl crt {d}/client.pem ca-file {d}/ca.pem verify required verifyhost server\n"
+            "frontend {name}\n{mode}  bind {client_gw}:{front}\n  default_backend {name}-peer\n\
+             backend {name}-peer\n{mode}  server peer {server_node_ip}:{tls} ssl crt {d}/client.pem ca-file {d}/ca.pem verify required verifyhost server{peer_alpn}\n"
         ));
         server_cfg.push_str(&format!(
-            "frontend {name}-tunnel\n  bind {server_node_ip}:{tls} ssl crt {d}/server.pem ca-file {d}/ca.pem verify required\n  default_backend {name}-app\n\
-             backend {name}-app\n  server app {}:{app_port}\n",
+            "frontend {name}-tunnel\n{mode}  bind {server_node_ip}:{tls} ssl crt {d}/server.pem ca-file {d}/ca.pem verify required{bind_alpn}\n  default_backend {name}-app\n\
+             backend {name}-app\n{mode}  server app {}:{app_port}\n",
             server.0
         ));
     }
@@ -188,7 +215,10 @@ pub fn run(
             children: vec![a, b],
             pids,
         },
-        format!("{client_gw}:{CLIENT_PORT}"),
-        format!("{client_gw}:{BULK_PORT}"),
+        Paths {
+            tcp: format!("{client_gw}:{CLIENT_PORT}"),
+            bulk: format!("{client_gw}:{BULK_PORT}"),
+            http: format!("{client_gw}:{HTTP_PORT}"),
+        },
     ))
 }

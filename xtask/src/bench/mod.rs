@@ -8,7 +8,12 @@
 //!   mesh-mtls      through both agents and the mTLS tunnel to the node-2 server
 //!   mesh-mtls-podip the same, dialling the server's pod IP instead of a ClusterIP
 //!   each mesh scenario twice: agents with `--sockmap off`, then `-sockmap` with it on
+//!   mesh-l7-local  through the agent, an HTTPRoute attached: each request routed
+//!   mesh-l7-mtls   the same across nodes: HTTP/2 on the pooled mTLS tunnel
 //!   haproxy        a per-node HAProxy on each node with mutual TLS between them
+//!   haproxy-http   the same in HTTP mode (requests parsed, HTTP/2 between nodes)
+//! The L7 scenarios run with sockmap off only, and have no bulk figure (the bulk
+//! server does not speak HTTP).
 mod haproxy;
 mod load;
 mod report;
@@ -33,6 +38,8 @@ const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 200);
 const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 201);
 const LOCAL_BULK_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 202);
 const REMOTE_BULK_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 203);
+const L7_LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 204);
+const L7_REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 205);
 
 /// How long and how hard each measurement runs.
 struct Plan {
@@ -86,10 +93,22 @@ struct Target<'a> {
     description: &'a str,
     baseline: &'a str,
     addr: &'a str,
-    /// Where the bulk transfer goes (a SINK server on the same path).
-    bulk: &'a str,
+    /// Where the bulk transfer goes (a SINK server on the same path), if anywhere.
+    bulk: Option<&'a str>,
     /// Whose CPU and memory count as the mesh's (empty for the baselines).
     proxies: &'a [u32],
+}
+
+/// A Service (port `http`) with an HTTPRoute whose one rule sends everything to it.
+fn routed(name: &str, vip: IpAddr, endpoint: IpAddr) -> String {
+    yaml::service(name, vip, 80, PORT).replace("name: tcp,", "name: http,")
+        + &yaml::endpoint_slice(name, PORT, &[endpoint]).replace("name: tcp,", "name: http,")
+        + &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: {name}, port: 80}}]\n\
+             \x20 rules:\n  - backendRefs: [{{name: {name}, port: 80}}]\n---\n"
+        )
 }
 
 /// Everything one scenario measures.
@@ -160,13 +179,18 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             .errors
             .push(format!("new connections: {}", first_line(&e))),
     }
-    progress(&format!(
-        "{name}: bulk {} MiB on one connection",
-        plan.bulk_bytes >> 20
-    ));
-    match bulk(c, client, bulk_addr, plan.bulk_bytes) {
-        Ok(g) => s.bulk_gbit_s = g,
-        Err(e) => s.errors.push(format!("bulk: {}", first_line(&e))),
+    if bulk_addr.is_some() {
+        progress(&format!(
+            "{name}: bulk {} MiB on one connection",
+            plan.bulk_bytes >> 20
+        ));
+    }
+    s.bulk_gbit_s = f64::NAN;
+    if let Some(bulk_addr) = bulk_addr {
+        match bulk(c, client, bulk_addr, plan.bulk_bytes) {
+            Ok(g) => s.bulk_gbit_s = g,
+            Err(e) => s.errors.push(format!("bulk: {}", first_line(&e))),
+        }
     }
     if !proxies.is_empty() {
         s.proxy_peak_rss_mib = Some(proxies.iter().map(|p| peak_rss_mib(*p)).sum());
@@ -263,7 +287,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         + &yaml::service("bulk-local", IpAddr::V4(LOCAL_BULK_VIP), 80, BULK_PORT)
         + &yaml::endpoint_slice("bulk-local", BULK_PORT, &[local.ip])
         + &yaml::service("bulk-remote", IpAddr::V4(REMOTE_BULK_VIP), 80, BULK_PORT)
-        + &yaml::endpoint_slice("bulk-remote", BULK_PORT, &[remote.ip]);
+        + &yaml::endpoint_slice("bulk-remote", BULK_PORT, &[remote.ip])
+        + &routed("bench-l7-local", IpAddr::V4(L7_LOCAL_VIP), local.ip)
+        + &routed("bench-l7-remote", IpAddr::V4(L7_REMOTE_VIP), remote.ip);
     c.write_config("bench.yaml", &cfg)?;
 
     // Baselines first, with no agent running at all.
@@ -283,7 +309,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             description: "client pod to a server pod on the same node, no mesh",
             baseline: "direct-local",
             addr: &local_addr,
-            bulk: &local_bulk,
+            bulk: Some(&local_bulk),
             proxies: &[],
         },
     ));
@@ -297,7 +323,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             description: "client pod to a server pod on the other node, no mesh",
             baseline: "direct",
             addr: &remote_addr,
-            bulk: &remote_bulk,
+            bulk: Some(&remote_bulk),
             proxies: &[],
         },
     ));
@@ -329,7 +355,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                 description: &format!("ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted); {how}"),
                 baseline: "direct-local",
                 addr: &format!("{LOCAL_VIP}:80"),
-                bulk: &local_vip_bulk,
+                bulk: Some(&local_vip_bulk),
                 proxies: &agents[..1],
             },
         ));
@@ -343,7 +369,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                 description: &format!("ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node; {how}"),
                 baseline: "direct",
                 addr: &format!("{REMOTE_VIP}:80"),
-                bulk: &remote_vip_bulk,
+                bulk: Some(&remote_vip_bulk),
                 proxies: &agents,
             },
         ));
@@ -357,10 +383,43 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                 description: &format!("the server's pod IP (no ClusterIP), captured and carried through both agents and the mTLS tunnel; {how}"),
                 baseline: "direct",
                 addr: &remote_addr,
-                bulk: &remote_bulk,
+                bulk: Some(&remote_bulk),
                 proxies: &agents,
             },
         ));
+        if !sockmap {
+            for (name, description, baseline, vip, proxies) in [
+                (
+                    "mesh-l7-local",
+                    "ClusterIP with an HTTPRoute: each request parsed, routed and balanced by the node's agent to a pod on the same node",
+                    "direct-local",
+                    L7_LOCAL_VIP,
+                    &agents[..1],
+                ),
+                (
+                    "mesh-l7-mtls",
+                    "ClusterIP with an HTTPRoute: each request routed by the client's agent and sent as HTTP/2 on the pooled mTLS tunnel to the other node's agent",
+                    "direct",
+                    L7_REMOTE_VIP,
+                    &agents[..],
+                ),
+            ] {
+                report.scenarios.push(measure(
+                    &mut c,
+                    &oha,
+                    &plan,
+                    &client,
+                    Target {
+                        name,
+                        description,
+                        baseline,
+                        addr: &format!("{vip}:80"),
+                        bulk: None,
+                        proxies,
+                    },
+                ));
+            }
+        }
         c.stop_agent("node-1")?;
         c.stop_agent("node-2")?;
     }
@@ -368,7 +427,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 
     progress("starting HAProxy on both nodes");
     match haproxy::run(&mut c, "node-1", "node-2", (remote.ip, PORT), BULK_PORT) {
-        Ok((proxies, addr, bulk_addr)) => {
+        Ok((proxies, paths)) => {
             let pids = proxies.pids.clone();
             report.scenarios.push(measure(
                 &mut c,
@@ -379,8 +438,22 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                     name: "haproxy",
                     description: "HAProxy 2.6 per node (2 threads), plain TCP from the pod, mutual TLS 1.3 between the nodes",
                     baseline: "direct",
-                    addr: &addr,
-                    bulk: &bulk_addr,
+                    addr: &paths.tcp,
+                    bulk: Some(&paths.bulk),
+                    proxies: &pids,
+                },
+            ));
+            report.scenarios.push(measure(
+                &mut c,
+                &oha,
+                &plan,
+                &client,
+                Target {
+                    name: "haproxy-http",
+                    description: "HAProxy 2.6 per node (2 threads) in HTTP mode: requests parsed and kept alive, HTTP/2 over mutual TLS 1.3 between the nodes",
+                    baseline: "direct",
+                    addr: &paths.http,
+                    bulk: None,
                     proxies: &pids,
                 },
             ));

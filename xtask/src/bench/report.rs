@@ -133,7 +133,7 @@ impl Report {
             let b = self.scenario(&s.baseline);
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {} | {:.0} | {} | {:.2} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
                 s.name,
                 s.saturation_rps,
                 b.map_or("-".into(), |b| ratio(s.saturation_rps, b.saturation_rps)),
@@ -142,7 +142,11 @@ impl Report {
                     s.new_connections_per_s,
                     b.new_connections_per_s
                 )),
-                s.bulk_gbit_s,
+                if s.bulk_gbit_s.is_finite() {
+                    format!("{:.2}", s.bulk_gbit_s)
+                } else {
+                    "-".into()
+                },
                 b.map_or("-".into(), |b| ratio(s.bulk_gbit_s, b.bulk_gbit_s)),
                 opt(s.proxy_vcpu_per_1k_rps, 3),
                 opt(s.proxy_peak_rss_mib, 1),
@@ -150,6 +154,7 @@ impl Report {
             );
         }
         md.push('\n');
+        self.l7_table(&mut md);
         self.sockmap_table(&mut md);
         let _ = writeln!(md, "## Scenarios\n");
         for s in &self.scenarios {
@@ -185,6 +190,54 @@ impl Report {
     }
 
     /// Each mesh scenario with sockmap on, as a ratio to the same scenario with it off.
+    /// The L7 aims: the routed mTLS path against the L4 one and against HAProxy in
+    /// HTTP mode, at the first fixed rate.
+    fn l7_table(&self, md: &mut String) {
+        let (Some(l7), Some(l4), Some(direct)) = (
+            self.scenario("mesh-l7-mtls"),
+            self.scenario("mesh-mtls"),
+            self.scenario("direct"),
+        ) else {
+            return;
+        };
+        let first = |s: &Scenario| s.latency.first().cloned();
+        let added = |s: &Scenario| match (first(s), first(direct)) {
+            (Some(a), Some(d)) => a.p99_ms - d.p99_ms,
+            _ => f64::NAN,
+        };
+        let rate = first(direct).map_or(0, |l| l.rate);
+        let _ = writeln!(
+            md,
+            "## L7\n\nAdded p99 at {rate} req/s (over `direct`) and saturation, for the routed mTLS path against the L4 mTLS path and HAProxy in HTTP mode.\n\n| | added p99 ms | saturation req/s |\n|---|---|---|"
+        );
+        let mut rows = vec![l7, l4];
+        rows.extend(self.scenario("haproxy-http"));
+        for s in rows {
+            let _ = writeln!(
+                md,
+                "| {} | {:+.3} | {:.0} |",
+                s.name,
+                added(s),
+                s.saturation_rps
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nmesh-l7-mtls / mesh-mtls added p99: {}; saturation: {}.",
+            ratio(added(l7), added(l4)),
+            ratio(l7.saturation_rps, l4.saturation_rps)
+        );
+        if let Some(h) = self.scenario("haproxy-http") {
+            let _ = writeln!(
+                md,
+                "mesh-l7-mtls / haproxy-http added p99: {}; saturation: {}.",
+                ratio(added(l7), added(h)),
+                ratio(l7.saturation_rps, h.saturation_rps)
+            );
+        }
+        md.push('\n');
+    }
+
     fn sockmap_table(&self, md: &mut String) {
         let pairs: Vec<(&Scenario, &Scenario)> = self
             .scenarios
