@@ -1112,3 +1112,172 @@ spec:
         "{text}"
     );
 }
+
+const MIRRORED: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirrored, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /mirror}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo-v2, port: 80}}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /half}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo-local, port: 80}, fraction: {numerator: 1, denominator: 2}}
+    backendRefs: [{name: echo-v1, port: 80}]
+---
+"#;
+
+#[test]
+fn mirrors_get_a_copy_of_their_share_and_their_answers_are_ignored() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(MIRRORED);
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/mirror",
+            count: 200,
+            ..Get::default()
+        },
+    );
+    assert_eq!(out["statuses"]["200"], 200, "{out}");
+    assert_eq!(only_pod(&out), "v1", "{out}");
+    // With a body: the copy carries it too.
+    let addr = sa(vip(20), 80);
+    let out = json(
+        &c.run_in(
+            &client,
+            &[
+                "echo-get",
+                "--addr",
+                &addr,
+                "--host",
+                "echo",
+                "--path",
+                "/mirror/body",
+                "--method",
+                "POST",
+                "--body-bytes",
+                "1024",
+                "--count",
+                "20",
+            ],
+            SECS,
+        )
+        .unwrap(),
+    );
+    assert_eq!(out["statuses"]["200"], 20, "{out}");
+    let at = |c: &Cluster, node: &str, family: &str, pod: &str| {
+        metric(
+            &c.metrics(node).unwrap(),
+            family,
+            &[("reporter", "destination"), ("destination_workload", pod)],
+        )
+    };
+    poll("every copy to reach v2", SECS, || {
+        at(&c, "node-2", "istio_requests_total", "v2") == 220
+    });
+    assert_eq!(at(&c, "node-2", "istio_request_bytes_sum", "v2"), 20 * 1024);
+    // Half of 400 requests, within a tolerance.
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/half",
+            count: 400,
+            ..Get::default()
+        },
+    );
+    assert_eq!(out["statuses"]["200"], 400, "{out}");
+    assert_eq!(only_pod(&out), "v1", "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    let copies = at(&c, "node-1", "istio_requests_total", "local");
+    assert!(
+        (140..=260).contains(&copies),
+        "{copies} of 400 mirrored, wanted about 200"
+    );
+}
+
+#[test]
+fn cors_preflights_are_answered_by_the_route_and_only_allowed_origins_get_headers() {
+    let _g = serial();
+    let routes = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: cors, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://app.example", "https://*.shop.example"]
+        allowMethods: [GET, POST]
+        allowHeaders: [x-token]
+        exposeHeaders: [x-echo-pod]
+        allowCredentials: true
+        maxAge: 60
+    backendRefs: [{name: echo-v1, port: 80}]
+---
+"#;
+    let (mut c, client) = l7_cluster(routes);
+    let preflight = |c: &mut Cluster, origin: &str| {
+        let o = format!("origin: {origin}");
+        let h = [o.as_str(), "access-control-request-method: POST"];
+        get(
+            c,
+            &client,
+            Get {
+                method: "OPTIONS",
+                headers: &h,
+                ..Get::default()
+            },
+        )
+    };
+    let out = preflight(&mut c, "https://app.example");
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    let h = &out["last_headers"];
+    assert_eq!(
+        h["access-control-allow-origin"], "https://app.example",
+        "{out}"
+    );
+    assert_eq!(h["access-control-allow-methods"], "GET, POST", "{out}");
+    assert_eq!(h["access-control-allow-headers"], "x-token", "{out}");
+    assert_eq!(h["access-control-max-age"], "60", "{out}");
+    assert_eq!(h["access-control-allow-credentials"], "true", "{out}");
+    assert!(
+        h.get("x-echo-pod").is_none(),
+        "the backend answered a preflight: {out}"
+    );
+    let out = preflight(&mut c, "https://evil.example");
+    assert!(
+        out["last_headers"]
+            .get("access-control-allow-origin")
+            .is_none(),
+        "{out}"
+    );
+    // The actual request goes to the backend and its answer carries the headers.
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            headers: &["origin: https://a.shop.example"],
+            ..Get::default()
+        },
+    );
+    assert_eq!(only_pod(&out), "v1", "{out}");
+    assert_eq!(
+        out["last_headers"]["access-control-allow-origin"], "https://a.shop.example",
+        "{out}"
+    );
+    assert_eq!(
+        out["last_headers"]["access-control-expose-headers"], "x-echo-pod",
+        "{out}"
+    );
+}

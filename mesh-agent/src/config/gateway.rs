@@ -1,7 +1,7 @@
 //! `gateway.networking.k8s.io/v1` HTTPRoute and GRPCRoute attached to Services (GAMMA),
 //! the wire objects and their translation into the model (`route.rs`). Unknown fields
 //! are refused by the wire types; fields of the standard channel this agent does not
-//! implement yet (RequestMirror, CORS, sessionPersistence, ExtensionRef) are
+//! implement yet (sessionPersistence, ExtensionRef) are
 //! refused by name, never silently ignored. Limits are Gateway API's own.
 use std::time::Duration;
 
@@ -12,8 +12,9 @@ use super::{
     error::FieldError,
     model::NamespacedName,
     route::{
-        Backend, Filter, HeaderMatch, HeaderMods, ParentRef, PathMatch, PathModifier, QueryMatch,
-        Redirect, Retry, Rewrite, Route, RouteKind, RouteMatch, RouteRule, StrMatch, Timeouts,
+        Backend, Cors, Filter, HeaderMatch, HeaderMods, Mirror, ParentRef, PathMatch, PathModifier,
+        QueryMatch, Redirect, Retry, Rewrite, Route, RouteKind, RouteMatch, RouteRule, StrMatch,
+        Timeouts,
     },
     translate::object_id,
 };
@@ -131,11 +132,9 @@ struct FilterObject {
     response_header_modifier: Option<HeaderModsObject>,
     request_redirect: Option<RedirectObject>,
     url_rewrite: Option<RewriteObject>,
+    request_mirror: Option<MirrorObject>,
+    cors: Option<CorsObject>,
     /// Refused by type below; accepted here so the error names the type.
-    #[serde(rename = "requestMirror")]
-    _request_mirror: Option<serde_yaml_ng::Value>,
-    #[serde(rename = "cors")]
-    _cors: Option<serde_yaml_ng::Value>,
     #[serde(rename = "extensionRef")]
     _extension_ref: Option<serde_yaml_ng::Value>,
 }
@@ -195,6 +194,46 @@ struct BackendRefObject {
     weight: Option<i32>,
     #[serde(default)]
     filters: Vec<FilterObject>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CorsObject {
+    #[serde(default)]
+    allow_origins: Vec<String>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    allow_credentials: Option<bool>,
+    max_age: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MirrorObject {
+    backend_ref: MirrorRefObject,
+    percent: Option<i64>,
+    fraction: Option<FractionObject>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MirrorRefObject {
+    group: Option<String>,
+    kind: Option<String>,
+    name: String,
+    namespace: Option<String>,
+    port: Option<i32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FractionObject {
+    numerator: i64,
+    denominator: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,7 +391,7 @@ fn rule(r: &RuleObject, kind: RouteKind, route: &NamespacedName, field: &str) ->
     if matches.is_empty() {
         matches.push(RouteMatch::any());
     }
-    let filters = filters(&r.filters, kind, &format!("{field}.filters"))?;
+    let filters = filters(&r.filters, kind, route, &format!("{field}.filters"))?;
     if r.backend_refs.len() > MAX_BACKENDS {
         return Err(too_many(&format!("{field}.backendRefs"), MAX_BACKENDS));
     }
@@ -462,6 +501,146 @@ fn retry(o: &RetryObject, kind: RouteKind, field: &str) -> Result<Retry> {
         codes,
         attempts,
         backoff,
+    })
+}
+
+/// Gateway API's limit on each CORS list.
+const MAX_CORS_ENTRIES: usize = 64;
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+fn cors(c: &CorsObject, field: &str) -> Result<Cors> {
+    for (name, list) in [
+        ("allowOrigins", &c.allow_origins),
+        ("allowMethods", &c.allow_methods),
+        ("allowHeaders", &c.allow_headers),
+        ("exposeHeaders", &c.expose_headers),
+    ] {
+        if list.len() > MAX_CORS_ENTRIES {
+            return Err(too_many(&format!("{field}.{name}"), MAX_CORS_ENTRIES));
+        }
+    }
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        let ok =
+            o == "*"
+                || o.split_once("://").is_some_and(|(scheme, host)| {
+                    matches!(scheme, "http" | "https")
+                        && !host.is_empty()
+                        && !host.contains('/')
+                        && host.strip_prefix("*.").unwrap_or(host).bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':'
+                        })
+                });
+        if !ok {
+            return Err(FieldError::new(
+                format!("{field}.allowOrigins[{i}]"),
+                format!(
+                    "{o:?} is not `*` or an origin such as https://app.example or https://*.example.com"
+                ),
+            ));
+        }
+    }
+    for (i, m) in c.allow_methods.iter().enumerate() {
+        if m != "*" && !METHODS.contains(&m.as_str()) {
+            return Err(FieldError::new(
+                format!("{field}.allowMethods[{i}]"),
+                format!("{m:?} is not `*` or an HTTP method"),
+            ));
+        }
+    }
+    for (name, list) in [
+        ("allowHeaders", &c.allow_headers),
+        ("exposeHeaders", &c.expose_headers),
+    ] {
+        for (i, h) in list.iter().enumerate() {
+            if h != "*" && http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(FieldError::new(
+                    format!("{field}.{name}[{i}]"),
+                    format!("{h:?} is not a header name"),
+                ));
+            }
+        }
+    }
+    let max_age = match c.max_age.unwrap_or(5) {
+        a @ 1..=86_400 => a as u32,
+        other => {
+            return Err(FieldError::new(
+                format!("{field}.maxAge"),
+                format!("{other} is not from 1 to 86400 seconds"),
+            ));
+        }
+    };
+    Ok(Cors {
+        allow_origins: c.allow_origins.clone(),
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+        max_age,
+    })
+}
+
+fn mirror(m: &MirrorObject, route: &NamespacedName, field: &str) -> Result<Mirror> {
+    let b = &m.backend_ref;
+    let f = format!("{field}.backendRef");
+    if !(b.group.is_none() || is_core_group(b.group.as_deref()))
+        || !matches!(b.kind.as_deref(), None | Some("Service"))
+    {
+        return Err(FieldError::new(
+            f,
+            "only Service backends are supported (group \"\", kind Service)",
+        ));
+    }
+    name(&b.name, &format!("{f}.name"))?;
+    let Some(p) = b.port else {
+        return Err(FieldError::new(
+            format!("{f}.port"),
+            "is required for a Service backend",
+        ));
+    };
+    let port = port(p, &format!("{f}.port"))?;
+    let (numerator, denominator) = match (m.percent, &m.fraction) {
+        (Some(_), Some(_)) => {
+            return Err(FieldError::new(
+                field,
+                "percent and fraction cannot both be set",
+            ));
+        }
+        (None, None) => (100, 100),
+        (Some(p), None) => match u32::try_from(p) {
+            Ok(p) if p <= 100 => (p, 100),
+            _ => {
+                return Err(FieldError::new(
+                    format!("{field}.percent"),
+                    format!("{p} is not from 0 to 100"),
+                ));
+            }
+        },
+        (None, Some(fr)) => {
+            let d = fr.denominator.unwrap_or(100);
+            match (u32::try_from(fr.numerator), u32::try_from(d)) {
+                (Ok(n), Ok(d)) if d > 0 && n <= d => (n, d),
+                _ => {
+                    return Err(FieldError::new(
+                        format!("{field}.fraction"),
+                        format!(
+                            "{}/{d} is not a fraction from 0 to 1 with a positive denominator",
+                            fr.numerator
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    Ok(Mirror {
+        service: NamespacedName {
+            namespace: b.namespace.clone().unwrap_or(route.namespace.clone()),
+            name: b.name.clone(),
+        },
+        port,
+        numerator,
+        denominator,
     })
 }
 
@@ -775,7 +954,12 @@ fn hostname(v: &str, field: &str) -> Result<String> {
     }
 }
 
-fn filters(list: &[FilterObject], kind: RouteKind, field: &str) -> Result<Vec<Filter>> {
+fn filters(
+    list: &[FilterObject],
+    kind: RouteKind,
+    route: &NamespacedName,
+    field: &str,
+) -> Result<Vec<Filter>> {
     if list.len() > MAX_FILTERS {
         return Err(too_many(field, MAX_FILTERS));
     }
@@ -783,7 +967,8 @@ fn filters(list: &[FilterObject], kind: RouteKind, field: &str) -> Result<Vec<Fi
     let mut seen = Vec::new();
     for (i, f) in list.iter().enumerate() {
         let field = format!("{field}[{i}]");
-        if seen.contains(&f.kind.as_str()) {
+        // Only RequestMirror may repeat (one copy per mirror).
+        if f.kind != "RequestMirror" && seen.contains(&f.kind.as_str()) {
             return Err(FieldError::new(
                 format!("{field}.type"),
                 format!("{} is listed twice in one rule", f.kind),
@@ -887,9 +1072,23 @@ fn filters(list: &[FilterObject], kind: RouteKind, field: &str) -> Result<Vec<Fi
                 })
             }
             "RequestMirror" => {
-                return Err(not_yet(&format!("{field}.type"), "RequestMirror filters"));
+                let Some(m) = &f.request_mirror else {
+                    return Err(FieldError::new(
+                        format!("{field}.requestMirror"),
+                        "is required by its type",
+                    ));
+                };
+                Filter::Mirror(mirror(m, route, &format!("{field}.requestMirror"))?)
             }
-            "CORS" => return Err(not_yet(&format!("{field}.type"), "CORS filters")),
+            "CORS" if kind == RouteKind::Http => {
+                let Some(c) = &f.cors else {
+                    return Err(FieldError::new(
+                        format!("{field}.cors"),
+                        "is required by its type",
+                    ));
+                };
+                Filter::Cors(cors(c, &format!("{field}.cors"))?)
+            }
             "ExtensionRef" => {
                 return Err(not_yet(&format!("{field}.type"), "ExtensionRef filters"));
             }
@@ -946,11 +1145,17 @@ fn backend(
             ));
         }
     };
-    let filters = filters(&b.filters, kind, &format!("{field}.filters"))?;
+    let filters = filters(&b.filters, kind, route, &format!("{field}.filters"))?;
     if filters.iter().any(|f| matches!(f, Filter::Redirect(_))) {
         return Err(FieldError::new(
             format!("{field}.filters"),
             "a backend cannot redirect",
+        ));
+    }
+    if filters.iter().any(|f| matches!(f, Filter::Mirror(_))) {
+        return Err(FieldError::new(
+            format!("{field}.filters"),
+            "RequestMirror is supported on rules, not on a backend",
         ));
     }
     Ok(Backend {
@@ -1019,5 +1224,72 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    fn mirror_of(yaml: &str) -> Result<Mirror> {
+        let o: MirrorObject =
+            serde_yaml_ng::from_str(yaml).map_err(|e| FieldError::new("x", e.to_string()))?;
+        let route = NamespacedName {
+            namespace: "shop".into(),
+            name: "r".into(),
+        };
+        mirror(&o, &route, "spec.rules[0].filters[0].requestMirror")
+    }
+
+    #[test]
+    fn mirrors_take_a_percent_or_a_fraction_of_a_service_port() {
+        let m = mirror_of("{backendRef: {name: shadow, port: 80}}").unwrap();
+        assert_eq!((m.numerator, m.denominator), (100, 100));
+        assert_eq!(m.service.to_string(), "shop/shadow");
+        let m = mirror_of("{backendRef: {name: s, namespace: o, port: 80}, percent: 20}").unwrap();
+        assert_eq!(
+            (m.numerator, m.denominator, m.service.namespace.as_str()),
+            (20, 100, "o")
+        );
+        let m = mirror_of(
+            "{backendRef: {name: s, port: 80}, fraction: {numerator: 1, denominator: 3}}",
+        )
+        .unwrap();
+        assert_eq!((m.numerator, m.denominator), (1, 3));
+        for (bad, field) in [
+            ("{backendRef: {name: s}}", "backendRef.port"),
+            ("{backendRef: {name: s, port: 80}, percent: 101}", "percent"),
+            (
+                "{backendRef: {name: s, port: 80}, fraction: {numerator: 3, denominator: 2}}",
+                "fraction",
+            ),
+            (
+                "{backendRef: {name: s, port: 80}, percent: 5, fraction: {numerator: 1}}",
+                "requestMirror",
+            ),
+            ("{backendRef: {name: s, port: 80, kind: Pod}}", "backendRef"),
+        ] {
+            let e = mirror_of(bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cors_lists_are_checked_by_field() {
+        let c = |yaml: &str| {
+            let o: CorsObject =
+                serde_yaml_ng::from_str(yaml).map_err(|e| FieldError::new("x", e.to_string()))?;
+            cors(&o, "spec.rules[0].filters[0].cors")
+        };
+        let ok =
+            c("{allowOrigins: ['https://*.example.com', 'http://a:8080'], allowMethods: [GET]}")
+                .unwrap();
+        assert_eq!(ok.max_age, 5);
+        assert!(!ok.allow_credentials);
+        for (bad, field) in [
+            ("{allowOrigins: ['example.com']}", "allowOrigins[0]"),
+            ("{allowOrigins: ['https://a/b']}", "allowOrigins[0]"),
+            ("{allowMethods: [FETCH]}", "allowMethods[0]"),
+            ("{allowHeaders: ['bad header']}", "allowHeaders[0]"),
+            ("{maxAge: 0}", "maxAge"),
+        ] {
+            let e = c(bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
     }
 }

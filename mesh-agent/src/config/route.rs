@@ -113,6 +113,33 @@ pub enum Filter {
     ResponseHeaders(HeaderMods),
     Redirect(Redirect),
     Rewrite(Rewrite),
+    Mirror(Mirror),
+    Cors(Cors),
+}
+
+/// `CORS` (HTTPCORSFilter): which browser origins may call, and with what.
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// `*`, exact origins, or `scheme://*.domain`.
+    pub allow_origins: Vec<String>,
+    /// Methods, or `*`.
+    pub allow_methods: Vec<String>,
+    /// Header names, or `*`.
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub allow_credentials: bool,
+    /// Seconds a browser may cache a preflight answer.
+    pub max_age: u32,
+}
+
+/// `RequestMirror`: a copy of `numerator / denominator` of the requests goes to
+/// another Service port too; its answers are ignored.
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    pub service: NamespacedName,
+    pub port: u16,
+    pub numerator: u32,
+    pub denominator: u32,
 }
 
 /// `set` replaces, `add` appends, `remove` drops; applied in that order of listing

@@ -14,8 +14,8 @@ use regex::Regex;
 
 use super::routes::endpoints_of;
 use crate::config::{
-    Config, Filter, NamespacedName, PathMatch, Protocol, Retry, Route, RouteKind, RouteMatch,
-    Service, ServicePort, StrMatch, Timeouts,
+    Config, Filter, Mirror, NamespacedName, PathMatch, Protocol, Retry, Route, RouteKind,
+    RouteMatch, Service, ServicePort, StrMatch, Timeouts,
 };
 
 /// What a Service port says its clients speak.
@@ -94,6 +94,22 @@ pub struct CompiledRule {
     pub backends: Vec<CompiledBackend>,
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
+    pub mirrors: Vec<CompiledMirror>,
+}
+
+/// A `RequestMirror` of a rule, resolved to the ready endpoints of its Service port.
+#[derive(Debug)]
+pub struct CompiledMirror {
+    pub mirror: Mirror,
+    /// `None`: the Service or its port does not exist (nothing is mirrored).
+    pub endpoints: Option<Vec<SocketAddr>>,
+}
+
+impl CompiledMirror {
+    /// Whether this request is mirrored, from a random roll.
+    pub fn takes(&self, roll: u32) -> bool {
+        self.mirror.numerator > 0 && roll % self.mirror.denominator < self.mirror.numerator
+    }
 }
 
 impl CompiledRule {
@@ -512,6 +528,17 @@ fn compile(
                     .collect(),
                 timeouts: rule.timeouts,
                 retry: rule.retry.clone(),
+                mirrors: rule
+                    .filters
+                    .iter()
+                    .filter_map(|f| match f {
+                        Filter::Mirror(m) => Some(CompiledMirror {
+                            endpoints: backend_endpoints(config, &m.service, m.port),
+                            mirror: m.clone(),
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
             });
             for (mi, m) in rule.matches.iter().enumerate() {
                 let Some(entry) = entry(m, compiled.clone()) else {

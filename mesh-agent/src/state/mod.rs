@@ -5,8 +5,8 @@ mod routes;
 mod workloads;
 
 pub use http_routes::{
-    CompiledBackend, CompiledRule, DEFAULT_SERVER_FIRST_PORTS, HttpRoutes, PortProtocol,
-    PortRoutes, RequestView, RouteProblem, Selected, declared, grpc_parts,
+    CompiledBackend, CompiledMirror, CompiledRule, DEFAULT_SERVER_FIRST_PORTS, HttpRoutes,
+    PortProtocol, PortRoutes, RequestView, RouteProblem, Selected, declared, grpc_parts,
 };
 pub use routes::RouteTable;
 pub use workloads::{WorkloadIndex, WorkloadInfo};

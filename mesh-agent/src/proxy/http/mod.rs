@@ -14,6 +14,7 @@
 mod balance;
 pub mod body;
 mod conns;
+mod cors;
 pub mod detect;
 mod errors;
 mod filters;
@@ -256,9 +257,31 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
         }
         Decision::Forward(f) => {
             log.rule_of(&f.rule);
-            let wire = upstream_wire(conn.protocol, client_wire);
-            let req = Request::from_parts(parts, body);
-            upstream::forward(&conn, &snap, f, req, wire, upgrade, &mut log).await
+            let cors = f.rule.filters.iter().find_map(|x| match x {
+                Filter::Cors(c) => Some(cors::evaluate(c, &parts.method, &parts.headers)),
+                _ => None,
+            });
+            match cors {
+                // A preflight is the route's answer, not the backend's.
+                Some(cors::Step::Preflight(headers)) => {
+                    let mut r = Response::new(body::empty());
+                    r.headers_mut().extend(headers);
+                    Ok(r)
+                }
+                cors => {
+                    let wire = upstream_wire(conn.protocol, client_wire);
+                    let req = Request::from_parts(parts, body);
+                    let resp =
+                        upstream::forward(&conn, &snap, f, req, wire, upgrade, &mut log).await;
+                    match (resp, cors) {
+                        (Ok(mut r), Some(cors::Step::Actual(headers))) => {
+                            r.headers_mut().extend(headers);
+                            Ok(r)
+                        }
+                        (resp, _) => resp,
+                    }
+                }
+            }
         }
     };
     let (response, flag) = match response {

@@ -7,6 +7,11 @@
 //! The recording is bounded ([`MAX_RECORDED`]): once a body is longer, the recording
 //! is dropped, the attempts in flight go on streaming, and the request cannot be
 //! retried any more.
+//!
+//! A [`Recording::follower`] (a mirrored copy) only replays what the attempts have
+//! read, and waits for them for the rest: it never reads the client's body itself,
+//! so a slow or failing mirror cannot hold or break the real request. It fails when
+//! the recording it needs was dropped.
 use std::{
     collections::VecDeque,
     pin::Pin,
@@ -51,6 +56,9 @@ struct Shared {
     overflowed: bool,
     failed: bool,
     ended: bool,
+    /// Readers waiting for a frame another reader is reading (the inner body keeps
+    /// only one waker).
+    waiters: Vec<std::task::Waker>,
 }
 
 /// The shared recording of one request body.
@@ -62,6 +70,8 @@ struct Replay {
     shared: Recording,
     /// Frames this attempt has sent.
     pos: usize,
+    /// Only replays the recording (a mirror): never reads the client's body.
+    follower: bool,
 }
 
 impl Recording {
@@ -80,6 +90,7 @@ impl Recording {
             overflowed: false,
             failed: false,
             ended,
+            waiters: Vec::new(),
         })))
     }
 
@@ -92,6 +103,17 @@ impl Recording {
         Replay {
             shared: self.clone(),
             pos: 0,
+            follower: false,
+        }
+        .boxed()
+    }
+
+    /// A body that replays what the attempts read, as they read it.
+    pub fn follower(&self) -> Body {
+        Replay {
+            shared: self.clone(),
+            pos: 0,
+            follower: true,
         }
         .boxed()
     }
@@ -123,10 +145,34 @@ impl HttpBody for Replay {
             self.pos += 1;
             return Poll::Ready(Some(Ok(frame)));
         }
+        if s.failed {
+            return Poll::Ready(Some(Err("the client's request body failed".into())));
+        }
+        if s.overflowed && self.follower {
+            return Poll::Ready(Some(Err(
+                "the request body was too long to send again".into()
+            )));
+        }
         let Some(inner) = s.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        if self.follower {
+            if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                s.waiters.push(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        let polled = Pin::new(inner).poll_frame(cx);
+        if polled.is_pending() {
+            if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                s.waiters.push(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        for w in s.waiters.drain(..) {
+            w.wake();
+        }
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.inner = None;
@@ -245,6 +291,22 @@ mod tests {
         );
         drop(first);
         assert_eq!(read(r.attempt()).await.ok(), Some(b"abcde".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_follower_replays_what_the_attempt_reads_and_never_reads_itself() {
+        let r = Recording::new(chunks(&[b"ab", b"cd"]));
+        let follower = tokio::spawn(read(r.follower()));
+        tokio::task::yield_now().await;
+        assert!(!follower.is_finished(), "the follower read on its own");
+        assert_eq!(read(r.attempt()).await.ok(), Some(b"abcd".to_vec()));
+        let got = follower.await.ok().and_then(|r| r.ok());
+        assert_eq!(got, Some(b"abcd".to_vec()));
+        // Over the cap: the follower fails, the attempt is whole.
+        let r = Recording::with_cap(chunks(&[b"abcd", b"efgh"]), 6);
+        let follower = tokio::spawn(read(r.follower()));
+        assert_eq!(read(r.attempt()).await.ok(), Some(b"abcdefgh".to_vec()));
+        assert!(matches!(follower.await, Ok(Err(_))));
     }
 
     #[tokio::test]

@@ -74,7 +74,10 @@ pub fn decide(routes: &PortRoutes, req: &Incoming<'_>, roll: u64) -> Decision {
             Filter::Rewrite(r) => {
                 (authority, path) = rewrite(r, &authority, &path, selected.prefix);
             }
-            Filter::RequestHeaders(_) | Filter::ResponseHeaders(_) => {}
+            Filter::RequestHeaders(_)
+            | Filter::ResponseHeaders(_)
+            | Filter::Mirror(_)
+            | Filter::Cors(_) => {}
         }
     }
     let Some(backend) = weighted(&rule, roll) else {

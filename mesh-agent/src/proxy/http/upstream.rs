@@ -1,10 +1,11 @@
 //! Sending one routed request to a backend: filters, timeouts, an endpoint by P2C,
 //! and the request on the way to that endpoint.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use http::{HeaderValue, Request, Response, Uri, Version, header};
+use http_body_util::BodyExt as _;
 use hyper::upgrade::OnUpgrade;
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use super::{
     Conn, RequestLog, SVC_HEADER, Wire,
@@ -23,13 +24,17 @@ use crate::{
         plan::{Way, hop_to},
         tunnel,
     },
+    state::CompiledMirror,
     telemetry::{Mode, Peer},
 };
 
+/// A mirrored copy gives up after this when the rule has no request timeout.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A request to a rule's backend.
 pub async fn forward(
-    conn: &Conn,
-    snap: &Snapshot,
+    conn: &Arc<Conn>,
+    snap: &Arc<Snapshot>,
     f: Forward,
     mut req: Request<Body>,
     wire: Wire,
@@ -64,14 +69,33 @@ pub async fn forward(
             };
             return super::upgrade::send(conn, snap, endpoints, req, up, log).await;
         }
-        let Some(retry) = &rule.retry else {
+        let mirrors: Vec<&CompiledMirror> = rule
+            .mirrors
+            .iter()
+            .filter(|m| m.takes(rand::random()))
+            .collect();
+        if rule.retry.is_none() && mirrors.is_empty() {
             return send(conn, snap, endpoints, req, target, log).await;
-        };
+        }
         let (parts, body) = req.into_parts();
         let recording = Recording::new(body);
+        for m in mirrors {
+            mirror(
+                conn,
+                snap,
+                m,
+                &parts,
+                recording.follower(),
+                target,
+                rule.timeouts.request,
+            );
+        }
         loop {
             let req = again(&parts, recording.attempt());
             let result = send(conn, snap, endpoints, req, target, log).await;
+            let Some(retry) = &rule.retry else {
+                return result;
+            };
             if !retryable(retry, &result) || log.retries >= retry.attempts || !recording.can_retry()
             {
                 return result;
@@ -125,6 +149,68 @@ pub async fn to_service(
         log,
     )
     .await
+}
+
+/// Sends a copy of the request to one of the mirror's endpoints, on its own task;
+/// the answer is read and dropped. The copy's body follows what the real request
+/// reads, so it never holds it.
+fn mirror(
+    conn: &Arc<Conn>,
+    snap: &Arc<Snapshot>,
+    m: &CompiledMirror,
+    parts: &http::request::Parts,
+    body: Body,
+    target: Target<'_>,
+    limit: Option<Duration>,
+) {
+    let Some(endpoints) = m.endpoints.clone() else {
+        return;
+    };
+    let (conn, snap) = (conn.clone(), snap.clone());
+    let req = again(parts, body);
+    let (authority, pq, wire) = (
+        target.authority.to_owned(),
+        target.path_and_query.to_owned(),
+        target.wire,
+    );
+    let (method, path) = (parts.method.to_string(), parts.uri.path().to_owned());
+    let service = m.mirror.service.clone();
+    let span = tracing::debug_span!("mirror", id = conn.id, service = %service);
+    tokio::spawn(
+        async move {
+            let mut log = RequestLog {
+                conn: &conn,
+                method: &method,
+                authority: &authority,
+                path: &path,
+                route: String::new(),
+                rule: String::new(),
+                upstream: String::new(),
+                mode: Mode::Passthrough,
+                destination: Peer::default(),
+                service,
+                retries: 0,
+            };
+            let t = Target {
+                wire,
+                authority: &authority,
+                path_and_query: &pq,
+                timeout: None,
+            };
+            let sent = send(&conn, &snap, &endpoints, req, t, &mut log);
+            match tokio::time::timeout(limit.unwrap_or(MIRROR_TIMEOUT), sent).await {
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    let mut body = resp.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                    debug!(status, upstream = %log.upstream, "mirrored");
+                }
+                Ok(Err(e)) => debug!(error = %e, "mirror failed"),
+                Err(_) => debug!("mirror timed out"),
+            }
+        }
+        .instrument(span),
+    );
 }
 
 /// Whether an attempt's outcome may be retried: a connection failure, or one of the
