@@ -11,7 +11,7 @@ use serde_json::Value;
 
 const ECHO_PORT: u16 = 8080;
 
-/// client and `local` on node-1; `v1` and `v2` on node-2. Services: `echo` (the
+/// client and `local` on node-1; `v1`, `v2` and `v3` on node-2. Services: `echo` (the
 /// frontend, 10.96.0.20:80, endpoints local and v1), `echo-v1`, `echo-v2` (one
 /// endpoint each), all HTTP on port 80 -> 8080.
 fn l7_cluster(routes: &str) -> (Cluster, Pod) {
@@ -20,11 +20,12 @@ fn l7_cluster(routes: &str) -> (Cluster, Pod) {
     let local = c.add_pod("node-1", "local").unwrap();
     let v1 = c.add_pod("node-2", "v1").unwrap();
     let v2 = c.add_pod("node-2", "v2").unwrap();
-    for p in [&local, &v1, &v2] {
+    let v3 = c.add_pod("node-2", "v3").unwrap();
+    for p in [&local, &v1, &v2, &v3] {
         echo_serve(&mut c, p);
     }
     let mut cfg = String::new();
-    for p in [&client, &local, &v1, &v2] {
+    for p in [&client, &local, &v1, &v2, &v3] {
         cfg += &c.pod_yaml(p, true);
     }
     cfg += &http_service("echo", vip(20), &[local.ip, v1.ip]);
@@ -398,9 +399,8 @@ spec:
         assert!((650..=750).contains(&v1), "70% within ±5%: {out}");
         assert_eq!(pods.get("local"), None, "weight 0 got requests: {out}");
     }
-    // The Service's own endpoints (local on node-1, v1 on node-2), per request on one
-    // HTTP/2 client connection with requests in flight at once: peak-EWMA spreads
-    // them by load (one request at a time would all go to the fastest endpoint).
+    // The Service's own endpoints (local on node-1, v1 on node-2): the healthy
+    // same-node endpoint takes every request, however many are in flight.
     let out = get(
         &mut c,
         &client,
@@ -412,12 +412,8 @@ spec:
             ..Get::default()
         },
     );
-    let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
     assert_eq!(out["statuses"]["200"], 400, "{out}");
-    assert!(
-        pods.get("local").copied().unwrap_or(0) >= 20 && pods.get("v1").copied().unwrap_or(0) >= 20,
-        "one connection was not spread over both endpoints: {out}"
-    );
+    assert_eq!(only_pod(&out), "local", "same node first: {out}");
     // A pod IP is not the frontend: no routes, the pod itself answers (MeshFrontend).
     let v2_ip = c.pod_ip("v2");
     let addr = sa(v2_ip, ECHO_PORT);
@@ -1014,11 +1010,25 @@ spec:
 "#;
     let (mut c, client) = l7_cluster(routes);
     let applied = c.agent_log("node-1").matches("config applied").count();
+    // Three endpoints on the other node (no same-node preference applies), and one
+    // Service whose same-node endpoint refuses connections.
     let trio = http_service(
         "echo-trio",
         vip(27),
-        &[c.pod_ip("local"), c.pod_ip("v1"), c.pod_ip("v2")],
-    );
+        &[c.pod_ip("v1"), c.pod_ip("v2"), c.pod_ip("v3")],
+    ) + &service_to("echo-near-down", vip(28), &[c.pod_ip("local"), c.pod_ip("v1")], 8082)
+        + r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: near-down, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-near-down, port: 80}]
+  rules:
+  - backendRefs: [{name: echo-near-down, port: 80}]
+---
+"#;
+    let v1 = c.pod("v1");
+    c.start_echo_server(&v1, 8082).unwrap();
     c.write_config("trio.yaml", &trio).unwrap();
     poll("the trio Service", SECS, || {
         c.agent_log("node-1").matches("config applied").count() > applied
@@ -1040,7 +1050,7 @@ spec:
     );
     assert_eq!(out["statuses"]["200"], 1000, "{out}");
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
-    for p in ["local", "v1", "v2"] {
+    for p in ["v1", "v2", "v3"] {
         assert!(pods.get(p).copied().unwrap_or(0) >= 50, "{p}: {out}");
     }
     // v2 answers in 100 ms, the others at once: it gets far fewer.
@@ -1061,11 +1071,25 @@ spec:
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
     let v2 = pods.get("v2").copied().unwrap_or(0);
     let others = pods
-        .get("local")
+        .get("v3")
         .copied()
         .unwrap_or(0)
         .min(pods.get("v1").copied().unwrap_or(0));
     assert!(v2 * 3 < others, "the slow endpoint was not avoided: {out}");
+    // A same-node endpoint that refuses connections: after its first failure the
+    // other node's endpoint takes the requests.
+    let addr = sa(vip(28), 80);
+    let out = json(
+        &c.run_in(
+            &client,
+            &["echo-get", "--addr", &addr, "--host", "near", "--count", "20"],
+            SECS,
+        )
+        .unwrap(),
+    );
+    let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
+    assert!(pods.get("v1").copied().unwrap_or(0) >= 18, "{out}");
+    assert!(out["statuses"]["502"].as_u64().unwrap_or(0) <= 2, "{out}");
     // HTTP/1.1 across nodes travels as HTTP/2 requests on the pooled tunnel: 1,000
     // sequential requests on one client connection open no tunnel connection.
     get(

@@ -9,6 +9,11 @@
 //! is tried at once rather than starved by fast old ones) and `DEFAULT_RTT` per
 //! request in flight.
 //!
+//! Locality: when some of the endpoints are pods on this node and at least one of
+//! them is healthy (no failed request in the last [`UNHEALTHY_FOR`]), the choice is
+//! made among those alone; otherwise among all. Same-node delivery skips the tunnel
+//! (no encryption, no second agent), so it is preferred whenever it can answer.
+//!
 //! The state lives in `Loads`, keyed by endpoint address and shared by every route
 //! and connection of the agent, so it survives config generations.
 use std::{
@@ -27,6 +32,8 @@ use rand::Rng;
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast a past latency is forgotten (Linkerd's).
 pub const DECAY: Duration = Duration::from_secs(10);
+/// How long a failed request keeps a same-node endpoint from being preferred.
+pub const UNHEALTHY_FOR: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Ewma {
@@ -35,6 +42,8 @@ struct Ewma {
     stamp: Instant,
     /// Has answered at least once.
     observed: bool,
+    /// The last failed request.
+    failed_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -50,6 +59,7 @@ impl EndpointLoad {
                 cost: DEFAULT_RTT.as_nanos() as f64,
                 stamp: now,
                 observed: false,
+                failed_at: None,
             }),
             pending: AtomicUsize::new(0),
         }
@@ -63,6 +73,17 @@ impl EndpointLoad {
             return e.cost * pending;
         }
         decayed(e.cost, now.saturating_duration_since(e.stamp)) * (pending + 1.0)
+    }
+
+    /// No request to it failed in the last [`UNHEALTHY_FOR`].
+    pub fn healthy(&self, now: Instant) -> bool {
+        let e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
+        e.failed_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= UNHEALTHY_FOR)
+    }
+
+    fn mark_failed(&self, now: Instant) {
+        self.ewma.lock().unwrap_or_else(|p| p.into_inner()).failed_at = Some(now);
     }
 
     /// Records one answer's latency.
@@ -103,7 +124,9 @@ impl InFlight {
     /// The endpoint failed: penalize it as if it took the whole default RTT times
     /// ten, so the next draws avoid it for a while.
     pub fn failed(self) {
-        self.load.observe(DEFAULT_RTT * 10, Instant::now());
+        let now = Instant::now();
+        self.load.observe(DEFAULT_RTT * 10, now);
+        self.load.mark_failed(now);
     }
 }
 
@@ -158,6 +181,17 @@ impl Loads {
         Some((chosen, InFlight { load, start: now }))
     }
 
+    /// `pick`, among the healthy same-node endpoints when there are any.
+    pub fn pick_near(
+        &self,
+        endpoints: &[SocketAddr],
+        on_this_node: impl Fn(&SocketAddr) -> bool,
+    ) -> Option<(SocketAddr, InFlight)> {
+        let now = Instant::now();
+        let near = preferred(endpoints, on_this_node, |e| self.get(*e, now).healthy(now));
+        self.pick(near.as_deref().unwrap_or(endpoints))
+    }
+
     /// Forgets endpoints no request is using and that are not in `keep`.
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
         self.by_addr
@@ -167,9 +201,49 @@ impl Loads {
     }
 }
 
+/// The healthy same-node endpoints, if there are any (else every endpoint is a
+/// candidate: `None`).
+pub fn preferred(
+    endpoints: &[SocketAddr],
+    on_this_node: impl Fn(&SocketAddr) -> bool,
+    healthy: impl Fn(&SocketAddr) -> bool,
+) -> Option<Vec<SocketAddr>> {
+    if !endpoints.iter().any(&on_this_node) {
+        return None;
+    }
+    let near: Vec<SocketAddr> = endpoints
+        .iter()
+        .filter(|e| on_this_node(e) && healthy(e))
+        .copied()
+        .collect();
+    (!near.is_empty()).then_some(near)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn healthy_same_node_endpoints_come_first_then_any() {
+        let eps = addrs(4);
+        let near = |e: &SocketAddr| e.port() < 8002;
+        assert_eq!(preferred(&eps, near, |_| true), Some(eps[..2].to_vec()));
+        assert_eq!(
+            preferred(&eps, near, |e| e.port() != 8000),
+            Some(vec![eps[1]])
+        );
+        assert_eq!(preferred(&eps, near, |e| e.port() >= 8002), None);
+        assert_eq!(preferred(&eps, |_| false, |_| true), None);
+        // A failure takes a same-node endpoint out of the preference for a while.
+        let loads = Loads::default();
+        let (ep, f) = loads.pick_near(&eps, near).unwrap();
+        assert!(near(&ep));
+        f.failed();
+        for _ in 0..50 {
+            let (e, _f) = loads.pick_near(&eps, near).unwrap();
+            assert_ne!(e, ep, "a failed endpoint was preferred again at once");
+        }
+    }
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
         (0..n)

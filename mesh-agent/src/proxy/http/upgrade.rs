@@ -183,7 +183,11 @@ pub async fn send(
     up: Upgrade<'_>,
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
-    let (endpoint, in_flight) = conn.ctx.loads.pick(endpoints).ok_or(Failure::NoEndpoint)?;
+    let (endpoint, in_flight) = conn
+        .ctx
+        .loads
+        .pick_near(endpoints, |e| snap.local_pod(e.ip()).is_some())
+        .ok_or(Failure::NoEndpoint)?;
     log.upstream = endpoint.to_string();
     let stream = match connect(conn, snap, endpoint, &req, &up, log).await {
         Ok(s) => s,

@@ -278,7 +278,11 @@ async fn send(
     target: Target<'_>,
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
-    let (endpoint, in_flight) = conn.ctx.loads.pick(endpoints).ok_or(Failure::NoEndpoint)?;
+    let (endpoint, in_flight) = conn
+        .ctx
+        .loads
+        .pick_near(endpoints, |e| snap.local_pod(e.ip()).is_some())
+        .ok_or(Failure::NoEndpoint)?;
     log.upstream = endpoint.to_string();
     let hop = hop_to(snap, endpoint);
     log.destination = Peer {
