@@ -908,6 +908,20 @@ spec:
     backendRefs: [{name: echo-v2, port: 80}]
   - matches: [{method: {service: echo.Echo}, headers: [{name: x-tenant, value: local}]}]
     backendRefs: [{name: echo-local, port: 80}]
+  - matches: [{method: {service: echo.Weighted}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-grpc-filter, value: set}]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-grpc-response, value: added}]}
+    backendRefs:
+    - {name: echo-v1, port: 80, weight: 80}
+    - name: echo-v2
+      port: 80
+      weight: 20
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier: {set: [{name: x-grpc-backend, value: v2}]}
   - backendRefs: [{name: echo-v1, port: 80}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -968,6 +982,32 @@ fn grpc_routes_streams_both_ways_with_trailers_and_a_1_gib_upload() {
     };
     assert_eq!(unary(&mut c, &["x-tenant: local"]), "local");
     assert_eq!(unary(&mut c, &[]), "v1");
+    // GRPCRoute weights and header modifiers, rule-wide and per backend.
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/echo.Weighted/Call",
+            h2: true,
+            method: "POST",
+            count: 500,
+            concurrency: 8,
+            headers: &["content-type: application/grpc"],
+            ..Get::default()
+        },
+    );
+    let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
+    let v1 = pods.get("v1").copied().unwrap_or(0);
+    assert!((350..=450).contains(&v1), "80% within ±10%: {out}");
+    assert_eq!(out["last"]["headers"]["x-grpc-filter"], "set", "{out}");
+    assert_eq!(out["last_headers"]["x-grpc-response"], "added", "{out}");
+    let backend_header = out["last"]["headers"].get("x-grpc-backend").cloned();
+    let last_pod = out["last"]["pod"].clone();
+    assert_eq!(
+        backend_header.is_some(),
+        last_pod == "v2",
+        "the per-backend filter applies to v2 only: {out}"
+    );
     // 1 GiB streamed over HTTP/1.1 across nodes (as HTTP/2 between the agents), and
     // 256 MiB over HTTP/2, with matching checksums.
     for (mib, h2) in [("1024", false), ("256", true)] {
