@@ -837,6 +837,50 @@ fn timeouts_answer_504_and_retries_stop_at_their_limits() {
             .any(|l| l.contains("retries=2") && l.contains("path=\"/retry\"")),
         "{log}"
     );
+    // A connection failure is retried (codes or not), on another endpoint: the
+    // same-node one refuses, the other node's answers.
+    let v1 = c.pod("v1");
+    c.start_echo_server(&v1, 8082).unwrap();
+    let applied = c.agent_log("node-1").matches("config applied").count();
+    let flaky = service_to(
+        "echo-flaky",
+        vip(29),
+        &[c.pod_ip("local"), c.pod_ip("v1")],
+        8082,
+    ) + r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-flaky, port: 80}]
+  rules:
+  - retry: {codes: [503], attempts: 2}
+    backendRefs: [{name: echo-flaky, port: 80}]
+---
+"#;
+    c.write_config("flaky.yaml", &flaky).unwrap();
+    poll("the flaky Service", SECS, || {
+        c.agent_log("node-1").matches("config applied").count() > applied
+    });
+    let addr = sa(vip(29), 80);
+    let out = json(
+        &c.run_in(
+            &client,
+            &[
+                "echo-get", "--addr", &addr, "--host", "flaky", "--path", "/flaky",
+            ],
+            SECS,
+        )
+        .unwrap(),
+    );
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    assert_eq!(only_pod(&out), "v1", "{out}");
+    let log = c.agent_log("node-1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("retries=1") && l.contains("path=\"/flaky\"")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -1056,8 +1100,12 @@ spec:
         "echo-trio",
         vip(27),
         &[c.pod_ip("v1"), c.pod_ip("v2"), c.pod_ip("v3")],
-    ) + &service_to("echo-near-down", vip(28), &[c.pod_ip("local"), c.pod_ip("v1")], 8082)
-        + r#"
+    ) + &service_to(
+        "echo-near-down",
+        vip(28),
+        &[c.pod_ip("local"), c.pod_ip("v1")],
+        8082,
+    ) + r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: near-down, namespace: default}
@@ -1122,7 +1170,9 @@ spec:
     let out = json(
         &c.run_in(
             &client,
-            &["echo-get", "--addr", &addr, "--host", "near", "--count", "20"],
+            &[
+                "echo-get", "--addr", &addr, "--host", "near", "--count", "20",
+            ],
             SECS,
         )
         .unwrap(),

@@ -83,7 +83,10 @@ impl EndpointLoad {
     }
 
     fn mark_failed(&self, now: Instant) {
-        self.ewma.lock().unwrap_or_else(|p| p.into_inner()).failed_at = Some(now);
+        self.ewma
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed_at = Some(now);
     }
 
     /// Records one answer's latency.

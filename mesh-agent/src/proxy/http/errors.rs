@@ -26,6 +26,16 @@ pub enum Failure {
     Upstream(String),
 }
 
+/// Whether a response is an agent's own 502: the endpoint could not be reached, or
+/// reset the request (from this agent's delivery on the same node, or from the
+/// destination's agent). The balancer and retries treat it as a connection failure.
+pub fn unreachable_endpoint<B>(r: &Response<B>) -> bool {
+    r.status() == StatusCode::BAD_GATEWAY && r.headers().contains_key(ERROR_HEADER)
+}
+
+/// Marks the answers agents make themselves.
+pub const ERROR_HEADER: &str = "x-mesh-error";
+
 impl Failure {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -90,7 +100,7 @@ impl Failure {
             r
         };
         r.headers_mut()
-            .insert("x-mesh-error", HeaderValue::from_static("1"));
+            .insert(ERROR_HEADER, HeaderValue::from_static("1"));
         r
     }
 }

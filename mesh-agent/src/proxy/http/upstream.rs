@@ -10,7 +10,7 @@ use tracing::{Instrument as _, debug};
 use super::{
     Conn, RequestLog, SVC_HEADER, Wire,
     body::{self, Body},
-    errors::Failure,
+    errors::{Failure, unreachable_endpoint},
     inbound::{PodTarget, Sender, deliver},
     replay::Recording,
     request_filters, response_filters,
@@ -217,7 +217,7 @@ fn mirror(
 /// rule's codes.
 fn retryable(retry: &Retry, result: &Result<Response<Body>, Failure>) -> bool {
     match result {
-        Ok(r) => retry.codes.contains(&r.status().as_u16()),
+        Ok(r) => unreachable_endpoint(r) || retry.codes.contains(&r.status().as_u16()),
         Err(Failure::Upstream(_)) => true,
         Err(_) => false,
     }
@@ -364,7 +364,11 @@ async fn send(
     };
     match result {
         Ok(mut resp) => {
-            in_flight.done();
+            if unreachable_endpoint(&resp) {
+                in_flight.failed();
+            } else {
+                in_flight.done();
+            }
             *resp.version_mut() = Version::default();
             Ok(resp)
         }
