@@ -1037,7 +1037,6 @@ fn grpc_routes_streams_both_ways_with_trailers_and_a_1_gib_upload() {
             count: 500,
             concurrency: 8,
             headers: &["content-type: application/grpc"],
-            ..Get::default()
         },
     );
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
