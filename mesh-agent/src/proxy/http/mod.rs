@@ -13,6 +13,7 @@
 //! Bodies stream through in both directions; nothing is buffered whole.
 mod balance;
 pub mod body;
+mod connect;
 mod conns;
 mod cors;
 pub mod detect;

@@ -5,13 +5,14 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::BodyExt as _;
 use hyper::upgrade::OnUpgrade;
+use tower::ServiceExt as _;
 use tracing::{Instrument as _, debug};
 
 use super::{
-    Conn, RequestLog, SVC_HEADER, Wire,
-    body::{self, Body},
+    Conn, RequestLog, Wire,
+    body::Body,
+    connect::{Connect, Dispatch, mode_of},
     errors::{Failure, unreachable_endpoint},
-    inbound::{PodTarget, Sender, deliver},
     replay::Recording,
     request_filters, response_filters,
     route::Forward,
@@ -22,7 +23,6 @@ use crate::{
     proxy::{
         Snapshot,
         plan::{Way, hop_to},
-        tunnel,
     },
     state::CompiledMirror,
     telemetry::{Mode, Peer},
@@ -120,8 +120,8 @@ pub async fn forward(
 /// A request to the Service's own endpoints (its routes were removed while the
 /// client's connection was open).
 pub async fn to_service(
-    conn: &Conn,
-    snap: &Snapshot,
+    conn: &Arc<Conn>,
+    snap: &Arc<Snapshot>,
     req: Request<Body>,
     wire: Wire,
     authority: &str,
@@ -271,10 +271,10 @@ pub fn shape<B>(req: &mut Request<B>, wire: Wire, authority: &str, path_and_quer
 }
 
 async fn send(
-    conn: &Conn,
-    snap: &Snapshot,
+    conn: &Arc<Conn>,
+    snap: &Arc<Snapshot>,
     endpoints: &[std::net::SocketAddr],
-    mut req: Request<Body>,
+    req: Request<Body>,
     target: Target<'_>,
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
@@ -294,68 +294,20 @@ async fn send(
             Way::Passthrough => None,
         },
     };
-    let ctx = &conn.ctx;
-    let call = async {
-        match &hop.way {
-            Way::Local(dest) => {
-                log.mode = Mode::Local;
-                // The destination's own checks and report, as through the tunnel.
-                let from = Sender {
-                    identity: conn.pod.identity.clone(),
-                    addr: conn.client,
-                    workload: Some(conn.pod.workload_ref()),
-                    mode: Mode::Local,
-                    service: Some(log.service.clone()),
-                };
-                let into = PodTarget {
-                    pod: dest,
-                    target: endpoint,
-                    wire: target.wire,
-                    authority: target.authority,
-                    path_and_query: target.path_and_query,
-                };
-                Ok(deliver(ctx, snap, from, into, req).await)
-            }
-            Way::Hbone(identity) => {
-                log.mode = Mode::Hbone;
-                shape(
-                    &mut req,
-                    Wire::Http2,
-                    target.authority,
-                    target.path_and_query,
-                );
-                if let Ok(v) = HeaderValue::from_str(&log.service.to_string()) {
-                    req.headers_mut().insert(SVC_HEADER, v);
-                }
-                // A denial at the destination comes back as its 403 response.
-                tunnel::send_request(&conn.pod, ctx, identity, endpoint, target.wire, req)
-                    .await
-                    .map(|r| r.map(body::incoming))
-                    .map_err(|e| Failure::Upstream(e.to_string()))
-            }
-            Way::Passthrough => {
-                log.mode = Mode::Passthrough;
-                shape(
-                    &mut req,
-                    target.wire,
-                    target.authority,
-                    target.path_and_query,
-                );
-                ctx.app_conns
-                    .send(
-                        &conn.pod.netns,
-                        conn.pod.netns_cookie,
-                        endpoint,
-                        target.wire,
-                        ctx.connect_timeout,
-                        req,
-                    )
-                    .await
-                    .map(|r| r.map(body::incoming))
-                    .map_err(|e| Failure::Upstream(e.to_string()))
-            }
-        }
-    };
+    log.mode = mode_of(&hop.way);
+    let call = Connect {
+        conn: conn.clone(),
+        snap: snap.clone(),
+    }
+    .oneshot(Dispatch {
+        endpoint,
+        way: hop.way,
+        req,
+        wire: target.wire,
+        authority: target.authority.to_owned(),
+        path_and_query: target.path_and_query.to_owned(),
+        service: log.service.clone(),
+    });
     let result = match target.timeout {
         Some(t) => tokio::time::timeout(t, call)
             .await
