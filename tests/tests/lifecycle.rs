@@ -61,10 +61,15 @@ fn a_thousand_concurrent_connections_complete_and_fds_return() {
     assert_eq!(out["ok"], 1000, "{out}");
     assert_eq!(out["failed"], 0, "{out}");
 
+    // The agent's spare sockets in the client pod (inpod/netns.rs) are topped up
+    // when fewer than half are left, so between the two counts they may differ by up
+    // to half the set (4, one address family): that is their steady state. A leak of
+    // the 1,000 connections would be hundreds.
+    const SPARE_SWING: usize = 4;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = open_fds(pid);
-        if now == before {
+        if now <= before + SPARE_SWING {
             break;
         }
         assert!(
