@@ -36,6 +36,25 @@ pub struct RequestAttrs<'a> {
     pub headers: &'a HeaderMap,
 }
 
+impl<'a> RequestAttrs<'a> {
+    /// From the request as it will be delivered: the query is not part of the path.
+    pub fn new(
+        method: &'a str,
+        path_and_query: &'a str,
+        host: &'a str,
+        headers: &'a HeaderMap,
+    ) -> RequestAttrs<'a> {
+        RequestAttrs {
+            method,
+            path: path_and_query
+                .split_once('?')
+                .map_or(path_and_query, |(p, _)| p),
+            host,
+            headers,
+        }
+    }
+}
+
 /// `*`, `prefix*`, `*suffix` or exact. `*` needs a value: it does not match plaintext.
 pub fn string_match(pattern: &str, value: Option<&str>) -> bool {
     let Some(value) = value else { return false };

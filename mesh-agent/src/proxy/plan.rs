@@ -47,6 +47,21 @@ pub struct Hop {
     pub workload: Option<WorkloadInfo>,
 }
 
+impl Hop {
+    /// The endpoint as telemetry names it: its workload and the identity it proves.
+    pub fn peer(&self) -> crate::telemetry::Peer {
+        crate::telemetry::Peer {
+            workload: self.workload.as_ref().map(|w| w.workload_ref()),
+            addr: Some(self.endpoint),
+            identity: match &self.way {
+                Way::Local(dest) => Some(dest.identity.clone()),
+                Way::Hbone(identity) => Some(identity.clone()),
+                Way::Passthrough => None,
+            },
+        }
+    }
+}
+
 /// A connection to carry byte for byte.
 #[derive(Debug, Clone)]
 pub struct TcpPlan {

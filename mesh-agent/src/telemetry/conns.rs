@@ -242,6 +242,34 @@ impl Drop for ConnHandle {
     }
 }
 
+/// A flow event of the agent's about a connection or a request between `source` and
+/// `destination`, as seen by `reporter`'s side (whose pod it is about).
+pub(super) fn agent_flow(
+    kind: &'static str,
+    verdict: &'static str,
+    reporter: Reporter,
+    source: &Peer,
+    destination: &Peer,
+    service: Option<&NamespacedName>,
+) -> Flow {
+    let mut f = Flow::new(Origin::Agent, kind, verdict);
+    let local = match reporter {
+        Reporter::Source => source,
+        Reporter::Destination => destination,
+    };
+    f.time = SystemTime::now();
+    f.pod = local
+        .workload
+        .as_ref()
+        .map(|w| format!("{}/{}", w.namespace, w.pod));
+    f.source = source.addr.map(|a| a.to_string());
+    f.destination = destination.addr.map(|a| a.to_string());
+    f.service = service.map(ToString::to_string);
+    f.source_identity = source.identity.as_ref().map(ToString::to_string);
+    f.destination_identity = destination.identity.as_ref().map(ToString::to_string);
+    f
+}
+
 /// The agent's telemetry: metrics, open connections and flow events.
 pub struct Telemetry {
     pub metrics: Metrics,
@@ -344,21 +372,14 @@ impl Telemetry {
                 "denied" => "denied",
                 _ => "failed",
             };
-            let mut f = Flow::new(Origin::Agent, kind, verdict);
-            let local = match info.reporter {
-                Reporter::Source => &info.source,
-                Reporter::Destination => &info.destination,
-            };
-            f.time = SystemTime::now();
-            f.pod = local
-                .workload
-                .as_ref()
-                .map(|w| format!("{}/{}", w.namespace, w.pod));
-            f.source = info.source.addr.map(|a| a.to_string());
-            f.destination = info.destination.addr.map(|a| a.to_string());
-            f.service = info.service.as_ref().map(ToString::to_string);
-            f.source_identity = info.source.identity.as_ref().map(ToString::to_string);
-            f.destination_identity = info.destination.identity.as_ref().map(ToString::to_string);
+            let mut f = agent_flow(
+                kind,
+                verdict,
+                info.reporter,
+                &info.source,
+                &info.destination,
+                info.service.as_ref(),
+            );
             f.reason = outcome
                 .reason
                 .map(|r| match &outcome.policy {

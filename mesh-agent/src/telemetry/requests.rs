@@ -8,8 +8,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 
 use super::{
     Telemetry,
-    conns::{Mode, Peer, Reporter},
-    flows::{Flow, Origin},
+    conns::{Mode, Peer, Reporter, agent_flow},
+    flows::Flow,
     metrics::ResponseFlag,
 };
 use crate::config::NamespacedName;
@@ -177,20 +177,14 @@ impl Telemetry {
 }
 
 fn request_flow(facts: &RequestFacts, end: &RequestEnd, error: bool) -> Flow {
-    let mut f = Flow::new(Origin::Agent, "request", verdict(end, error));
-    let local = match facts.reporter {
-        Reporter::Source => &facts.source,
-        Reporter::Destination => &facts.destination,
-    };
-    f.pod = local
-        .workload
-        .as_ref()
-        .map(|w| format!("{}/{}", w.namespace, w.pod));
-    f.source = facts.source.addr.map(|a| a.to_string());
-    f.destination = facts.destination.addr.map(|a| a.to_string());
-    f.service = facts.service.as_ref().map(ToString::to_string);
-    f.source_identity = facts.source.identity.as_ref().map(ToString::to_string);
-    f.destination_identity = facts.destination.identity.as_ref().map(ToString::to_string);
+    let mut f = agent_flow(
+        "request",
+        verdict(end, error),
+        facts.reporter,
+        &facts.source,
+        &facts.destination,
+        facts.service.as_ref(),
+    );
     let route = facts
         .route
         .as_ref()

@@ -106,15 +106,12 @@ pub async fn deliver(
         source_ip: from.addr.ip(),
         dest_port: into.target.port(),
     };
-    let request = RequestAttrs {
-        method: req.method().as_str(),
-        path: into
-            .path_and_query
-            .split_once('?')
-            .map_or(into.path_and_query, |(p, _)| p),
-        host: into.authority,
-        headers: req.headers(),
-    };
+    let request = RequestAttrs::new(
+        req.method().as_str(),
+        into.path_and_query,
+        into.authority,
+        req.headers(),
+    );
     let allowed = authorize(snap, into.pod, &attrs, &request);
     shape(&mut req, into.wire, into.authority, into.path_and_query);
     let sent = match allowed {

@@ -24,7 +24,7 @@ use super::{
     Conn, RequestLog, Wire,
     body::{self, Body},
     errors::Failure,
-    upstream::shape,
+    upstream::{pick, shape},
 };
 use crate::{
     authz::{ConnAttrs, RequestAttrs},
@@ -121,15 +121,7 @@ async fn connect(
 ) -> Result<Stream, Failure> {
     let ctx = &conn.ctx;
     let hop = hop_to(snap, endpoint);
-    log.destination = Peer {
-        workload: hop.workload.as_ref().map(|w| w.workload_ref()),
-        addr: Some(endpoint),
-        identity: match &hop.way {
-            Way::Local(dest) => Some(dest.identity.clone()),
-            Way::Hbone(identity) => Some(identity.clone()),
-            Way::Passthrough => None,
-        },
-    };
+    log.destination = hop.peer();
     match &hop.way {
         Way::Local(dest) => {
             log.mode = Mode::Local;
@@ -139,15 +131,12 @@ async fn connect(
                 source_ip: conn.client.ip(),
                 dest_port: endpoint.port(),
             };
-            let request = RequestAttrs {
-                method: req.method().as_str(),
-                path: up
-                    .path_and_query
-                    .split_once('?')
-                    .map_or(up.path_and_query, |(p, _)| p),
-                host: up.authority,
-                headers: req.headers(),
-            };
+            let request = RequestAttrs::new(
+                req.method().as_str(),
+                up.path_and_query,
+                up.authority,
+                req.headers(),
+            );
             snap.policy
                 .check_request(&dest.workload(), &attrs, Some(&request))
                 .map_err(|d| Failure::Denied(deciding_policy(&d)))?;
@@ -183,11 +172,7 @@ pub async fn send(
     up: Upgrade<'_>,
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
-    let (endpoint, in_flight) = conn
-        .ctx
-        .loads
-        .pick_near(endpoints, |e| snap.local_pod(e.ip()).is_some())
-        .ok_or(Failure::NoEndpoint)?;
+    let (endpoint, in_flight) = pick(conn, snap, endpoints)?;
     log.upstream = endpoint.to_string();
     let stream = match connect(conn, snap, endpoint, &req, &up, log).await {
         Ok(s) => s,

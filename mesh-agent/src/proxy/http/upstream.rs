@@ -10,6 +10,7 @@ use tracing::{Instrument as _, debug};
 
 use super::{
     Conn, RequestLog, Wire,
+    balance::InFlight,
     body::Body,
     connect::{Connect, Dispatch, mode_of},
     errors::{Failure, unreachable_endpoint},
@@ -213,6 +214,18 @@ fn mirror(
     );
 }
 
+/// The endpoint for one attempt: P2C over peak-EWMA, same node first.
+pub fn pick(
+    conn: &Conn,
+    snap: &Snapshot,
+    endpoints: &[std::net::SocketAddr],
+) -> Result<(std::net::SocketAddr, InFlight), Failure> {
+    conn.ctx
+        .loads
+        .pick_near(endpoints, |e| snap.local_pod(e.ip()).is_some())
+        .ok_or(Failure::NoEndpoint)
+}
+
 /// Whether an attempt's outcome may be retried: a connection failure, or one of the
 /// rule's codes.
 fn retryable(retry: &Retry, result: &Result<Response<Body>, Failure>) -> bool {
@@ -278,22 +291,10 @@ async fn send(
     target: Target<'_>,
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
-    let (endpoint, in_flight) = conn
-        .ctx
-        .loads
-        .pick_near(endpoints, |e| snap.local_pod(e.ip()).is_some())
-        .ok_or(Failure::NoEndpoint)?;
+    let (endpoint, in_flight) = pick(conn, snap, endpoints)?;
     log.upstream = endpoint.to_string();
     let hop = hop_to(snap, endpoint);
-    log.destination = Peer {
-        workload: hop.workload.as_ref().map(|w| w.workload_ref()),
-        addr: Some(endpoint),
-        identity: match &hop.way {
-            Way::Local(dest) => Some(dest.identity.clone()),
-            Way::Hbone(identity) => Some(identity.clone()),
-            Way::Passthrough => None,
-        },
-    };
+    log.destination = hop.peer();
     log.mode = mode_of(&hop.way);
     let call = Connect {
         conn: conn.clone(),
