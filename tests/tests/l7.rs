@@ -1394,3 +1394,65 @@ spec:
         "{out}"
     );
 }
+
+#[test]
+fn consumer_routes_apply_to_their_namespace_and_expect_100_continue_passes() {
+    let _g = serial();
+    let producer = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: producer, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - backendRefs: [{name: echo-v1, port: 80}]
+---
+"#;
+    let (mut c, client) = l7_cluster(producer);
+    // A client in another namespace, with a consumer route of its own namespace.
+    let shopper = c.add_pod("node-1", "shopper").unwrap();
+    let applied = c.agent_log("node-1").matches("config applied").count();
+    let cfg = c
+        .pod_yaml(&shopper, true)
+        .replace("namespace: default", "namespace: shop")
+        + r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, namespace: default, port: 80}]
+  rules:
+  - backendRefs: [{name: echo-v2, namespace: default, port: 80}]
+---
+"#;
+    c.write_config("shop.yaml", &cfg).unwrap();
+    poll("the shop namespace", SECS, || {
+        c.agent_log("node-1").matches("config applied").count() > applied
+    });
+    let out = get(&mut c, &client, Get { count: 20, ..Get::default() });
+    assert_eq!(only_pod(&out), "v1", "the producer route: {out}");
+    let out = get(&mut c, &shopper, Get { count: 20, ..Get::default() });
+    assert_eq!(only_pod(&out), "v2", "the consumer route: {out}");
+    // `Expect: 100-continue` from a real curl: the agent answers 100 when it starts
+    // reading the body, so curl does not sit out its wait (set to 10 s here).
+    let body = c.work_dir.join("body.bin");
+    std::fs::write(&body, vec![b'x'; 2 << 20]).unwrap();
+    let started = std::time::Instant::now();
+    let mut curl = c
+        .command_in_pod(&client, std::path::Path::new("/usr/bin/curl"))
+        .unwrap();
+    curl.args(["-s", "--expect100-timeout", "10", "-H", "Expect: 100-continue"])
+        .args(["-H", "Host: echo", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg(format!("http://{}/upload", vip(20)));
+    let out = curl.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let answer = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(answer["body_len"], 2 << 20, "{answer}");
+    assert_eq!(answer["headers"]["expect"], "100-continue", "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "curl waited for a 100 Continue: {:?}",
+        started.elapsed()
+    );
+}
