@@ -959,10 +959,11 @@ spec:
     - type: ResponseHeaderModifier
       responseHeaderModifier: {add: [{name: x-grpc-response, value: added}]}
     backendRefs:
-    - {name: echo-v1, port: 80, weight: 80}
+    - {name: echo-v1, port: 80, weight: 70}
+    - {name: echo-local, port: 80, weight: 0}
     - name: echo-v2
       port: 80
-      weight: 20
+      weight: 30
       filters:
       - type: RequestHeaderModifier
         requestHeaderModifier: {set: [{name: x-grpc-backend, value: v2}]}
@@ -1041,7 +1042,8 @@ fn grpc_routes_streams_both_ways_with_trailers_and_a_1_gib_upload() {
     );
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
     let v1 = pods.get("v1").copied().unwrap_or(0);
-    assert!((350..=450).contains(&v1), "80% within ±10%: {out}");
+    assert!((300..=400).contains(&v1), "70% within ±10%: {out}");
+    assert_eq!(pods.get("local"), None, "weight 0 got requests: {out}");
     assert_eq!(out["last"]["headers"]["x-grpc-filter"], "set", "{out}");
     assert_eq!(out["last_headers"]["x-grpc-response"], "added", "{out}");
     let backend_header = out["last"]["headers"].get("x-grpc-backend").cloned();
