@@ -1431,9 +1431,23 @@ spec:
     poll("the shop namespace", SECS, || {
         c.agent_log("node-1").matches("config applied").count() > applied
     });
-    let out = get(&mut c, &client, Get { count: 20, ..Get::default() });
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            count: 20,
+            ..Get::default()
+        },
+    );
     assert_eq!(only_pod(&out), "v1", "the producer route: {out}");
-    let out = get(&mut c, &shopper, Get { count: 20, ..Get::default() });
+    let out = get(
+        &mut c,
+        &shopper,
+        Get {
+            count: 20,
+            ..Get::default()
+        },
+    );
     assert_eq!(only_pod(&out), "v2", "the consumer route: {out}");
     // `Expect: 100-continue` from a real curl: the agent answers 100 when it starts
     // reading the body, so curl does not sit out its wait (set to 10 s here).
@@ -1443,10 +1457,16 @@ spec:
     let mut curl = c
         .command_in_pod(&client, std::path::Path::new("/usr/bin/curl"))
         .unwrap();
-    curl.args(["-s", "--expect100-timeout", "10", "-H", "Expect: 100-continue"])
-        .args(["-H", "Host: echo", "--data-binary"])
-        .arg(format!("@{}", body.display()))
-        .arg(format!("http://{}/upload", vip(20)));
+    curl.args([
+        "-s",
+        "--expect100-timeout",
+        "10",
+        "-H",
+        "Expect: 100-continue",
+    ])
+    .args(["-H", "Host: echo", "--data-binary"])
+    .arg(format!("@{}", body.display()))
+    .arg(format!("http://{}/upload", vip(20)));
     let out = curl.output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let answer = json(&String::from_utf8_lossy(&out.stdout));

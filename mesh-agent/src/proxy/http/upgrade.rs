@@ -34,7 +34,7 @@ use crate::{
         plan::{Way, hop_to},
         tunnel::{self, TunnelStream},
     },
-    telemetry::{Mode, Peer},
+    telemetry::Mode,
 };
 
 /// The protocol a request asks to upgrade to, if it is an HTTP/1.1 upgrade request

@@ -21,10 +21,7 @@ use super::{
 };
 use crate::{
     config::Retry,
-    proxy::{
-        Snapshot,
-        plan::{Way, hop_to},
-    },
+    proxy::{Snapshot, plan::hop_to},
     state::CompiledMirror,
     telemetry::{Mode, Peer},
 };
