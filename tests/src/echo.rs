@@ -1,7 +1,8 @@
 //! The HTTP echo server and client of the L7 tests (`mesh-testpod echo-serve`,
 //! `mesh-testpod echo-get`).
 //!
-//! The server answers every request (HTTP/1.1 or h2c, on one port) with a JSON body
+//! Requests with `content-type: application/grpc` go to the tonic echo services
+//! (`grpc.rs`); every other request (HTTP/1.1 or h2c, on the same port) gets a JSON body
 //! saying what it received: the pod that answered, method, path with query, host
 //! (`Host` or `:authority`), protocol and headers. Request headers steer it:
 //! `x-echo-status: N` answers with status N, `x-echo-delay-ms: N` waits first;
@@ -30,19 +31,34 @@ pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
         .await
         .or(TcpListener::bind(SocketAddr::from(([0u8; 4], port))).await)?;
     eprintln!("listening on {port}");
+    let grpc = crate::grpc::routes(&name);
     loop {
         let (stream, _) = listener.accept().await?;
         let name = name.clone();
+        let grpc = grpc.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let name = name.clone();
+                let (name, mut grpc) = (name.clone(), grpc.clone());
                 async move {
+                    let is_grpc = req
+                        .headers()
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with("application/grpc"));
                     let r = if req.headers().contains_key("x-echo-stream") {
                         crate::stream::answer(&name, req)
+                    } else if is_grpc {
+                        use tower::Service as _;
+                        match grpc.call(req).await {
+                            Ok(r) => {
+                                r.map(|b| b.map_err(crate::stream::BoxError::from).boxed_unsync())
+                            }
+                            Err(never) => match never {},
+                        }
                     } else {
                         answer(&name, req)
                             .await
-                            .map(|b| b.map_err(|never| match never {}).boxed())
+                            .map(|b| b.map_err(|never| match never {}).boxed_unsync())
                     };
                     Ok::<_, Infallible>(r)
                 }

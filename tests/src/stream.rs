@@ -20,11 +20,12 @@ use sha2::{Digest, Sha256};
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-pub type EchoBody = BoxBody<Bytes, hyper::Error>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type EchoBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// The server side of the bidirectional stream.
 pub fn answer(name: &str, req: Request<Incoming>) -> Response<EchoBody> {
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(4);
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
     let mut body = req.into_body();
     tokio::spawn(async move {
         while let Some(frame) = body.frame().await {
@@ -48,7 +49,7 @@ pub fn answer(name: &str, req: Request<Incoming>) -> Response<EchoBody> {
             }
         }
     });
-    let mut r = Response::new(StreamBody::new(ReceiverStream::new(rx)).boxed());
+    let mut r = Response::new(StreamBody::new(ReceiverStream::new(rx)).boxed_unsync());
     let h = r.headers_mut();
     h.insert(
         "content-type",

@@ -121,6 +121,36 @@ fn get(c: &mut Cluster, client: &Pod, g: Get<'_>) -> Value {
     json(&c.run_in(client, &args, SECS).unwrap())
 }
 
+/// Runs `grpc-call` (tonic) from `client` against the echo frontend.
+fn grpc_call(
+    c: &mut Cluster,
+    client: &Pod,
+    method: &str,
+    count: usize,
+    concurrency: usize,
+    metadata: &[&str],
+) -> Value {
+    let addr = sa(vip(20), 80);
+    let (count, concurrency) = (count.to_string(), concurrency.to_string());
+    let mut args = vec![
+        "grpc-call",
+        "--addr",
+        &addr,
+        "--host",
+        "echo",
+        "--method",
+        method,
+        "--count",
+        &count,
+        "--concurrency",
+        &concurrency,
+    ];
+    for m in metadata {
+        args.extend(["--metadata", m]);
+    }
+    json(&c.run_in(client, &args, SECS).unwrap())
+}
+
 fn only_pod(out: &Value) -> String {
     let pods = out["pods"].as_object().unwrap();
     assert_eq!(pods.len(), 1, "{out}");
@@ -697,30 +727,13 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
             "{text}"
         );
     }
-    // gRPC, method by method: v2 allows only /echo.Echo/Get; a denial is
-    // PERMISSION_DENIED (7) in a trailers-only response.
-    let grpc = |c: &mut Cluster, path: &str| {
-        get(
-            c,
-            &client,
-            Get {
-                path,
-                h2: true,
-                method: "POST",
-                headers: &["content-type: application/grpc"],
-                ..Get::default()
-            },
-        )
-    };
-    let ok = grpc(&mut c, "/echo.Echo/Get");
+    // gRPC (tonic), method by method: v2 allows only /echo.Echo/Get; a denial is
+    // PERMISSION_DENIED (7).
+    let ok = grpc_call(&mut c, &client, "get", 1, 1, &[]);
+    assert_eq!(ok["codes"]["0"], 1, "{ok}");
     assert_eq!(only_pod(&ok), "v2", "{ok}");
-    let denied = grpc(&mut c, "/echo.Echo/Delete");
-    assert_eq!(denied["statuses"]["200"], 1, "{denied}");
-    assert_eq!(denied["last_headers"]["grpc-status"], "7", "{denied}");
-    assert!(
-        denied["last_headers"].get("x-echo-pod").is_none(),
-        "{denied}"
-    );
+    let denied = grpc_call(&mut c, &client, "delete", 1, 1, &[]);
+    assert_eq!(denied["codes"]["7"], 1, "{denied}");
     // The way around an L7 policy: the pod IP, where no route applies and the agents
     // carry bytes, not requests. The policy fails closed there: the DENY's L7 parts
     // count as matching, so the connection is refused.
@@ -1009,48 +1022,35 @@ fn grpc_routes_streams_both_ways_with_trailers_and_a_1_gib_upload() {
     assert_eq!(out["trailers"]["x-echo-trailer"], "done", "{out}");
     // GRPCRoute service and header matches; the HTTPRoute on the same port lost the
     // conflict (GEP-1294), so nothing goes to its backend by default.
-    let unary = |c: &mut Cluster, headers: &[&str]| {
-        let mut h = vec!["content-type: application/grpc"];
-        h.extend_from_slice(headers);
-        let out = get(
-            c,
-            &client,
-            Get {
-                path: "/echo.Echo/Get",
-                h2: true,
-                method: "POST",
-                headers: &h,
-                ..Get::default()
-            },
-        );
+    let unary = |c: &mut Cluster, metadata: &[&str]| {
+        let out = grpc_call(c, &client, "get", 1, 1, metadata);
+        assert_eq!(out["codes"]["0"], 1, "{out}");
         only_pod(&out)
     };
     assert_eq!(unary(&mut c, &["x-tenant: local"]), "local");
     assert_eq!(unary(&mut c, &[]), "v1");
+    // A real gRPC bidirectional stream (tonic): each message answered before the
+    // next is sent, and the stream's end (its trailers) says OK.
+    let out = grpc_call(&mut c, &client, "stream", 50, 1, &[]);
+    assert_eq!(out["echoed"], 50, "{out}");
+    assert_eq!(out["pod"], "v2", "{out}");
+    assert_eq!(out["end"], "ok", "{out}");
     // GRPCRoute weights and header modifiers, rule-wide and per backend.
-    let out = get(
-        &mut c,
-        &client,
-        Get {
-            path: "/echo.Weighted/Call",
-            h2: true,
-            method: "POST",
-            count: 500,
-            concurrency: 8,
-            headers: &["content-type: application/grpc"],
-        },
-    );
+    let out = grpc_call(&mut c, &client, "weighted", 500, 8, &[]);
+    assert_eq!(out["codes"]["0"], 500, "{out}");
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
     let v1 = pods.get("v1").copied().unwrap_or(0);
     assert!((300..=400).contains(&v1), "70% within ±10%: {out}");
     assert_eq!(pods.get("local"), None, "weight 0 got requests: {out}");
-    assert_eq!(out["last"]["headers"]["x-grpc-filter"], "set", "{out}");
-    assert_eq!(out["last_headers"]["x-grpc-response"], "added", "{out}");
-    let backend_header = out["last"]["headers"].get("x-grpc-backend").cloned();
-    let last_pod = out["last"]["pod"].clone();
+    let last = &out["last"];
+    assert_eq!(last["metadata"]["x-grpc-filter"], "set", "{out}");
     assert_eq!(
-        backend_header.is_some(),
-        last_pod == "v2",
+        last["response_metadata"]["x-grpc-response"], "added",
+        "{out}"
+    );
+    assert_eq!(
+        last["metadata"].get("x-grpc-backend").is_some(),
+        last["pod"] == "v2",
         "the per-backend filter applies to v2 only: {out}"
     );
     // 1 GiB streamed over HTTP/1.1 across nodes (as HTTP/2 between the agents), and
@@ -1122,41 +1122,17 @@ spec:
     poll("the trio Service", SECS, || {
         c.agent_log("node-1").matches("config applied").count() > applied
     });
-    // 1,000 gRPC-shaped calls on one HTTP/2 connection, 16 at a time: all three
+    // 1,000 gRPC calls (tonic) on one HTTP/2 connection, 16 at a time: all three
     // endpoints take a share.
-    let grpc = ["content-type: application/grpc", "x-echo-slow-pod: none"];
-    let out = get(
-        &mut c,
-        &client,
-        Get {
-            path: "/echo.Echo/Get",
-            h2: true,
-            method: "POST",
-            count: 1000,
-            concurrency: 16,
-            headers: &grpc,
-        },
-    );
-    assert_eq!(out["statuses"]["200"], 1000, "{out}");
+    let out = grpc_call(&mut c, &client, "get", 1000, 16, &["x-echo-slow-pod: none"]);
+    assert_eq!(out["codes"]["0"], 1000, "{out}");
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
     for p in ["v1", "v2", "v3"] {
         assert!(pods.get(p).copied().unwrap_or(0) >= 50, "{p}: {out}");
     }
     // v2 answers in 100 ms, the others at once: it gets far fewer.
-    let slow = ["content-type: application/grpc", "x-echo-slow-pod: v2"];
-    let out = get(
-        &mut c,
-        &client,
-        Get {
-            path: "/echo.Echo/Get",
-            h2: true,
-            method: "POST",
-            count: 600,
-            concurrency: 8,
-            headers: &slow,
-        },
-    );
-    assert_eq!(out["statuses"]["200"], 600, "{out}");
+    let out = grpc_call(&mut c, &client, "get", 600, 8, &["x-echo-slow-pod: v2"]);
+    assert_eq!(out["codes"]["0"], 600, "{out}");
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
     let v2 = pods.get("v2").copied().unwrap_or(0);
     let others = pods

@@ -111,6 +111,23 @@ enum Cmd {
         #[arg(long)]
         wait_secs: u64,
     },
+    /// gRPC calls (tonic) to the echo server's gRPC services: unary `get`, `delete`,
+    /// `weighted` on one connection, or one bidirectional `stream`.
+    GrpcCall {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        method: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// `name:value` request metadata, repeatable.
+        #[arg(long = "metadata")]
+        metadata: Vec<String>,
+    },
     /// A WebSocket echo server.
     WsServe {
         #[arg(long)]
@@ -270,6 +287,31 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Http { port, body } => http_serve(port, body).await,
         Cmd::EchoServe { name, port } => mesh_tests::echo::serve(name, port).await,
         Cmd::WsServe { name, port } => mesh_tests::ws::serve(name, port).await,
+        Cmd::GrpcCall {
+            addr,
+            host,
+            method,
+            count,
+            concurrency,
+            metadata,
+        } => {
+            let metadata: Vec<(String, String)> = metadata
+                .iter()
+                .filter_map(|h| h.split_once(':'))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect();
+            let out = mesh_tests::grpc::call(mesh_tests::grpc::CallArgs {
+                addr,
+                host: &host,
+                method: &method,
+                count,
+                concurrency,
+                metadata: &metadata,
+            })
+            .await?;
+            println!("{out}");
+            Ok(())
+        }
         Cmd::SilentGet {
             addr,
             host,
