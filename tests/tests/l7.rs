@@ -300,6 +300,14 @@ spec:
     filters:
     - type: RequestRedirect
       requestRedirect: {port: 8083, statusCode: 308, path: {type: ReplaceFullPath, replaceFullPath: /new}}
+  - matches: [{path: {type: PathPrefix, value: /redirect-303}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {statusCode: 303, hostname: other.example}
+  - matches: [{path: {type: PathPrefix, value: /redirect-307}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {statusCode: 307, scheme: https, port: 8443}
 ---
 "#;
 
@@ -366,6 +374,12 @@ fn filters_modify_headers_rewrite_paths_and_redirect() {
             ),
             ("/redirect-301/a?b=c", "301", "https://echo/moved/a?b=c"),
             ("/redirect-port", "308", "http://echo:8083/new"),
+            (
+                "/redirect-303/x",
+                "303",
+                "http://other.example/redirect-303/x",
+            ),
+            ("/redirect-307", "307", "https://echo:8443/redirect-307"),
         ] {
             let out = get(
                 &mut c,
