@@ -1430,6 +1430,11 @@ spec:
         },
     );
     assert_eq!(only_pod(&out), "v1", "the producer route: {out}");
+    // The new pod's certificate comes a moment after it is enrolled: until then its
+    // agent answers 502 (no plaintext fallback). Wait for it.
+    poll("the shop pod's certificate", SECS, || {
+        get(&mut c, &shopper, Get::default())["statuses"]["200"] == 1
+    });
     let out = get(
         &mut c,
         &shopper,
