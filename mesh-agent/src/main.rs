@@ -12,11 +12,12 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => {
+            // Held to the end: it flushes the log lines still buffered at exit.
             let log = telemetry::init_logging(args.log_format, "info", args.access_log);
-            block_on(app::run(args, log))
+            block_on(app::run(args, log.clone()))
         }
         cli::Command::Ca(args) => {
-            telemetry::init_logging(args.log_format, "info", telemetry::AccessLog::Off);
+            let _log = telemetry::init_logging(args.log_format, "info", telemetry::AccessLog::Off);
             block_on(ca::run(args))
         }
     }

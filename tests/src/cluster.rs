@@ -65,6 +65,11 @@ pub struct Cluster {
     pub agent_args: Vec<String>,
     /// Attach the agents here instead of their node's cgroup.
     pub agent_cgroup: Option<PathBuf>,
+    /// Agents started from now on write their output to a pipe that nobody reads
+    /// (a stalled log collector); their log is then not available.
+    pub agent_log_stalled: bool,
+    /// The read ends of those pipes, kept open and never read.
+    stalled_logs: Vec<std::io::PipeReader>,
     /// Workload pids, killed on drop.
     tracked: Vec<u32>,
 }
@@ -145,6 +150,8 @@ impl Cluster {
             ca: None,
             cert_ttl: "24h".to_owned(),
             agent_args: Vec::new(),
+            agent_log_stalled: false,
+            stalled_logs: Vec::new(),
             agent_cgroup: None,
             tracked: Vec::new(),
         };
@@ -482,9 +489,14 @@ impl Cluster {
                 "RUST_LOG",
                 std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdin(Stdio::null());
+        if self.agent_log_stalled {
+            let (reader, writer) = std::io::pipe()?;
+            cmd.stdout(writer.try_clone()?).stderr(writer);
+            self.stalled_logs.push(reader);
+        } else {
+            cmd.stdout(log.try_clone()?).stderr(log);
+        }
         enter(&mut cmd, &netns_path(&n.netns), Some(&cgroup))?;
         let child = cmd
             .spawn()

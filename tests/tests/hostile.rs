@@ -179,3 +179,61 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
     );
     eprintln!("agent RSS: baseline {baseline} KiB, peak {peak} KiB, after {after} KiB");
 }
+
+/// A log collector that stops reading (a full pipe, a stalled container runtime):
+/// the agent's log lines cannot be written, and its traffic must not wait for them.
+/// Every request below writes an access log line (~400 bytes); a pipe holds 64 KiB,
+/// so an agent that writes its log on the threads that carry traffic stops after a
+/// few hundred requests.
+#[test]
+fn a_log_collector_that_stops_reading_never_stalls_traffic() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let client = c.add_pod("node-1", "client").unwrap();
+    let server = c.add_pod("node-1", "server").unwrap();
+    c.start_echo_server(&server, PORT).unwrap();
+    let http = |yaml: String| yaml.replace("name: tcp,", "name: http,");
+    let cfg = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&server, true)
+        + &http(yaml::service("echo", vip(95), 80, PORT))
+        + &http(yaml::endpoint_slice("echo", PORT, &[server.ip]))
+        + "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+           metadata: {name: echo, namespace: default}\n\
+           spec:\n  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]\n\
+           \x20 rules:\n  - backendRefs: [{name: echo, port: 80}]\n---\n";
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.agent_log_stalled = true;
+    c.start_agent("node-1").unwrap();
+    let addr = sa(vip(95), 80);
+    let started = Instant::now();
+    for round in 0..4 {
+        let out = json(
+            &c.run_in(
+                &client,
+                &[
+                    "echo-get", "--addr", &addr, "--host", "echo", "--count", "1000",
+                ],
+                SECS,
+            )
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}")),
+        );
+        assert_eq!(out["statuses"]["200"], 1000, "round {round}: {out}");
+    }
+    // New connections too, and readiness.
+    for i in 0..50 {
+        let out = json(
+            &c.run_in(
+                &client,
+                &["echo-get", "--addr", &addr, "--host", "echo"],
+                SECS,
+            )
+            .unwrap_or_else(|e| panic!("connection {i}: {e:#}")),
+        );
+        assert_eq!(out["statuses"]["200"], 1, "connection {i}: {out}");
+    }
+    assert_eq!(c.readiness("node-1").unwrap().0, 200);
+    eprintln!(
+        "4,050 requests in {:?} with stderr stalled",
+        started.elapsed()
+    );
+}

@@ -69,33 +69,46 @@ fn echo_serve(c: &mut Cluster, pod: &Pod) {
         .expect("start echo server");
 }
 
+/// One `echo-get` run: where it goes and what it sends.
 struct Get<'a> {
+    /// Default: the echo frontend, `vip(20):80`.
+    addr: Option<String>,
+    /// The `Host` header; default `echo`. `None` sends the address.
+    host: Option<&'a str>,
     path: &'a str,
     h2: bool,
     count: usize,
     concurrency: usize,
     method: &'a str,
     headers: &'a [&'a str],
+    body_bytes: usize,
+    /// More requests on the same connection, as `METHOD PATH`.
+    then: &'a [String],
 }
 
 impl Default for Get<'_> {
     fn default() -> Self {
         Get {
+            addr: None,
+            host: Some("echo"),
             path: "/",
             h2: false,
             count: 1,
             concurrency: 1,
             method: "GET",
             headers: &[],
+            body_bytes: 0,
+            then: &[],
         }
     }
 }
 
-/// Runs `echo-get` from `client` against the echo frontend.
-fn get(c: &mut Cluster, client: &Pod, g: Get<'_>) -> Value {
-    let addr = sa(vip(20), 80);
+/// Runs `echo-get` from `client`; an error when it could not connect or read.
+fn try_get(c: &mut Cluster, client: &Pod, g: Get<'_>) -> anyhow::Result<Value> {
+    let addr = g.addr.unwrap_or_else(|| sa(vip(20), 80));
     let count = g.count.to_string();
     let concurrency = g.concurrency.to_string();
+    let body = g.body_bytes.to_string();
     let mut args = vec![
         "echo-get",
         "--addr",
@@ -106,19 +119,30 @@ fn get(c: &mut Cluster, client: &Pod, g: Get<'_>) -> Value {
         &count,
         "--method",
         g.method,
-        "--host",
-        "echo",
         "--concurrency",
         &concurrency,
     ];
+    if let Some(host) = g.host {
+        args.extend(["--host", host]);
+    }
+    if g.body_bytes > 0 {
+        args.extend(["--body-bytes", &body]);
+    }
     if g.h2 {
         args.push("--h2");
     }
     for h in g.headers {
-        args.push("--header");
-        args.push(h);
+        args.extend(["--header", h]);
     }
-    json(&c.run_in(client, &args, SECS).unwrap())
+    for t in g.then {
+        args.extend(["--then", t.as_str()]);
+    }
+    Ok(json(&c.run_in(client, &args, SECS)?))
+}
+
+/// Runs `echo-get` from `client`, which must succeed.
+fn get(c: &mut Cluster, client: &Pod, g: Get<'_>) -> Value {
+    try_get(c, client, g).unwrap()
 }
 
 /// Runs `grpc-call` (tonic) from `client` against the echo frontend.
@@ -234,18 +258,47 @@ fn requests_are_routed_by_path_header_and_query_across_nodes_for_http1_and_http2
         );
         assert_eq!(out["statuses"]["500"], 1, "{out}");
     }
-    // A client cannot forge the headers between agents.
-    let out = get(
-        &mut c,
-        &client,
-        Get {
-            path: "/",
-            headers: &["x-mesh-dst: 10.0.0.1:22", "x-mesh-orig-proto: HTTP/2"],
-            ..Get::default()
-        },
-    );
-    assert_eq!(out["statuses"]["200"], 1, "{out}");
-    assert_eq!(out["last"]["proto"], "HTTP/1.1", "{out}");
+    // A client cannot forge the headers between agents: not the destination, not the
+    // protocol, not the Service the metrics are labelled with. Across nodes ("/", v1)
+    // and on one node ("/exact").
+    for (path, want) in [("/", "v1"), ("/exact", "local")] {
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path,
+                headers: &[
+                    "x-mesh-dst: 10.0.0.1:22",
+                    "x-mesh-orig-proto: HTTP/2",
+                    "x-mesh-svc: forged/forged",
+                ],
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["200"], 1, "{out}");
+        assert_eq!(only_pod(&out), want, "{out}");
+        assert_eq!(out["last"]["proto"], "HTTP/1.1", "{out}");
+        let seen = out["last"]["headers"].as_object().unwrap();
+        assert!(seen.keys().all(|k| !k.starts_with("x-mesh-")), "{out}");
+    }
+    for (node, service) in [("node-1", "echo-local"), ("node-2", "echo-v1")] {
+        let text = c.metrics(node).unwrap();
+        let forged = metric(
+            &text,
+            "istio_requests_total",
+            &[("destination_service_name", "forged")],
+        );
+        assert_eq!(forged, 0, "{node} counted a forged Service");
+        let real = metric(
+            &text,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_service_name", service),
+            ],
+        );
+        assert!(real > 0, "{node} counted no request for {service}");
+    }
     // One access log line per request, with the route and rule.
     let log = c.agent_log("node-1");
     assert!(
@@ -460,14 +513,15 @@ spec:
     assert_eq!(only_pod(&out), "local", "same node first: {out}");
     // A pod IP is not the frontend: no routes, the pod itself answers (MeshFrontend).
     let v2_ip = c.pod_ip("v2");
-    let addr = sa(v2_ip, ECHO_PORT);
-    let out = json(
-        &c.run_in(
-            &client,
-            &["echo-get", "--addr", &addr, "--path", "/split"],
-            SECS,
-        )
-        .unwrap(),
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            addr: Some(sa(v2_ip, ECHO_PORT)),
+            host: None,
+            path: "/split",
+            ..Get::default()
+        },
     );
     assert_eq!(only_pod(&out), "v2", "{out}");
 }
@@ -712,17 +766,16 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
             format!("POST {prefix}/public"),
             format!("POST {admin}"),
         ];
-        let mut args_then = Vec::new();
-        for t in &then {
-            args_then.push("--then");
-            args_then.push(t.as_str());
-        }
-        let addr = sa(vip(20), 80);
-        let mut args = vec![
-            "echo-get", "--addr", &addr, "--host", "echo", "--method", "POST", "--path", &admin,
-        ];
-        args.extend(args_then);
-        let out = json(&c.run_in(&client, &args, SECS).unwrap());
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                method: "POST",
+                path: &admin,
+                then: &then,
+                ..Get::default()
+            },
+        );
         assert_eq!(out["statuses"]["403"], 1, "{out}");
         // The same connection carried on: GET allowed, POST elsewhere allowed, POST
         // /admin denied again.
@@ -751,11 +804,16 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
     // The way around an L7 policy: the pod IP, where no route applies and the agents
     // carry bytes, not requests. The policy fails closed there: the DENY's L7 parts
     // count as matching, so the connection is refused.
-    let addr = sa(c.pod_ip("v1"), ECHO_PORT);
-    let out = c.run_in(
+    let v1 = sa(c.pod_ip("v1"), ECHO_PORT);
+    let out = try_get(
+        &mut c,
         &client,
-        &["echo-get", "--addr", &addr, "--path", "/public"],
-        SECS,
+        Get {
+            addr: Some(v1),
+            host: None,
+            path: "/public",
+            ..Get::default()
+        },
     );
     assert!(out.is_err(), "a pod-IP connection got through: {out:?}");
     poll("the destination to log the refusal", SECS, || {
@@ -790,26 +848,17 @@ fn timeouts_answer_504_and_retries_stop_at_their_limits() {
     let _g = serial();
     let (mut c, client) = l7_cluster(RESILIENT);
     let mut status_of = |path: &str, headers: &[&str], body_bytes: usize| {
-        let addr = sa(vip(20), 80);
-        let body = body_bytes.to_string();
-        let mut args = vec![
-            "echo-get",
-            "--addr",
-            &addr,
-            "--host",
-            "echo",
-            "--path",
-            path,
-            "--body-bytes",
-            &body,
-        ];
-        if body_bytes > 0 {
-            args.extend(["--method", "POST"]);
-        }
-        for h in headers {
-            args.extend(["--header", h]);
-        }
-        let out = json(&c.run_in(&client, &args, SECS).unwrap());
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path,
+                headers,
+                body_bytes,
+                method: if body_bytes > 0 { "POST" } else { "GET" },
+                ..Get::default()
+            },
+        );
         let statuses = out["statuses"].as_object().unwrap();
         assert_eq!(statuses.len(), 1, "{out}");
         let status: u16 = statuses.keys().next().unwrap().parse().unwrap();
@@ -889,16 +938,15 @@ spec:
     poll("the flaky Service", SECS, || {
         c.agent_log("node-1").matches("config applied").count() > applied
     });
-    let addr = sa(vip(29), 80);
-    let out = json(
-        &c.run_in(
-            &client,
-            &[
-                "echo-get", "--addr", &addr, "--host", "flaky", "--path", "/flaky",
-            ],
-            SECS,
-        )
-        .unwrap(),
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            addr: Some(sa(vip(29), 80)),
+            host: Some("flaky"),
+            path: "/flaky",
+            ..Get::default()
+        },
     );
     assert_eq!(out["statuses"]["200"], 1, "{out}");
     assert_eq!(only_pod(&out), "v1", "{out}");
@@ -1157,16 +1205,15 @@ spec:
     assert!(v2 * 3 < others, "the slow endpoint was not avoided: {out}");
     // A same-node endpoint that refuses connections: after its first failure the
     // other node's endpoint takes the requests.
-    let addr = sa(vip(28), 80);
-    let out = json(
-        &c.run_in(
-            &client,
-            &[
-                "echo-get", "--addr", &addr, "--host", "near", "--count", "20",
-            ],
-            SECS,
-        )
-        .unwrap(),
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            addr: Some(sa(vip(28), 80)),
+            host: Some("near"),
+            count: 20,
+            ..Get::default()
+        },
     );
     let pods: HashMap<String, u64> = serde_json::from_value(out["pods"].clone()).unwrap();
     assert!(pods.get("v1").copied().unwrap_or(0) >= 18, "{out}");
@@ -1254,28 +1301,16 @@ fn mirrors_get_a_copy_of_their_share_and_their_answers_are_ignored() {
     assert_eq!(out["statuses"]["200"], 200, "{out}");
     assert_eq!(only_pod(&out), "v1", "{out}");
     // With a body: the copy carries it too.
-    let addr = sa(vip(20), 80);
-    let out = json(
-        &c.run_in(
-            &client,
-            &[
-                "echo-get",
-                "--addr",
-                &addr,
-                "--host",
-                "echo",
-                "--path",
-                "/mirror/body",
-                "--method",
-                "POST",
-                "--body-bytes",
-                "1024",
-                "--count",
-                "20",
-            ],
-            SECS,
-        )
-        .unwrap(),
+    let out = get(
+        &mut c,
+        &client,
+        Get {
+            path: "/mirror/body",
+            method: "POST",
+            body_bytes: 1024,
+            count: 20,
+            ..Get::default()
+        },
     );
     assert_eq!(out["statuses"]["200"], 20, "{out}");
     let at = |c: &Cluster, node: &str, family: &str, pod: &str| {

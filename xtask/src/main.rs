@@ -32,6 +32,14 @@ enum Cmd {
         /// Short runs: a few minutes instead of the full measurement.
         #[arg(long)]
         quick: bool,
+        /// Only the scenarios whose name contains this (repeatable; the baselines
+        /// always run). The report then goes to target/bench, not docs/benchmarks.
+        #[arg(long, value_name = "NAME")]
+        only: Vec<String>,
+        /// Record the proxies' CPU profile with perf during each saturation run
+        /// (target/bench/perf-SCENARIO.data); the report goes to target/bench.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -40,7 +48,11 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::bench(),
         Cmd::Demo { smoke } => setup::run().and_then(|()| demo::run(smoke)),
         Cmd::Test => setup::run().and_then(|()| test::run()),
-        Cmd::Bench { quick } => setup::bench().and_then(|()| bench::run(quick)),
+        Cmd::Bench {
+            quick,
+            only,
+            profile,
+        } => setup::bench().and_then(|()| bench::run(quick, only, profile)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

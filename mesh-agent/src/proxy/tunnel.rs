@@ -1,7 +1,12 @@
 //! The tunnel's client side: one HTTP/2 CONNECT stream to the destination pod's
 //! `:15008`, over a pooled mTLS connection that presents the source workload's
 //! certificate and accepts only the destination identity the config expects.
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, client::conn::http2::SendRequest,
@@ -10,6 +15,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::INBOUND_TUNNEL_PORT;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, debug_span};
 
@@ -42,6 +48,34 @@ pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 pub struct TunnelStream {
     pub io: TokioIo<Upgraded>,
     _lease: Lease,
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 async fn lease(

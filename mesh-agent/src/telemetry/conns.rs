@@ -405,6 +405,31 @@ impl Telemetry {
     }
 }
 
+/// What the telemetry tests share: a client pod and the Service it calls.
+#[cfg(test)]
+pub mod fixtures {
+    use super::{NamespacedName, Peer, WorkloadRef};
+
+    pub fn client() -> Peer {
+        Peer {
+            workload: Some(WorkloadRef {
+                namespace: "default".into(),
+                workload: "client".into(),
+                pod: "client-1".into(),
+            }),
+            addr: None,
+            identity: None,
+        }
+    }
+
+    pub fn web() -> NamespacedName {
+        NamespacedName {
+            namespace: "default".into(),
+            name: "web".into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,20 +439,9 @@ mod tests {
             id,
             reporter: Reporter::Source,
             mode: Mode::Hbone,
-            source: Peer {
-                workload: Some(WorkloadRef {
-                    namespace: "default".into(),
-                    workload: "client".into(),
-                    pod: "client-1".into(),
-                }),
-                addr: None,
-                identity: None,
-            },
+            source: fixtures::client(),
             destination: Peer::default(),
-            service: Some(NamespacedName {
-                namespace: "default".into(),
-                name: "web".into(),
-            }),
+            service: Some(fixtures::web()),
             original_dst: None,
         }
     }

@@ -8,7 +8,12 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+
 use super::access;
+
+/// Lines buffered for stderr before new ones are dropped.
+const LOG_BUFFER_LINES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -28,6 +33,10 @@ pub enum AccessLog {
 /// Changes the diagnostics filter of a running agent.
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
+    /// Lines dropped because stderr did not keep up.
+    dropped: ErrorCounter,
+    /// Flushes the lines still buffered when the agent exits.
+    _flush: WorkerGuard,
     current: Mutex<String>,
 }
 
@@ -44,6 +53,11 @@ impl LogControl {
             .clone()
     }
 
+    /// Log lines dropped so far because stderr did not keep up.
+    pub fn dropped_lines(&self) -> usize {
+        self.dropped.dropped_lines()
+    }
+
     /// `directives` is an EnvFilter string such as `info,mesh_agent::proxy=debug`.
     pub fn set(&self, directives: &str) -> Result<(), String> {
         if directives.trim().is_empty() {
@@ -58,14 +72,14 @@ impl LogControl {
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
-fn boxed<F>(format: LogFormat, filter: F) -> BoxedLayer
+fn boxed<F>(format: LogFormat, filter: F, writer: NonBlocking) -> BoxedLayer
 where
     F: tracing_subscriber::layer::Filter<Registry> + Send + Sync + 'static,
 {
     // Colour only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(ansi);
     match format {
@@ -92,7 +106,15 @@ pub fn init_logging(
     let filter = diagnostics_filter(&directives)
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{}=off", access::TARGET)));
     let (filter, handle) = reload::Layer::new(filter);
-    let mut layers: Vec<BoxedLayer> = vec![boxed(format, filter)];
+    // Lines are written by a thread of their own: a request or connection never waits
+    // for stderr. When stderr cannot keep up (a stalled log collector, a full pipe),
+    // lines past the buffer are dropped, never the traffic.
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("mesh-log")
+        .finish(std::io::stderr());
+    let mut layers: Vec<BoxedLayer> = vec![boxed(format, filter, writer.clone())];
     let access_format = match access_log {
         AccessLog::Off => None,
         AccessLog::On => Some(format),
@@ -100,12 +122,18 @@ pub fn init_logging(
         AccessLog::Json => Some(LogFormat::Json),
     };
     if let Some(f) = access_format {
-        layers.push(boxed(f, filter_fn(|m| m.target() == access::TARGET)));
+        layers.push(boxed(
+            f,
+            filter_fn(|m| m.target() == access::TARGET),
+            writer.clone(),
+        ));
     }
     // A second init (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry().with(layers).try_init();
     Arc::new(LogControl {
         handle,
         current: Mutex::new(directives),
+        dropped: writer.error_counter(),
+        _flush: guard,
     })
 }

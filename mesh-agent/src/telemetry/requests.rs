@@ -210,26 +210,15 @@ fn request_flow(facts: &RequestFacts, end: &RequestEnd, error: bool) -> Flow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::WorkloadRef;
+    use crate::telemetry::conns::fixtures;
 
     fn facts(grpc: bool) -> RequestFacts {
         RequestFacts {
             reporter: Reporter::Source,
             mode: Mode::Hbone,
-            source: Peer {
-                workload: Some(WorkloadRef {
-                    namespace: "default".into(),
-                    workload: "client".into(),
-                    pod: "client-1".into(),
-                }),
-                addr: None,
-                identity: None,
-            },
+            source: fixtures::client(),
             destination: Peer::default(),
-            service: Some(NamespacedName {
-                namespace: "default".into(),
-                name: "web".into(),
-            }),
+            service: Some(fixtures::web()),
             grpc,
             route: Some(("httproute/default/web".into(), "0".into())),
             method: "GET".into(),

@@ -50,9 +50,29 @@ struct Plan {
     bulk_bytes: u64,
     scale_services: usize,
     scale_endpoints_per_service: usize,
+    /// Only the scenarios whose name contains one of these (and the baselines);
+    /// empty: all of them.
+    only: Vec<String>,
+    /// Record the proxies' CPU profile (`perf record -e cpu-clock`, DWARF call graphs) during each
+    /// saturation run.
+    profile: bool,
 }
 
 impl Plan {
+    /// Whether this run measures the scenario (the baselines always: the ratios need
+    /// them).
+    fn wants(&self, name: &str) -> bool {
+        name.starts_with("direct")
+            || self.only.is_empty()
+            || self.only.iter().any(|o| name.contains(o.as_str()))
+    }
+
+    /// A partial run (some scenarios) is a developer's measurement: it does not
+    /// replace the committed report.
+    fn partial(&self) -> bool {
+        !self.only.is_empty() || self.profile
+    }
+
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
@@ -63,6 +83,8 @@ impl Plan {
                 bulk_bytes: 256 << 20,
                 scale_services: 10_000,
                 scale_endpoints_per_service: 10,
+                only: Vec::new(),
+                profile: false,
             }
         } else {
             Plan {
@@ -73,6 +95,8 @@ impl Plan {
                 bulk_bytes: 1 << 30,
                 scale_services: 10_000,
                 scale_endpoints_per_service: 10,
+                only: Vec::new(),
+                profile: false,
             }
         }
     }
@@ -88,6 +112,7 @@ fn progress(msg: &str) {
 }
 
 /// One scenario: where the client sends, and which processes are the proxy.
+#[derive(Clone, Copy)]
 struct Target<'a> {
     name: &'a str,
     description: &'a str,
@@ -157,7 +182,14 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         }
     }
     progress(&format!("{name}: saturation for {}s", plan.max_secs));
-    match oha.max_rate(c, client, &url, plan.connections * 2, plan.max_secs, false) {
+    let recording = (plan.profile && !proxies.is_empty())
+        .then(|| profile(name, proxies, plan.max_secs))
+        .flatten();
+    let saturation = oha.max_rate(c, client, &url, plan.connections * 2, plan.max_secs, false);
+    if let Some(mut perf) = recording {
+        let _ = perf.wait();
+    }
+    match saturation {
         Ok((rps, ok)) => {
             s.saturation_rps = if ok < 0.99 { f64::NAN } else { rps };
             if ok < 1.0 {
@@ -199,6 +231,35 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
     s
 }
 
+/// Starts `perf record` on the proxies for `secs`; the data goes to
+/// target/bench/perf-NAME.data (`perf report -i` reads it).
+fn profile(name: &str, proxies: &[u32], secs: u64) -> Option<std::process::Child> {
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).ok()?;
+    let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
+    let out = dir.join(format!("perf-{name}.data"));
+    progress(&format!("{name}: profiling into {}", out.display()));
+    std::process::Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "499",
+            "--call-graph",
+            "dwarf,8192",
+            "-q",
+            "-o",
+        ])
+        .arg(&out)
+        .args(["-p", &pids.join(",")])
+        .args(["--", "sleep", &secs.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| progress(&format!("perf did not start: {e}")))
+        .ok()
+}
+
 fn text(cmd: &str, args: &[&str]) -> String {
     std::process::Command::new(cmd)
         .args(args)
@@ -232,7 +293,7 @@ fn machine(report: &mut Report) {
         .map_or(0.0, |kib| kib / 1048576.0);
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> {
     std::env::set_current_dir(root())?;
     sh(
         "cargo",
@@ -246,7 +307,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             "--bins",
         ],
     )?;
-    let plan = Plan::new(quick);
+    let plan = Plan {
+        only,
+        profile,
+        ..Plan::new(quick)
+    };
     let oha = Oha {
         bin: crate::setup::oha_path().context("oha is not installed (cargo xtask setup)")?,
     };
@@ -299,35 +364,37 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let remote_bulk = format!("{}:{BULK_PORT}", remote.ip);
     let local_vip_bulk = format!("{LOCAL_BULK_VIP}:80");
     let remote_vip_bulk = format!("{REMOTE_BULK_VIP}:80");
-    report.scenarios.push(measure(
+    let run = |c: &mut Cluster, report: &mut Report, targets: &[Target<'_>]| {
+        for t in targets.iter().filter(|t| plan.wants(t.name)) {
+            report.scenarios.push(measure(c, &oha, &plan, &client, *t));
+        }
+    };
+    run(
         &mut c,
-        &oha,
-        &plan,
-        &client,
-        Target {
-            name: "direct-local",
-            description: "client pod to a server pod on the same node, no mesh",
-            baseline: "direct-local",
-            addr: &local_addr,
-            bulk: Some(&local_bulk),
-            proxies: &[],
-        },
-    ));
-    report.scenarios.push(measure(
-        &mut c,
-        &oha,
-        &plan,
-        &client,
-        Target {
-            name: "direct",
-            description: "client pod to a server pod on the other node, no mesh",
-            baseline: "direct",
-            addr: &remote_addr,
-            bulk: Some(&remote_bulk),
-            proxies: &[],
-        },
-    ));
+        &mut report,
+        &[
+            Target {
+                name: "direct-local",
+                description: "client pod to a server pod on the same node, no mesh",
+                baseline: "direct-local",
+                addr: &local_addr,
+                bulk: Some(&local_bulk),
+                proxies: &[],
+            },
+            Target {
+                name: "direct",
+                description: "client pod to a server pod on the other node, no mesh",
+                baseline: "direct",
+                addr: &remote_addr,
+                bulk: Some(&remote_bulk),
+                proxies: &[],
+            },
+        ],
+    );
 
+    let (local_vip, remote_vip) = (format!("{LOCAL_VIP}:80"), format!("{REMOTE_VIP}:80"));
+    let (l7_local_vip, l7_remote_vip) =
+        (format!("{L7_LOCAL_VIP}:80"), format!("{L7_REMOTE_VIP}:80"));
     for sockmap in [false, true] {
         let (suffix, how) = if sockmap {
             ("-sockmap", "sockmap on: the pod-agent hops skip TCP/IP")
@@ -345,135 +412,135 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             .iter()
             .filter_map(|n| c.agent_pid(n))
             .collect();
-        report.scenarios.push(measure(
-            &mut c,
-            &oha,
-            &plan,
-            &client,
+        let names = [
+            format!("mesh-l4-local{suffix}"),
+            format!("mesh-mtls{suffix}"),
+            format!("mesh-mtls-podip{suffix}"),
+        ];
+        let descriptions = [
+            format!(
+                "ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted); {how}"
+            ),
+            format!(
+                "ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node; {how}"
+            ),
+            format!(
+                "the server's pod IP (no ClusterIP), captured and carried through both agents and the mTLS tunnel; {how}"
+            ),
+        ];
+        let mut targets = vec![
             Target {
-                name: &format!("mesh-l4-local{suffix}"),
-                description: &format!("ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted); {how}"),
+                name: &names[0],
+                description: &descriptions[0],
                 baseline: "direct-local",
-                addr: &format!("{LOCAL_VIP}:80"),
+                addr: &local_vip,
                 bulk: Some(&local_vip_bulk),
                 proxies: &agents[..1],
             },
-        ));
-        report.scenarios.push(measure(
-            &mut c,
-            &oha,
-            &plan,
-            &client,
             Target {
-                name: &format!("mesh-mtls{suffix}"),
-                description: &format!("ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node; {how}"),
+                name: &names[1],
+                description: &descriptions[1],
                 baseline: "direct",
-                addr: &format!("{REMOTE_VIP}:80"),
+                addr: &remote_vip,
                 bulk: Some(&remote_vip_bulk),
                 proxies: &agents,
             },
-        ));
-        report.scenarios.push(measure(
-            &mut c,
-            &oha,
-            &plan,
-            &client,
             Target {
-                name: &format!("mesh-mtls-podip{suffix}"),
-                description: &format!("the server's pod IP (no ClusterIP), captured and carried through both agents and the mTLS tunnel; {how}"),
+                name: &names[2],
+                description: &descriptions[2],
                 baseline: "direct",
                 addr: &remote_addr,
                 bulk: Some(&remote_bulk),
                 proxies: &agents,
             },
-        ));
+        ];
+        // L7 does not use sockmap (the agent reads every request): measured once.
         if !sockmap {
-            for (name, description, baseline, vip, proxies) in [
-                (
-                    "mesh-l7-local",
-                    "ClusterIP with an HTTPRoute: each request parsed, routed and balanced by the node's agent to a pod on the same node",
-                    "direct-local",
-                    L7_LOCAL_VIP,
-                    &agents[..1],
-                ),
-                (
-                    "mesh-l7-mtls",
-                    "ClusterIP with an HTTPRoute: each request routed by the client's agent and sent as HTTP/2 on the pooled mTLS tunnel to the other node's agent",
-                    "direct",
-                    L7_REMOTE_VIP,
-                    &agents[..],
-                ),
-            ] {
-                report.scenarios.push(measure(
-                    &mut c,
-                    &oha,
-                    &plan,
-                    &client,
-                    Target {
-                        name,
-                        description,
-                        baseline,
-                        addr: &format!("{vip}:80"),
-                        bulk: None,
-                        proxies,
-                    },
-                ));
-            }
+            targets.extend([
+                Target {
+                    name: "mesh-l7-local",
+                    description: "ClusterIP with an HTTPRoute: each request parsed, routed and balanced by the node's agent to a pod on the same node",
+                    baseline: "direct-local",
+                    addr: &l7_local_vip,
+                    bulk: None,
+                    proxies: &agents[..1],
+                },
+                Target {
+                    name: "mesh-l7-mtls",
+                    description: "ClusterIP with an HTTPRoute: each request routed by the client's agent and sent as HTTP/2 on the pooled mTLS tunnel to the other node's agent",
+                    baseline: "direct",
+                    addr: &l7_remote_vip,
+                    bulk: None,
+                    proxies: &agents,
+                },
+            ]);
         }
+        run(&mut c, &mut report, &targets);
         c.stop_agent("node-1")?;
         c.stop_agent("node-2")?;
     }
     c.agent_args.clear();
 
-    progress("starting HAProxy on both nodes");
-    match haproxy::run(&mut c, "node-1", "node-2", (remote.ip, PORT), BULK_PORT) {
-        Ok((proxies, paths)) => {
-            let pids = proxies.pids.clone();
-            report.scenarios.push(measure(
+    let haproxy = if ["haproxy", "haproxy-http"].iter().any(|n| plan.wants(n)) {
+        progress("starting HAProxy on both nodes");
+        Some(haproxy::run(
+            &mut c,
+            "node-1",
+            "node-2",
+            (remote.ip, PORT),
+            BULK_PORT,
+        ))
+    } else {
+        None
+    };
+    match haproxy {
+        None => {}
+        Some(Ok((proxies, paths))) => {
+            run(
                 &mut c,
-                &oha,
-                &plan,
-                &client,
-                Target {
-                    name: "haproxy",
-                    description: "HAProxy 2.6 per node (2 threads), plain TCP from the pod, mutual TLS 1.3 between the nodes",
-                    baseline: "direct",
-                    addr: &paths.tcp,
-                    bulk: Some(&paths.bulk),
-                    proxies: &pids,
-                },
-            ));
-            report.scenarios.push(measure(
-                &mut c,
-                &oha,
-                &plan,
-                &client,
-                Target {
-                    name: "haproxy-http",
-                    description: "HAProxy 2.6 per node (2 threads) in HTTP mode: requests parsed and kept alive, HTTP/2 over mutual TLS 1.3 between the nodes",
-                    baseline: "direct",
-                    addr: &paths.http,
-                    bulk: None,
-                    proxies: &pids,
-                },
-            ));
+                &mut report,
+                &[
+                    Target {
+                        name: "haproxy",
+                        description: "HAProxy 2.6 per node (2 threads), plain TCP from the pod, mutual TLS 1.3 between the nodes",
+                        baseline: "direct",
+                        addr: &paths.tcp,
+                        bulk: Some(&paths.bulk),
+                        proxies: &proxies.pids,
+                    },
+                    Target {
+                        name: "haproxy-http",
+                        description: "HAProxy 2.6 per node (2 threads) in HTTP mode: requests parsed and kept alive, HTTP/2 over mutual TLS 1.3 between the nodes",
+                        baseline: "direct",
+                        addr: &paths.http,
+                        bulk: None,
+                        proxies: &proxies.pids,
+                    },
+                ],
+            );
             proxies.stop();
         }
-        Err(e) => report.notes.push(format!("haproxy did not run: {e:#}")),
+        Some(Err(e)) => report.notes.push(format!("haproxy did not run: {e:#}")),
     }
     drop(c);
 
-    progress("scale: generating the config and starting an agent on it");
-    match scale::run(
-        &target,
-        plan.scale_services,
-        plan.scale_endpoints_per_service,
-    ) {
-        Ok(s) => report.scale = Some(s),
-        Err(e) => report.notes.push(format!("scale test failed: {e:#}")),
+    if plan.wants("scale") {
+        progress("scale: generating the config and starting an agent on it");
+        match scale::run(
+            &target,
+            plan.scale_services,
+            plan.scale_endpoints_per_service,
+        ) {
+            Ok(s) => report.scale = Some(s),
+            Err(e) => report.notes.push(format!("scale test failed: {e:#}")),
+        }
     }
 
-    let dir = root().join("docs/benchmarks");
+    let dir = if plan.partial() {
+        root().join("target/bench")
+    } else {
+        root().join("docs/benchmarks")
+    };
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
         dir.join("report.json"),

@@ -29,6 +29,8 @@ use super::body::{Body, BodyError};
 /// A request body longer than this is not retried (Linkerd's limit).
 pub const MAX_RECORDED: usize = 64 * 1024;
 
+const TOO_LONG: &str = "the request body was too long to send again";
+
 #[derive(Clone)]
 enum Recorded {
     Data(Bytes),
@@ -59,6 +61,15 @@ struct Shared {
     /// Readers waiting for a frame another reader is reading (the inner body keeps
     /// only one waker).
     waiters: Vec<std::task::Waker>,
+}
+
+impl Shared {
+    /// Wakes this reader when another one reads the next frame.
+    fn wait(&mut self, cx: &Context<'_>) {
+        if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            self.waiters.push(cx.waker().clone());
+        }
+    }
 }
 
 /// The shared recording of one request body.
@@ -137,9 +148,7 @@ impl HttpBody for Replay {
         let mut s = shared.lock();
         if self.pos < s.seen {
             if s.overflowed {
-                return Poll::Ready(Some(Err(
-                    "the request body was too long to send again".into()
-                )));
+                return Poll::Ready(Some(Err(TOO_LONG.into())));
             }
             let frame = s.frames[self.pos].frame();
             self.pos += 1;
@@ -149,42 +158,40 @@ impl HttpBody for Replay {
             return Poll::Ready(Some(Err("the client's request body failed".into())));
         }
         if s.overflowed && self.follower {
-            return Poll::Ready(Some(Err(
-                "the request body was too long to send again".into()
-            )));
+            return Poll::Ready(Some(Err(TOO_LONG.into())));
         }
         let Some(inner) = s.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        if self.follower {
-            if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                s.waiters.push(cx.waker().clone());
+        // A follower never reads the client's body; an attempt that finds it not
+        // ready waits beside the others (the inner body keeps only one waker).
+        let polled = if self.follower {
+            None
+        } else {
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => None,
+                Poll::Ready(p) => Some(p),
             }
+        };
+        let Some(polled) = polled else {
+            s.wait(cx);
             return Poll::Pending;
-        }
-        let polled = Pin::new(inner).poll_frame(cx);
-        if polled.is_pending() {
-            if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                s.waiters.push(cx.waker().clone());
-            }
-            return Poll::Pending;
-        }
+        };
         for w in s.waiters.drain(..) {
             w.wake();
         }
         match polled {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
+            None => {
                 s.inner = None;
                 s.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(e))) => {
+            Some(Err(e)) => {
                 s.inner = None;
                 s.failed = true;
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Ready(Some(Ok(frame))) => {
+            Some(Ok(frame)) => {
                 s.seen += 1;
                 self.pos = s.seen;
                 let len = frame.data_ref().map_or(0, Bytes::len);

@@ -5,19 +5,13 @@
 //! tunnel to the endpoint's node, or a plain connection. hyper speaks HTTP/1.1 on
 //! that stream; once the endpoint answers 101, the two upgraded connections are
 //! copied into each other until either side closes.
-use std::{
-    net::SocketAddr,
-    pin::Pin,
-    task::{Context, Poll},
-};
+use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tracing::{Instrument, debug, info_span};
 
 use super::{
@@ -54,51 +48,9 @@ pub fn requested(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// The stream to the endpoint, however it is reached.
-enum Stream {
-    Tcp(TcpStream),
-    Tunnel(TunnelStream),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tunnel(s) => Pin::new(&mut s.io).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tunnel(s) => Pin::new(&mut s.io).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tunnel(s) => Pin::new(&mut s.io).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tunnel(s) => Pin::new(&mut s.io).poll_shutdown(cx),
-        }
-    }
-}
+/// The stream to the endpoint, however it is reached: a TCP connection (the app on
+/// this node, or passthrough) or a CONNECT stream through the tunnel.
+type Stream = Either<TcpStream, TunnelStream>;
 
 /// What the upgrade request is and where it goes.
 pub struct Upgrade<'a> {
@@ -142,21 +94,21 @@ async fn connect(
                 .map_err(|d| Failure::Denied(deciding_policy(&d)))?;
             dial_from(&dest.netns, endpoint, ctx.connect_timeout)
                 .await
-                .map(Stream::Tcp)
+                .map(Either::Left)
                 .map_err(|e| Failure::Upstream(e.to_string()))
         }
         Way::Hbone(identity) => {
             log.mode = Mode::Hbone;
             tunnel::open(&conn.pod, ctx, identity, endpoint)
                 .await
-                .map(Stream::Tunnel)
+                .map(Either::Right)
                 .map_err(|e| Failure::Upstream(e.to_string()))
         }
         Way::Passthrough => {
             log.mode = Mode::Passthrough;
             dial_from(&conn.pod.netns, endpoint, ctx.connect_timeout)
                 .await
-                .map(Stream::Tcp)
+                .map(Either::Left)
                 .map_err(|e| Failure::Upstream(e.to_string()))
         }
     }
