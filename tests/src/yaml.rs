@@ -25,6 +25,19 @@ pub fn endpoint_slice(service: &str, port: u16, endpoints: &[IpAddr]) -> String 
     s
 }
 
+/// A Service on port 80 (port name `http`) to `target_port` on `endpoints`, with an
+/// HTTPRoute whose one rule sends every request to it: an L7 (routed) Service.
+pub fn routed_service(name: &str, vip: IpAddr, target_port: u16, endpoints: &[IpAddr]) -> String {
+    service(name, vip, 80, target_port).replace("name: tcp,", "name: http,")
+        + &endpoint_slice(name, target_port, endpoints).replace("name: tcp,", "name: http,")
+        + &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: {name}, port: 80}}]\n\
+             \x20 rules:\n  - backendRefs: [{{name: {name}, port: 80}}]\n---\n"
+        )
+}
+
 /// A Pod whose service account is its own name, labelled `app: <name>`.
 pub fn pod(name: &str, node: &str, ip: IpAddr, netns: &str, enrolled: bool) -> String {
     pod_as(name, node, ip, netns, enrolled, name)

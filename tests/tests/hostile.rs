@@ -192,15 +192,9 @@ fn a_log_collector_that_stops_reading_never_stalls_traffic() {
     let client = c.add_pod("node-1", "client").unwrap();
     let server = c.add_pod("node-1", "server").unwrap();
     c.start_echo_server(&server, PORT).unwrap();
-    let http = |yaml: String| yaml.replace("name: tcp,", "name: http,");
     let cfg = c.pod_yaml(&client, true)
         + &c.pod_yaml(&server, true)
-        + &http(yaml::service("echo", vip(95), 80, PORT))
-        + &http(yaml::endpoint_slice("echo", PORT, &[server.ip]))
-        + "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
-           metadata: {name: echo, namespace: default}\n\
-           spec:\n  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]\n\
-           \x20 rules:\n  - backendRefs: [{name: echo, port: 80}]\n---\n";
+        + &yaml::routed_service("echo", vip(95), PORT, &[server.ip]);
     c.write_config("cluster.yaml", &cfg).unwrap();
     c.agent_log_stalled = true;
     c.start_agent("node-1").unwrap();

@@ -8,7 +8,7 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
 use super::access;
 
@@ -33,8 +33,6 @@ pub enum AccessLog {
 /// Changes the diagnostics filter of a running agent.
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
-    /// Lines dropped because stderr did not keep up.
-    dropped: ErrorCounter,
     /// Flushes the lines still buffered when the agent exits.
     _flush: WorkerGuard,
     current: Mutex<String>,
@@ -51,11 +49,6 @@ impl LogControl {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// Log lines dropped so far because stderr did not keep up.
-    pub fn dropped_lines(&self) -> usize {
-        self.dropped.dropped_lines()
     }
 
     /// `directives` is an EnvFilter string such as `info,mesh_agent::proxy=debug`.
@@ -133,7 +126,6 @@ pub fn init_logging(
     Arc::new(LogControl {
         handle,
         current: Mutex::new(directives),
-        dropped: writer.error_counter(),
         _flush: guard,
     })
 }

@@ -124,18 +124,6 @@ struct Target<'a> {
     proxies: &'a [u32],
 }
 
-/// A Service (port `http`) with an HTTPRoute whose one rule sends everything to it.
-fn routed(name: &str, vip: IpAddr, endpoint: IpAddr) -> String {
-    yaml::service(name, vip, 80, PORT).replace("name: tcp,", "name: http,")
-        + &yaml::endpoint_slice(name, PORT, &[endpoint]).replace("name: tcp,", "name: http,")
-        + &format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
-             metadata: {{name: {name}, namespace: default}}\n\
-             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: {name}, port: 80}}]\n\
-             \x20 rules:\n  - backendRefs: [{{name: {name}, port: 80}}]\n---\n"
-        )
-}
-
 /// Everything one scenario measures.
 fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>) -> Scenario {
     let Target {
@@ -353,8 +341,18 @@ pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> 
         + &yaml::endpoint_slice("bulk-local", BULK_PORT, &[local.ip])
         + &yaml::service("bulk-remote", IpAddr::V4(REMOTE_BULK_VIP), 80, BULK_PORT)
         + &yaml::endpoint_slice("bulk-remote", BULK_PORT, &[remote.ip])
-        + &routed("bench-l7-local", IpAddr::V4(L7_LOCAL_VIP), local.ip)
-        + &routed("bench-l7-remote", IpAddr::V4(L7_REMOTE_VIP), remote.ip);
+        + &yaml::routed_service(
+            "bench-l7-local",
+            IpAddr::V4(L7_LOCAL_VIP),
+            PORT,
+            &[local.ip],
+        )
+        + &yaml::routed_service(
+            "bench-l7-remote",
+            IpAddr::V4(L7_REMOTE_VIP),
+            PORT,
+            &[remote.ip],
+        );
     c.write_config("bench.yaml", &cfg)?;
 
     // Baselines first, with no agent running at all.
