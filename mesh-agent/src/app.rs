@@ -17,7 +17,7 @@ use crate::{
     authz::{LiveConns, PolicySet},
     bpf::{self, Datapath, DatapathOptions},
     cli::RunArgs,
-    config::{ConfigWatch, Generation},
+    config::{ConfigWatch, Directory, Generation},
     identity::{CaClient, SecretManager},
     inpod::PodManager,
     proxy::{ConfigParts, Pool, ProxyContext, SnapshotCell},
@@ -128,7 +128,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         root_namespace: args.root_namespace.clone(),
         server_first_ports: args.server_first_ports.clone(),
     };
-    let mut config = ConfigWatch::start(args.config_dir.clone());
+    let mut config = ConfigWatch::start(Directory::new(args.config_dir.clone()));
     let mut current: Arc<Generation> = config.updates.borrow().clone();
     let _ = admin_state.core.set(Core {
         proxy: proxy.clone(),

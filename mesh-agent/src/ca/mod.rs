@@ -15,7 +15,9 @@ use tracing::info;
 pub use authority::{Authority, Source};
 
 use crate::{
-    api::ca::certificate_service_server::CertificateServiceServer, cli::CaArgs, config::ConfigWatch,
+    api::ca::certificate_service_server::CertificateServiceServer,
+    cli::CaArgs,
+    config::{ConfigWatch, Directory},
 };
 
 pub async fn run(args: CaArgs) -> anyhow::Result<()> {
@@ -39,7 +41,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     let (chain, key) = authority
         .serving_cert(&args.server_name)
         .context("issuing the CA's serving certificate")?;
-    let config = ConfigWatch::start(args.config_dir.clone());
+    let config = ConfigWatch::start(Directory::new(args.config_dir.clone()));
     let service = service::CaService {
         authority: Arc::new(authority),
         nodes: Arc::new(node_auth::TokenFile {

@@ -1,7 +1,7 @@
 //! Reading a config directory: every `*.yaml` / `*.yml` file, each holding one or more
 //! YAML documents, each document one Kubernetes object. Either the whole directory is
-//! valid and becomes a new [`Config`], or the first error is returned and the caller
-//! keeps the config it had.
+//! valid and its objects replace the last set, or the first error is returned and the
+//! caller keeps the config it had.
 use std::{
     collections::HashMap,
     fs,
@@ -13,23 +13,10 @@ use serde_yaml_ng::Value;
 
 use super::{
     error::{ConfigError, FieldError},
-    gateway, istio,
-    model::Config,
-    route::RouteKind,
-    translate,
+    kind::Kind,
+    model::NamespacedName,
+    object::{Object, ObjectKey, translate},
 };
-
-/// The kinds the agent understands, by `apiVersion` and `kind`.
-const KNOWN: &[(&str, &str)] = &[
-    ("v1", "Service"),
-    ("discovery.k8s.io/v1", "EndpointSlice"),
-    ("v1", "Pod"),
-    ("security.istio.io/v1", "PeerAuthentication"),
-    ("security.istio.io/v1", "AuthorizationPolicy"),
-    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
-    ("gateway.networking.k8s.io/v1beta1", "HTTPRoute"),
-    ("gateway.networking.k8s.io/v1", "GRPCRoute"),
-];
 
 /// Lists the config files of `dir` in a stable order. Hidden files are skipped, so an
 /// editor's swap files and Kubernetes' `..data` links do not count twice.
@@ -60,9 +47,10 @@ pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// ... and so is a directory holding more than this in all.
 pub const MAX_DIR_BYTES: u64 = 64 * 1024 * 1024;
 
-pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
-    let mut config = Config::default();
-    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+/// Every object of the directory's files, or the first error.
+pub fn load_dir(dir: &Path) -> Result<Vec<Object>, ConfigError> {
+    let mut objects = Vec::new();
+    let mut seen: HashMap<ObjectKey, PathBuf> = HashMap::new();
     let mut total = 0u64;
     for path in config_files(dir)? {
         let read_err = |source| ConfigError::Read {
@@ -99,9 +87,9 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
                 limit: MAX_FILE_BYTES,
             });
         }
-        load_text(&path, &text, &mut config, &mut seen)?;
+        parse_text(&path, &text, &mut objects, &mut seen)?;
     }
-    Ok(config)
+    Ok(objects)
 }
 
 /// Refuses anchors and aliases before anything expands them: a few KB of aliases
@@ -137,12 +125,28 @@ fn refuse_anchors(path: &Path, text: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses one file's text into `config`. `seen` catches an object defined twice.
+/// Parses one file's text into `config` (for tests of what is built from config).
+#[cfg(test)]
 pub fn load_text(
     path: &Path,
     text: &str,
-    config: &mut Config,
-    seen: &mut HashMap<String, PathBuf>,
+    config: &mut super::model::Config,
+    seen: &mut HashMap<ObjectKey, PathBuf>,
+) -> Result<(), ConfigError> {
+    let mut objects = Vec::new();
+    parse_text(path, text, &mut objects, seen)?;
+    for o in objects {
+        config.push(o);
+    }
+    Ok(())
+}
+
+/// Parses one file's text into `objects`. `seen` catches an object defined twice.
+pub fn parse_text(
+    path: &Path,
+    text: &str,
+    objects: &mut Vec<Object>,
+    seen: &mut HashMap<ObjectKey, PathBuf>,
 ) -> Result<(), ConfigError> {
     refuse_anchors(path, text)?;
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -175,20 +179,22 @@ pub fn load_text(
         if kind.is_empty() {
             return Err(object_err(label, FieldError::new("kind", "is required")));
         }
-        if !KNOWN.contains(&(api_version, kind)) {
-            let known: Vec<String> = KNOWN.iter().map(|(a, k)| format!("{a}/{k}")).collect();
+        let Some(known) = Kind::of(api_version, kind) else {
             return Err(object_err(
                 label,
                 FieldError::new(
                     "kind",
                     format!(
                         "{api_version}/{kind} is not supported; expected one of {}",
-                        known.join(", ")
+                        Kind::accepted()
                     ),
                 ),
             ));
-        }
-        let key = format!("{kind} {}", label_name(&value));
+        };
+        let key = ObjectKey {
+            kind: known,
+            id: id_of(&value),
+        };
         if let Some(first) = seen.get(&key) {
             return Err(ConfigError::Duplicate {
                 path: path.to_owned(),
@@ -197,51 +203,21 @@ pub fn load_text(
             });
         }
         seen.insert(key, path.to_owned());
-
-        let result = match kind {
-            "Service" => typed(value)
-                .and_then(|s| translate::service(&s))
-                .map(|s| config.services.push(s)),
-            "EndpointSlice" => typed(value)
-                .and_then(|s| translate::endpoint_slice(&s))
-                .map(|s| config.endpoint_slices.push(s)),
-            "PeerAuthentication" => typed(value)
-                .and_then(|p| istio::peer_authentication(&p))
-                .map(|p| config.peer_authentications.push(p)),
-            "AuthorizationPolicy" => typed(value)
-                .and_then(|p| istio::authorization_policy(&p))
-                .map(|p| config.authorization_policies.push(p)),
-            "HTTPRoute" => typed(value)
-                .and_then(|r| gateway::route(&r, RouteKind::Http))
-                .map(|r| config.routes.push(r)),
-            "GRPCRoute" => typed(value)
-                .and_then(|r| gateway::route(&r, RouteKind::Grpc))
-                .map(|r| config.routes.push(r)),
-            "Pod" => typed(value)
-                .and_then(|p| translate::pod(&p))
-                .map(|p| config.pods.push(p)),
-            // KNOWN was checked above; a kind added there must be added here.
-            other => Err(FieldError::new(
-                "kind",
-                format!("{other} is known but has no translation (a bug)"),
-            )),
-        };
-        result.map_err(|e| object_err(label, e))?;
+        let object = translate(known, value).map_err(|e| object_err(label, e))?;
+        objects.push(object);
     }
     Ok(())
 }
 
-/// Deserializes into a k8s-openapi type, reporting the path of the offending field.
-fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." {
-            "(object)".to_owned()
-        } else {
-            field
-        };
-        FieldError::new(field, e.into_inner().to_string())
-    })
+/// The object's namespace/name as far as its metadata says (before translation
+/// checks it), for duplicate detection.
+fn id_of(value: &Value) -> NamespacedName {
+    let meta = value.get("metadata");
+    let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(Value::as_str);
+    NamespacedName {
+        namespace: field("namespace").unwrap_or("default").to_owned(),
+        name: field("name").unwrap_or("(unnamed)").to_owned(),
+    }
 }
 
 fn label_name(value: &Value) -> String {

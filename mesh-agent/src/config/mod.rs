@@ -1,21 +1,35 @@
-//! Config: Kubernetes objects from a directory of YAML files, watched and hot-reloaded.
+//! Config: Kubernetes objects from a source (a directory of YAML files, watched and
+//! hot-reloaded), translated once into the agent's model.
+//!
+//!   source (`directory`) -> `object::translate` per object -> `store::Store`
+//!     -> `Config` -> `publish::Publisher` (generations, reload stats) -> the agent
+mod directory;
 mod error;
 mod gateway;
 mod istio;
+mod kind;
 mod load;
 mod model;
+mod object;
+mod publish;
 mod route;
+mod store;
 mod translate;
 mod watch;
 
+pub use directory::Directory;
 #[cfg(test)]
 pub use error::ConfigError;
 pub use gateway::REGEX_SIZE_LIMIT;
+pub use kind::Kind;
 #[cfg(test)]
 pub use load::{load_dir, load_text};
 pub use model::*;
+pub use object::{Object, ObjectKey, translate};
+pub use publish::{Generation, Publisher, ReloadStats};
 pub use route::*;
-pub use watch::{ConfigWatch, Generation, ReloadStats};
+pub use store::{Change, Rejection, Store};
+pub use watch::{ConfigSource, ConfigWatch};
 
 #[cfg(test)]
 mod tests;

@@ -171,7 +171,7 @@ fn load_dir_reads_only_yaml_files_in_order() {
     std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
     std::fs::write(dir.path().join(".swap.yaml"), "not yaml: [").unwrap();
     let c = load_dir(dir.path()).unwrap();
-    let names: Vec<_> = c.services.iter().map(|s| s.id.name.as_str()).collect();
+    let names: Vec<_> = c.iter().map(|o| o.id().name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
 }
 

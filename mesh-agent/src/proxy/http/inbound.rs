@@ -191,7 +191,7 @@ pub async fn serve_request(
             name: name.to_owned(),
         });
     let snap = ctx.snapshot.load();
-    let authority = authority_of(&req).unwrap_or_else(|| target.to_string());
+    let authority = authority_of(req.uri(), req.headers()).unwrap_or_else(|| target.to_string());
     let pq = req
         .uri()
         .path_and_query()

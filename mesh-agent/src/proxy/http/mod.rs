@@ -131,16 +131,13 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form) or the Host header.
-fn authority_of<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
+fn authority_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+    uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    })
 }
 
 /// Headers only agents may set, and hop-by-hop headers that end at this hop.
@@ -188,8 +185,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
     request_id::ensure(&mut parts.headers);
     let (body, request_bytes) = metered::count(body::incoming(body));
     let grpc = is_grpc(&parts.headers);
-    let authority = authority_of(&Request::from_parts(parts.clone(), ()))
-        .unwrap_or_else(|| conn.frontend.to_string());
+    let authority =
+        authority_of(&parts.uri, &parts.headers).unwrap_or_else(|| conn.frontend.to_string());
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
     // Each request reads the current snapshot: a route change applies to the next

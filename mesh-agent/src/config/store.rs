@@ -1,0 +1,173 @@
+//! The objects of one source, by key, and the ones it refused. A source that sends
+//! whole sets (the directory) replaces everything at once; a source that sends one
+//! object at a time (the Kubernetes API) applies each change on its own, and a bad
+//! object is refused alone: its last accepted version, if any, keeps serving, and
+//! the refusal is kept for the operator (and, with the API source, for the object's
+//! status) until the object is fixed or deleted.
+use std::collections::BTreeMap;
+
+use super::{
+    error::FieldError,
+    model::Config,
+    object::{Object, ObjectKey},
+};
+
+/// One change at an incremental source.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// An object added or modified: translated, or refused with the field at fault.
+    Apply {
+        key: ObjectKey,
+        object: Box<Result<Object, FieldError>>,
+    },
+    Delete(ObjectKey),
+}
+
+/// An object the source holds but the agent refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub key: ObjectKey,
+    pub error: FieldError,
+    /// An earlier accepted version of the object is what serves.
+    pub previous_serves: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    objects: BTreeMap<ObjectKey, Object>,
+    rejected: BTreeMap<ObjectKey, FieldError>,
+}
+
+impl Store {
+    /// Applies one change; true when the accepted objects changed.
+    pub fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Apply { key, object } => match *object {
+                Ok(object) => {
+                    self.rejected.remove(&key);
+                    self.objects.insert(key, object.clone()) != Some(object)
+                }
+                Err(error) => {
+                    self.rejected.insert(key, error);
+                    false
+                }
+            },
+            Change::Delete(key) => {
+                self.rejected.remove(&key);
+                self.objects.remove(&key).is_some()
+            }
+        }
+    }
+
+    /// Replaces every object (a source that only knows whole sets). The set was
+    /// accepted whole, so nothing stays refused.
+    pub fn replace(&mut self, objects: impl IntoIterator<Item = Object>) {
+        self.objects = objects.into_iter().map(|o| (o.key(), o)).collect();
+        self.rejected.clear();
+    }
+
+    /// The config of the accepted objects, in key order: the same objects give the
+    /// same config whatever order they arrived in.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        for o in self.objects.values() {
+            config.push(o.clone());
+        }
+        config
+    }
+
+    pub fn rejected(&self) -> Vec<Rejection> {
+        self.rejected
+            .iter()
+            .map(|(key, error)| Rejection {
+                key: key.clone(),
+                error: error.clone(),
+                previous_serves: self.objects.contains_key(key),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{kind::Kind, object::translate};
+
+    fn service(name: &str, port: i64) -> (ObjectKey, Result<Object, FieldError>) {
+        let key = ObjectKey {
+            kind: Kind::Service,
+            id: crate::config::NamespacedName {
+                namespace: "shop".into(),
+                name: name.into(),
+            },
+        };
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": port}]}
+        });
+        (key, translate(Kind::Service, json))
+    }
+
+    fn apply(store: &mut Store, (key, object): (ObjectKey, Result<Object, FieldError>)) -> bool {
+        store.apply(Change::Apply {
+            key,
+            object: Box::new(object),
+        })
+    }
+
+    fn ports(store: &Store) -> Vec<(String, u16)> {
+        store
+            .config()
+            .services
+            .iter()
+            .map(|s| (s.id.name.clone(), s.ports[0].port))
+            .collect()
+    }
+
+    #[test]
+    fn a_bad_object_is_refused_alone_and_its_last_good_version_serves() {
+        let mut store = Store::default();
+        assert!(apply(&mut store, service("web", 80)));
+        // A bad update of web: refused, web keeps port 80.
+        assert!(!apply(&mut store, service("web", 0)));
+        // A good object beside it still applies.
+        assert!(apply(&mut store, service("api", 81)));
+        assert_eq!(ports(&store), [("api".into(), 81), ("web".into(), 80)]);
+        let r = store.rejected();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].key.to_string(), "Service shop/web");
+        assert!(r[0].error.field.contains("port"), "{:?}", r[0].error);
+        assert!(r[0].previous_serves);
+        // A new object that is bad never applies, and nothing serves for it.
+        assert!(!apply(&mut store, service("new", 0)));
+        let new = store
+            .rejected()
+            .into_iter()
+            .find(|r| r.key.id.name == "new");
+        assert!(!new.unwrap().previous_serves);
+        // Fixed: applied, and no longer refused.
+        assert!(apply(&mut store, service("web", 8080)));
+        assert_eq!(ports(&store)[1], ("web".into(), 8080));
+        assert_eq!(store.rejected().len(), 1);
+        // Deleted: gone, refusal and all.
+        let (new_key, _) = service("new", 0);
+        assert!(!store.apply(Change::Delete(new_key)));
+        assert!(store.rejected().is_empty());
+        let (web_key, _) = service("web", 0);
+        assert!(store.apply(Change::Delete(web_key)));
+        assert_eq!(ports(&store), [("api".into(), 81)]);
+    }
+
+    #[test]
+    fn the_same_object_again_is_no_change_and_order_of_arrival_does_not_matter() {
+        let mut a = Store::default();
+        assert!(apply(&mut a, service("web", 80)));
+        assert!(!apply(&mut a, service("web", 80)));
+        apply(&mut a, service("api", 81));
+        let mut b = Store::default();
+        apply(&mut b, service("api", 81));
+        apply(&mut b, service("web", 80));
+        assert_eq!(a.config(), b.config());
+    }
+}
