@@ -164,3 +164,93 @@ fn concurrent_connections_from_two_pods_are_attributed_to_their_source() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Enrollment by label: the pod's own `mesh.dev/dataplane-mode` decides, then its
+/// namespace's, then the directory's default (in); changed while the agent runs.
+#[test]
+fn namespace_and_pod_labels_decide_who_is_in_the_mesh() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let labelled = c.add_pod("node-1", "labelled").unwrap();
+    let plain = c.add_pod("node-1", "plain").unwrap();
+    let direct = c.add_pod("node-1", "direct").unwrap();
+    let meshed = c.add_pod("node-1", "meshed").unwrap();
+    serve(&mut c, &direct);
+    serve(&mut c, &meshed);
+    let label = |yaml: String, name: &str, mode: &str| {
+        yaml.replace(
+            &format!("labels: {{app: {name}}}"),
+            &format!("labels: {{app: {name}, mesh.dev/dataplane-mode: {mode}}}"),
+        )
+    };
+    let namespace = |mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels: {{mesh.dev/dataplane-mode: {mode}}}\n---\n"
+        )
+    };
+    let rest = c.pod_yaml(&direct, true)
+        + &c.pod_yaml(&meshed, true)
+        + &yaml::service("decoy", direct.ip, PORT, PORT)
+        + &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    let labelled_yaml = label(c.pod_yaml(&labelled, true), "labelled", "enabled");
+    // The namespace is out; one pod of it says it is in.
+    let cfg = namespace("none") + &labelled_yaml + &c.pod_yaml(&plain, true) + &rest;
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    let decoy = sa(direct.ip, PORT);
+    let who = |c: &mut Cluster, pod: &Pod| -> String {
+        let out = json(&c.run_in(pod, &["who", "--addr", &decoy], SECS).unwrap());
+        out["replies"][0]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        who(&mut c, &labelled),
+        "meshed",
+        "the pod's label puts it in"
+    );
+    assert_eq!(
+        who(&mut c, &plain),
+        "direct",
+        "the namespace's label keeps it out"
+    );
+
+    // The namespace turns in: the unlabelled pod joins, without a restart.
+    let cfg = namespace("enabled") + &labelled_yaml + &c.pod_yaml(&plain, true) + &rest;
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    poll(
+        "the namespace label change to enroll the pod",
+        Duration::from_secs(10),
+        || who(&mut c, &plain) == "meshed",
+    );
+
+    // A pod's `none` wins over its namespace's `enabled`.
+    let plain_out = label(c.pod_yaml(&plain, true), "plain", "none");
+    let cfg = namespace("enabled") + &labelled_yaml + &plain_out + &rest;
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    poll(
+        "the pod's none label to take it out",
+        Duration::from_secs(10),
+        || who(&mut c, &plain) == "direct",
+    );
+    assert_eq!(who(&mut c, &labelled), "meshed");
+
+    // A typo in the label is refused with the object and the field, and the last good
+    // config keeps serving.
+    let typo = label(c.pod_yaml(&plain, true), "plain", "enable");
+    let cfg = namespace("enabled") + &labelled_yaml + &typo + &rest;
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    poll(
+        "the typo reported with its object and field",
+        Duration::from_secs(10),
+        || {
+            c.agent_log("node-1")
+                .contains("Pod default/plain: field `metadata.labels[mesh.dev/dataplane-mode]`")
+        },
+    );
+    assert_eq!(who(&mut c, &plain), "direct", "the last good config serves");
+}

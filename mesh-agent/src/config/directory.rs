@@ -17,7 +17,7 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use super::{load, publish::Publisher, store::Store, watch::ConfigSource};
+use super::{enrollment, load, publish::Publisher, store::Store, watch::ConfigSource};
 
 /// How long to wait for a burst of file events to settle before reloading.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -71,7 +71,7 @@ impl ConfigSource for Directory {
                 match tokio::task::spawn_blocking(move || load::load_dir(&d)).await {
                     Ok(Ok(objects)) => {
                         store.replace(objects);
-                        publisher.publish(store.config());
+                        publisher.publish(store.config(enrollment::Default::Enrolled));
                         loaded_once = true;
                     }
                     Ok(Err(e)) => publisher.reject(e.to_string()),
@@ -209,7 +209,7 @@ mod order_tests {
         }
         let mut store = Store::default();
         store.replace(load::load_dir(dir.path()).unwrap());
-        store.config()
+        store.config(enrollment::Default::Enrolled)
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
+    /// Cluster-scoped: its key's namespace is empty.
+    Namespace,
     Service,
     EndpointSlice,
     Pod,
@@ -15,7 +17,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
+        Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -28,6 +31,7 @@ impl Kind {
     /// The `kind` field, as Kubernetes spells it.
     pub fn name(self) -> &'static str {
         match self {
+            Kind::Namespace => "Namespace",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
@@ -42,7 +46,7 @@ impl Kind {
     /// watches.
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
-            Kind::Service | Kind::Pod => &["v1"],
+            Kind::Namespace | Kind::Service | Kind::Pod => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => &["security.istio.io/v1"],
             // v1beta1 HTTPRoutes are still served by clusters on Gateway API 1.0 and

@@ -138,6 +138,7 @@ pub fn load_text(
     for o in objects {
         config.push(o);
     }
+    config.resolve_enrollment(super::enrollment::Default::Enrolled);
     Ok(())
 }
 
@@ -193,8 +194,9 @@ pub fn parse_text(
         };
         let key = ObjectKey {
             kind: known,
-            id: id_of(&value),
+            id: id_of(&value, known),
         };
+        let label = key.to_string();
         if let Some(first) = seen.get(&key) {
             return Err(ConfigError::Duplicate {
                 path: path.to_owned(),
@@ -211,11 +213,15 @@ pub fn parse_text(
 
 /// The object's namespace/name as far as its metadata says (before translation
 /// checks it), for duplicate detection.
-fn id_of(value: &Value) -> NamespacedName {
+fn id_of(value: &Value, kind: Kind) -> NamespacedName {
     let meta = value.get("metadata");
     let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(Value::as_str);
+    let namespace = match kind {
+        Kind::Namespace => "",
+        _ => field("namespace").unwrap_or("default"),
+    };
     NamespacedName {
-        namespace: field("namespace").unwrap_or("default").to_owned(),
+        namespace: namespace.to_owned(),
         name: field("name").unwrap_or("(unnamed)").to_owned(),
     }
 }

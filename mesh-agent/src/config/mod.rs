@@ -4,6 +4,7 @@
 //!   source (`directory`) -> `object::translate` per object -> `store::Store`
 //!     -> `Config` -> `publish::Publisher` (generations, reload stats) -> the agent
 mod directory;
+mod enrollment;
 mod error;
 mod gateway;
 mod istio;
@@ -18,6 +19,7 @@ mod translate;
 mod watch;
 
 pub use directory::Directory;
+pub use enrollment::{DATAPLANE_LABEL, DataplaneMode, ISTIO_DATAPLANE_LABEL};
 #[cfg(test)]
 pub use error::ConfigError;
 pub use gateway::REGEX_SIZE_LIMIT;

@@ -73,6 +73,13 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// A namespace: only what its labels say about the mesh.
+#[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub dataplane: super::enrollment::DataplaneMode,
+}
+
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct Pod {
     pub id: NamespacedName,
@@ -86,7 +93,10 @@ pub struct Pod {
     pub service_account: String,
     /// Where the pod's network namespace is (annotation [`NETNS_ANNOTATION`]).
     pub netns: Option<PathBuf>,
-    /// `false` when the pod opted out with [`ENROLL_ANNOTATION`]` = "false"`.
+    /// The pod's own word on the mesh (its labels, or [`ENROLL_ANNOTATION`]).
+    pub dataplane: super::enrollment::DataplaneMode,
+    /// Whether the pod is in the mesh: its word, else its namespace's, else the
+    /// source's default (`Config::resolve_enrollment`).
     pub enroll: bool,
     pub labels: BTreeMap<String, String>,
     /// What metrics group this pod under (its Deployment or other owner; see
@@ -223,7 +233,8 @@ pub struct AuthorizationPolicy {
 /// netns file (`/var/run/netns/NAME` or `/proc/PID/ns/net`). In standalone mode this is
 /// how the agent finds a pod; see docs/config.md.
 pub const NETNS_ANNOTATION: &str = "mesh.dev/netns";
-/// Annotation to keep a pod out of the mesh: `"false"`.
+/// Annotation to keep a pod out of the mesh: `"false"` (the older spelling of the
+/// label `mesh.dev/dataplane-mode: none`).
 pub const ENROLL_ANNOTATION: &str = "mesh.dev/enroll";
 /// Label of an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -231,6 +242,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// One consistent generation of config, as read from a directory.
 #[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct Config {
+    pub namespaces: Vec<Namespace>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,

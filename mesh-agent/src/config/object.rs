@@ -10,8 +10,8 @@ use super::{
     gateway, istio,
     kind::Kind,
     model::{
-        AuthorizationPolicy, Config, EndpointSlice, NamespacedName, PeerAuthentication, Pod,
-        Service,
+        AuthorizationPolicy, Config, EndpointSlice, Namespace, NamespacedName, PeerAuthentication,
+        Pod, Service,
     },
     route::{Route, RouteKind},
     translate as core,
@@ -19,6 +19,7 @@ use super::{
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
+    Namespace(Namespace),
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
@@ -36,26 +37,35 @@ pub struct ObjectKey {
 }
 
 impl fmt::Display for ObjectKey {
-    /// `Service default/web`, as errors name objects.
+    /// `Service default/web` (`Namespace shop`), as errors name objects.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.id.namespace, self.id.name)
+        if self.id.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.id.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.id.namespace, self.id.name)
+        }
     }
 }
 
 impl Object {
-    pub fn id(&self) -> &NamespacedName {
+    pub fn id(&self) -> NamespacedName {
         match self {
-            Object::Service(o) => &o.id,
-            Object::EndpointSlice(o) => &o.id,
-            Object::Pod(o) => &o.id,
-            Object::PeerAuthentication(o) => &o.id,
-            Object::AuthorizationPolicy(o) => &o.id,
-            Object::Route(o) => &o.id,
+            Object::Namespace(n) => NamespacedName {
+                namespace: String::new(),
+                name: n.name.clone(),
+            },
+            Object::Service(o) => o.id.clone(),
+            Object::EndpointSlice(o) => o.id.clone(),
+            Object::Pod(o) => o.id.clone(),
+            Object::PeerAuthentication(o) => o.id.clone(),
+            Object::AuthorizationPolicy(o) => o.id.clone(),
+            Object::Route(o) => o.id.clone(),
         }
     }
 
     pub fn kind(&self) -> Kind {
         match self {
+            Object::Namespace(_) => Kind::Namespace,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Pod(_) => Kind::Pod,
@@ -71,7 +81,7 @@ impl Object {
     pub fn key(&self) -> ObjectKey {
         ObjectKey {
             kind: self.kind(),
-            id: self.id().clone(),
+            id: self.id(),
         }
     }
 }
@@ -80,6 +90,7 @@ impl Object {
 /// on. The error names the offending field (`spec.ports[0].port`).
 pub fn translate<'de, D: Deserializer<'de>>(kind: Kind, object: D) -> Result<Object, FieldError> {
     Ok(match kind {
+        Kind::Namespace => Object::Namespace(core::namespace(&typed(object)?)?),
         Kind::Service => Object::Service(core::service(&typed(object)?)?),
         Kind::EndpointSlice => Object::EndpointSlice(core::endpoint_slice(&typed(object)?)?),
         Kind::Pod => Object::Pod(core::pod(&typed(object)?)?),
@@ -114,6 +125,7 @@ impl Config {
     /// Adds one object to the list of its kind.
     pub fn push(&mut self, object: Object) {
         match object {
+            Object::Namespace(n) => self.namespaces.push(n),
             Object::Service(s) => self.services.push(s),
             Object::EndpointSlice(s) => self.endpoint_slices.push(s),
             Object::Pod(p) => self.pods.push(p),

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use super::{
+    enrollment,
     error::FieldError,
     model::Config,
     object::{Object, ObjectKey},
@@ -66,13 +67,15 @@ impl Store {
         self.rejected.clear();
     }
 
-    /// The config of the accepted objects, in key order: the same objects give the
-    /// same config whatever order they arrived in.
-    pub fn config(&self) -> Config {
+    /// The config of the accepted objects, in key order (the same objects give the
+    /// same config whatever order they arrived in), with each pod's enrollment
+    /// resolved against its namespace and the source's `default`.
+    pub fn config(&self, default: enrollment::Default) -> Config {
         let mut config = Config::default();
         for o in self.objects.values() {
             config.push(o.clone());
         }
+        config.resolve_enrollment(default);
         config
     }
 
@@ -118,7 +121,7 @@ mod tests {
 
     fn ports(store: &Store) -> Vec<(String, u16)> {
         store
-            .config()
+            .config(enrollment::Default::Enrolled)
             .services
             .iter()
             .map(|s| (s.id.name.clone(), s.ports[0].port))
@@ -168,6 +171,9 @@ mod tests {
         let mut b = Store::default();
         apply(&mut b, service("api", 81));
         apply(&mut b, service("web", 80));
-        assert_eq!(a.config(), b.config());
+        assert_eq!(
+            a.config(enrollment::Default::Enrolled),
+            b.config(enrollment::Default::Enrolled)
+        );
     }
 }

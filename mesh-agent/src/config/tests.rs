@@ -171,7 +171,7 @@ fn load_dir_reads_only_yaml_files_in_order() {
     std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
     std::fs::write(dir.path().join(".swap.yaml"), "not yaml: [").unwrap();
     let c = load_dir(dir.path()).unwrap();
-    let names: Vec<_> = c.iter().map(|o| o.id().name.as_str()).collect();
+    let names: Vec<_> = c.iter().map(|o| o.id().name).collect();
     assert_eq!(names, ["a", "b"]);
 }
 
@@ -220,4 +220,34 @@ fn the_alias_bomb_is_refused_from_a_directory_too() {
     let e = load_dir(dir.path()).unwrap_err().to_string();
     assert!(e.contains("bomb.yaml: line 5: YAML anchors"), "{e}");
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn namespaces_are_cluster_scoped_and_their_labels_enroll_pods() {
+    let e = err(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {mesh.dev/dataplane-mode: yes}}\n",
+    );
+    assert!(
+        e.starts_with(
+            "/cfg/app.yaml: Namespace shop: field `metadata.labels[mesh.dev/dataplane-mode]`"
+        ),
+        "{e}"
+    );
+    let pod = |name: &str, labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{{labels}}}}}\nspec: {{}}\n---\n"
+        )
+    };
+    let c = parse(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/dataplane-mode: none}}}}\n---\n{}{}",
+        pod("out", ""),
+        pod("in", "mesh.dev/dataplane-mode: enabled"),
+    ))
+    .unwrap();
+    let enrolled: Vec<(&str, bool)> = c
+        .pods
+        .iter()
+        .map(|p| (p.id.name.as_str(), p.enroll))
+        .collect();
+    assert_eq!(enrolled, [("out", false), ("in", true)]);
 }

@@ -8,10 +8,11 @@ use k8s_openapi::{
 };
 
 use super::{
+    enrollment,
     error::FieldError,
     model::{
-        ENROLL_ANNOTATION, Endpoint, EndpointSlice, NETNS_ANNOTATION, NamespacedName, Pod,
-        Protocol, SERVICE_NAME_LABEL, Service, ServicePort, SlicePort, TargetPort,
+        Endpoint, EndpointSlice, NETNS_ANNOTATION, Namespace, NamespacedName, Pod, Protocol,
+        SERVICE_NAME_LABEL, Service, ServicePort, SlicePort, TargetPort,
     },
 };
 
@@ -180,6 +181,19 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// A namespace: its name and what its labels say about the mesh.
+pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
+    let name = match ns.metadata.name.as_deref() {
+        Some(n) if !n.is_empty() => n.to_owned(),
+        _ => return Err(FieldError::new("metadata.name", "is required")),
+    };
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    Ok(Namespace {
+        name,
+        dataplane: enrollment::mode_of(&labels)?,
+    })
+}
+
 pub fn pod(pod: &core::Pod) -> Result<Pod> {
     let id = object_id(&pod.metadata)?;
     let spec = pod.spec.as_ref();
@@ -219,16 +233,11 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
         }
         None => None,
     };
-    let enroll = match annotation(&pod.metadata, ENROLL_ANNOTATION) {
-        None | Some("true") => true,
-        Some("false") => false,
-        Some(other) => {
-            return Err(FieldError::new(
-                format!("metadata.annotations[{ENROLL_ANNOTATION}]"),
-                format!("{other:?} is not \"true\" or \"false\""),
-            ));
-        }
-    };
+    let no_map = BTreeMap::new();
+    let dataplane = enrollment::pod_mode(
+        pod.metadata.labels.as_ref().unwrap_or(&no_map),
+        pod.metadata.annotations.as_ref().unwrap_or(&no_map),
+    )?;
     let pod_name = id.name.clone();
     Ok(Pod {
         id,
@@ -240,7 +249,14 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".to_owned()),
         netns,
-        enroll,
+        dataplane,
+        // Until `Config::resolve_enrollment` weighs the namespace: the pod's word, or
+        // the directory's default.
+        enroll: enrollment::enrolled(
+            dataplane,
+            enrollment::DataplaneMode::Unset,
+            enrollment::Default::Enrolled,
+        ),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         workload: workload_name(&pod.metadata, &pod_name),
     })

@@ -444,6 +444,7 @@ mod tests {
             finished: false,
             service_account: "sa".into(),
             netns: Some("/run/netns/p".into()),
+            dataplane: Default::default(),
             enroll: true,
             labels: Default::default(),
             workload: "p".into(),
