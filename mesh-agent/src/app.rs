@@ -122,6 +122,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         id_args.trust_domain.clone(),
         proxy.clone(),
         datapath.inbound.clone(),
+        args.host_proc.clone(),
     );
     let settings = Settings {
         trust_domain: id_args.trust_domain.clone(),

@@ -43,6 +43,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
 
+    /// The host's /proc, where the agent finds the netns of pods that carry no
+    /// `mesh.dev/netns` annotation, by their UID in each process's cgroup (in a
+    /// DaemonSet: the host's /proc mounted into the agent's container).
+    #[arg(long, env = "MESH_HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
+
     /// bpffs mount; pins go to <bpffs>/mesh/<node-name>. Mounted if absent.
     #[arg(long, default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,

@@ -320,6 +320,45 @@ impl Cluster {
         Ok(pod)
     }
 
+    /// Adds a pod whose cgroup is named as the kubelet's systemd driver names it
+    /// (`kubepods-besteffort-pod<uid with _>.slice`), so the agent can find its netns
+    /// by `uid` in `/proc` when no annotation names it.
+    pub fn add_kubelet_pod(&mut self, node: &str, name: &str, uid: &str) -> anyhow::Result<Pod> {
+        let mut pod = self.add_pod(node, name)?;
+        let leaf = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+        let cgroup = pod.cgroup.with_file_name(leaf);
+        fs::remove_dir(&pod.cgroup)?;
+        fs::create_dir_all(&cgroup)?;
+        pod.cgroup = cgroup;
+        if let Some(p) = self.pods.iter_mut().find(|p| p.name == name) {
+            p.cgroup = pod.cgroup.clone();
+        }
+        Ok(pod)
+    }
+
+    /// Starts `sleep` in `pod`'s cgroup but in a network namespace of its own (named
+    /// `<prefix>-<netns>`, created here, holding `ips` on its loopback): what a root
+    /// process of the pod could make with `unshare -n`. Killed with the cluster.
+    pub fn start_in_foreign_netns(
+        &mut self,
+        pod: &Pod,
+        netns: &str,
+        ips: &[IpAddr],
+    ) -> anyhow::Result<()> {
+        let name = format!("{}-{netns}", self.prefix);
+        run("ip", &["netns", "add", &name])?;
+        ip_in(&name, &["link", "set", "lo", "up"])?;
+        for ip in ips {
+            ip_in(&name, &["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+        }
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("300");
+        crate::proc::enter(&mut cmd, &netns_path(&name), Some(&pod.cgroup))?;
+        let child = cmd.spawn()?;
+        self.tracked.push(child.id());
+        Ok(())
+    }
+
     /// The IP of a pod added earlier.
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> Pod {
@@ -849,6 +888,8 @@ impl Drop for Cluster {
         }
         let _ = run("ip", &["netns", "del", &self.fabric]);
         let _ = fs::remove_dir(&self.cgroup_root);
+        // Namespaces a test made beside its pods (`start_in_foreign_netns`).
+        remove_leftovers(&self.prefix);
         // Pins an agent failed to remove (the tests check that it did).
         let _ = fs::remove_dir_all(&self.bpffs);
         if std::env::var_os("MESH_TEST_KEEP").is_none() {

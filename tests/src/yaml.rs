@@ -64,6 +64,16 @@ pub fn pod_as(
     )
 }
 
+/// A Pod with no netns annotation, only its `metadata.uid`: the agent finds its
+/// netns in `/proc` (the pod's cgroup must carry the UID: `Cluster::add_kubelet_pod`).
+pub fn pod_by_uid(name: &str, node: &str, ip: IpAddr, uid: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {uid}\n  labels: {{app: {name}}}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: mesh-testpod}}]\n\
+         status: {{podIP: \"{ip}\"}}\n---\n"
+    )
+}
+
 /// A PeerAuthentication for namespace `default` (`mode`: STRICT or PERMISSIVE).
 pub fn peer_authentication(mode: &str) -> String {
     format!(

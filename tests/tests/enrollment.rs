@@ -198,16 +198,7 @@ fn namespace_and_pod_labels_decide_who_is_in_the_mesh() {
     c.write_config("cluster.yaml", &cfg).unwrap();
     c.start_agent("node-1").unwrap();
     let decoy = sa(direct.ip, PORT);
-    let who = |c: &mut Cluster, pod: &Pod| -> String {
-        let out = json(&c.run_in(pod, &["who", "--addr", &decoy], SECS).unwrap());
-        out["replies"][0]
-            .as_str()
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .to_owned()
-    };
+    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &decoy);
     assert_eq!(
         who(&mut c, &labelled),
         "meshed",
@@ -253,4 +244,82 @@ fn namespace_and_pod_labels_decide_who_is_in_the_mesh() {
         },
     );
     assert_eq!(who(&mut c, &plain), "direct", "the last good config serves");
+}
+
+/// A pod with no `mesh.dev/netns` annotation, only its UID: the agent finds its netns
+/// in `/proc` by the UID in its processes' cgroup, confirmed by the pod's IP, at start
+/// and again after a restart. A process of the pod in a namespace of its own is not
+/// taken for the pod; a second namespace that also holds the pod's IP makes the agent
+/// refuse to guess (the pod is not enrolled, says why, and its plaintext is refused).
+#[test]
+fn pods_without_a_netns_path_are_found_by_uid_in_proc() {
+    const FOUND: &str = "3f1c2b7a-9d4e-4a6b-8c2d-1e0f9a8b7c6d";
+    const TWIN: &str = "7a6b5c4d-3e2f-4a1b-9c8d-7e6f5a4b3c2d";
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let found = c.add_kubelet_pod("node-1", "found", FOUND).unwrap();
+    let twin = c.add_kubelet_pod("node-1", "twin", TWIN).unwrap();
+    let direct = c.add_pod("node-1", "direct").unwrap();
+    let meshed = c.add_pod("node-1", "meshed").unwrap();
+    for p in [&found, &twin, &direct, &meshed] {
+        serve(&mut c, p);
+    }
+    // A process of `found` in a namespace of its own, without the pod's IP: not it.
+    c.start_in_foreign_netns(&found, "found-side", &[]).unwrap();
+    // A process of `twin` in a second namespace that also holds twin's IP: ambiguous.
+    c.start_in_foreign_netns(&twin, "twin-side", &[twin.ip])
+        .unwrap();
+    let by_uid = |pod: &Pod, uid: &str| yaml::pod_by_uid(&pod.name, &pod.node, pod.ip, uid);
+    let cfg = by_uid(&found, FOUND)
+        + &by_uid(&twin, TWIN)
+        + &c.pod_yaml(&direct, true)
+        + &c.pod_yaml(&meshed, true)
+        + &yaml::service("decoy", direct.ip, PORT, PORT)
+        + &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    // Not ready while twin cannot be enrolled: start without waiting for readiness.
+    c.launch_agent("node-1", &c.config_dir.clone()).unwrap();
+    let decoy = sa(direct.ip, PORT);
+    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &decoy);
+    poll("found to be enrolled", Duration::from_secs(15), || {
+        who(&mut c, &found) == "meshed"
+    });
+    poll("twin to be refused", Duration::from_secs(15), || {
+        c.agent_log("node-1").contains(&format!(
+            "2 network namespaces of pod UID {TWIN} hold the pod's IPs"
+        ))
+    });
+    // Not enrolled, and still a meshed workload by its config: its plaintext is
+    // refused at meshed destinations (fail closed), not taken as an outsider's.
+    assert_eq!(
+        who(&mut c, &twin),
+        "",
+        "an ambiguous pod is neither meshed nor let through"
+    );
+    assert!(
+        c.agent_log("node-1")
+            .contains("plaintext from default/twin, a meshed workload"),
+        "{}",
+        c.agent_log("node-1")
+    );
+
+    // After a restart, the pod is found again.
+    c.stop_agent("node-1").unwrap();
+    c.launch_agent("node-1", &c.config_dir.clone()).unwrap();
+    poll(
+        "found to be enrolled again",
+        Duration::from_secs(15),
+        || who(&mut c, &found) == "meshed",
+    );
+}
+
+/// The name of the pod that answered `who` from `pod` to `addr`, or "" when the
+/// connection failed (a pod between two states, or refused).
+fn who_answers(c: &mut Cluster, pod: &Pod, addr: &str) -> String {
+    c.run_in(pod, &["who", "--addr", addr], SECS)
+        .ok()
+        .and_then(|out| serde_json::from_str::<serde_json::Value>(out.trim()).ok())
+        .and_then(|v| v["replies"][0].as_str().map(str::to_owned))
+        .and_then(|r| r.split(' ').next().map(str::to_owned))
+        .unwrap_or_default()
 }

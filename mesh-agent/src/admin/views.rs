@@ -86,7 +86,7 @@ pub fn workloads(state: &AdminState, core: &Core) -> pb::WorkloadsReply {
                 ip: p.ip.map(|i| i.to_string()).unwrap_or_default(),
                 identity: Identity::new(&state.trust_domain, &p.id.namespace, &p.service_account)
                     .to_string(),
-                meshed: p.enroll && p.netns.is_some(),
+                meshed: p.enroll && crate::inpod::findable(p),
                 enrolled,
                 mtls_mode: mtls_mode.to_owned(),
                 workload_name: p.workload.clone(),

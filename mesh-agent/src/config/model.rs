@@ -83,6 +83,9 @@ pub struct Namespace {
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct Pod {
     pub id: NamespacedName,
+    /// `metadata.uid`: how the agent finds the pod's netns in `/proc` when no
+    /// annotation names it.
+    pub uid: Option<String>,
     pub node_name: Option<String>,
     /// The primary address (`status.podIP`); `None` once the pod has finished.
     pub ip: Option<IpAddr>,

@@ -241,6 +241,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
     let pod_name = id.name.clone();
     Ok(Pod {
         id,
+        uid: pod.metadata.uid.clone().filter(|u| !u.is_empty()),
         node_name: spec.and_then(|s| s.node_name.clone()),
         ip,
         ips,

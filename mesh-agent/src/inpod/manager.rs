@@ -16,6 +16,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
 };
 
@@ -26,7 +27,10 @@ use socket2::{Domain, Socket, Type};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::netns::{Netns, netns_cookie};
+use super::{
+    discover,
+    netns::{Netns, netns_cookie},
+};
 use crate::{
     authz::{PolicySet, Workload},
     bpf::{InboundHook, InboundMode, PodInboundLink},
@@ -54,6 +58,8 @@ pub struct PodManager {
     proxy: Arc<ProxyContext>,
     hook: Arc<InboundHook>,
     running: HashMap<NamespacedName, RunningPod>,
+    /// The host's /proc, scanned for pods no annotation places.
+    proc_dir: PathBuf,
     /// Last error per pod that could not be enrolled, so a retry logs only news.
     failing: HashMap<NamespacedName, String>,
 }
@@ -116,12 +122,14 @@ impl PodManager {
         trust_domain: String,
         proxy: Arc<ProxyContext>,
         hook: Arc<InboundHook>,
+        proc_dir: PathBuf,
     ) -> Self {
         PodManager {
             node,
             trust_domain,
             proxy,
             hook,
+            proc_dir,
             running: HashMap::new(),
             failing: HashMap::new(),
         }
@@ -253,16 +261,16 @@ impl PodManager {
     }
 
     async fn start(&self, pod: &Pod, policy: &PolicySet) -> anyhow::Result<RunningPod> {
-        let path = pod.netns.clone().context("pod has no network namespace")?;
         let identity = self.identity(pod);
-        let netns_file =
-            File::open(&path).with_context(|| format!("opening netns {}", path.display()))?;
-        let netns =
-            Netns::enter(&path).with_context(|| format!("entering netns {}", path.display()))?;
+        // Opened once: the listeners, the kernel hook and everything after work from
+        // this fd, never from the path again.
+        let (netns_file, path) = open_netns(pod, &self.proc_dir)?;
+        let netns = Netns::enter_file(netns_file.try_clone()?, &pod.id.name)
+            .with_context(|| format!("entering netns {path}"))?;
         let l = netns
             .run(bind_all)
             .await?
-            .with_context(|| format!("binding the agent's listeners in {}", path.display()))?;
+            .with_context(|| format!("binding the agent's listeners in {path}"))?;
         let meta = meta_of(pod);
         let mode = mode_of(policy.mtls_mode(&meta.workload));
         let ctx = Arc::new(PodContext {
@@ -332,7 +340,7 @@ impl PodManager {
                 return Err(e);
             }
         };
-        info!(pod = %pod.id, %identity, netns = %path.display(), netns_cookie = cookie,
+        info!(pod = %pod.id, %identity, netns = %path, netns_cookie = cookie,
             ?mode, "pod enrolled");
         Ok(RunningPod {
             spec: pod.clone(),
@@ -373,8 +381,29 @@ impl PodManager {
 /// to a network namespace.
 fn local_pods<'a>(node: &'a str, config: &'a Config) -> impl Iterator<Item = &'a Pod> + 'a {
     config.pods.iter().filter(move |p| {
-        p.enroll && !p.finished && p.node_name.as_deref() == Some(node) && p.netns.is_some()
+        p.enroll && !p.finished && p.node_name.as_deref() == Some(node) && findable(p)
     })
+}
+
+/// Whether the agent can find the pod's netns: named by the annotation, or found by
+/// its UID in the host's `/proc`.
+pub fn findable(pod: &Pod) -> bool {
+    pod.netns.is_some() || pod.uid.is_some()
+}
+
+/// The pod's netns, opened, and how it was found (for messages): the annotation's
+/// path, else the `/proc` scan by UID confirmed by the pod's IPs.
+fn open_netns(pod: &Pod, proc_dir: &std::path::Path) -> anyhow::Result<(File, String)> {
+    if let Some(path) = &pod.netns {
+        let file = File::open(path).with_context(|| format!("opening netns {}", path.display()))?;
+        return Ok((file, path.display().to_string()));
+    }
+    let uid = pod.uid.as_deref().context("pod has no network namespace")?;
+    let file = discover::netns_of(proc_dir, uid, &pod.ips)?;
+    Ok((
+        file,
+        format!("of pod UID {uid} (found in {})", proc_dir.display()),
+    ))
 }
 
 /// Runs on the pod's netns thread. IPv4 listeners are required, IPv6 ones are bound when
@@ -438,6 +467,7 @@ mod tests {
                 namespace: "ns".into(),
                 name: "p".into(),
             },
+            uid: None,
             node_name: Some("n1".into()),
             ip: Some(IpAddr::from([10, 244, 1, 2])),
             ips: vec![IpAddr::from([10, 244, 1, 2])],

@@ -37,12 +37,17 @@ impl Netns {
     /// Starts a thread inside the network namespace at `path`.
     pub fn enter(path: &Path) -> io::Result<Netns> {
         let file = File::open(path)?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+        Netns::enter_file(file, name)
+    }
+
+    /// Starts a thread inside the network namespace `file` is open on. The agent opens
+    /// a pod's namespace once and works from that fd only: a path (`/proc/PID/ns/net`
+    /// above all) may name another namespace by the time it is opened again.
+    pub fn enter_file(file: File, name: &str) -> io::Result<Netns> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (jobs, job_rx) = mpsc::channel::<Job>();
-        let name = format!(
-            "netns-{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("?")
-        );
+        let name = format!("netns-{name}");
         std::thread::Builder::new().name(name).spawn(move || {
             let entered = setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from);
             let ok = entered.is_ok();
