@@ -117,13 +117,28 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
             },
         ))
     });
+    // The CNI plugin's namespaces, and its way to wake the pod manager.
+    let cni_netns = Arc::new(crate::inpod::cni::CniNetns::default());
+    let kick = Arc::new(tokio::sync::Notify::new());
     let mut pods = PodManager::new(
         args.node_name.clone(),
         id_args.trust_domain.clone(),
         proxy.clone(),
         datapath.inbound.clone(),
         args.host_proc.clone(),
+        cni_netns.clone(),
     );
+    if let Some(path) = &args.cni_socket {
+        crate::inpod::cni::start(
+            path,
+            crate::inpod::cni::CniContext {
+                netns: cni_netns.clone(),
+                kick: kick.clone(),
+                states: pods.states(),
+                timeout: args.cni_timeout,
+            },
+        )?;
+    }
     let settings = Settings {
         trust_domain: id_args.trust_domain.clone(),
         root_namespace: args.root_namespace.clone(),
@@ -151,6 +166,10 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                 current = config.updates.borrow_and_update().clone();
                 apply(&current, &settings, &proxy, &mut pods).await;
                 readiness.config_loaded.store(current.number > 0, Ordering::Relaxed);
+            }
+            _ = kick.notified() => {
+                let policy = proxy.snapshot.load().policy.clone();
+                pods.reconcile(&current.config, &policy).await;
             }
             _ = retry.tick() => {
                 if !pods.all_enrolled(&current.config) {

@@ -49,6 +49,16 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
 
+    /// Unix socket for the mesh's CNI plugin (`mesh-cni`), root only. Unset: no CNI
+    /// plugin talks to this agent (pods are placed by annotation or found in /proc).
+    #[arg(long, env = "MESH_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+
+    /// How long the CNI plugin's ADD waits for the pod's enrollment before the
+    /// sandbox fails (the kubelet then retries it).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub cni_timeout: Duration,
+
     /// bpffs mount; pins go to <bpffs>/mesh/<node-name>. Mounted if absent.
     #[arg(long, default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,

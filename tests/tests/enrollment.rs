@@ -312,14 +312,3 @@ fn pods_without_a_netns_path_are_found_by_uid_in_proc() {
         || who(&mut c, &found) == "meshed",
     );
 }
-
-/// The name of the pod that answered `who` from `pod` to `addr`, or "" when the
-/// connection failed (a pod between two states, or refused).
-fn who_answers(c: &mut Cluster, pod: &Pod, addr: &str) -> String {
-    c.run_in(pod, &["who", "--addr", addr], SECS)
-        .ok()
-        .and_then(|out| serde_json::from_str::<serde_json::Value>(out.trim()).ok())
-        .and_then(|v| v["replies"][0].as_str().map(str::to_owned))
-        .and_then(|r| r.split(' ').next().map(str::to_owned))
-        .unwrap_or_default()
-}

@@ -11,7 +11,16 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     sh(
         "cargo",
-        &["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"],
+        &[
+            "build",
+            "-p",
+            "mesh-agent",
+            "-p",
+            "mesh-cni",
+            "-p",
+            "mesh-tests",
+            "--bins",
+        ],
     )?;
     sh(
         "cargo",
@@ -21,6 +30,8 @@ pub fn run() -> anyhow::Result<()> {
             "mesh-common",
             "-p",
             "mesh-agent",
+            "-p",
+            "mesh-cni",
             "-p",
             "xtask",
         ],

@@ -2,7 +2,7 @@
 //! Prometheus endpoint. Both run on their own thread and single-threaded runtime: a
 //! slow or hostile client, or an expensive scrape, competes with nothing on the data
 //! path's runtime.
-mod server;
+pub(crate) mod server;
 mod service;
 mod views;
 

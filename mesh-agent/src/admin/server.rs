@@ -41,7 +41,9 @@ pub struct AdminServer {
 
 /// Binds the socket so that it is never reachable by anyone but root, even for the
 /// instant between bind and chmod.
-fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, AdminServerError> {
+pub(crate) fn bind_socket(
+    path: &Path,
+) -> Result<std::os::unix::net::UnixListener, AdminServerError> {
     let err = |source| AdminServerError::Socket {
         path: path.to_owned(),
         source,

@@ -121,7 +121,7 @@ pub fn netns_of(proc: &Path, uid: &str, ips: &[IpAddr]) -> Result<File, Discover
 
 /// Whether the namespace has one of `ips` on an interface. Asked from a short-lived
 /// thread that enters it (a thread's netns is its own; the agent's stay where they are).
-fn holds_any(netns: &File, ips: &[IpAddr]) -> bool {
+pub(crate) fn holds_any(netns: &File, ips: &[IpAddr]) -> bool {
     let Ok(fd) = netns.try_clone() else {
         return false;
     };

@@ -24,10 +24,11 @@ use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use mesh_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 use socket2::{Domain, Socket, Type};
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{
+    cni::{CniNetns, PodStates},
     discover,
     netns::{Netns, netns_cookie},
 };
@@ -60,6 +61,10 @@ pub struct PodManager {
     running: HashMap<NamespacedName, RunningPod>,
     /// The host's /proc, scanned for pods no annotation places.
     proc_dir: PathBuf,
+    /// The namespaces the container runtime named through the CNI plugin.
+    cni: Arc<CniNetns>,
+    /// What the CNI server waits on: published after each reconcile.
+    states: watch::Sender<Arc<PodStates>>,
     /// Last error per pod that could not be enrolled, so a retry logs only news.
     failing: HashMap<NamespacedName, String>,
 }
@@ -123,6 +128,7 @@ impl PodManager {
         proxy: Arc<ProxyContext>,
         hook: Arc<InboundHook>,
         proc_dir: PathBuf,
+        cni: Arc<CniNetns>,
     ) -> Self {
         PodManager {
             node,
@@ -130,6 +136,8 @@ impl PodManager {
             proxy,
             hook,
             proc_dir,
+            cni,
+            states: watch::Sender::new(Arc::default()),
             running: HashMap::new(),
             failing: HashMap::new(),
         }
@@ -137,7 +145,7 @@ impl PodManager {
 
     /// Whether every local pod of `config` is enrolled.
     pub fn all_enrolled(&self, config: &Config) -> bool {
-        local_pods(&self.node, config).all(|p| self.running.contains_key(&p.id))
+        enrollable(&self.node, &self.cni, config).all(|p| self.running.contains_key(&p.id))
     }
 
     fn identity(&self, pod: &Pod) -> Identity {
@@ -145,8 +153,10 @@ impl PodManager {
     }
 
     pub async fn reconcile(&mut self, config: &Config, policy: &PolicySet) {
-        let desired: HashMap<&NamespacedName, &Pod> =
-            local_pods(&self.node, config).map(|p| (&p.id, p)).collect();
+        let (node, cni) = (self.node.clone(), self.cni.clone());
+        let desired: HashMap<&NamespacedName, &Pod> = enrollable(&node, &cni, config)
+            .map(|p| (&p.id, p))
+            .collect();
         let mut keep_kernel = HashSet::new();
         let ids: Vec<NamespacedName> = self.running.keys().cloned().collect();
         for id in ids {
@@ -203,6 +213,36 @@ impl PodManager {
         self.update_modes(policy);
         self.publish_local();
         self.clean_adopted(config);
+        self.publish_states(config);
+    }
+
+    /// Tells the CNI server where each pod stands.
+    fn publish_states(&self, config: &Config) {
+        let known: HashSet<NamespacedName> = config.pods.iter().map(|p| p.id.clone()).collect();
+        self.cni.retain(&known);
+        let mine: HashSet<&NamespacedName> =
+            local_pods(&self.node, config).map(|p| &p.id).collect();
+        let states = PodStates {
+            running: self.running.keys().cloned().collect(),
+            not_here: known
+                .iter()
+                .filter(|id| !mine.contains(id))
+                .cloned()
+                .collect(),
+            failing: self.failing.clone(),
+        };
+        self.states.send_if_modified(|s| {
+            let changed = **s != states;
+            if changed {
+                *s = Arc::new(states);
+            }
+            changed
+        });
+    }
+
+    /// What the CNI server waits on.
+    pub fn states(&self) -> watch::Receiver<Arc<PodStates>> {
+        self.states.subscribe()
     }
 
     /// Once every local pod runs under this agent, removes what an earlier agent (or
@@ -264,7 +304,7 @@ impl PodManager {
         let identity = self.identity(pod);
         // Opened once: the listeners, the kernel hook and everything after work from
         // this fd, never from the path again.
-        let (netns_file, path) = open_netns(pod, &self.proc_dir)?;
+        let (netns_file, path) = open_netns(pod, &self.cni, &self.proc_dir)?;
         let netns = Netns::enter_file(netns_file.try_clone()?, &pod.id.name)
             .with_context(|| format!("entering netns {path}"))?;
         let l = netns
@@ -380,9 +420,21 @@ impl PodManager {
 /// The pods of `config` this node must enroll: on this node, not opted out, and bound
 /// to a network namespace.
 fn local_pods<'a>(node: &'a str, config: &'a Config) -> impl Iterator<Item = &'a Pod> + 'a {
-    config.pods.iter().filter(move |p| {
-        p.enroll && !p.finished && p.node_name.as_deref() == Some(node) && findable(p)
-    })
+    config
+        .pods
+        .iter()
+        .filter(move |p| p.enroll && !p.finished && p.node_name.as_deref() == Some(node))
+}
+
+/// The pods this agent enrolls: this node's pods in the mesh whose netns it can find,
+/// except those whose sandbox the runtime deleted.
+fn enrollable<'a>(
+    node: &'a str,
+    cni: &'a CniNetns,
+    config: &'a Config,
+) -> impl Iterator<Item = &'a Pod> + 'a {
+    local_pods(node, config)
+        .filter(move |p| !cni.is_deleted(&p.id) && (findable(p) || cni.get(&p.id).is_some()))
 }
 
 /// Whether the agent can find the pod's netns: named by the annotation, or found by
@@ -391,9 +443,23 @@ pub fn findable(pod: &Pod) -> bool {
     pod.netns.is_some() || pod.uid.is_some()
 }
 
-/// The pod's netns, opened, and how it was found (for messages): the annotation's
-/// path, else the `/proc` scan by UID confirmed by the pod's IPs.
-fn open_netns(pod: &Pod, proc_dir: &std::path::Path) -> anyhow::Result<(File, String)> {
+/// The pod's netns, opened, and how it was found (for messages): the one the runtime
+/// named through the CNI plugin (if it holds one of the pod's IPs), else the
+/// annotation's path, else the `/proc` scan by UID confirmed by the pod's IPs.
+fn open_netns(
+    pod: &Pod,
+    cni: &CniNetns,
+    proc_dir: &std::path::Path,
+) -> anyhow::Result<(File, String)> {
+    if let Some(file) = cni.get(&pod.id) {
+        let file = file.context("the netns the CNI plugin named")?;
+        anyhow::ensure!(
+            discover::holds_any(&file, &pod.ips),
+            "the netns the CNI plugin named holds none of the pod's IPs {:?}",
+            pod.ips
+        );
+        return Ok((file, "named by the CNI plugin".to_owned()));
+    }
     if let Some(path) = &pod.netns {
         let file = File::open(path).with_context(|| format!("opening netns {}", path.display()))?;
         return Ok((file, path.display().to_string()));

@@ -195,3 +195,14 @@ pub fn poll(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The name of the pod that answered `who` from `pod` to `addr`, or "" when the
+/// connection failed (a pod between two states, or refused).
+pub fn who_answers(c: &mut Cluster, pod: &Pod, addr: &str) -> String {
+    c.run_in(pod, &["who", "--addr", addr], SECS)
+        .ok()
+        .and_then(|out| serde_json::from_str::<serde_json::Value>(out.trim()).ok())
+        .and_then(|v| v["replies"][0].as_str().map(str::to_owned))
+        .and_then(|r| r.split(' ').next().map(str::to_owned))
+        .unwrap_or_default()
+}

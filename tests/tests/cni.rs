@@ -1,0 +1,231 @@
+//! The CNI plugin (`mesh-cni`) against a running agent, run exactly as a container
+//! runtime runs it: `CNI_*` in the environment, the network config with the chain's
+//! `prevResult` on stdin, the result or a CNI error on stdout.
+mod common;
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// The plugin binary beside the agent's.
+fn cni_bin() -> std::path::PathBuf {
+    agent_bin().with_file_name("mesh-cni")
+}
+
+struct Run {
+    ok: bool,
+    out: serde_json::Value,
+    took: Duration,
+}
+
+/// Runs the plugin for a sandbox of pod `name` whose netns is `netns` and whose IP the
+/// chain gave as `ip`.
+fn plugin(command: &str, socket: &str, name: &str, netns: &str, ip: std::net::IpAddr) -> Run {
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "pods", "type": "mesh-cni",
+        "agent_socket": socket, "timeout_seconds": 3,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": netns}],
+            "ips": [{"address": format!("{ip}/24"), "interface": 0}]
+        }
+    });
+    let start = Instant::now();
+    let mut child = Command::new(cni_bin())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("sandbox-{name}"))
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=sandbox-{name}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running mesh-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    Run {
+        ok: out.status.success(),
+        out: serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null),
+        took: start.elapsed(),
+    }
+}
+
+/// A Pod the CNI places: no netns annotation, no UID.
+fn placed_by_cni(pod: &Pod, labels: &str) -> String {
+    yaml::pod_by_uid(&pod.name, &pod.node, pod.ip, "x")
+        .replace("  uid: x\n", "")
+        .replace(
+            &format!("labels: {{app: {}}}", pod.name),
+            &format!("labels: {{app: {}{labels}}}", pod.name),
+        )
+}
+
+#[test]
+fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let app = c.add_pod("node-1", "app").unwrap();
+    let outside = c.add_pod("node-1", "outside").unwrap();
+    let liar = c.add_pod("node-1", "liar").unwrap();
+    let ghost = c.add_pod("node-1", "ghost").unwrap();
+    let direct = c.add_pod("node-1", "direct").unwrap();
+    let meshed = c.add_pod("node-1", "meshed").unwrap();
+    serve(&mut c, &direct);
+    serve(&mut c, &meshed);
+    let cfg = placed_by_cni(&app, "")
+        + &placed_by_cni(&outside, ", mesh.dev/dataplane-mode: none")
+        + &placed_by_cni(&liar, "")
+        + &c.pod_yaml(&direct, true)
+        + &c.pod_yaml(&meshed, true)
+        + &yaml::service("decoy", direct.ip, PORT, PORT)
+        + &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    let socket = c.work_dir.join("cni.sock").display().to_string();
+    c.agent_args = vec![
+        "--cni-socket".into(),
+        socket.clone(),
+        "--cni-timeout".into(),
+        "3s".into(),
+    ];
+    // With no agent, ADD fails at once (the kubelet retries) and DEL still succeeds.
+    let r = plugin(
+        "ADD",
+        &socket,
+        "app",
+        &app.netns_path.display().to_string(),
+        app.ip,
+    );
+    assert!(!r.ok && r.out["code"] == 11, "{}", r.out);
+    let r = plugin(
+        "DEL",
+        &socket,
+        "app",
+        &app.netns_path.display().to_string(),
+        app.ip,
+    );
+    assert!(r.ok, "DEL must succeed with no agent: {}", r.out);
+
+    c.launch_agent("node-1", &c.config_dir.clone()).unwrap();
+    poll("the CNI socket", Duration::from_secs(15), || {
+        std::path::Path::new(&socket).exists()
+    });
+    let decoy = sa(direct.ip, PORT);
+    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &decoy);
+
+    // ADD returns the chain's result only once the pod is enrolled: the very first
+    // connection after it is captured.
+    let r = plugin(
+        "ADD",
+        &socket,
+        "app",
+        &app.netns_path.display().to_string(),
+        app.ip,
+    );
+    assert!(r.ok, "{}", r.out);
+    assert_eq!(
+        r.out["ips"][0]["address"],
+        format!("{}/24", app.ip),
+        "{}",
+        r.out
+    );
+    assert_eq!(
+        who(&mut c, &app),
+        "meshed",
+        "the pod ran before it was enrolled"
+    );
+    let r = plugin(
+        "CHECK",
+        &socket,
+        "app",
+        &app.netns_path.display().to_string(),
+        app.ip,
+    );
+    assert!(r.ok, "{}", r.out);
+
+    // A pod out of the mesh is answered at once and left alone.
+    let r = plugin(
+        "ADD",
+        &socket,
+        "outside",
+        &outside.netns_path.display().to_string(),
+        outside.ip,
+    );
+    assert!(
+        r.ok && r.took < Duration::from_secs(2),
+        "{} in {:?}",
+        r.out,
+        r.took
+    );
+    assert_eq!(who(&mut c, &outside), "direct");
+
+    // A netns that does not hold the pod's IP is never used for it: the sandbox fails.
+    let r = plugin(
+        "ADD",
+        &socket,
+        "liar",
+        &direct.netns_path.display().to_string(),
+        liar.ip,
+    );
+    assert!(!r.ok && r.out["code"] == 11, "{}", r.out);
+    let details = r.out["details"].as_str().unwrap_or_default();
+    assert!(details.contains("holds none of the pod's IPs"), "{}", r.out);
+
+    // A pod the config does not know: waited for, then failed (the API may lag).
+    let r = plugin(
+        "ADD",
+        &socket,
+        "ghost",
+        &ghost.netns_path.display().to_string(),
+        ghost.ip,
+    );
+    assert!(
+        !r.ok && r.took >= Duration::from_secs(3),
+        "{} in {:?}",
+        r.out,
+        r.took
+    );
+    assert!(
+        r.out["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not know the pod"),
+        "{}",
+        r.out
+    );
+
+    // DEL releases the pod: no longer captured.
+    let r = plugin(
+        "DEL",
+        &socket,
+        "app",
+        &app.netns_path.display().to_string(),
+        app.ip,
+    );
+    assert!(r.ok, "{}", r.out);
+    poll("app to be released", Duration::from_secs(10), || {
+        who(&mut c, &app) != "meshed"
+    });
+
+    let r = plugin("VERSION", &socket, "app", "", app.ip);
+    assert!(
+        r.ok && r.out["supportedVersions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&"1.0.0".into())),
+        "{}",
+        r.out
+    );
+}
