@@ -184,7 +184,20 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
     let details = r.out["details"].as_str().unwrap_or_default();
     assert!(details.contains("holds none of the pod's IPs"), "{}", r.out);
 
-    // A pod the config does not know: waited for, then failed (the API may lag).
+    // A pod the config does not know yet is waited for (the API may see it after the
+    // runtime does): ADD returns once the config has it and it is enrolled.
+    let late = c.add_pod("node-1", "late").unwrap();
+    let (late_netns, late_ip) = (late.netns_path.display().to_string(), late.ip);
+    let socket2 = socket.clone();
+    let add = std::thread::spawn(move || plugin("ADD", &socket2, "late", &late_netns, late_ip));
+    std::thread::sleep(Duration::from_millis(1000));
+    c.write_config("late.yaml", &placed_by_cni(&late, ""))
+        .unwrap();
+    let r = add.join().unwrap();
+    assert!(r.ok, "{}", r.out);
+    assert_eq!(who(&mut c, &late), "meshed");
+
+    // A pod the config never gets: waited for, then failed.
     let r = plugin(
         "ADD",
         &socket,

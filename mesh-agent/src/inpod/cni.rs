@@ -76,16 +76,24 @@ impl CniNetns {
             .insert(pod);
     }
 
-    /// Forgets pods the config no longer has.
-    pub fn retain(&self, known: &HashSet<NamespacedName>) {
-        self.added
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| known.contains(k));
+    /// Forgets deleted sandboxes of pods the config no longer has (a deleted pod
+    /// leaves the config soon after its sandbox), so the set is bounded by the config.
+    pub fn retain_deleted(&self, known: &HashSet<NamespacedName>) {
         self.deleted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|k| known.contains(k));
+    }
+
+    /// Forgets the namespace of a sandbox whose ADD failed (the runtime tears it
+    /// down and retries with a new one). Entries live from an ADD to its failure or
+    /// to the sandbox's DEL, so they are bounded by the runtime's live sandboxes; a
+    /// pod the config does not know yet keeps its entry while its ADD waits.
+    fn forget(&self, pod: &NamespacedName) {
+        self.added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(pod);
     }
 }
 
@@ -227,6 +235,7 @@ async fn carry(req: Request, ctx: &CniContext) -> Reply {
                     r
                 }
                 Err(_) => {
+                    ctx.netns.forget(&pod);
                     let why = ctx
                         .states
                         .borrow()
@@ -288,7 +297,7 @@ mod tests {
         assert!(n.is_deleted(&id("web")));
         n.add(id("web"), File::open("/proc/self/ns/net").unwrap());
         assert!(!n.is_deleted(&id("web")));
-        n.retain(&HashSet::new());
+        n.forget(&id("web"));
         assert!(n.get(&id("web")).is_none());
     }
 }

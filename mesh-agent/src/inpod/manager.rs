@@ -219,7 +219,7 @@ impl PodManager {
     /// Tells the CNI server where each pod stands.
     fn publish_states(&self, config: &Config) {
         let known: HashSet<NamespacedName> = config.pods.iter().map(|p| p.id.clone()).collect();
-        self.cni.retain(&known);
+        self.cni.retain_deleted(&known);
         let mine: HashSet<&NamespacedName> =
             local_pods(&self.node, config).map(|p| &p.id).collect();
         let states = PodStates {
