@@ -194,7 +194,7 @@ pub fn parse_text(
         };
         let key = ObjectKey {
             kind: known,
-            id: id_of(&value, known),
+            id: id_of(&value, known == Kind::Namespace),
         };
         let label = key.to_string();
         if let Some(first) = seen.get(&key) {
@@ -212,29 +212,19 @@ pub fn parse_text(
 }
 
 /// The object's namespace/name as far as its metadata says (before translation
-/// checks it), for duplicate detection.
-fn id_of(value: &Value, kind: Kind) -> NamespacedName {
+/// checks it), for duplicate detection and error labels. A cluster-scoped object has
+/// no namespace.
+fn id_of(value: &Value, cluster_scoped: bool) -> NamespacedName {
     let meta = value.get("metadata");
     let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(Value::as_str);
-    let namespace = match kind {
-        Kind::Namespace => "",
-        _ => field("namespace").unwrap_or("default"),
+    let namespace = if cluster_scoped {
+        ""
+    } else {
+        field("namespace").unwrap_or("default")
     };
     NamespacedName {
         namespace: namespace.to_owned(),
         name: field("name").unwrap_or("(unnamed)").to_owned(),
-    }
-}
-
-fn label_name(value: &Value) -> String {
-    let meta = value.get("metadata");
-    let ns = meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    match meta.and_then(|m| m.get("name")).and_then(Value::as_str) {
-        Some(name) => format!("{ns}/{name}"),
-        None => format!("{ns}/(unnamed)"),
     }
 }
 
@@ -243,6 +233,7 @@ fn describe(value: &Value, kind: &str, document: usize) -> String {
     if kind.is_empty() {
         format!("document {document}")
     } else {
-        format!("{kind} {}", label_name(value))
+        let id = id_of(value, false);
+        format!("{kind} {}/{}", id.namespace, id.name)
     }
 }
