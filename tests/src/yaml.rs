@@ -64,13 +64,24 @@ pub fn pod_as(
     )
 }
 
-/// A Pod with no netns annotation, only its `metadata.uid`: the agent finds its
-/// netns in `/proc` (the pod's cgroup must carry the UID: `Cluster::add_kubelet_pod`).
-pub fn pod_by_uid(name: &str, node: &str, ip: IpAddr, uid: &str) -> String {
+/// A Pod with no netns annotation. With a `uid`, the agent finds its netns in `/proc`
+/// (the pod's cgroup must carry the UID: `Cluster::add_kubelet_pod`); without one,
+/// only the CNI plugin can place it.
+pub fn pod_unplaced(name: &str, node: &str, ip: IpAddr, uid: Option<&str>) -> String {
+    let uid = uid.map(|u| format!("  uid: {u}\n")).unwrap_or_default();
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {uid}\n  labels: {{app: {name}}}\n\
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n{uid}  labels: {{app: {name}}}\n\
          spec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: mesh-testpod}}]\n\
          status: {{podIP: \"{ip}\"}}\n---\n"
+    )
+}
+
+/// `pod_yaml` (a Pod of these helpers, labelled `app: <name>`) with the label
+/// `mesh.dev/dataplane-mode: <mode>` added.
+pub fn with_dataplane_mode(pod_yaml: &str, name: &str, mode: &str) -> String {
+    pod_yaml.replace(
+        &format!("labels: {{app: {name}}}"),
+        &format!("labels: {{app: {name}, mesh.dev/dataplane-mode: {mode}}}"),
     )
 }
 

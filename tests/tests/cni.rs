@@ -64,14 +64,20 @@ fn plugin(command: &str, socket: &str, name: &str, netns: &str, ip: std::net::Ip
     }
 }
 
+/// The plugin for `pod`'s own sandbox: its netns, its IP.
+fn for_pod(command: &str, socket: &str, pod: &Pod) -> Run {
+    plugin(
+        command,
+        socket,
+        &pod.name,
+        &pod.netns_path.display().to_string(),
+        pod.ip,
+    )
+}
+
 /// A Pod the CNI places: no netns annotation, no UID.
-fn placed_by_cni(pod: &Pod, labels: &str) -> String {
-    yaml::pod_by_uid(&pod.name, &pod.node, pod.ip, "x")
-        .replace("  uid: x\n", "")
-        .replace(
-            &format!("labels: {{app: {}}}", pod.name),
-            &format!("labels: {{app: {}{labels}}}", pod.name),
-        )
+fn placed_by_cni(pod: &Pod) -> String {
+    yaml::pod_unplaced(&pod.name, &pod.node, pod.ip, None)
 }
 
 #[test]
@@ -82,17 +88,11 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
     let outside = c.add_pod("node-1", "outside").unwrap();
     let liar = c.add_pod("node-1", "liar").unwrap();
     let ghost = c.add_pod("node-1", "ghost").unwrap();
-    let direct = c.add_pod("node-1", "direct").unwrap();
-    let meshed = c.add_pod("node-1", "meshed").unwrap();
-    serve(&mut c, &direct);
-    serve(&mut c, &meshed);
-    let cfg = placed_by_cni(&app, "")
-        + &placed_by_cni(&outside, ", mesh.dev/dataplane-mode: none")
-        + &placed_by_cni(&liar, "")
-        + &c.pod_yaml(&direct, true)
-        + &c.pod_yaml(&meshed, true)
-        + &yaml::service("decoy", direct.ip, PORT, PORT)
-        + &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    let d = decoy(&mut c, "node-1");
+    let cfg = placed_by_cni(&app)
+        + &yaml::with_dataplane_mode(&placed_by_cni(&outside), "outside", "none")
+        + &placed_by_cni(&liar)
+        + &d.yaml;
     c.write_config("cluster.yaml", &cfg).unwrap();
     let socket = c.work_dir.join("cni.sock").display().to_string();
     c.agent_args = vec![
@@ -102,39 +102,20 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
         "3s".into(),
     ];
     // With no agent, ADD fails at once (the kubelet retries) and DEL still succeeds.
-    let r = plugin(
-        "ADD",
-        &socket,
-        "app",
-        &app.netns_path.display().to_string(),
-        app.ip,
-    );
+    let r = for_pod("ADD", &socket, &app);
     assert!(!r.ok && r.out["code"] == 11, "{}", r.out);
-    let r = plugin(
-        "DEL",
-        &socket,
-        "app",
-        &app.netns_path.display().to_string(),
-        app.ip,
-    );
+    let r = for_pod("DEL", &socket, &app);
     assert!(r.ok, "DEL must succeed with no agent: {}", r.out);
 
     c.launch_agent("node-1", &c.config_dir.clone()).unwrap();
     poll("the CNI socket", Duration::from_secs(15), || {
         std::path::Path::new(&socket).exists()
     });
-    let decoy = sa(direct.ip, PORT);
-    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &decoy);
+    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &d.addr);
 
     // ADD returns the chain's result only once the pod is enrolled: the very first
     // connection after it is captured.
-    let r = plugin(
-        "ADD",
-        &socket,
-        "app",
-        &app.netns_path.display().to_string(),
-        app.ip,
-    );
+    let r = for_pod("ADD", &socket, &app);
     assert!(r.ok, "{}", r.out);
     assert_eq!(
         r.out["ips"][0]["address"],
@@ -147,23 +128,11 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
         "meshed",
         "the pod ran before it was enrolled"
     );
-    let r = plugin(
-        "CHECK",
-        &socket,
-        "app",
-        &app.netns_path.display().to_string(),
-        app.ip,
-    );
+    let r = for_pod("CHECK", &socket, &app);
     assert!(r.ok, "{}", r.out);
 
     // A pod out of the mesh is answered at once and left alone.
-    let r = plugin(
-        "ADD",
-        &socket,
-        "outside",
-        &outside.netns_path.display().to_string(),
-        outside.ip,
-    );
+    let r = for_pod("ADD", &socket, &outside);
     assert!(
         r.ok && r.took < Duration::from_secs(2),
         "{} in {:?}",
@@ -177,7 +146,7 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
         "ADD",
         &socket,
         "liar",
-        &direct.netns_path.display().to_string(),
+        &d.direct.netns_path.display().to_string(),
         liar.ip,
     );
     assert!(!r.ok && r.out["code"] == 11, "{}", r.out);
@@ -191,20 +160,13 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
     let socket2 = socket.clone();
     let add = std::thread::spawn(move || plugin("ADD", &socket2, "late", &late_netns, late_ip));
     std::thread::sleep(Duration::from_millis(1000));
-    c.write_config("late.yaml", &placed_by_cni(&late, ""))
-        .unwrap();
+    c.write_config("late.yaml", &placed_by_cni(&late)).unwrap();
     let r = add.join().unwrap();
     assert!(r.ok, "{}", r.out);
     assert_eq!(who(&mut c, &late), "meshed");
 
     // A pod the config never gets: waited for, then failed.
-    let r = plugin(
-        "ADD",
-        &socket,
-        "ghost",
-        &ghost.netns_path.display().to_string(),
-        ghost.ip,
-    );
+    let r = for_pod("ADD", &socket, &ghost);
     assert!(
         !r.ok && r.took >= Duration::from_secs(3),
         "{} in {:?}",
@@ -221,13 +183,7 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
     );
 
     // DEL releases the pod: no longer captured.
-    let r = plugin(
-        "DEL",
-        &socket,
-        "app",
-        &app.netns_path.display().to_string(),
-        app.ip,
-    );
+    let r = for_pod("DEL", &socket, &app);
     assert!(r.ok, "{}", r.out);
     poll("app to be released", Duration::from_secs(10), || {
         who(&mut c, &app) != "meshed"

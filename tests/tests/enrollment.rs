@@ -5,24 +5,18 @@ use std::{net::IpAddr, time::Duration};
 
 use common::*;
 
-/// Service `decoy` has a ClusterIP that is really pod `direct`'s address, with its
-/// endpoint on pod `meshed`. A connection that reaches `direct` was not redirected; one
-/// that reaches `meshed` went through the agent.
+/// Through Service `decoy` (`common::decoy`): a connection that reaches `direct` was
+/// not redirected; one that reaches `meshed` went through the agent.
 #[test]
 fn non_enrolled_pods_and_the_agents_own_connections_are_not_redirected() {
     let _g = serial();
     let mut c = cluster(&["node-1"]);
     let enrolled = c.add_pod("node-1", "enrolled").unwrap();
     let outsider = c.add_pod("node-1", "outsider").unwrap();
-    let direct = c.add_pod("node-1", "direct").unwrap();
-    let meshed = c.add_pod("node-1", "meshed").unwrap();
-    serve(&mut c, &direct);
-    serve(&mut c, &meshed);
+    let d = decoy(&mut c, "node-1");
+    let direct = d.direct.clone();
     let mut cfg = c.pod_yaml(&enrolled, true) + &c.pod_yaml(&outsider, false);
-    cfg += &c.pod_yaml(&direct, true);
-    cfg += &c.pod_yaml(&meshed, true);
-    cfg += &yaml::service("decoy", direct.ip, PORT, PORT);
-    cfg += &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    cfg += &d.yaml;
     // `front` sends the agent to `direct`'s address, which is also `decoy`'s ClusterIP:
     // only the bypass mark keeps the agent's own connection from being captured again.
     cfg += &yaml::service("front", vip(30), 80, PORT);
@@ -42,7 +36,7 @@ fn non_enrolled_pods_and_the_agents_own_connections_are_not_redirected() {
             .unwrap()
             .to_owned()
     };
-    let decoy = sa(direct.ip, PORT);
+    let decoy = d.addr.clone();
     assert_eq!(
         who(&mut c, &enrolled, &["--addr", &decoy]),
         "meshed",
@@ -173,32 +167,20 @@ fn namespace_and_pod_labels_decide_who_is_in_the_mesh() {
     let mut c = cluster(&["node-1"]);
     let labelled = c.add_pod("node-1", "labelled").unwrap();
     let plain = c.add_pod("node-1", "plain").unwrap();
-    let direct = c.add_pod("node-1", "direct").unwrap();
-    let meshed = c.add_pod("node-1", "meshed").unwrap();
-    serve(&mut c, &direct);
-    serve(&mut c, &meshed);
-    let label = |yaml: String, name: &str, mode: &str| {
-        yaml.replace(
-            &format!("labels: {{app: {name}}}"),
-            &format!("labels: {{app: {name}, mesh.dev/dataplane-mode: {mode}}}"),
-        )
-    };
+    let d = decoy(&mut c, "node-1");
+    let label = |yaml: String, name: &str, mode: &str| yaml::with_dataplane_mode(&yaml, name, mode);
     let namespace = |mode: &str| {
         format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels: {{mesh.dev/dataplane-mode: {mode}}}\n---\n"
         )
     };
-    let rest = c.pod_yaml(&direct, true)
-        + &c.pod_yaml(&meshed, true)
-        + &yaml::service("decoy", direct.ip, PORT, PORT)
-        + &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    let rest = d.yaml.clone();
     let labelled_yaml = label(c.pod_yaml(&labelled, true), "labelled", "enabled");
     // The namespace is out; one pod of it says it is in.
     let cfg = namespace("none") + &labelled_yaml + &c.pod_yaml(&plain, true) + &rest;
     c.write_config("cluster.yaml", &cfg).unwrap();
     c.start_agent("node-1").unwrap();
-    let decoy = sa(direct.ip, PORT);
-    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &decoy);
+    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &d.addr);
     assert_eq!(
         who(&mut c, &labelled),
         "meshed",
@@ -259,9 +241,8 @@ fn pods_without_a_netns_path_are_found_by_uid_in_proc() {
     let mut c = cluster(&["node-1"]);
     let found = c.add_kubelet_pod("node-1", "found", FOUND).unwrap();
     let twin = c.add_kubelet_pod("node-1", "twin", TWIN).unwrap();
-    let direct = c.add_pod("node-1", "direct").unwrap();
-    let meshed = c.add_pod("node-1", "meshed").unwrap();
-    for p in [&found, &twin, &direct, &meshed] {
+    let d = decoy(&mut c, "node-1");
+    for p in [&found, &twin] {
         serve(&mut c, p);
     }
     // A process of `found` in a namespace of its own, without the pod's IP: not it.
@@ -269,18 +250,12 @@ fn pods_without_a_netns_path_are_found_by_uid_in_proc() {
     // A process of `twin` in a second namespace that also holds twin's IP: ambiguous.
     c.start_in_foreign_netns(&twin, "twin-side", &[twin.ip])
         .unwrap();
-    let by_uid = |pod: &Pod, uid: &str| yaml::pod_by_uid(&pod.name, &pod.node, pod.ip, uid);
-    let cfg = by_uid(&found, FOUND)
-        + &by_uid(&twin, TWIN)
-        + &c.pod_yaml(&direct, true)
-        + &c.pod_yaml(&meshed, true)
-        + &yaml::service("decoy", direct.ip, PORT, PORT)
-        + &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    let by_uid = |pod: &Pod, uid: &str| yaml::pod_unplaced(&pod.name, &pod.node, pod.ip, Some(uid));
+    let cfg = by_uid(&found, FOUND) + &by_uid(&twin, TWIN) + &d.yaml;
     c.write_config("cluster.yaml", &cfg).unwrap();
     // Not ready while twin cannot be enrolled: start without waiting for readiness.
     c.launch_agent("node-1", &c.config_dir.clone()).unwrap();
-    let decoy = sa(direct.ip, PORT);
-    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &decoy);
+    let who = |c: &mut Cluster, pod: &Pod| who_answers(c, pod, &d.addr);
     poll("found to be enrolled", Duration::from_secs(15), || {
         who(&mut c, &found) == "meshed"
     });

@@ -206,3 +206,33 @@ pub fn who_answers(c: &mut Cluster, pod: &Pod, addr: &str) -> String {
         .and_then(|r| r.split(' ').next().map(str::to_owned))
         .unwrap_or_default()
 }
+
+/// Pods `direct` and `meshed` on `node`, both serving on [`PORT`], and Service
+/// `decoy`, whose ClusterIP is really `direct`'s address and whose endpoint is
+/// `meshed`: from a pod, a connection to `addr` that reaches `direct` was not
+/// captured; one that reaches `meshed` went through the agent.
+pub struct Decoy {
+    pub direct: Pod,
+    pub meshed: Pod,
+    /// The two pods and the Service, for the config.
+    pub yaml: String,
+    pub addr: String,
+}
+
+pub fn decoy(c: &mut Cluster, node: &str) -> Decoy {
+    let direct = c.add_pod(node, "direct").unwrap();
+    let meshed = c.add_pod(node, "meshed").unwrap();
+    serve(c, &direct);
+    serve(c, &meshed);
+    let yaml = c.pod_yaml(&direct, true)
+        + &c.pod_yaml(&meshed, true)
+        + &yaml::service("decoy", direct.ip, PORT, PORT)
+        + &yaml::endpoint_slice("decoy", PORT, &[meshed.ip]);
+    let addr = sa(direct.ip, PORT);
+    Decoy {
+        direct,
+        meshed,
+        yaml,
+        addr,
+    }
+}
