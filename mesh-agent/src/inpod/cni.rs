@@ -33,56 +33,47 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNS: usize = 64;
 
 /// The namespaces the runtime named, by pod, and the pods whose sandbox was deleted.
+/// One lock: ADD and DEL change both sets together.
 #[derive(Default)]
-pub struct CniNetns {
-    added: Mutex<HashMap<NamespacedName, Arc<File>>>,
-    deleted: Mutex<HashSet<NamespacedName>>,
+pub struct CniNetns(Mutex<Sandboxes>);
+
+#[derive(Default)]
+struct Sandboxes {
+    added: HashMap<NamespacedName, File>,
+    deleted: HashSet<NamespacedName>,
 }
 
 impl CniNetns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sandboxes> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The pod's namespace, if the runtime named one (a new fd on the same file).
     pub fn get(&self, pod: &NamespacedName) -> Option<std::io::Result<File>> {
-        let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
-        added.get(pod).map(|f| f.try_clone())
+        self.lock().added.get(pod).map(File::try_clone)
     }
 
     /// Whether the pod's sandbox was deleted (and no new one added since).
     pub fn is_deleted(&self, pod: &NamespacedName) -> bool {
-        self.deleted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(pod)
+        self.lock().deleted.contains(pod)
     }
 
     fn add(&self, pod: NamespacedName, netns: File) {
-        self.deleted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&pod);
-        self.added
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(pod, Arc::new(netns));
+        let mut s = self.lock();
+        s.deleted.remove(&pod);
+        s.added.insert(pod, netns);
     }
 
     fn delete(&self, pod: NamespacedName) {
-        self.added
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&pod);
-        self.deleted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(pod);
+        let mut s = self.lock();
+        s.added.remove(&pod);
+        s.deleted.insert(pod);
     }
 
     /// Forgets deleted sandboxes of pods the config no longer has (a deleted pod
     /// leaves the config soon after its sandbox), so the set is bounded by the config.
     pub fn retain_deleted(&self, known: &HashSet<NamespacedName>) {
-        self.deleted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k| known.contains(k));
+        self.lock().deleted.retain(|k| known.contains(k));
     }
 
     /// Forgets the namespace of a sandbox whose ADD failed (the runtime tears it
@@ -90,10 +81,7 @@ impl CniNetns {
     /// to the sandbox's DEL, so they are bounded by the runtime's live sandboxes; a
     /// pod the config does not know yet keeps its entry while its ADD waits.
     fn forget(&self, pod: &NamespacedName) {
-        self.added
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(pod);
+        self.lock().added.remove(pod);
     }
 }
 
