@@ -239,7 +239,16 @@ pub struct EnrolledNetns {
     /// The pod's own addresses (16-byte form; all zero when unused). A connect() to
     /// one of them stays inside the pod and is not captured.
     pub own: [[u8; 16]; 2],
+    /// The address the node's own processes (the kubelet) reach this pod from: the
+    /// source the node's routing picks toward the pod IP. All zero: none.
+    pub probe_src: [u8; 16],
+    /// The ports the kubelet probes (host byte order; 0 unused): plaintext from
+    /// `probe_src` to one of them passes to the application in either mode.
+    pub probe_ports: [u16; MAX_PROBE_PORTS],
 }
+
+/// Probe ports kept per pod; a pod that probes more ports has the first ones kept.
+pub const MAX_PROBE_PORTS: usize = 8;
 
 /// Key of [`maps::PLAINTEXT_LISTENERS`].
 #[repr(C)]
@@ -302,27 +311,45 @@ pub const fn is_own(enrolled: &EnrolledNetns, addr: &[u8; 16]) -> bool {
     false
 }
 
-const fn is_zero16(a: &[u8; 16]) -> bool {
-    let mut i = 0;
-    while i < 16 {
-        if a[i] != 0 {
-            return false;
-        }
-        i += 1;
-    }
-    true
+/// The 16 bytes as two words: the BPF target compares words in two instructions
+/// where a byte loop unrolls into sixteen branches and spills the stack.
+#[inline(always)]
+const fn words16(a: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
 }
 
-/// Byte-wise equality that the BPF target compiles without a `memcmp` call.
+#[inline(always)]
+const fn is_zero16(a: &[u8; 16]) -> bool {
+    let (x, y) = words16(a);
+    x == 0 && y == 0
+}
+
+/// Equality that the BPF target compiles without a `memcmp` call.
+#[inline(always)]
 pub const fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a0, a1) = words16(a);
+    let (b0, b1) = words16(b);
+    a0 == b0 && a1 == b1
+}
+
+/// Whether a connection from `remote` to `local_port` is the kubelet's probe: from
+/// the node's address toward the pod, to a port the pod's spec probes.
+#[inline(always)]
+pub const fn is_probe(enrolled: &EnrolledNetns, remote: &[u8; 16], local_port: u16) -> bool {
+    if local_port == 0 || is_zero16(&enrolled.probe_src) || !eq16(&enrolled.probe_src, remote) {
+        return false;
+    }
     let mut i = 0;
-    while i < 16 {
-        if a[i] != b[i] {
-            return false;
+    while i < MAX_PROBE_PORTS {
+        if enrolled.probe_ports[i] == local_port {
+            return true;
         }
         i += 1;
     }
-    true
+    false
 }
 
 /// What `sk_lookup` does with a new inbound TCP connection in an enrolled netns.
@@ -350,6 +377,11 @@ pub const fn inbound_verdict(
         return InboundVerdict::Pass;
     }
     if is_loopback16(remote) || eq16(local, remote) || is_own(enrolled, remote) {
+        return InboundVerdict::Pass;
+    }
+    // The kubelet's probes go straight to the application, as they would without the
+    // mesh (and as Istio ambient lets them): a STRICT pod must still become ready.
+    if is_probe(enrolled, remote, local_port) {
         return InboundVerdict::Pass;
     }
     if enrolled.mode == MODE_PERMISSIVE {
@@ -569,7 +601,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<EnrolledNetns>(), 40);
+        assert_eq!(size_of::<EnrolledNetns>(), 72);
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 4);
@@ -628,6 +660,8 @@ mod tests {
             mode,
             _pad: 0,
             own: [v4_mapped([10, 244, 1, 5]), [0; 16]],
+            probe_src: [0; 16],
+            probe_ports: [0; MAX_PROBE_PORTS],
         }
     }
 
@@ -731,6 +765,48 @@ mod tests {
             inbound_verdict(&pod(0), &me, &outside, 8080),
             InboundVerdict::Refuse
         );
+    }
+
+    #[test]
+    fn only_the_nodes_address_to_a_probed_port_passes_as_a_probe() {
+        let node = v4_mapped([10, 244, 1, 1]);
+        let me = v4_mapped([10, 244, 1, 5]);
+        let mut p = pod(MODE_STRICT);
+        // No probe source known: nothing is a probe, not even port 0 slots.
+        assert_eq!(
+            inbound_verdict(&p, &me, &node, 8080),
+            InboundVerdict::Refuse
+        );
+        assert!(!is_probe(&p, &[0; 16], 0));
+        p.probe_src = node;
+        p.probe_ports[0] = 8080;
+        p.probe_ports[MAX_PROBE_PORTS - 1] = 9090;
+        for mode in [MODE_STRICT, MODE_PERMISSIVE] {
+            p.mode = mode;
+            assert_eq!(inbound_verdict(&p, &me, &node, 8080), InboundVerdict::Pass);
+            assert_eq!(inbound_verdict(&p, &me, &node, 9090), InboundVerdict::Pass);
+            // The same port from anyone else, and another port from the node, are
+            // plaintext as usual.
+            let refused_or_captured = if mode == MODE_STRICT {
+                InboundVerdict::Refuse
+            } else {
+                InboundVerdict::Capture
+            };
+            assert_eq!(
+                inbound_verdict(&p, &me, &v4_mapped([10, 244, 1, 9]), 8080),
+                refused_or_captured
+            );
+            assert_eq!(inbound_verdict(&p, &me, &node, 8081), refused_or_captured);
+            // An unused slot (0) is no port.
+            assert_eq!(inbound_verdict(&p, &me, &node, 0), refused_or_captured);
+        }
+        // The node's address differing in one byte of either word is not the node.
+        let mut near = node;
+        near[3] = 1;
+        assert!(!is_probe(&p, &near, 8080));
+        let mut near = node;
+        near[15] = 2;
+        assert!(!is_probe(&p, &near, 8080));
     }
 
     #[test]

@@ -114,8 +114,8 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
     }
     // SAFETY: helper valid for sock_addr programs (5.7+).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup; the value is copied out at once.
-    let Some(enrolled) = (unsafe { MESH_ENROLLED_NETNS.get(&netns) }).copied() else {
+    // SAFETY: read-only lookup, read in place (no copy of the value on the stack).
+    let Some(enrolled) = (unsafe { MESH_ENROLLED_NETNS.get(&netns) }) else {
         return Action::Leave;
     };
 
@@ -126,7 +126,7 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let port = u16::from_be(port_field as u16);
     match connect_verdict(
-        &enrolled,
+        enrolled,
         &dst,
         mark == BYPASS_MARK,
         tgid,

@@ -41,8 +41,9 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: a plain read of a constant; volatile so the compiler does not fold the
     // placeholder 0 in, as the loader writes the real value.
     let netns = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
-    // SAFETY: read-only lookup; the value is copied out at once.
-    let Some(enrolled) = (unsafe { MESH_ENROLLED_NETNS.get(&netns) }).copied() else {
+    // SAFETY: read-only lookup. The value is read in place, not copied: a 72-byte copy
+    // on the stack next to the addresses would crowd the 512-byte BPF stack.
+    let Some(enrolled) = (unsafe { MESH_ENROLLED_NETNS.get(&netns) }) else {
         // Attached but not enrolled: the pod is leaving the mesh (unenrolled first,
         // detached next).
         return SK_PASS;
@@ -56,7 +57,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         (read_ip6(&lookup.local_ip6), read_ip6(&lookup.remote_ip6))
     };
     let local_port = lookup.local_port as u16;
-    let verdict = inbound_verdict(&enrolled, &local, &remote, local_port);
+    let verdict = inbound_verdict(enrolled, &local, &remote, local_port);
     let event = |kind| FlowEvent {
         kind,
         _pad: 0,

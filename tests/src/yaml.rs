@@ -85,6 +85,15 @@ pub fn with_dataplane_mode(pod_yaml: &str, name: &str, mode: &str) -> String {
     )
 }
 
+/// `pod_yaml` (a Pod of these helpers) whose one container is `container`, a YAML
+/// flow mapping such as `{name: app, readinessProbe: {tcpSocket: {port: 8080}}}`.
+pub fn with_container(pod_yaml: &str, container: &str) -> String {
+    pod_yaml.replace(
+        "containers: [{name: app, image: mesh-testpod}]",
+        &format!("containers: [{container}]"),
+    )
+}
+
 /// A PeerAuthentication for namespace `default` (`mode`: STRICT or PERMISSIVE).
 pub fn peer_authentication(mode: &str) -> String {
     format!(

@@ -392,3 +392,106 @@ fn plaintext_from_a_meshed_pod_is_refused_even_where_plaintext_is_allowed() {
         "{log}"
     );
 }
+
+/// The kubelet's probes reach a STRICT pod: plaintext from the node's own address to a
+/// port the pod's spec probes goes straight to the application (which sees the node's
+/// address, not the agent's), and nothing else gets that pass: not another port from
+/// the node, not the probed port from another pod. A change of the probes in the pod's
+/// spec moves the pass in place, and a pod without probes gets none.
+#[test]
+fn kubelet_probes_reach_a_strict_pod_and_nothing_else_does() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let server = c.add_pod("node-1", "server").unwrap();
+    let plain = c.add_pod("node-1", "plain").unwrap();
+    let outsider = c.add_pod("node-1", "outsider").unwrap();
+    const OTHER: u16 = PORT + 1;
+    for (pod, port) in [(&server, PORT), (&server, OTHER), (&plain, PORT)] {
+        c.start_server(pod, port).unwrap();
+    }
+    let node_netns = c.node("node-1").netns.clone();
+    let node = Pod {
+        name: "node".into(),
+        node: "node-1".into(),
+        ip: "10.244.1.1".parse().unwrap(),
+        netns_path: format!("/run/netns/{node_netns}").into(),
+        netns: node_netns,
+        cgroup: c.node("node-1").cgroup.clone(),
+    };
+    // A named port, resolved against the container's ports as the kubelet does.
+    let (server_yaml, others) = (
+        c.pod_yaml(&server, true),
+        c.pod_yaml(&plain, true) + &c.pod_yaml(&outsider, false),
+    );
+    let probing = |container: &str| {
+        yaml::with_container(&server_yaml, container)
+            + &others
+            + &yaml::peer_authentication("STRICT")
+    };
+    let http_probe = format!(
+        "{{name: app, ports: [{{name: http, containerPort: {PORT}}}], \
+         readinessProbe: {{httpGet: {{path: /ready, port: http}}}}}}"
+    );
+    c.write_config("cluster.yaml", &probing(&http_probe))
+        .unwrap();
+    c.start_agent("node-1").unwrap();
+    let entry = c
+        .meshctl_json("node-1", &["bpf", "maps", "--dump", "MESH_ENROLLED_NETNS"])
+        .unwrap()
+        .to_string();
+    assert!(
+        entry.contains(&format!("probes from 10.244.1.1 to [{PORT}]")),
+        "{entry}"
+    );
+
+    let probe = sa(server.ip, PORT);
+    let other = sa(server.ip, OTHER);
+    let answer = |c: &mut Cluster, from: &Pod, addr: &str| {
+        c.run_in(from, &["who", "--addr", addr], SECS)
+            .map(|out| {
+                json(&out)["replies"][0]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .map_err(|e| e.to_string())
+    };
+    let before = kernel_counters(&c, "node-1");
+    let r = answer(&mut c, &node, &probe).expect("the kubelet's probe must be answered");
+    // Straight to the application: it sees the node's own address.
+    assert!(r.starts_with("server 10.244.1.1:"), "{r}");
+    let after = kernel_counters(&c, "node-1");
+    assert_eq!(
+        after["inbound_strict_refused"], before["inbound_strict_refused"],
+        "the probe was counted as refused"
+    );
+    for (from, addr, what) in [
+        (&node, &other, "another port from the node"),
+        (
+            &outsider,
+            &probe,
+            "the probed port from a pod outside the mesh",
+        ),
+        (&node, &sa(plain.ip, PORT), "a pod that probes nothing"),
+    ] {
+        let r = answer(&mut c, from, addr);
+        assert!(r.is_err(), "STRICT: {what} was answered: {r:?}");
+    }
+
+    // The probe moves to the other port (a tcpSocket liveness probe by number): the
+    // pass follows in place, the old port is refused again.
+    let tcp_probe = format!("{{name: app, livenessProbe: {{tcpSocket: {{port: {OTHER}}}}}}}");
+    c.write_config("cluster.yaml", &probing(&tcp_probe))
+        .unwrap();
+    poll("the probe to move to the other port", SECS, || {
+        answer(&mut c, &node, &other).is_ok()
+    });
+    assert!(
+        answer(&mut c, &node, &probe).is_err(),
+        "the old probe port still passes"
+    );
+    assert!(
+        c.agent_log("node-1").contains("pod updated in place"),
+        "the probes were not changed in place"
+    );
+}

@@ -111,7 +111,22 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                     .filter(|a| **a != [0u8; 16])
                     .map(|a| from_ip16(*a).to_string())
                     .collect();
-                format!("{} own [{}]", mode(v.mode), own.join(", "))
+                let ports: Vec<String> = v
+                    .probe_ports
+                    .iter()
+                    .filter(|p| **p != 0)
+                    .map(u16::to_string)
+                    .collect();
+                let probes = if v.probe_src == [0u8; 16] || ports.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " probes from {} to [{}]",
+                        from_ip16(v.probe_src),
+                        ports.join(", ")
+                    )
+                };
+                format!("{} own [{}]{probes}", mode(v.mode), own.join(", "))
             },
         ),
         maps::SERVICES => hash_entries(

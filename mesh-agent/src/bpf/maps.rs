@@ -12,8 +12,8 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    AF_INET, AF_INET6, EnrolledNetns, ListenerKey, MODE_PERMISSIVE, MODE_STRICT, OrigDst,
-    PROTO_TCP, PeerKey, ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
+    AF_INET, AF_INET6, EnrolledNetns, ListenerKey, MAX_PROBE_PORTS, MODE_PERMISSIVE, MODE_STRICT,
+    OrigDst, PROTO_TCP, PeerKey, ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
 };
 
 use super::datapath::DatapathError;
@@ -44,6 +44,46 @@ pub fn ip16(ip: IpAddr) -> [u8; 16] {
 /// The address back from its map form (IPv4-mapped becomes IPv4 again).
 pub fn from_ip16(raw: [u8; 16]) -> IpAddr {
     IpAddr::V6(raw.into()).to_canonical()
+}
+
+/// Where the kubelet's probes of a pod come from and go to: plaintext that passes
+/// to the application in either mode (see `mesh_common::is_probe`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Probes {
+    /// The node's address toward the pod; `None`: no probe passes.
+    pub source: Option<IpAddr>,
+    /// The probed ports; the first [`MAX_PROBE_PORTS`] are kept.
+    pub ports: Vec<u16>,
+}
+
+impl Probes {
+    /// The map fields: (probe_src, probe_ports).
+    fn raw(&self) -> ([u8; 16], [u16; MAX_PROBE_PORTS]) {
+        let mut ports = [0u16; MAX_PROBE_PORTS];
+        if self.source.is_none() {
+            return ([0; 16], ports);
+        }
+        for (slot, p) in ports.iter_mut().zip(&self.ports) {
+            *slot = *p;
+        }
+        (self.source.map(ip16).unwrap_or_default(), ports)
+    }
+}
+
+/// The enrolled-netns entry of a pod.
+fn enrolled_value(mode: InboundMode, own: &[IpAddr], probes: &Probes) -> EnrolledNetns {
+    let mut slots = [[0u8; 16]; 2];
+    for (slot, ip) in slots.iter_mut().zip(own) {
+        *slot = ip16(*ip);
+    }
+    let (probe_src, probe_ports) = probes.raw();
+    EnrolledNetns {
+        mode: mode.raw(),
+        _pad: 0,
+        own: slots,
+        probe_src,
+        probe_ports,
+    }
 }
 
 type Locked<K, V> = Mutex<HashMap<MapData, K, V>>;
@@ -129,22 +169,16 @@ impl MeshMaps {
 
     /// Enrolls the netns `netns_cookie`: from now on `connect4/6` capture in it and
     /// `sk_lookup` applies `mode` to every address of it. `own` are the pod's
-    /// addresses (the first two are kept; connects to them stay in the pod).
+    /// addresses (the first two are kept; connects to them stay in the pod), `probes`
+    /// the kubelet's probes that pass to the application.
     pub fn enroll(
         &self,
         netns_cookie: u64,
         mode: InboundMode,
         own: &[IpAddr],
+        probes: &Probes,
     ) -> Result<(), MapUpdateError> {
-        let mut slots = [[0u8; 16]; 2];
-        for (slot, ip) in slots.iter_mut().zip(own) {
-            *slot = ip16(*ip);
-        }
-        let value = EnrolledNetns {
-            mode: mode.raw(),
-            _pad: 0,
-            own: slots,
-        };
+        let value = enrolled_value(mode, own, probes);
         let mut m = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
         m.insert(netns_cookie, value, 0)
             .map_err(|source| MapUpdateError {
@@ -163,6 +197,18 @@ impl MeshMaps {
         };
         let mut value = m.get(&netns_cookie, 0).map_err(err)?;
         value.mode = mode.raw();
+        m.insert(netns_cookie, value, 0).map_err(err)
+    }
+
+    /// Changes the probes of an enrolled netns in place, as [`Self::set_mode`].
+    pub fn set_probes(&self, netns_cookie: u64, probes: &Probes) -> Result<(), MapUpdateError> {
+        let mut m = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
+        let err = |source| MapUpdateError {
+            map: maps::ENROLLED_NETNS,
+            source,
+        };
+        let mut value = m.get(&netns_cookie, 0).map_err(err)?;
+        (value.probe_src, value.probe_ports) = probes.raw();
         m.insert(netns_cookie, value, 0).map_err(err)
     }
 
@@ -272,5 +318,37 @@ impl MeshMaps {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_entry_keeps_two_own_addresses_and_the_first_probe_ports() {
+        let own: Vec<IpAddr> = ["10.244.1.5", "fd00::5", "10.9.9.9"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let probes = Probes {
+            source: Some("10.244.1.1".parse().unwrap()),
+            ports: (1..=10).collect(),
+        };
+        let v = enrolled_value(InboundMode::Strict, &own, &probes);
+        assert_eq!(v.mode, MODE_STRICT);
+        assert_eq!(v.own, [ip16(own[0]), ip16(own[1])]);
+        assert_eq!(from_ip16(v.probe_src), probes.source.unwrap());
+        assert_eq!(v.probe_ports, [1, 2, 3, 4, 5, 6, 7, 8]);
+        // Without a source no port is kept: nothing can match a zero source anyway,
+        // and the entry says plainly that no probe passes.
+        let none = Probes {
+            source: None,
+            ports: vec![8080],
+        };
+        let v = enrolled_value(InboundMode::Permissive, &own[..1], &none);
+        assert_eq!(v.probe_src, [0; 16]);
+        assert_eq!(v.probe_ports, [0; MAX_PROBE_PORTS]);
+        assert_eq!(v.own[1], [0; 16]);
     }
 }

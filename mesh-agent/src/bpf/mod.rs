@@ -7,5 +7,5 @@ mod maps;
 
 pub use datapath::{Datapath, DatapathOptions, InboundHook, PodInboundLink};
 pub use fs::{cgroup2_mount, ensure_bpffs};
-pub use maps::{InboundMode, MeshMaps, ServiceAddr};
+pub use maps::{InboundMode, MeshMaps, Probes, ServiceAddr};
 pub use maps::{from_ip16, ip16};

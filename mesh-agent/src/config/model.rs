@@ -105,6 +105,8 @@ pub struct Pod {
     /// What metrics group this pod under (its Deployment or other owner; see
     /// `translate::workload_name`).
     pub workload: String,
+    /// The ports the kubelet probes (`probes::probe_ports`), sorted.
+    pub probe_ports: Vec<u16>,
 }
 
 /// `PeerAuthentication.spec.mtls.mode`. DISABLE is not offered: an enrolled workload

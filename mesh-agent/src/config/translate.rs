@@ -260,6 +260,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
         ),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         workload: workload_name(&pod.metadata, &pod_name),
+        probe_ports: super::probes::probe_ports(spec),
     })
 }
 

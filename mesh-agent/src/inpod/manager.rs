@@ -8,7 +8,7 @@
 //! waited for: a STRICT pod is STRICT from the first moment, and its tunnel accepts
 //! connections once the certificate arrives (fetched in the background).
 //!
-//! A change to a running pod's labels or owner is applied in place. Only a change of
+//! A change to a running pod's labels, owner or probed ports is applied in place. Only a change of
 //! its addresses, identity or network namespace re-enrolls it, and when the netns
 //! stays the same the kernel entry and the inbound program are kept throughout, so
 //! enforcement never lapses. Removing a pod goes the other way.
@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     authz::{PolicySet, Workload},
-    bpf::{InboundHook, InboundMode, PodInboundLink},
+    bpf::{InboundHook, InboundMode, PodInboundLink, Probes},
     config::{Config, MtlsMode, NamespacedName, Pod},
     identity::Identity,
     proxy::{self, PodContext, PodMeta, ProxyContext},
@@ -48,6 +48,8 @@ struct RunningPod {
     ctx: Arc<PodContext>,
     tasks: Vec<JoinHandle<()>>,
     mode: InboundMode,
+    /// The kubelet's probes, as written to the kernel entry.
+    probes: Probes,
     /// The sk_lookup program on the pod's netns; pinned, so it must be detached
     /// explicitly when the pod leaves the mesh.
     link: PodInboundLink,
@@ -89,7 +91,8 @@ fn mode_of(m: MtlsMode) -> InboundMode {
 #[derive(Debug, PartialEq, Eq)]
 enum Change {
     None,
-    /// Labels or owner: swapped into the running pod.
+    /// Labels, owner or probed ports: swapped into the running pod (probes into its
+    /// kernel entry, overwritten in place).
     InPlace,
     /// Addresses, identity or enrollment: listeners rebound. `same_netns`: the kernel
     /// entry and the inbound program stay in place meanwhile.
@@ -172,6 +175,17 @@ impl PodManager {
                     {
                         running.ctx.meta.store(Arc::new(meta_of(new)));
                         running.spec = (*new).clone();
+                        let probes = probes_of(new);
+                        if probes != running.probes {
+                            match self
+                                .proxy
+                                .maps
+                                .set_probes(running.ctx.netns_cookie, &probes)
+                            {
+                                Ok(()) => running.probes = probes,
+                                Err(e) => warn!(pod = %id, error = %e, "cannot change probes"),
+                            }
+                        }
                         info!(pod = %id, "pod updated in place");
                     }
                 }
@@ -313,6 +327,7 @@ impl PodManager {
             .with_context(|| format!("binding the agent's listeners in {path}"))?;
         let meta = meta_of(pod);
         let mode = mode_of(policy.mtls_mode(&meta.workload));
+        let probes = probes_of(pod);
         let ctx = Arc::new(PodContext {
             id: pod.id.clone(),
             meta: ArcSwap::from_pointee(meta),
@@ -368,7 +383,7 @@ impl PodManager {
                 spawn(&mut tasks, "outbound", x)?;
             }
             // Capture starts here: every listener it needs is up.
-            maps.enroll(cookie, mode, &ctx.ips)?;
+            maps.enroll(cookie, mode, &ctx.ips, &probes)?;
             Ok(self.hook.attach(&netns_file, cookie)?)
         })();
         let link = match enrolled {
@@ -381,12 +396,13 @@ impl PodManager {
             }
         };
         info!(pod = %pod.id, %identity, netns = %path, netns_cookie = cookie,
-            ?mode, "pod enrolled");
+            ?mode, probe_src = ?probes.source, probe_ports = ?probes.ports, "pod enrolled");
         Ok(RunningPod {
             spec: pod.clone(),
             ctx,
             tasks,
             mode,
+            probes,
             link,
         })
     }
@@ -415,6 +431,44 @@ impl PodManager {
         }
         self.publish_local();
     }
+}
+
+/// The kubelet's probes of `pod`: from the node's address toward the pod IP, to the
+/// ports its spec probes. No probed port: no source either, so nothing passes.
+fn probes_of(pod: &Pod) -> Probes {
+    if pod.probe_ports.is_empty() {
+        return Probes::default();
+    }
+    if pod.probe_ports.len() > mesh_common::MAX_PROBE_PORTS {
+        warn!(pod = %pod.id, ports = ?pod.probe_ports, kept = mesh_common::MAX_PROBE_PORTS,
+            "the pod probes more ports than the kernel entry holds; the first are kept");
+    }
+    let source = pod.ip.and_then(|ip| match node_source_toward(ip) {
+        Ok(src) => Some(src),
+        Err(e) => {
+            warn!(pod = %pod.id, error = %e, "no route from the node to the pod; its probes will be refused");
+            None
+        }
+    });
+    Probes {
+        source,
+        ports: pod.probe_ports.clone(),
+    }
+}
+
+/// The source address the node's routing picks toward `ip`, which is where the
+/// kubelet's probes come from: the agent runs in the node's netns, so a UDP connect
+/// (which sends nothing) asks the kernel the same question the kubelet's TCP connect
+/// does.
+fn node_source_toward(ip: std::net::IpAddr) -> std::io::Result<std::net::IpAddr> {
+    let bind: SocketAddr = if ip.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(bind)?;
+    sock.connect((ip, 9))?;
+    Ok(sock.local_addr()?.ip().to_canonical())
 }
 
 /// The pods of `config` this node must enroll: on this node, not opted out, and bound
@@ -544,6 +598,7 @@ mod tests {
             enroll: true,
             labels: Default::default(),
             workload: "p".into(),
+            probe_ports: vec![],
         }
     }
 
@@ -572,6 +627,23 @@ mod tests {
             change_of(&old, &netns),
             Change::Reenroll { same_netns: false }
         );
+    }
+
+    #[test]
+    fn probes_change_in_place_and_a_pod_without_probes_has_no_source() {
+        let old = pod();
+        let mut new = pod();
+        new.probe_ports = vec![8080];
+        assert_eq!(change_of(&old, &new), Change::InPlace);
+        assert_eq!(probes_of(&old), Probes::default());
+    }
+
+    #[test]
+    fn the_probe_source_is_the_nodes_own_address_toward_the_pod() {
+        // Toward loopback the kernel picks loopback: the question is the routing
+        // table's, asked without sending anything.
+        let src = node_source_toward(IpAddr::from([127, 0, 0, 1])).unwrap();
+        assert!(src.is_loopback(), "{src}");
     }
 
     #[test]
