@@ -17,7 +17,8 @@ use crate::{
     authz::{LiveConns, PolicySet},
     bpf::{self, Datapath, DatapathOptions},
     cli::RunArgs,
-    config::{ConfigWatch, Directory, Generation},
+    cli::Source,
+    config::{ApiSource, ConfigWatch, Directory, Generation},
     identity::{CaClient, SecretManager},
     inpod::PodManager,
     proxy::{ConfigParts, Pool, ProxyContext, SnapshotCell},
@@ -144,7 +145,14 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         root_namespace: args.root_namespace.clone(),
         server_first_ports: args.server_first_ports.clone(),
     };
-    let mut config = ConfigWatch::start(Directory::new(args.config_dir.clone()));
+    let source = args.source.source();
+    let mut config = match &source {
+        Source::Directory(dir) => ConfigWatch::start(Directory::new(dir.clone())),
+        Source::Kubernetes(kubeconfig) => {
+            let (client, server) = crate::config::api_client(kubeconfig.as_deref()).await?;
+            ConfigWatch::start(ApiSource::new(client, server))
+        }
+    };
     let mut current: Arc<Generation> = config.updates.borrow().clone();
     let _ = admin_state.core.set(Core {
         proxy: proxy.clone(),
@@ -155,7 +163,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     });
 
     let mut retry = tokio::time::interval(RETRY_PODS);
-    info!(node = %args.node_name, config_dir = %args.config_dir.display(), "agent running");
+    info!(node = %args.node_name, source = ?source, "agent running");
     loop {
         tokio::select! {
             changed = config.updates.changed() => {

@@ -28,15 +28,51 @@ pub enum Command {
     Ca(CaArgs),
 }
 
+/// Where the config comes from: exactly one of a directory or the Kubernetes API.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct SourceArgs {
+    /// Directory of YAML files (Service, EndpointSlice, Pod, ...), watched for changes.
+    /// Pods in it are in the mesh unless their labels say otherwise.
+    #[arg(long, env = "MESH_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Watch the Kubernetes API: in a pod, with its service account; elsewhere, with
+    /// `--kubeconfig` or `$KUBECONFIG`. Pods are in the mesh only when their labels
+    /// (or their namespace's) say `mesh.dev/dataplane-mode: enabled`.
+    #[arg(long)]
+    pub kubernetes: bool,
+
+    /// A kubeconfig file for the Kubernetes API (implies `--kubernetes`).
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// The source `SourceArgs` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Directory(PathBuf),
+    /// The API, with this kubeconfig (`None`: in-cluster, or `$KUBECONFIG`).
+    Kubernetes(Option<PathBuf>),
+}
+
+impl SourceArgs {
+    pub fn source(&self) -> Source {
+        match (&self.config_dir, &self.kubeconfig) {
+            (Some(dir), _) => Source::Directory(dir.clone()),
+            (None, path) => Source::Kubernetes(path.clone()),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// This node's name: pods whose spec.nodeName equals it are enrolled.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
 
-    /// Directory of YAML files (Service, EndpointSlice, Pod), watched for changes.
-    #[arg(long, env = "MESH_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     /// cgroup v2 directory to attach the programs to. Default: the cgroup v2 root,
     /// found from /proc/self/mountinfo.

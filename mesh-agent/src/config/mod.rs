@@ -3,6 +3,7 @@
 //!
 //!   source (`directory`) -> `object::translate` per object -> `store::Store`
 //!     -> `Config` -> `publish::Publisher` (generations, reload stats) -> the agent
+mod api;
 mod directory;
 mod enrollment;
 mod error;
@@ -12,12 +13,14 @@ mod kind;
 mod load;
 mod model;
 mod object;
+mod probes;
 mod publish;
 mod route;
 mod store;
 mod translate;
 mod watch;
 
+pub use api::{ApiSource, client as api_client};
 pub use directory::Directory;
 pub use enrollment::{DATAPLANE_LABEL, DataplaneMode, ISTIO_DATAPLANE_LABEL};
 #[cfg(test)]

@@ -79,6 +79,20 @@ impl Store {
         config
     }
 
+    /// Every key of `kind` the source holds, accepted or refused.
+    pub fn keys(&self, kind: super::kind::Kind) -> Vec<ObjectKey> {
+        let mut keys: Vec<ObjectKey> = self
+            .objects
+            .keys()
+            .chain(self.rejected.keys())
+            .filter(|k| k.kind == kind)
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     pub fn rejected(&self) -> Vec<Rejection> {
         self.rejected
             .iter()

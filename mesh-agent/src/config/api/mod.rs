@@ -1,0 +1,221 @@
+//! The Kubernetes API source: one watch per kind (`kube::runtime::watcher`: list, then
+//! watch from the list's resourceVersion, bookmarks, re-list on 410 Gone, exponential
+//! backoff on errors), each object translated by the one translation on the kind's
+//! own task, and applied one at a time to a [`Store`], so a bad object is refused
+//! alone while the rest applies.
+//!
+//! Nothing is published until every kind has been listed once (or found absent): an
+//! agent that enrolled pods from half a list could refuse traffic its policy allows.
+//! After that, changes are published in batches, at most one config per [`SETTLE`].
+//! Pods are in the mesh only when their labels (or their namespace's) say so.
+mod resource;
+mod sync;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use futures_util::StreamExt as _;
+use kube::{
+    Api, Client,
+    api::DynamicObject,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+use tracing::{info, warn};
+
+use super::{
+    Kind, Store, enrollment, error::FieldError, object::translate, publish::Publisher,
+    watch::ConfigSource,
+};
+use sync::{Input, Tracker};
+
+/// How long changes gather before one config is built from them.
+const SETTLE: Duration = Duration::from_millis(100);
+/// Inputs queued between the watches and the loop; a full queue holds the watches
+/// back (the API server buffers), never grows the agent.
+const QUEUE: usize = 1024;
+
+pub struct ApiSource {
+    client: Client,
+    server: String,
+}
+
+impl ApiSource {
+    pub fn new(client: Client, server: String) -> ApiSource {
+        ApiSource { client, server }
+    }
+}
+
+impl ConfigSource for ApiSource {
+    fn describe(&self) -> String {
+        format!("kubernetes {}", self.server)
+    }
+
+    async fn run(self, mut publisher: Publisher) {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let watches: Vec<JoinHandle<()>> = Kind::ALL
+            .into_iter()
+            .map(|kind| tokio::spawn(watch_kind(self.client.clone(), kind, tx.clone())))
+            .collect();
+        drop(tx);
+        let mut tracker = Tracker::new(&Kind::ALL);
+        let mut store = Store::default();
+        let mut reported: BTreeMap<super::ObjectKey, FieldError> = BTreeMap::new();
+        let mut errors: BTreeMap<Kind, String> = BTreeMap::new();
+        let mut dirty = false;
+        let mut publish_at: Option<Instant> = None;
+        let mut announced = false;
+        loop {
+            let deadline = publish_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                input = rx.recv() => {
+                    let Some(input) = input else { break };
+                    note_errors(&input, &mut errors, &mut publisher, tracker.ready());
+                    dirty |= tracker.apply(input, &mut store);
+                    report_rejections(&store, &mut reported);
+                    if (dirty || (tracker.ready() && !announced)) && publish_at.is_none() {
+                        publish_at = Some(Instant::now() + SETTLE);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if publish_at.is_some() => {
+                    publish_at = None;
+                    if tracker.ready() {
+                        if !announced {
+                            info!(source = %self.server, "every kind listed; config is whole");
+                            announced = true;
+                        }
+                        publisher.publish(store.config(enrollment::Default::NotEnrolled));
+                        dirty = false;
+                    }
+                }
+            }
+            if publisher.is_closed() {
+                break;
+            }
+        }
+        watches.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// Logs each kind's watch failure once per distinct error, and recovery. Before the
+/// first whole config a failure is the source's error (the agent is not ready and
+/// says why); after it, the last good config keeps serving.
+fn note_errors(
+    input: &Input,
+    errors: &mut BTreeMap<Kind, String>,
+    publisher: &mut Publisher,
+    ready: bool,
+) {
+    match input {
+        Input::Failed(kind, e) => {
+            if errors.get(kind) != Some(e) {
+                if ready {
+                    warn!(%kind, error = %e, "watch failed; retrying, the last good config serves");
+                } else {
+                    publisher.reject(format!("watching {kind}: {e}"));
+                }
+                errors.insert(*kind, e.clone());
+            }
+        }
+        Input::Absent(kind) => {
+            if errors.get(kind).map(String::as_str) != Some(ABSENT) {
+                warn!(%kind, "the API server does not serve this kind (CRD not installed?); \
+                    none are applied, and the watch retries");
+                errors.insert(*kind, ABSENT.to_owned());
+            }
+        }
+        Input::InitDone(kind) => {
+            if errors.remove(kind).is_some() {
+                info!(%kind, "watch recovered");
+            }
+        }
+        _ => {}
+    }
+}
+
+const ABSENT: &str = "absent";
+
+/// Logs each refused object once per distinct error: the object, the field, and
+/// whether an earlier version of it keeps serving.
+fn report_rejections(store: &Store, reported: &mut BTreeMap<super::ObjectKey, FieldError>) {
+    let now: BTreeMap<_, _> = store
+        .rejected()
+        .into_iter()
+        .map(|r| (r.key, (r.error, r.previous_serves)))
+        .collect();
+    for (key, (error, previous_serves)) in &now {
+        if reported.get(key) != Some(error) {
+            warn!(object = %key, field = %error.field, error = %error.message, previous_serves,
+                "object rejected; the rest of the config applies");
+        }
+    }
+    *reported = now.into_iter().map(|(k, (e, _))| (k, e)).collect();
+}
+
+/// Watches one kind for as long as the loop listens.
+async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<Input>) {
+    let ar = resource::api_resource(kind);
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let input = match event {
+            Ok(watcher::Event::Init) => Input::Init(kind),
+            Ok(watcher::Event::InitApply(o)) => match applied(kind, o, true) {
+                Some(i) => i,
+                None => continue,
+            },
+            Ok(watcher::Event::Apply(o)) => match applied(kind, o, false) {
+                Some(i) => i,
+                None => continue,
+            },
+            Ok(watcher::Event::Delete(o)) => match resource::key_of(kind, &o.metadata) {
+                Some(key) => Input::Deleted(key),
+                None => continue,
+            },
+            Ok(watcher::Event::InitDone) => Input::InitDone(kind),
+            Err(e) if not_served(&e) => Input::Absent(kind),
+            Err(e) => Input::Failed(kind, e.to_string()),
+        };
+        if tx.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn applied(kind: Kind, object: DynamicObject, listed: bool) -> Option<Input> {
+    let key = resource::key_of(kind, &object.metadata)?;
+    let translated = translate(kind, resource::to_json(kind, object));
+    Some(Input::Applied {
+        key,
+        object: Box::new(translated),
+        listed,
+    })
+}
+
+/// The server has no such resource: 404 on the list (a CRD not installed).
+fn not_served(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
+}
+
+/// A client for the API server: from `kubeconfig` if given, else inferred (the pod's
+/// service account in a cluster, `$KUBECONFIG` or `~/.kube/config` elsewhere). The
+/// server's address comes back for the log.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<(Client, String)> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes API configuration (not in a pod, no $KUBECONFIG)")?,
+    };
+    let server = config.cluster_url.to_string();
+    let client = Client::try_from(config).context("building the Kubernetes API client")?;
+    Ok((client, server))
+}
