@@ -174,10 +174,16 @@ fn concurrent_connections_from_two_pods_are_attributed_to_their_source() {
                 .chain(access_lines(&log))
                 .filter(|l| !has_fields(l, &[("verdict", "forwarded")]))
                 .collect();
-            let live = c
-                .meshctl("node-2", &["conns"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
+            let conns = |node| {
+                c.meshctl(node, &["conns"])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            let live = format!(
+                "\nnode-2:\n{}\nnode-1:\n{}",
+                conns("node-2"),
+                conns("node-1")
+            );
             panic!(
                 "attribution (a, b, crossed) = {got:?}, want (200, 200, 0)\n\
                  unattributed at the destination: {odd:#?}\nnot forwarded: {failed:#?}\n\
