@@ -63,6 +63,9 @@ pub struct Cluster {
     pub cert_ttl: String,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// Agents started from now on read the Kubernetes API with this kubeconfig
+    /// instead of the config directory (the CA still reads the directory).
+    pub kubeconfig: Option<PathBuf>,
     /// Attach the agents here instead of their node's cgroup.
     pub agent_cgroup: Option<PathBuf>,
     /// Agents started from now on write their output to a pipe that nobody reads
@@ -150,6 +153,7 @@ impl Cluster {
             ca: None,
             cert_ttl: "24h".to_owned(),
             agent_args: Vec::new(),
+            kubeconfig: None,
             agent_log_stalled: false,
             stalled_logs: Vec::new(),
             agent_cgroup: None,
@@ -509,9 +513,12 @@ impl Cluster {
         fs::create_dir_all(&cgroup)?;
         let log = fs::File::create(self.agent_log_path(node))?;
         let mut cmd = Command::new(&self.agent_bin);
-        cmd.args(["run", "--node-name", node, "--config-dir"])
-            .arg(config_dir)
-            .args(["--ca-addr", &format!("{CA_IP}:{CA_PORT}"), "--ca-root"])
+        cmd.args(["run", "--node-name", node]);
+        match &self.kubeconfig {
+            Some(k) => cmd.arg("--kubeconfig").arg(k),
+            None => cmd.arg("--config-dir").arg(config_dir),
+        };
+        cmd.args(["--ca-addr", &format!("{CA_IP}:{CA_PORT}"), "--ca-root"])
             .arg(self.ca_root().0)
             .arg("--ca-token-file")
             .arg(self.token_file(node))
@@ -899,7 +906,7 @@ impl Drop for Cluster {
 }
 
 /// `bytes` random bytes from the kernel, hex-encoded.
-fn random_hex(bytes: usize) -> anyhow::Result<String> {
+pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
     let mut buf = vec![0u8; bytes];
     fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())

@@ -9,6 +9,7 @@
 //! Everything created is removed when the [`Cluster`] is dropped, including on panic.
 pub mod cluster;
 pub mod echo;
+pub mod fakeapi;
 pub mod grpc;
 pub mod pattern;
 pub mod proc;

@@ -11,7 +11,7 @@ use rustls::{
 use serde_json::json;
 use tokio::io::AsyncWriteExt as _;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -69,7 +69,7 @@ impl ConfigSource for ApiSource {
             tokio::select! {
                 input = rx.recv() => {
                     let Some(input) = input else { break };
-                    note_errors(&input, &mut errors, &mut publisher, tracker.ready());
+                    note_errors(&input, &mut errors, &mut publisher, announced);
                     dirty |= tracker.apply(input, &mut store);
                     report_rejections(&store, &mut reported);
                     if (dirty || (tracker.ready() && !announced)) && publish_at.is_none() {
@@ -78,7 +78,9 @@ impl ConfigSource for ApiSource {
                 }
                 _ = tokio::time::sleep_until(deadline), if publish_at.is_some() => {
                     publish_at = None;
-                    if tracker.ready() {
+                    // Whole once every kind was listed; a later re-list of one kind only
+                    // adds and updates until its end removes what it did not send.
+                    if announced || tracker.ready() {
                         if !announced {
                             info!(source = %self.server, "every kind listed; config is whole");
                             announced = true;
@@ -105,31 +107,32 @@ fn note_errors(
     publisher: &mut Publisher,
     ready: bool,
 ) {
-    match input {
-        Input::Failed(kind, e) => {
-            if errors.get(kind) != Some(e) {
-                if ready {
-                    warn!(%kind, error = %e, "watch failed; retrying, the last good config serves");
-                } else {
-                    publisher.reject(format!("watching {kind}: {e}"));
-                }
-                errors.insert(*kind, e.clone());
-            }
+    let (kind, now) = match input {
+        Input::Expired(kind) => {
+            info!(%kind, "the API server compacted the watch's history (410 Gone); re-listing");
+            return;
         }
-        Input::Absent(kind) => {
-            if errors.get(kind).map(String::as_str) != Some(ABSENT) {
-                warn!(%kind, "the API server does not serve this kind (CRD not installed?); \
-                    none are applied, and the watch retries");
-                errors.insert(*kind, ABSENT.to_owned());
-            }
-        }
-        Input::InitDone(kind) => {
-            if errors.remove(kind).is_some() {
-                info!(%kind, "watch recovered");
-            }
-        }
-        _ => {}
+        Input::Failed(kind, e) => (kind, Some(e.as_str())),
+        Input::Absent(kind) => (kind, Some(ABSENT)),
+        Input::InitDone(kind) => (kind, None),
+        _ => return,
+    };
+    if errors.get(kind).map(String::as_str) == now {
+        return;
     }
+    match now {
+        None => info!(%kind, "watch recovered"),
+        Some(ABSENT) => warn!(%kind, "the API server does not serve this kind (CRD not \
+            installed?); none are applied, and the watch retries"),
+        Some(e) if ready => {
+            warn!(%kind, error = %e, "watch failed; retrying, the last good config serves");
+        }
+        Some(e) => publisher.reject(format!("watching {kind}: {e}")),
+    }
+    match now {
+        Some(e) => errors.insert(*kind, e.to_owned()),
+        None => errors.remove(kind),
+    };
 }
 
 const ABSENT: &str = "absent";
@@ -175,6 +178,7 @@ async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<Input>) {
             },
             Ok(watcher::Event::InitDone) => Input::InitDone(kind),
             Err(e) if not_served(&e) => Input::Absent(kind),
+            Err(e) if expired(&e) => Input::Expired(kind),
             Err(e) => Input::Failed(kind, e.to_string()),
         };
         if tx.send(input).await.is_err() {
@@ -191,6 +195,16 @@ fn applied(kind: Kind, object: DynamicObject, listed: bool) -> Option<Input> {
         object: Box::new(translated),
         listed,
     })
+}
+
+/// The resourceVersion the watch resumes from is compacted away (410 Gone), as an
+/// event in the stream or as the answer to the watch request.
+fn expired(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
+        _ => false,
+    }
 }
 
 /// The server has no such resource: 404 on the list (a CRD not installed).

@@ -29,6 +29,9 @@ pub enum Input {
     Absent(Kind),
     /// The watch failed; it retries with backoff.
     Failed(Kind, String),
+    /// The server compacted the history the watch would resume from (410 Gone): the
+    /// watch re-lists, which is routine.
+    Expired(Kind),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +102,7 @@ impl Tracker {
                 // served kind is reported as Failed, never as Absent.
                 was != Some(KindState::Absent) && remove_unseen(store, kind, &HashSet::new())
             }
-            Input::Failed(..) => false,
+            Input::Failed(..) | Input::Expired(_) => false,
         }
     }
 }

@@ -1,0 +1,577 @@
+//! A fake Kubernetes API server for the agent's API source: real HTTPS with a bearer
+//! token, lists with a resourceVersion, watches that stream newline-delimited events
+//! from a resourceVersion (with bookmarks), `410 Gone` for a resourceVersion older
+//! than the last compaction, and `404` for a resource that is not served (a CRD not
+//! installed). It keeps objects in memory; the test changes them directly.
+//!
+//! Only what a list-then-watch client uses is implemented: cluster-wide GET of a
+//! collection, with or without `watch=1`.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::{Request, Response, StatusCode, body::Frame};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+/// The resources the agent watches: (apiVersion, kind, path of the collection).
+const RESOURCES: &[(&str, &str, &str)] = &[
+    ("v1", "Namespace", "api/v1/namespaces"),
+    ("v1", "Service", "api/v1/services"),
+    ("v1", "Pod", "api/v1/pods"),
+    (
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        "apis/discovery.k8s.io/v1/endpointslices",
+    ),
+    (
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        "apis/security.istio.io/v1/peerauthentications",
+    ),
+    (
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "apis/security.istio.io/v1/authorizationpolicies",
+    ),
+    (
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        "apis/gateway.networking.k8s.io/v1/httproutes",
+    ),
+    (
+        "gateway.networking.k8s.io/v1",
+        "GRPCRoute",
+        "apis/gateway.networking.k8s.io/v1/grpcroutes",
+    ),
+];
+
+fn resource_of(
+    api_version: &str,
+    kind: &str,
+) -> Option<&'static (&'static str, &'static str, &'static str)> {
+    RESOURCES
+        .iter()
+        .find(|(v, k, _)| *v == api_version && *k == kind)
+}
+
+struct Event {
+    rv: u64,
+    path: &'static str,
+    kind: &'static str,
+    object: Value,
+}
+
+/// What the server has been asked, per collection path.
+#[derive(Debug, Default, Clone)]
+pub struct Requests {
+    pub lists: BTreeMap<String, u64>,
+    pub watches: BTreeMap<String, u64>,
+    /// Watches answered with 410 Gone.
+    pub gone: u64,
+    pub unauthorized: u64,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches from a resourceVersion below this are answered with 410 Gone.
+    oldest: u64,
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    events: Vec<Event>,
+    /// Collections answered with 404 (CRDs not installed).
+    absent: BTreeSet<&'static str>,
+    /// While set, watch requests get 503 (a server that is down).
+    refuse_watches: bool,
+    requests: Requests,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Bumped on every change; watches wait on it.
+    changed: watch::Sender<u64>,
+    /// Bumped to end every open watch (a server restart).
+    epoch: watch::Sender<u64>,
+    token: String,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct FakeApi {
+    shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    kubeconfig: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeApi {
+    /// Serves on `addr` inside the network namespace at `netns` (the listener is bound
+    /// there; the server runs on a thread of the test process). Writes the CA
+    /// certificate and a kubeconfig with a bearer token under `dir`.
+    pub fn start(netns: &Path, addr: SocketAddr, dir: &Path) -> anyhow::Result<FakeApi> {
+        std::fs::create_dir_all(dir)?;
+        let (ca_pem, chain, key) = certificates(addr)?;
+        let ca_path = dir.join("api-ca.pem");
+        std::fs::write(&ca_path, ca_pem)?;
+        let token = crate::cluster::random_hex(16)?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: fake, cluster: {{server: \"https://{addr}\", certificate-authority: {}}}}}]\n\
+                 users: [{{name: agent, user: {{token: {token}}}}}]\n\
+                 contexts: [{{name: fake, context: {{cluster: fake, user: agent}}}}]\n\
+                 current-context: fake\n",
+                ca_path.display()
+            ),
+        )?;
+        let listener = crate::cluster::in_netns(netns, move || std::net::TcpListener::bind(addr))??;
+        listener.set_nonblocking(true)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rv: 1,
+                ..State::default()
+            }),
+            changed: watch::Sender::new(0),
+            epoch: watch::Sender::new(0),
+            token,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let s = shared.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                tokio::select! {
+                    _ = accept_loop(listener, acceptor, s) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        ready_rx
+            .recv()
+            .context("fake API thread")?
+            .map_err(anyhow::Error::msg)?;
+        Ok(FakeApi {
+            shared,
+            addr,
+            kubeconfig,
+            stop: Some(stop),
+        })
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Creates or replaces every object of a multi-document YAML text.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        use serde::Deserialize as _;
+        let mut docs = Vec::new();
+        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let v = Value::deserialize(doc)?;
+            if !v.is_null() {
+                docs.push(v);
+            }
+        }
+        let mut st = self.shared.lock();
+        for mut v in docs {
+            let (api_version, kind) = (
+                v["apiVersion"].as_str().unwrap_or_default().to_owned(),
+                v["kind"].as_str().unwrap_or_default().to_owned(),
+            );
+            let (_, _, path) = resource_of(&api_version, &kind)
+                .with_context(|| format!("the fake API does not serve {api_version}/{kind}"))?;
+            let id = id_of(&v, kind == "Namespace")?;
+            st.rv += 1;
+            let rv = st.rv;
+            let meta = v["metadata"]
+                .as_object_mut()
+                .context("object without metadata")?;
+            meta.insert("resourceVersion".into(), rv.to_string().into());
+            if id.0.is_empty() {
+                meta.remove("namespace");
+            } else {
+                meta.insert("namespace".into(), id.0.clone().into());
+            }
+            let objects = st.objects.entry(path).or_default();
+            let kind = if objects.insert(id, v.clone()).is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            st.events.push(Event {
+                rv,
+                path,
+                kind,
+                object: v,
+            });
+        }
+        drop(st);
+        self.shared.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Deletes an object (`namespace` empty for a Namespace).
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        let (_, _, path) = resource_of(api_version, kind).context("unknown kind")?;
+        let mut st = self.shared.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let mut object = st
+            .objects
+            .get_mut(path)
+            .and_then(|o| o.remove(&(namespace.to_owned(), name.to_owned())))
+            .with_context(|| format!("{kind} {namespace}/{name} does not exist"))?;
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        st.events.push(Event {
+            rv,
+            path,
+            kind: "DELETED",
+            object,
+        });
+        drop(st);
+        self.shared.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Forgets the event history: a watch from any resourceVersion before now gets
+    /// 410 Gone, as after an etcd compaction.
+    pub fn compact(&self) {
+        let mut st = self.shared.lock();
+        // A watch from the current resourceVersion (what a list returns) still works.
+        st.oldest = st.rv;
+        st.events.clear();
+    }
+
+    /// Ends every open watch, as a restarting API server does.
+    pub fn drop_watches(&self) {
+        self.shared.epoch.send_modify(|n| *n += 1);
+    }
+
+    /// While `refuse` is set, watch requests get 503 Service Unavailable.
+    pub fn refuse_watches(&self, refuse: bool) {
+        self.shared.lock().refuse_watches = refuse;
+    }
+
+    /// Serves (or stops serving, with 404) the collection of `api_version`/`kind`.
+    pub fn serve_kind(&self, api_version: &str, kind: &str, served: bool) {
+        if let Some((_, _, path)) = resource_of(api_version, kind) {
+            let mut st = self.shared.lock();
+            if served {
+                st.absent.remove(path);
+            } else {
+                st.absent.insert(path);
+            }
+        }
+    }
+
+    pub fn requests(&self) -> Requests {
+        self.shared.lock().requests.clone()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn id_of(v: &Value, cluster_scoped: bool) -> anyhow::Result<(String, String)> {
+    let name = v["metadata"]["name"]
+        .as_str()
+        .context("object without metadata.name")?
+        .to_owned();
+    let namespace = if cluster_scoped {
+        String::new()
+    } else {
+        v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned()
+    };
+    Ok((namespace, name))
+}
+
+/// A CA and a server certificate for `addr`'s IP. Returns (CA PEM, chain, key).
+fn certificates(
+    addr: SocketAddr,
+) -> anyhow::Result<(String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "fake kubernetes CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(addr.ip())];
+    let cert = params.signed_by(&key, &issuer)?;
+    let chain = vec![CertificateDer::from_pem_slice(cert.pem().as_bytes())?];
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?;
+    Ok((ca_cert.pem(), chain, key))
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, shared) = (acceptor.clone(), shared.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("static"));
+    r
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn query(req: &Request<hyper::body::Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let bearer = format!("Bearer {}", shared.token);
+    if req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        != Some(bearer.as_str())
+    {
+        shared.lock().requests.unauthorized += 1;
+        return full(
+            StatusCode::UNAUTHORIZED,
+            &status(401, "Unauthorized", "Unauthorized"),
+        );
+    }
+    let path = req.uri().path().trim_start_matches('/').to_owned();
+    let Some((api_version, kind, path)) = RESOURCES.iter().find(|(_, _, p)| *p == path).copied()
+    else {
+        return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
+    };
+    let q = query(&req);
+    let watching = matches!(q.get("watch").map(String::as_str), Some("1" | "true"));
+    let mut st = shared.lock();
+    if st.absent.contains(path) {
+        return full(
+            StatusCode::NOT_FOUND,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
+    }
+    if !watching {
+        *st.requests.lists.entry(path.to_owned()).or_default() += 1;
+        let items: Vec<Value> = st
+            .objects
+            .get(path)
+            .map(|o| {
+                o.values()
+                    .map(|v| {
+                        // As a real server lists them: items carry no apiVersion/kind.
+                        let mut v = v.clone();
+                        if let Some(m) = v.as_object_mut() {
+                            m.remove("apiVersion");
+                            m.remove("kind");
+                        }
+                        v
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let list = json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+            "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+        return full(StatusCode::OK, &list);
+    }
+    *st.requests.watches.entry(path.to_owned()).or_default() += 1;
+    if st.refuse_watches {
+        return full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &status(503, "ServiceUnavailable", "the fake server is down"),
+        );
+    }
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(st.rv);
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(290), Duration::from_secs);
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    if from < st.oldest {
+        st.requests.gone += 1;
+        let gone = json!({"type": "ERROR", "object": status(410, "Expired",
+            &format!("too old resource version: {from} ({})", st.oldest))});
+        let _ = tx.try_send(Bytes::from(format!("{gone}\n")));
+    } else {
+        drop(st);
+        tokio::spawn(stream_events(
+            shared.clone(),
+            path,
+            api_version,
+            kind,
+            from,
+            bookmarks,
+            timeout,
+            tx,
+        ));
+    }
+    let body = StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    );
+    let mut r = Response::new(http_body_util::BodyExt::boxed(body));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("static"));
+    r
+}
+
+use tokio_stream::StreamExt as _;
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one watch's parameters, in one place"
+)]
+async fn stream_events(
+    shared: Arc<Shared>,
+    path: &'static str,
+    api_version: &'static str,
+    kind: &'static str,
+    mut from: u64,
+    bookmarks: bool,
+    timeout: Duration,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut changed = shared.changed.subscribe();
+    let mut epoch = shared.epoch.subscribe();
+    epoch.mark_unchanged();
+    let end = Instant::now() + timeout;
+    let mut last_bookmark = Instant::now();
+    loop {
+        let lines: Vec<String> = {
+            let st = shared.lock();
+            let mut lines: Vec<String> = st
+                .events
+                .iter()
+                .filter(|e| e.rv > from && e.path == path)
+                .map(|e| json!({"type": e.kind, "object": e.object}).to_string())
+                .collect();
+            if let Some(last) = st
+                .events
+                .iter()
+                .filter(|e| e.path == path)
+                .map(|e| e.rv)
+                .max()
+            {
+                from = from.max(last);
+            }
+            if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
+                from = st.rv.max(from);
+                lines.push(
+                    json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind,
+                        "metadata": {"resourceVersion": from.to_string()}}})
+                    .to_string(),
+                );
+                last_bookmark = Instant::now();
+            }
+            lines
+        };
+        for l in lines {
+            if tx.send(Bytes::from(l + "\n")).await.is_err() {
+                return;
+            }
+        }
+        if Instant::now() >= end {
+            return;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = epoch.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
