@@ -21,6 +21,8 @@ pub const READINESS_PORT: u16 = mesh_common::READINESS_PORT;
 pub const METRICS_PORT: u16 = mesh_common::METRICS_PORT;
 /// The CA runs in the fabric namespace, reachable from every node.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// The fake Kubernetes API server's port, on [`CA_IP`].
+pub const API_PORT: u16 = 6443;
 pub const CA_PORT: u16 = 15012;
 
 #[derive(Debug, Clone)]
@@ -66,6 +68,10 @@ pub struct Cluster {
     /// Agents started from now on read the Kubernetes API with this kubeconfig
     /// instead of the config directory (the CA still reads the directory).
     pub kubeconfig: Option<PathBuf>,
+    /// The fake API server every config file is mirrored to
+    /// ([`Cluster::use_kubernetes_api`]), and what each file put there.
+    api: Option<crate::fakeapi::FakeApi>,
+    api_files: std::sync::Mutex<std::collections::HashMap<String, Vec<crate::fakeapi::ObjectRef>>>,
     /// Attach the agents here instead of their node's cgroup.
     pub agent_cgroup: Option<PathBuf>,
     /// Agents started from now on write their output to a pipe that nobody reads
@@ -154,6 +160,8 @@ impl Cluster {
             cert_ttl: "24h".to_owned(),
             agent_args: Vec::new(),
             kubeconfig: None,
+            api: None,
+            api_files: Default::default(),
             agent_log_stalled: false,
             stalled_logs: Vec::new(),
             agent_cgroup: None,
@@ -393,11 +401,60 @@ impl Cluster {
     }
 
     /// Writes a config file atomically (write then rename), as a careful operator would.
+    /// With [`Cluster::use_kubernetes_api`], its objects also go to the fake API server
+    /// (and the ones the file no longer has are deleted there).
     pub fn write_config(&self, file: &str, content: &str) -> anyhow::Result<()> {
         let tmp = self.config_dir.join(format!(".{file}.tmp"));
         fs::write(&tmp, content)?;
         fs::rename(&tmp, self.config_dir.join(file))?;
+        self.mirror(file, content)
+    }
+
+    /// Removes a config file (and, mirrored, its objects).
+    pub fn remove_config(&self, file: &str) -> anyhow::Result<()> {
+        fs::remove_file(self.config_dir.join(file))?;
+        self.mirror(file, "")
+    }
+
+    fn mirror(&self, file: &str, content: &str) -> anyhow::Result<()> {
+        let Some(api) = &self.api else {
+            return Ok(());
+        };
+        let now = api.apply(content)?;
+        let mut files = self.api_files.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in files.get(file).into_iter().flatten() {
+            if !now.contains(gone) {
+                api.delete(&gone.api_version, &gone.kind, &gone.namespace, &gone.name)?;
+            }
+        }
+        files.insert(file.to_owned(), now);
         Ok(())
+    }
+
+    /// From now on the agents read a fake Kubernetes API server (in the fabric
+    /// namespace) instead of the directory, and every config file written is mirrored
+    /// to it. Namespace `default` is labelled into the mesh there: the directory's
+    /// default is "in", the API's "out", so a test means the same in either mode.
+    pub fn use_kubernetes_api(&mut self) -> anyhow::Result<()> {
+        if self.api.is_some() {
+            return Ok(());
+        }
+        let api = crate::fakeapi::FakeApi::start(
+            &netns_path(&self.fabric),
+            SocketAddr::from((CA_IP, API_PORT)),
+            &self.work_dir.join("api"),
+        )?;
+        api.apply(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels: {mesh.dev/dataplane-mode: enabled}\n",
+        )?;
+        self.kubeconfig = Some(api.kubeconfig().to_owned());
+        self.api = Some(api);
+        Ok(())
+    }
+
+    /// The fake API server, in the Kubernetes mode.
+    pub fn api(&self) -> Option<&crate::fakeapi::FakeApi> {
+        self.api.as_ref()
     }
 
     pub fn agent_log_path(&self, node: &str) -> PathBuf {

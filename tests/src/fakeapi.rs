@@ -203,16 +203,11 @@ impl FakeApi {
         &self.kubeconfig
     }
 
-    /// Creates or replaces every object of a multi-document YAML text.
-    pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
-        use serde::Deserialize as _;
-        let mut docs = Vec::new();
-        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-            let v = Value::deserialize(doc)?;
-            if !v.is_null() {
-                docs.push(v);
-            }
-        }
+    /// Creates or replaces every object of a multi-document YAML text. Returns the
+    /// key of each.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<Vec<ObjectRef>> {
+        let docs = documents(yaml)?;
+        let mut keys = Vec::new();
         let mut st = self.shared.lock();
         for mut v in docs {
             let (api_version, kind) = (
@@ -222,6 +217,12 @@ impl FakeApi {
             let (_, _, path) = resource_of(&api_version, &kind)
                 .with_context(|| format!("the fake API does not serve {api_version}/{kind}"))?;
             let id = id_of(&v, kind == "Namespace")?;
+            keys.push(ObjectRef {
+                api_version: api_version.clone(),
+                kind: kind.clone(),
+                namespace: id.0.clone(),
+                name: id.1.clone(),
+            });
             st.rv += 1;
             let rv = st.rv;
             let meta = v["metadata"]
@@ -248,7 +249,7 @@ impl FakeApi {
         }
         drop(st);
         self.shared.changed.send_modify(|n| *n += 1);
-        Ok(())
+        Ok(keys)
     }
 
     /// Deletes an object (`namespace` empty for a Namespace).
@@ -322,6 +323,27 @@ impl Drop for FakeApi {
             let _ = stop.send(());
         }
     }
+}
+
+/// Names an object of the fake: what `apply` returns and `delete` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectRef {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+fn documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
+    use serde::Deserialize as _;
+    let mut docs = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v = Value::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
 }
 
 fn id_of(v: &Value, cluster_scoped: bool) -> anyhow::Result<(String, String)> {

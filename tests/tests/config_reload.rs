@@ -140,7 +140,7 @@ fn invalid_config_is_rejected_with_file_object_and_field_and_traffic_keeps_flowi
         // The last good config keeps serving.
         let seen = backends(&mut c, &client, 4);
         assert_eq!(seen.len(), 4, "{seen:?}");
-        std::fs::remove_file(c.config_dir.join(file)).unwrap();
+        c.remove_config(file).unwrap();
     }
     // An oversized file is refused unread, naming the file.
     let big = c.config_dir.join("big.yaml");
@@ -173,7 +173,7 @@ fn invalid_config_is_rejected_with_file_object_and_field_and_traffic_keeps_flowi
         seen.iter().any(|b| b == "two"),
         "the valid half was applied: {seen:?}"
     );
-    std::fs::remove_file(c.config_dir.join("broken.yaml")).unwrap();
+    c.remove_config("broken.yaml").unwrap();
 
     // An idle agent reads no config file: its own reads do not wake it.
     std::thread::sleep(Duration::from_millis(500));

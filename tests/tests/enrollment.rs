@@ -256,8 +256,12 @@ fn namespace_and_pod_labels_decide_who_is_in_the_mesh() {
         "the typo reported with its object and field",
         Duration::from_secs(10),
         || {
-            c.agent_log("node-1")
-                .contains("Pod default/plain: field `metadata.labels[mesh.dev/dataplane-mode]`")
+            // One line names both (the directory says `<file>: Pod default/plain: field
+            // ...`, the API source `object=Pod default/plain field=...`).
+            c.agent_log("node-1").lines().any(|l| {
+                l.contains("Pod default/plain")
+                    && l.contains("metadata.labels[mesh.dev/dataplane-mode]")
+            })
         },
     );
     assert_eq!(who(&mut c, &plain), "direct", "the last good config serves");

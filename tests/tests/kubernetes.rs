@@ -5,29 +5,9 @@
 //! the server compacted its history (410 Gone).
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use common::*;
-use mesh_tests::{cluster::CA_IP, fakeapi::FakeApi};
-
-const API_PORT: u16 = 6443;
-
-fn namespace(name: &str, label: Option<&str>) -> String {
-    let labels = label
-        .map(|l| format!("\n  labels: {{mesh.dev/dataplane-mode: {l}}}"))
-        .unwrap_or_default();
-    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n---\n")
-}
-
-fn start_api(c: &Cluster) -> FakeApi {
-    let netns = std::path::PathBuf::from("/run/netns").join(c.fabric_netns());
-    FakeApi::start(
-        &netns,
-        SocketAddr::from((CA_IP, API_PORT)),
-        &c.work_dir.join("api"),
-    )
-    .expect("starting the fake API server")
-}
 
 #[test]
 fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_410() {
@@ -36,21 +16,20 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
     let client = c.add_pod("node-1", "client").unwrap();
     let server = c.add_pod("node-2", "server").unwrap();
     serve(&mut c, &server);
-    let api = start_api(&c);
+    c.use_kubernetes_api().unwrap();
+    let api = || c.api().expect("the fake API server");
     // No Gateway API CRDs in this cluster: the agent must not wait for them.
-    api.serve_kind("gateway.networking.k8s.io/v1", "HTTPRoute", false);
-    api.serve_kind("gateway.networking.k8s.io/v1", "GRPCRoute", false);
-    let pods = c.pod_yaml(&client, true) + &c.pod_yaml(&server, true);
-    // The CA still reads the directory for which identities run on which node.
-    c.write_config("pods.yaml", &pods).unwrap();
-    api.apply(
-        &(namespace("default", Some("enabled"))
-            + &pods
+    api().serve_kind("gateway.networking.k8s.io/v1", "HTTPRoute", false);
+    api().serve_kind("gateway.networking.k8s.io/v1", "GRPCRoute", false);
+    // Written to the directory (which the CA reads) and mirrored to the API server.
+    c.write_config(
+        "cluster.yaml",
+        &(c.pod_yaml(&client, true)
+            + &c.pod_yaml(&server, true)
             + &yaml::service("web", vip(10), 80, PORT)
             + &yaml::endpoint_slice("web", PORT, &[server.ip])),
     )
     .unwrap();
-    c.kubeconfig = Some(api.kubeconfig().to_owned());
     c.start_agent("node-1").unwrap();
     c.start_agent("node-2").unwrap();
     let log = c.agent_log("node-1");
@@ -66,12 +45,16 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
     assert_eq!(who_answers(&mut c, &client, &web), "server");
 
     // A new Service is picked up from the watch; a bad one beside it is refused alone.
-    api.apply(
+    c.write_config(
+        "more.yaml",
         &(yaml::service("api", vip(11), 80, PORT)
-            + &yaml::endpoint_slice("api", PORT, &[server.ip])
-            + &yaml::service("broken", vip(12), 0, PORT)),
+            + &yaml::endpoint_slice("api", PORT, &[server.ip])),
     )
     .unwrap();
+    c.api()
+        .unwrap()
+        .apply(&yaml::service("broken", vip(12), 0, PORT))
+        .unwrap();
     let api_addr = sa(vip(11), 80);
     poll("the new Service to be served", SECS, || {
         who_answers(&mut c, &client, &api_addr) == "server"
@@ -85,16 +68,17 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
     // The API server goes away; while it is down `api` is deleted and the history
     // compacted. The watch comes back from a resourceVersion that is gone (410), so
     // the agent must re-list and notice the deletion it never saw as an event.
-    let before = api.requests();
-    api.refuse_watches(true);
-    api.drop_watches();
-    api.delete("v1", "Service", "default", "api").unwrap();
-    api.compact();
-    api.refuse_watches(false);
+    let api = || c.api().expect("the fake API server");
+    let before = api().requests();
+    api().refuse_watches(true);
+    api().drop_watches();
+    api().delete("v1", "Service", "default", "api").unwrap();
+    api().compact();
+    api().refuse_watches(false);
     poll("the Service deleted in the gap to be gone", SECS, || {
         who_answers(&mut c, &client, &api_addr).is_empty()
     });
-    let after = api.requests();
+    let after = c.api().unwrap().requests();
     assert!(
         after.gone > before.gone,
         "no watch was answered 410: {after:?}"
@@ -108,9 +92,9 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
     assert_eq!(after.unauthorized, 0, "{after:?}");
     // One re-list per kind, then watching again: no re-list storm.
     std::thread::sleep(Duration::from_secs(2));
-    let settled = api.requests();
+    let settled = c.api().unwrap().requests();
     std::thread::sleep(Duration::from_secs(2));
-    let later = api.requests();
+    let later = c.api().unwrap().requests();
     assert_eq!(
         (later.gone, later.lists.values().sum::<u64>()),
         (settled.gone, settled.lists.values().sum::<u64>()),
@@ -118,5 +102,4 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
     );
     let log = c.agent_log("node-1");
     assert!(log.contains("re-listing"), "the 410 was not logged as such");
-    drop(c);
 }

@@ -55,8 +55,49 @@ pub fn run() -> anyhow::Result<()> {
             "kernel end-to-end tests failed with sockmap {sockmap}"
         );
     }
+    // The tests that exercise what the config source decides, once more with the
+    // agents reading the fake Kubernetes API server (every config file mirrored to it).
+    println!("==> kernel end-to-end tests on the Kubernetes API source");
+    for (file, filter) in KUBERNETES_MODE {
+        let status = std::process::Command::new("cargo")
+            .args([
+                "test",
+                "-p",
+                "mesh-tests",
+                "--test",
+                file,
+                filter,
+                "--",
+                "--test-threads=1",
+            ])
+            .env("MESH_AGENT_BIN", &agent)
+            .env("MESH_TEST_SOURCE", "kubernetes")
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "kernel end-to-end tests failed on the Kubernetes API source: {file} {filter}"
+        );
+    }
     crate::demo::run(true)
 }
+
+/// (test file, name filter) run again on the Kubernetes API source: enrollment by
+/// label, pods found in /proc and through the CNI plugin, service and endpoint changes
+/// under traffic, policy and mTLS mode changes on open connections, kubelet probes,
+/// STRICT across restarts, routes. The directory-only tests (file errors, one
+/// generation per directory) are not among them.
+const KUBERNETES_MODE: &[(&str, &str)] = &[
+    ("enrollment", ""),
+    ("datapath", ""),
+    ("cni", ""),
+    ("config_reload", "removed_endpoint"),
+    ("security", "authorization_deny"),
+    ("security", "strict_refuses"),
+    ("capture", "kubelet_probes"),
+    ("capture", "strict_never_lapses"),
+    ("l7", "requests_are_routed_by_path"),
+    ("operator", "meshctl_inspects"),
+];
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -40,12 +40,24 @@ pub fn agent_bin() -> PathBuf {
 }
 
 pub fn cluster(nodes: &[&str]) -> Cluster {
-    Cluster::new(
+    let mut c = Cluster::new(
         nodes,
         &agent_bin(),
         env!("CARGO_BIN_EXE_mesh-testpod").as_ref(),
     )
-    .expect("creating the simulated cluster")
+    .expect("creating the simulated cluster");
+    // `MESH_TEST_SOURCE=kubernetes`: the same test with the agents on the (fake)
+    // Kubernetes API, every config file mirrored to it.
+    if kubernetes_mode() {
+        c.use_kubernetes_api()
+            .expect("starting the fake Kubernetes API server");
+    }
+    c
+}
+
+/// Whether the agents read the fake Kubernetes API (`MESH_TEST_SOURCE=kubernetes`).
+pub fn kubernetes_mode() -> bool {
+    std::env::var("MESH_TEST_SOURCE").is_ok_and(|v| v == "kubernetes")
 }
 
 pub const PORT: u16 = 8080;
