@@ -5,7 +5,7 @@
 //! installed). It keeps objects in memory; the test changes them directly.
 //!
 //! Only what a list-then-watch client uses is implemented: cluster-wide GET of a
-//! collection, with or without `watch=1`.
+//! collection, paged by `limit`/`continue`, with or without `watch=1`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     convert::Infallible,
@@ -80,6 +80,8 @@ pub struct Requests {
     /// Watches answered with 410 Gone.
     pub gone: u64,
     pub unauthorized: u64,
+    /// List pages answered with a `continue` token.
+    pub pages: u64,
 }
 
 #[derive(Default)]
@@ -93,15 +95,16 @@ struct State {
     absent: BTreeSet<&'static str>,
     /// While set, watch requests get 503 (a server that is down).
     refuse_watches: bool,
+    /// Bumped to end every open watch (a server restart); each watch checks it on
+    /// every turn, under the lock, so none can miss it.
+    epoch: u64,
     requests: Requests,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Bumped on every change; watches wait on it.
+    /// Bumped on every change and on `drop_watches`; watches wait on it.
     changed: watch::Sender<u64>,
-    /// Bumped to end every open watch (a server restart).
-    epoch: watch::Sender<u64>,
     token: String,
 }
 
@@ -154,7 +157,6 @@ impl FakeApi {
                 ..State::default()
             }),
             changed: watch::Sender::new(0),
-            epoch: watch::Sender::new(0),
             token,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -206,7 +208,11 @@ impl FakeApi {
     /// Creates or replaces every object of a multi-document YAML text. Returns the
     /// key of each.
     pub fn apply(&self, yaml: &str) -> anyhow::Result<Vec<ObjectRef>> {
-        let docs = documents(yaml)?;
+        self.apply_values(documents(yaml)?)
+    }
+
+    /// As [`FakeApi::apply`], for objects already in JSON form.
+    pub fn apply_values(&self, docs: Vec<Value>) -> anyhow::Result<Vec<ObjectRef>> {
         let mut keys = Vec::new();
         let mut st = self.shared.lock();
         for mut v in docs {
@@ -292,7 +298,8 @@ impl FakeApi {
 
     /// Ends every open watch, as a restarting API server does.
     pub fn drop_watches(&self) {
-        self.shared.epoch.send_modify(|n| *n += 1);
+        self.shared.lock().epoch += 1;
+        self.shared.changed.send_modify(|n| *n += 1);
     }
 
     /// While `refuse` is set, watch requests get 503 Service Unavailable.
@@ -466,25 +473,46 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
     }
     if !watching {
         *st.requests.lists.entry(path.to_owned()).or_default() += 1;
-        let items: Vec<Value> = st
-            .objects
-            .get(path)
-            .map(|o| {
-                o.values()
-                    .map(|v| {
-                        // As a real server lists them: items carry no apiVersion/kind.
-                        let mut v = v.clone();
-                        if let Some(m) = v.as_object_mut() {
-                            m.remove("apiVersion");
-                            m.remove("kind");
-                        }
-                        v
-                    })
-                    .collect()
+        // Pages as a real server cuts them: `limit` items, and a `continue` token
+        // (here: the list's resourceVersion and the offset) while more remain.
+        let (rv, offset) = match q.get("continue").and_then(|t| t.split_once('-')) {
+            Some((rv, off)) => (
+                rv.parse().unwrap_or(st.rv),
+                off.parse::<usize>().unwrap_or(0),
+            ),
+            None => (st.rv, 0),
+        };
+        let limit = q
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
+        let all = st.objects.get(path);
+        let total = all.map_or(0, BTreeMap::len);
+        let items: Vec<Value> = all
+            .into_iter()
+            .flat_map(|o| o.values())
+            .skip(offset)
+            .take(limit)
+            .map(|v| {
+                // As a real server lists them: items carry no apiVersion/kind.
+                let mut v = v.clone();
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("apiVersion");
+                    m.remove("kind");
+                }
+                v
             })
-            .unwrap_or_default();
+            .collect();
+        let next = offset + items.len();
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if next < total {
+            metadata["continue"] = format!("{rv}-{next}").into();
+            metadata["remainingItemCount"] = (total - next).into();
+            st.requests.pages += 1;
+        }
         let list = json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-            "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+            "metadata": metadata, "items": items});
         return full(StatusCode::OK, &list);
     }
     *st.requests.watches.entry(path.to_owned()).or_default() += 1;
@@ -510,17 +538,18 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
             &format!("too old resource version: {from} ({})", st.oldest))});
         let _ = tx.try_send(Bytes::from(format!("{gone}\n")));
     } else {
+        let epoch = st.epoch;
         drop(st);
-        tokio::spawn(stream_events(
-            shared.clone(),
+        let w = Watch {
             path,
             api_version,
             kind,
             from,
             bookmarks,
             timeout,
-            tx,
-        ));
+            epoch,
+        };
+        tokio::spawn(stream_events(shared.clone(), w, tx));
     }
     let body = StreamBody::new(
         tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -534,28 +563,37 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
 
 use tokio_stream::StreamExt as _;
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one watch's parameters, in one place"
-)]
-async fn stream_events(
-    shared: Arc<Shared>,
+/// One open watch.
+struct Watch {
     path: &'static str,
     api_version: &'static str,
     kind: &'static str,
-    mut from: u64,
+    from: u64,
     bookmarks: bool,
     timeout: Duration,
-    tx: mpsc::Sender<Bytes>,
-) {
+    /// The server's epoch when it began: a later one ends it.
+    epoch: u64,
+}
+
+async fn stream_events(shared: Arc<Shared>, w: Watch, tx: mpsc::Sender<Bytes>) {
+    let Watch {
+        path,
+        api_version,
+        kind,
+        mut from,
+        bookmarks,
+        timeout,
+        epoch,
+    } = w;
     let mut changed = shared.changed.subscribe();
-    let mut epoch = shared.epoch.subscribe();
-    epoch.mark_unchanged();
     let end = Instant::now() + timeout;
     let mut last_bookmark = Instant::now();
     loop {
         let lines: Vec<String> = {
             let st = shared.lock();
+            if st.epoch != epoch {
+                return;
+            }
             let mut lines: Vec<String> = st
                 .events
                 .iter()
@@ -592,7 +630,6 @@ async fn stream_events(
         }
         tokio::select! {
             _ = changed.changed() => {}
-            _ = epoch.changed() => return,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
