@@ -70,10 +70,17 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     let id_args = &args.identity;
     let ca_root = std::fs::read_to_string(&id_args.ca_root)
         .with_context(|| format!("reading the CA root {}", id_args.ca_root.display()))?;
-    let token = std::fs::read_to_string(&id_args.ca_token_file)
+    // Read once here so a missing token fails the start; the client reads it again for
+    // every request (a projected token rotates).
+    std::fs::read_to_string(&id_args.ca_token_file)
         .with_context(|| format!("reading the node token {}", id_args.ca_token_file.display()))?;
-    let ca = CaClient::new(id_args.ca_addr, &id_args.ca_server_name, &ca_root, &token)
-        .context("CA client")?;
+    let ca = CaClient::new(
+        id_args.ca_addr,
+        &id_args.ca_server_name,
+        &ca_root,
+        id_args.ca_token_file.clone(),
+    )
+    .context("CA client")?;
     let secrets = SecretManager::new(Arc::new(ca), id_args.cert_ttl);
     let pool = Pool::new(
         args.tunnel.tunnel_stream_limit,

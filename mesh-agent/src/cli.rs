@@ -48,6 +48,20 @@ pub struct SourceArgs {
     pub kubeconfig: Option<PathBuf>,
 }
 
+/// How the CA authenticates nodes: exactly one way.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct NodeAuthArgs {
+    /// Bootstrap tokens: one `<node-name> <token>` line per node (standalone mode).
+    #[arg(long)]
+    pub node_tokens: Option<PathBuf>,
+
+    /// Kubernetes: the agents present their projected service-account token, which
+    /// the CA checks with a TokenReview (needs `--kubernetes` or `--kubeconfig`).
+    #[arg(long)]
+    pub token_review: bool,
+}
+
 /// The source `SourceArgs` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -253,13 +267,12 @@ pub struct CaArgs {
     #[arg(long)]
     pub signing_key: Option<PathBuf>,
 
-    /// Directory of YAML config (the Pods tell which identities run on which node).
-    #[arg(long, env = "MESH_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    /// Where the CA learns which pods (so which identities) run on which node.
+    #[command(flatten)]
+    pub source: SourceArgs,
 
-    /// Bootstrap tokens: one `<node-name> <token>` line per node.
-    #[arg(long)]
-    pub node_tokens: PathBuf,
+    #[command(flatten)]
+    pub node_auth: NodeAuthArgs,
 
     /// Longest certificate lifetime the CA grants.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
@@ -268,6 +281,15 @@ pub struct CaArgs {
     /// DNS name in the CA's serving certificate (agents' --ca-server-name).
     #[arg(long, default_value = "mesh-ca")]
     pub server_name: String,
+
+    /// With `--token-review`: the only service account (`<namespace>/<name>`) whose
+    /// tokens speak for a node: the agents'.
+    #[arg(long, default_value = "mesh-system/mesh-agent")]
+    pub agent_service_account: String,
+
+    /// With `--token-review`: the audience the agents' tokens must carry.
+    #[arg(long, default_value = "mesh-ca")]
+    pub token_audience: String,
 
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -21,6 +21,8 @@ pub const READINESS_PORT: u16 = mesh_common::READINESS_PORT;
 pub const METRICS_PORT: u16 = mesh_common::METRICS_PORT;
 /// The CA runs in the fabric namespace, reachable from every node.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// The user of the agents' service account (the CA's default `--agent-service-account`).
+pub const AGENT_SERVICE_ACCOUNT_USER: &str = "system:serviceaccount:mesh-system:mesh-agent";
 /// The fake Kubernetes API server's port, on [`CA_IP`].
 pub const API_PORT: u16 = 6443;
 pub const CA_PORT: u16 = 15012;
@@ -475,7 +477,7 @@ impl Cluster {
         (state.join("root-cert.pem"), state.join("root-key.pem"))
     }
 
-    fn token_file(&self, node: &str) -> PathBuf {
+    pub fn token_file(&self, node: &str) -> PathBuf {
         self.ca_dir().join(format!("{node}.token"))
     }
 
@@ -489,6 +491,18 @@ impl Cluster {
             let token = random_hex(32)?;
             fs::write(self.token_file(&n.name), &token)?;
             tokens.push_str(&format!("{} {token}\n", n.name));
+            // On the API: the agent's projected service-account token, bound to its
+            // pod on this node, for the CA's audience.
+            if let Some(api) = &self.api {
+                api.add_token(
+                    &token,
+                    crate::fakeapi::TokenInfo {
+                        username: AGENT_SERVICE_ACCOUNT_USER.to_owned(),
+                        node: Some(n.name.clone()),
+                        audiences: vec!["mesh-ca".to_owned()],
+                    },
+                );
+            }
         }
         fs::write(dir.join("node-tokens"), tokens)?;
         let log = fs::File::create(self.work_dir.join("ca.log"))?;
@@ -499,16 +513,20 @@ impl Cluster {
             &format!("{CA_IP}:{CA_PORT}"),
             "--state-dir",
         ])
-        .arg(dir.join("state"))
-        .arg("--config-dir")
-        .arg(&self.config_dir)
-        .arg("--node-tokens")
-        .arg(dir.join("node-tokens"))
-        .args(["--max-cert-ttl", &self.cert_ttl])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .arg(dir.join("state"));
+        match &self.kubeconfig {
+            Some(k) => cmd.arg("--kubeconfig").arg(k).arg("--token-review"),
+            None => cmd
+                .arg("--config-dir")
+                .arg(&self.config_dir)
+                .arg("--node-tokens")
+                .arg(dir.join("node-tokens")),
+        };
+        cmd.args(["--max-cert-ttl", &self.cert_ttl])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         enter(&mut cmd, &netns_path(&self.fabric), None)?;
         let child = cmd.spawn().context("starting the CA")?;
         self.ca = Some(child);

@@ -82,6 +82,17 @@ pub struct Requests {
     pub unauthorized: u64,
     /// List pages answered with a `continue` token.
     pub pages: u64,
+    /// TokenReviews answered (authenticated or not).
+    pub token_reviews: u64,
+}
+
+/// What a service-account token stands for, as the fake's TokenReview answers.
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub username: String,
+    /// The node of the pod the token is bound to (`None`: not a bound token).
+    pub node: Option<String>,
+    pub audiences: Vec<String>,
 }
 
 #[derive(Default)]
@@ -98,6 +109,8 @@ struct State {
     /// Bumped to end every open watch (a server restart); each watch checks it on
     /// every turn, under the lock, so none can miss it.
     epoch: u64,
+    /// Service-account tokens TokenReview knows.
+    tokens: BTreeMap<String, TokenInfo>,
     requests: Requests,
 }
 
@@ -319,6 +332,11 @@ impl FakeApi {
         }
     }
 
+    /// Makes TokenReview know `token`.
+    pub fn add_token(&self, token: &str, info: TokenInfo) {
+        self.shared.lock().tokens.insert(token.to_owned(), info);
+    }
+
     pub fn requests(&self) -> Requests {
         self.shared.lock().requests.clone()
     }
@@ -405,7 +423,7 @@ async fn accept_loop(
             };
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
@@ -439,7 +457,9 @@ fn query(req: &Request<hyper::body::Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+async fn route(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let bearer = format!("Bearer {}", shared.token);
     if req
         .headers()
@@ -453,6 +473,63 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
             &status(401, "Unauthorized", "Unauthorized"),
         );
     }
+    if req.method() == hyper::Method::POST && req.uri().path() == TOKEN_REVIEWS {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body")),
+        };
+        return match serde_json::from_slice::<Value>(&body) {
+            Ok(review) => full(StatusCode::CREATED, &token_review(shared, review)),
+            Err(e) => full(
+                StatusCode::BAD_REQUEST,
+                &status(400, "BadRequest", &e.to_string()),
+            ),
+        };
+    }
+    handle(shared, req)
+}
+
+/// Answers a TokenReview as the API server does: authenticated only for a known token
+/// valid for one of the audiences asked; the answer's audiences are that overlap; a
+/// bound token's user carries its pod's node in `extra`.
+fn token_review(shared: &Arc<Shared>, mut review: Value) -> Value {
+    let mut st = shared.lock();
+    st.requests.token_reviews += 1;
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let asked: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_else(|| vec!["https://kubernetes.default.svc".to_owned()]);
+    let answer = match st.tokens.get(token) {
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        Some(info) => {
+            let overlap: Vec<&String> = asked
+                .iter()
+                .filter(|a| info.audiences.contains(a))
+                .collect();
+            if overlap.is_empty() {
+                json!({"authenticated": false,
+                    "error": "token audiences is invalid for the target audiences"})
+            } else {
+                let mut user = json!({"username": info.username,
+                    "groups": ["system:serviceaccounts", "system:authenticated"]});
+                if let Some(node) = &info.node {
+                    user["extra"] = json!({"authentication.kubernetes.io/node-name": [node]});
+                }
+                json!({"authenticated": true, "audiences": overlap, "user": user})
+            }
+        }
+    };
+    drop(st);
+    review["status"] = answer;
+    review
+}
+
+fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let path = req.uri().path().trim_start_matches('/').to_owned();
     let Some((api_version, kind, path)) = RESOURCES.iter().find(|(_, _, p)| *p == path).copied()
     else {

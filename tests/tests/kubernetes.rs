@@ -206,3 +206,79 @@ fn at_scale_the_agent_stays_within_its_memory_aim() {
         "RSS {rss:.1} / {rss_after:.1} MiB"
     );
 }
+
+/// Node identity on Kubernetes: the CA takes the node from the agent's projected
+/// service-account token (TokenReview), never from the request, and signs only
+/// identities the API says run on that node. A workload's own token with the CA's
+/// audience is refused (it is not the agents' service account); the agent reads its
+/// token for every request, so a rotated token is used without a restart; a
+/// compromised node whose own config lies cannot get another node's identity.
+#[test]
+fn the_ca_takes_the_node_from_the_agents_token_and_signs_only_what_runs_there() {
+    let _g = serial();
+    let mut c = cluster(&["node-1", "node-2"]);
+    c.use_kubernetes_api().unwrap();
+    let client = c.add_pod("node-1", "client").unwrap();
+    let server = c.add_pod("node-2", "server").unwrap();
+    serve(&mut c, &server);
+    c.write_config(
+        "cluster.yaml",
+        &(c.pod_yaml(&client, true) + &c.pod_yaml(&server, true)),
+    )
+    .unwrap();
+    c.start_ca().unwrap();
+    let ca_log =
+        |c: &Cluster| std::fs::read_to_string(c.work_dir.join("ca.log")).unwrap_or_default();
+    assert!(ca_log(&c).contains("token-review"), "{}", ca_log(&c));
+
+    // node-2's agent first holds a workload's token: bound to a pod on node-2, for the
+    // CA's audience, but of the server's service account.
+    let token_file = c.token_file("node-2");
+    let agents_token = std::fs::read_to_string(&token_file).unwrap();
+    c.api().unwrap().add_token(
+        "workload-token",
+        mesh_tests::fakeapi::TokenInfo {
+            username: "system:serviceaccount:default:server".into(),
+            node: Some("node-2".into()),
+            audiences: vec!["mesh-ca".into()],
+        },
+    );
+    std::fs::write(&token_file, "workload-token").unwrap();
+    let config_dir = c.config_dir.clone();
+    c.launch_agent("node-2", &config_dir).unwrap();
+    poll("the workload's token to be refused", SECS, || {
+        ca_log(&c).contains("is not the agents' service account")
+    });
+    assert!(!ca_log(&c).contains("certificate signed node=node-2"));
+    // The kubelet rotates the token: the next request uses the new one.
+    std::fs::write(&token_file, &agents_token).unwrap();
+    poll("node-2's pod to be signed", SECS, || {
+        ca_log(&c).contains(
+            "certificate signed node=node-2 identity=spiffe://cluster.local/ns/default/sa/server",
+        )
+    });
+
+    // node-1 is compromised: its agent reads a config of its own that claims the
+    // server's pod runs on node-1. The CA asks the API, which says node-2.
+    let own = c.work_dir.join("node-1-config");
+    std::fs::create_dir_all(&own).unwrap();
+    let lie = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&server, true)
+            .replace("nodeName: node-2", "nodeName: node-1");
+    std::fs::write(own.join("cluster.yaml"), lie).unwrap();
+    let kubeconfig = c.kubeconfig.take();
+    c.launch_agent("node-1", &own).unwrap();
+    c.kubeconfig = kubeconfig;
+    poll("the CA to refuse the lie", SECS, || {
+        ca_log(&c).contains(
+            "node node-1 runs no pod with identity spiffe://cluster.local/ns/default/sa/server",
+        )
+    });
+    poll("the CA to sign what does run on node-1", SECS, || {
+        ca_log(&c).contains(
+            "certificate signed node=node-1 identity=spiffe://cluster.local/ns/default/sa/client",
+        )
+    });
+    let reviews = c.api().unwrap().requests().token_reviews;
+    assert!(reviews >= 3, "token reviews: {reviews}");
+}

@@ -4,6 +4,7 @@ mod listener;
 mod node_auth;
 mod rate;
 mod service;
+mod token_review;
 
 use std::sync::Arc;
 
@@ -16,8 +17,8 @@ pub use authority::{Authority, Source};
 
 use crate::{
     api::ca::certificate_service_server::CertificateServiceServer,
-    cli::CaArgs,
-    config::{ConfigWatch, Directory},
+    cli::{CaArgs, Source as ConfigSourceArg},
+    config::{ApiSource, ConfigWatch, Directory},
 };
 
 pub async fn run(args: CaArgs) -> anyhow::Result<()> {
@@ -41,12 +42,41 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     let (chain, key) = authority
         .serving_cert(&args.server_name)
         .context("issuing the CA's serving certificate")?;
-    let config = ConfigWatch::start(Directory::new(args.config_dir.clone()));
+    let source = args.source.source();
+    let client = match &source {
+        ConfigSourceArg::Kubernetes(kubeconfig) => {
+            Some(crate::config::api_client(kubeconfig.as_deref()).await?)
+        }
+        ConfigSourceArg::Directory(_) => None,
+    };
+    let config = match (&source, &client) {
+        (ConfigSourceArg::Directory(dir), _) => ConfigWatch::start(Directory::new(dir.clone())),
+        (ConfigSourceArg::Kubernetes(_), Some((client, server))) => {
+            // Which pods run where is all the CA reads.
+            ConfigWatch::start(
+                ApiSource::new(client.clone(), server.clone()).only(&[crate::config::Kind::Pod]),
+            )
+        }
+        (ConfigSourceArg::Kubernetes(_), None) => anyhow::bail!("no Kubernetes client"),
+    };
+    let nodes = match (&args.node_auth.node_tokens, &client) {
+        (Some(path), _) => node_auth::NodeAuth::Tokens(node_auth::TokenFile { path: path.clone() }),
+        (None, Some((client, _))) => {
+            node_auth::NodeAuth::TokenReview(token_review::TokenReviewer::new(
+                client.clone(),
+                args.token_audience.clone(),
+                &args.agent_service_account,
+            )?)
+        }
+        (None, None) => anyhow::bail!(
+            "--token-review asks the Kubernetes API: give --kubernetes or --kubeconfig"
+        ),
+    };
+    info!(source = ?source, node_auth = if args.node_auth.token_review { "token-review" } else { "node-tokens" },
+        "CA config");
     let service = service::CaService {
         authority: Arc::new(authority),
-        nodes: Arc::new(node_auth::TokenFile {
-            path: args.node_tokens.clone(),
-        }),
+        nodes: Arc::new(nodes),
         config: config.updates.clone(),
         rate: rate::SigningRate::default(),
     };

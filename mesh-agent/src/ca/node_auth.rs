@@ -3,8 +3,9 @@
 //!
 //! Standalone mode uses bootstrap tokens: a file on the CA with one `<node> <token>`
 //! line per node, and on each node a file with that node's token. It is re-read on each
-//! request, so tokens can be added and revoked without a restart. Kubernetes service
-//! account tokens (TokenReview) will be a second implementation of the same trait.
+//! request, so tokens can be added and revoked without a restart. On Kubernetes the
+//! token is the agent's projected service-account token, reviewed by the API server
+//! (`token_review.rs`).
 use std::path::PathBuf;
 
 use subtle::ConstantTimeEq as _;
@@ -21,26 +22,48 @@ pub enum AuthError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The API server could not review the token (not the caller's fault).
+    #[error("token review failed: {0}")]
+    Review(String),
+    #[error("token refused: {0}")]
+    Rejected(String),
 }
 
-pub trait NodeAuthenticator: Send + Sync + 'static {
+/// How the CA learns which node is calling.
+pub enum NodeAuth {
+    /// Bootstrap tokens from a file.
+    Tokens(TokenFile),
+    /// Service-account tokens, reviewed by the Kubernetes API server.
+    TokenReview(super::token_review::TokenReviewer),
+}
+
+impl NodeAuth {
     /// The name of the node the request comes from.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<String, AuthError>;
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, AuthError> {
+        let token = bearer(metadata)?;
+        match self {
+            NodeAuth::Tokens(file) => file.node_of_token(token),
+            NodeAuth::TokenReview(reviewer) => reviewer.node_of_token(token).await,
+        }
+    }
+}
+
+fn bearer(metadata: &MetadataMap) -> Result<&str, AuthError> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(AuthError::Missing)
 }
 
 pub struct TokenFile {
     pub path: PathBuf,
 }
 
-impl NodeAuthenticator for TokenFile {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<String, AuthError> {
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Missing)?;
+impl TokenFile {
+    fn node_of_token(&self, token: &str) -> Result<String, AuthError> {
         let text = std::fs::read_to_string(&self.path).map_err(|source| AuthError::Read {
             path: self.path.clone(),
             source,

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::{
     authority::{Authority, SignRefusal},
-    node_auth::NodeAuthenticator,
+    node_auth::{AuthError, NodeAuth},
 };
 use crate::{
     api::ca::{
@@ -21,7 +21,7 @@ use crate::{
 
 pub struct CaService {
     pub authority: Arc<Authority>,
-    pub nodes: Arc<dyn NodeAuthenticator>,
+    pub nodes: Arc<NodeAuth>,
     /// The cluster's pods: which identities run on which node.
     pub config: watch::Receiver<Arc<Generation>>,
     /// CSRs per node and per identity: a misbehaving node (or a clock far ahead of
@@ -49,10 +49,17 @@ impl CertificateService for CaService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let node = self.nodes.authenticate(request.metadata()).map_err(|e| {
-            warn!(%peer, error = %e, "CA request not authenticated");
-            Status::unauthenticated(e.to_string())
-        })?;
+        let node = self
+            .nodes
+            .authenticate(request.metadata())
+            .await
+            .map_err(|e| {
+                warn!(%peer, error = %e, "CA request not authenticated");
+                match e {
+                    AuthError::Review(_) => Status::unavailable(e.to_string()),
+                    _ => Status::unauthenticated(e.to_string()),
+                }
+            })?;
         let req = request.into_inner();
         if let Err(e) = self.rate.check(&node, &req.csr) {
             warn!(%node, error = %e, "CSR refused: rate limit");

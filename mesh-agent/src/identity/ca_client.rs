@@ -1,6 +1,8 @@
 //! The agent's side of the CA API: a TLS gRPC channel to the CA that authenticates the
-//! node with its bootstrap token and sends one CSR per identity.
-use std::{net::SocketAddr, time::Duration};
+//! node with its token and sends one CSR per identity. The token file is read for
+//! every request: a projected service-account token is rotated by the kubelet while
+//! the agent runs.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use futures_util::future::BoxFuture;
 use tonic::{
@@ -24,7 +26,14 @@ pub enum CaClientError {
 
 pub struct CaClient {
     client: CertificateServiceClient<Channel>,
-    authorization: MetadataValue<Ascii>,
+    token_file: PathBuf,
+}
+
+/// The `authorization` header for `token` (the file's text, trimmed).
+fn authorization(token: &str) -> Result<MetadataValue<Ascii>, CaClientError> {
+    format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| CaClientError::Token)
 }
 
 impl CaClient {
@@ -34,7 +43,7 @@ impl CaClient {
         addr: SocketAddr,
         server_name: &str,
         root_pem: &str,
-        token: &str,
+        token_file: PathBuf,
     ) -> Result<CaClient, CaClientError> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(root_pem))
@@ -45,12 +54,9 @@ impl CaClient {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        let authorization = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| CaClientError::Token)?;
         Ok(CaClient {
             client: CertificateServiceClient::new(channel),
-            authorization,
+            token_file,
         })
     }
 }
@@ -62,8 +68,16 @@ impl Signer for CaClient {
                 csr: csr_pem,
                 validity_duration_seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             });
-            req.metadata_mut()
-                .insert("authorization", self.authorization.clone());
+            let token = tokio::fs::read_to_string(&self.token_file)
+                .await
+                .map_err(|e| {
+                    SignError::Call(format!(
+                        "reading the node token {}: {e}",
+                        self.token_file.display()
+                    ))
+                })?;
+            let header = authorization(&token).map_err(|e| SignError::Call(e.to_string()))?;
+            req.metadata_mut().insert("authorization", header);
             let resp = self
                 .client
                 .clone()

@@ -37,11 +37,24 @@ const QUEUE: usize = 1024;
 pub struct ApiSource {
     client: Client,
     server: String,
+    /// The kinds watched: all of them for the agent; the CA needs only Pods (and so
+    /// needs RBAC on nothing else).
+    kinds: Vec<Kind>,
 }
 
 impl ApiSource {
     pub fn new(client: Client, server: String) -> ApiSource {
-        ApiSource { client, server }
+        ApiSource {
+            client,
+            server,
+            kinds: Kind::ALL.to_vec(),
+        }
+    }
+
+    /// Watches only `kinds`; the others stay empty.
+    pub fn only(mut self, kinds: &[Kind]) -> ApiSource {
+        self.kinds = kinds.to_vec();
+        self
     }
 }
 
@@ -52,12 +65,13 @@ impl ConfigSource for ApiSource {
 
     async fn run(self, mut publisher: Publisher) {
         let (tx, mut rx) = mpsc::channel(QUEUE);
-        let watches: Vec<JoinHandle<()>> = Kind::ALL
-            .into_iter()
-            .map(|kind| tokio::spawn(watch_kind(self.client.clone(), kind, tx.clone())))
+        let watches: Vec<JoinHandle<()>> = self
+            .kinds
+            .iter()
+            .map(|kind| tokio::spawn(watch_kind(self.client.clone(), *kind, tx.clone())))
             .collect();
         drop(tx);
-        let mut tracker = Tracker::new(&Kind::ALL);
+        let mut tracker = Tracker::new(&self.kinds);
         let mut store = Store::default();
         let mut reported: BTreeMap<super::ObjectKey, FieldError> = BTreeMap::new();
         let mut errors: BTreeMap<Kind, String> = BTreeMap::new();
