@@ -202,7 +202,9 @@ pub struct IdentityArgs {
     #[arg(long, env = "MESH_CA_ROOT")]
     pub ca_root: PathBuf,
 
-    /// File with this node's bootstrap token for the CA (see docs/security.md).
+    /// File with this node's token for the CA: its bootstrap token, or on Kubernetes
+    /// the agent's projected service-account token (audience `mesh-ca`). Read for
+    /// every request, so a rotated token is picked up (see docs/security.md).
     #[arg(long, env = "MESH_CA_TOKEN_FILE")]
     pub ca_token_file: PathBuf,
 
