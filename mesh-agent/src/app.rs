@@ -157,6 +157,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         Source::Directory(dir) => ConfigWatch::start(Directory::new(dir.clone())),
         Source::Kubernetes(kubeconfig) => {
             let (client, server) = crate::config::api_client(kubeconfig.as_deref()).await?;
+            pods.set_annotator(crate::config::PodAnnotator::start(client.clone()));
             ConfigWatch::start(ApiSource::new(client, server))
         }
     };

@@ -84,6 +84,8 @@ pub struct Requests {
     pub pages: u64,
     /// TokenReviews answered (authenticated or not).
     pub token_reviews: u64,
+    /// Merge patches of `pods/<name>/status`.
+    pub status_patches: u64,
 }
 
 /// What a service-account token stands for, as the fake's TokenReview answers.
@@ -486,7 +488,85 @@ async fn route(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
             ),
         };
     }
+    if req.method() == hyper::Method::PATCH {
+        let path = req.uri().path().to_owned();
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body")),
+        };
+        return match serde_json::from_slice::<Value>(&body) {
+            Ok(patch) => patch_pod_status(shared, &path, &patch),
+            Err(e) => full(
+                StatusCode::BAD_REQUEST,
+                &status(400, "BadRequest", &e.to_string()),
+            ),
+        };
+    }
     handle(shared, req)
+}
+
+/// `PATCH /api/v1/namespaces/<ns>/pods/<name>/status` with a merge patch: the
+/// metadata annotations it names are set (or removed, for null), nothing else.
+fn patch_pod_status(shared: &Arc<Shared>, path: &str, patch: &Value) -> Response<Body> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["api", "v1", "namespaces", ns, "pods", name, "status"] = parts.as_slice() else {
+        return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
+    };
+    let mut st = shared.lock();
+    st.requests.status_patches += 1;
+    st.rv += 1;
+    let rv = st.rv;
+    let Some(pod) = st
+        .objects
+        .get_mut("api/v1/pods")
+        .and_then(|o| o.get_mut(&((*ns).to_owned(), (*name).to_owned())))
+    else {
+        return full(
+            StatusCode::NOT_FOUND,
+            &status(404, "NotFound", "pod not found"),
+        );
+    };
+    if let Some(changes) = patch["metadata"]["annotations"].as_object() {
+        let meta = &mut pod["metadata"];
+        if !meta["annotations"].is_object() {
+            meta["annotations"] = json!({});
+        }
+        for (k, v) in changes {
+            if let Some(a) = meta["annotations"].as_object_mut() {
+                if v.is_null() {
+                    a.remove(k);
+                } else {
+                    a.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    pod["metadata"]["resourceVersion"] = rv.to_string().into();
+    let object = pod.clone();
+    st.events.push(Event {
+        rv,
+        path: "api/v1/pods",
+        kind: "MODIFIED",
+        object: object.clone(),
+    });
+    drop(st);
+    shared.changed.send_modify(|n| *n += 1);
+    full(StatusCode::OK, &object)
+}
+
+impl FakeApi {
+    /// A metadata annotation of a pod, as the server holds it now.
+    pub fn pod_annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+        let st = self.shared.lock();
+        st.objects
+            .get("api/v1/pods")
+            .and_then(|o| o.get(&(namespace.to_owned(), name.to_owned())))
+            .and_then(|p| {
+                p["metadata"]["annotations"][key]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+    }
 }
 
 /// Answers a TokenReview as the API server does: authenticated only for a known token

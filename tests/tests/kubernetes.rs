@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::*;
 
 #[test]
-fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_410() {
+fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_410_and_marks_its_pods()
+ {
     let _g = serial();
     let mut c = cluster(&["node-1", "node-2"]);
     let client = c.add_pod("node-1", "client").unwrap();
@@ -102,6 +103,27 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
     );
     let log = c.agent_log("node-1");
     assert!(log.contains("re-listing"), "the 410 was not logged as such");
+
+    // Each node's agent recorded its pods' enrollment on the pod objects (through
+    // pods/status); when the namespace opts out, the agents take the pods out and
+    // remove the mark (the pod objects themselves do not change).
+    let mark = |c: &Cluster, pod: &str| {
+        c.api()
+            .unwrap()
+            .pod_annotation("default", pod, "mesh.dev/status")
+    };
+    poll("both pods to be marked enrolled", SECS, || {
+        mark(&c, "client").as_deref() == Some("enrolled")
+            && mark(&c, "server").as_deref() == Some("enrolled")
+    });
+    c.api()
+        .unwrap()
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels: {mesh.dev/dataplane-mode: none}\n")
+        .unwrap();
+    poll("the marks to be removed", SECS, || {
+        mark(&c, "client").is_none() && mark(&c, "server").is_none()
+    });
+    assert!(c.api().unwrap().requests().status_patches >= 4);
 }
 
 fn rss_mib(pid: u32) -> f64 {

@@ -107,6 +107,8 @@ pub struct Pod {
     pub workload: String,
     /// The ports the kubelet probes (`probes::probe_ports`), sorted.
     pub probe_ports: Vec<u16>,
+    /// What the agent last recorded on the pod (annotation [`STATUS_ANNOTATION`]).
+    pub mesh_status: Option<String>,
 }
 
 /// `PeerAuthentication.spec.mtls.mode`. DISABLE is not offered: an enrolled workload
@@ -241,6 +243,10 @@ pub const NETNS_ANNOTATION: &str = "mesh.dev/netns";
 /// Annotation to keep a pod out of the mesh: `"false"` (the older spelling of the
 /// label `mesh.dev/dataplane-mode: none`).
 pub const ENROLL_ANNOTATION: &str = "mesh.dev/enroll";
+/// Written by the node's agent on each pod it enrolled (value [`STATUS_ENROLLED`]),
+/// through `pods/status`, and removed when it takes the pod out.
+pub const STATUS_ANNOTATION: &str = "mesh.dev/status";
+pub const STATUS_ENROLLED: &str = "enrolled";
 /// Label of an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 

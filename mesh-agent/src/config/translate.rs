@@ -12,7 +12,7 @@ use super::{
     error::FieldError,
     model::{
         Endpoint, EndpointSlice, NETNS_ANNOTATION, Namespace, NamespacedName, Pod, Protocol,
-        SERVICE_NAME_LABEL, Service, ServicePort, SlicePort, TargetPort,
+        SERVICE_NAME_LABEL, STATUS_ANNOTATION, Service, ServicePort, SlicePort, TargetPort,
     },
 };
 
@@ -261,6 +261,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         workload: workload_name(&pod.metadata, &pod_name),
         probe_ports: super::probes::probe_ports(spec),
+        mesh_status: annotation(&pod.metadata, STATUS_ANNOTATION).map(str::to_owned),
     })
 }
 

@@ -69,6 +69,8 @@ pub struct PodManager {
     states: watch::Sender<Arc<PodStates>>,
     /// Last error per pod that could not be enrolled, so a retry logs only news.
     failing: HashMap<NamespacedName, String>,
+    /// With the API source: records on each local pod whether it is enrolled.
+    annotator: Option<Arc<crate::config::PodAnnotator>>,
 }
 
 /// The listeners of one pod, bound on its netns thread.
@@ -143,6 +145,30 @@ impl PodManager {
             states: watch::Sender::new(Arc::default()),
             running: HashMap::new(),
             failing: HashMap::new(),
+            annotator: None,
+        }
+    }
+
+    /// Records each local pod's enrollment on the pod object (the API source).
+    pub fn set_annotator(&mut self, annotator: Arc<crate::config::PodAnnotator>) {
+        self.annotator = Some(annotator);
+    }
+
+    /// Asks the annotator to make every pod of this node say whether it is enrolled.
+    fn record_status(&self, config: &Config) {
+        let Some(annotator) = &self.annotator else {
+            return;
+        };
+        let here = config
+            .pods
+            .iter()
+            .filter(|p| !p.finished && p.node_name.as_deref() == Some(self.node.as_str()));
+        for p in here {
+            annotator.record(
+                &p.id,
+                p.mesh_status.as_deref(),
+                self.running.contains_key(&p.id),
+            );
         }
     }
 
@@ -228,6 +254,7 @@ impl PodManager {
         self.publish_local();
         self.clean_adopted(config);
         self.publish_states(config);
+        self.record_status(config);
     }
 
     /// Tells the CNI server where each pod stands.
@@ -599,6 +626,7 @@ mod tests {
             labels: Default::default(),
             workload: "p".into(),
             probe_ports: vec![],
+            mesh_status: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! agent that enrolled pods from half a list could refuse traffic its policy allows.
 //! After that, changes are published in batches, at most one config per [`SETTLE`].
 //! Pods are in the mesh only when their labels (or their namespace's) say so.
+pub mod annotate;
 mod resource;
 mod sync;
 
