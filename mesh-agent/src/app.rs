@@ -75,7 +75,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     std::fs::read_to_string(&id_args.ca_token_file)
         .with_context(|| format!("reading the node token {}", id_args.ca_token_file.display()))?;
     let ca = CaClient::new(
-        id_args.ca_addr,
+        &id_args.ca_addr,
         &id_args.ca_server_name,
         &ca_root,
         id_args.ca_token_file.clone(),

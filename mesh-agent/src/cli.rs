@@ -48,6 +48,20 @@ pub struct SourceArgs {
     pub kubeconfig: Option<PathBuf>,
 }
 
+/// `host:port` with a host and a port number (`[v6]:port` for IPv6).
+fn host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected host:port"))?;
+    if host.is_empty() || host.trim_matches(['[', ']']).is_empty() {
+        return Err(format!("{s:?}: no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(s.to_owned()),
+        _ => Err(format!("{s:?}: {port:?} is not a port number")),
+    }
+}
+
 /// How the CA authenticates nodes: exactly one way.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
@@ -190,9 +204,10 @@ pub struct IdentityArgs {
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
 
-    /// Address of the CA (`mesh-agent ca`).
-    #[arg(long, env = "MESH_CA_ADDR")]
-    pub ca_addr: SocketAddr,
+    /// Address of the CA (`mesh-agent ca`): `host:port`, a name (resolved on each
+    /// connect, `mesh-ca.mesh-system.svc:15012`) or an address (`10.0.0.5:15012`).
+    #[arg(long, env = "MESH_CA_ADDR", value_parser = host_port)]
+    pub ca_addr: String,
 
     /// Name in the CA's serving certificate.
     #[arg(long, default_value = "mesh-ca")]
@@ -295,4 +310,23 @@ pub struct CaArgs {
 
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_address_is_a_host_and_a_port() {
+        for ok in [
+            "mesh-ca.mesh-system.svc:15012",
+            "10.0.0.5:15012",
+            "[fd00::5]:15012",
+        ] {
+            assert_eq!(host_port(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["mesh-ca", ":15012", "mesh-ca:0", "mesh-ca:http", "[]:15012"] {
+            assert!(host_port(bad).is_err(), "{bad}");
+        }
+    }
 }

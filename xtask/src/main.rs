@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own commands. `setup` installs what is missing, `demo`
 //! runs a local two-node mesh, `test` runs every check and test.
 mod bench;
+mod chart;
 mod demo;
 mod setup;
 mod test;
@@ -25,8 +26,20 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
-    /// Setup, then formatting, lints, unit tests, kernel end-to-end tests, demo smoke.
+    /// Setup, then formatting, lints, unit tests, the Helm chart's offline checks,
+    /// kernel end-to-end tests, demo smoke.
     Test,
+    /// Lint, render and strictly validate the Helm chart, offline (part of `test`).
+    Chart,
+    /// The Helm chart (deploy/chart) rendered as plain YAML, for kubectl apply.
+    Manifests {
+        /// The namespace to install into.
+        #[arg(long, default_value = "mesh-system")]
+        namespace: String,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Every scenario side by side (no mesh, mesh, HAProxy); report in docs/benchmarks.
     Bench {
         /// Short runs: a few minutes instead of the full measurement.
@@ -48,6 +61,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Setup => setup::bench(),
         Cmd::Demo { smoke } => setup::run().and_then(|()| demo::run(smoke)),
         Cmd::Test => setup::run().and_then(|()| test::run()),
+        Cmd::Chart => chart::install().and_then(|()| chart::validate()),
+        Cmd::Manifests { namespace, out } => chart::manifests(&namespace, out.as_deref()),
         Cmd::Bench {
             quick,
             only,

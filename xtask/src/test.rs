@@ -36,6 +36,9 @@ pub fn run() -> anyhow::Result<()> {
             "xtask",
         ],
     )?;
+    // The Helm chart, checked offline: lint, render, strict schema validation.
+    crate::chart::install()?;
+    crate::chart::validate()?;
     anyhow::ensure!(
         nix_is_root(),
         "the kernel end-to-end tests need root (network namespaces, cgroups, eBPF)"

@@ -2,7 +2,7 @@
 //! node with its token and sends one CSR per identity. The token file is read for
 //! every request: a projected service-account token is rotated by the kubelet while
 //! the agent runs.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use futures_util::future::BoxFuture;
 use tonic::{
@@ -39,8 +39,9 @@ fn authorization(token: &str) -> Result<MetadataValue<Ascii>, CaClientError> {
 impl CaClient {
     /// `root_pem` is the CA's root, which the CA's serving certificate chains to;
     /// `server_name` is the name in that certificate.
+    /// `addr` is `host:port`; a name is resolved on each connect.
     pub fn new(
-        addr: SocketAddr,
+        addr: &str,
         server_name: &str,
         root_pem: &str,
         token_file: PathBuf,
