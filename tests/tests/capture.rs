@@ -148,6 +148,21 @@ fn ifindex(netns: &str, dev: &str) -> u32 {
     out.split(':').next().unwrap().trim().parse().unwrap()
 }
 
+/// The node's own network namespace and cgroup as a `Pod`, so a process can be run
+/// there as the kubelet or any node process would (its address toward its pods is the
+/// bridge's, 10.244.<n>.1).
+fn node_as_pod(c: &Cluster, node: &str) -> Pod {
+    let n = c.node(node);
+    Pod {
+        name: "node".into(),
+        node: node.into(),
+        ip: std::net::IpAddr::from([10, 244, n.index, 1]),
+        netns_path: format!("/run/netns/{}", n.netns).into(),
+        netns: n.netns.clone(),
+        cgroup: n.cgroup.clone(),
+    }
+}
+
 /// The IPv6 link-local address of `dev` in `netns`, once it is usable.
 fn link_local(netns: &str, dev: &str) -> String {
     let mut found = String::new();
@@ -198,15 +213,7 @@ fn strict_covers_every_address_of_a_pod_and_permissive_captures_each() {
     let from_node = format!("[{server_ll}%{}]:{PORT}", ifindex(&node_netns, "cbr0"));
     let v4 = sa(server.ip, PORT);
     let added_addr = format!("{added}:{PORT}");
-    // Connects from the node's own netns go through a process there.
-    let node_pod = Pod {
-        name: "node".into(),
-        node: "node-1".into(),
-        ip: "10.244.1.1".parse().unwrap(),
-        netns_path: format!("/run/netns/{node_netns}").into(),
-        netns: node_netns.clone(),
-        cgroup: c.node("node-1").cgroup.clone(),
-    };
+    let node_pod = node_as_pod(&c, "node-1");
     let probes: [(&Pod, &str); 5] = [
         (&outsider, &v4),
         (&outsider, &from_pod),
@@ -409,15 +416,7 @@ fn kubelet_probes_reach_a_strict_pod_and_nothing_else_does() {
     for (pod, port) in [(&server, PORT), (&server, OTHER), (&plain, PORT)] {
         c.start_server(pod, port).unwrap();
     }
-    let node_netns = c.node("node-1").netns.clone();
-    let node = Pod {
-        name: "node".into(),
-        node: "node-1".into(),
-        ip: "10.244.1.1".parse().unwrap(),
-        netns_path: format!("/run/netns/{node_netns}").into(),
-        netns: node_netns,
-        cgroup: c.node("node-1").cgroup.clone(),
-    };
+    let node = node_as_pod(&c, "node-1");
     // A named port, resolved against the container's ports as the kubelet does.
     let (server_yaml, others) = (
         c.pod_yaml(&server, true),

@@ -282,12 +282,7 @@ fn the_ca_takes_the_node_from_the_agents_token_and_signs_only_what_runs_there() 
 
     // node-1 is compromised: its agent reads a config of its own that claims the
     // server's pod runs on node-1. The CA asks the API, which says node-2.
-    let own = c.work_dir.join("node-1-config");
-    std::fs::create_dir_all(&own).unwrap();
-    let lie = c.pod_yaml(&client, true)
-        + &c.pod_yaml(&server, true)
-            .replace("nodeName: node-2", "nodeName: node-1");
-    std::fs::write(own.join("cluster.yaml"), lie).unwrap();
+    let own = lying_config(&c, &client, &server);
     let kubeconfig = c.kubeconfig.take();
     c.launch_agent("node-1", &own).unwrap();
     c.kubeconfig = kubeconfig;

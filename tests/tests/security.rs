@@ -534,12 +534,7 @@ fn the_ca_signs_only_identities_that_run_on_the_asking_node() {
     let mut c = cluster(&["node-1", "node-2"]);
     let (client, server) = client_server(&mut c);
     // node-1 is compromised: its config claims a pod running as server's identity.
-    let own = c.work_dir.join("node-1-config");
-    std::fs::create_dir_all(&own).unwrap();
-    let lie = c.pod_yaml(&client, true)
-        + &c.pod_yaml(&server, true)
-            .replace("nodeName: node-2", "nodeName: node-1");
-    std::fs::write(own.join("cluster.yaml"), lie).unwrap();
+    let own = lying_config(&c, &client, &server);
     c.launch_agent("node-1", &own).unwrap();
     let ca_log = || std::fs::read_to_string(c.work_dir.join("ca.log")).unwrap_or_default();
     poll("the CA to refuse", Duration::from_secs(15), || {

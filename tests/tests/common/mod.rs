@@ -248,3 +248,16 @@ pub fn decoy(c: &mut Cluster, node: &str) -> Decoy {
         addr,
     }
 }
+
+/// A config directory of node-1's own that lies: it claims `server`'s pod runs on
+/// node-1 (a compromised node asking the CA for another node's identity).
+#[allow(dead_code, reason = "not every test file uses it")]
+pub fn lying_config(c: &Cluster, client: &Pod, server: &Pod) -> std::path::PathBuf {
+    let own = c.work_dir.join("node-1-config");
+    std::fs::create_dir_all(&own).unwrap();
+    let lie = c.pod_yaml(client, true)
+        + &c.pod_yaml(server, true)
+            .replace("nodeName: node-2", "nodeName: node-1");
+    std::fs::write(own.join("cluster.yaml"), lie).unwrap();
+    own
+}
