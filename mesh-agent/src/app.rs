@@ -158,7 +158,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         Source::Kubernetes(kubeconfig) => {
             let (client, server) = crate::config::api_client(kubeconfig.as_deref()).await?;
             pods.set_annotator(crate::config::PodAnnotator::start(client.clone()));
-            ConfigWatch::start(ApiSource::new(client, server))
+            ConfigWatch::start(ApiSource::new(client, server).report_events(args.node_name.clone()))
         }
     };
     let mut current: Arc<Generation> = config.updates.borrow().clone();

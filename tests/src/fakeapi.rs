@@ -113,6 +113,8 @@ struct State {
     epoch: u64,
     /// Service-account tokens TokenReview knows.
     tokens: BTreeMap<String, TokenInfo>,
+    /// Events created (events.k8s.io/v1), in order.
+    events_created: Vec<Value>,
     requests: Requests,
 }
 
@@ -488,6 +490,27 @@ async fn route(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
             ),
         };
     }
+    let events_path = req
+        .uri()
+        .path()
+        .starts_with("/apis/events.k8s.io/v1/namespaces/")
+        && req.uri().path().contains("/events");
+    if events_path && matches!(*req.method(), hyper::Method::POST | hyper::Method::PATCH) {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body")),
+        };
+        return match serde_json::from_slice::<Value>(&body) {
+            Ok(event) => {
+                shared.lock().events_created.push(event.clone());
+                full(StatusCode::CREATED, &event)
+            }
+            Err(e) => full(
+                StatusCode::BAD_REQUEST,
+                &status(400, "BadRequest", &e.to_string()),
+            ),
+        };
+    }
     if req.method() == hyper::Method::PATCH {
         let path = req.uri().path().to_owned();
         let body = match req.into_body().collect().await {
@@ -555,6 +578,11 @@ fn patch_pod_status(shared: &Arc<Shared>, path: &str, patch: &Value) -> Response
 }
 
 impl FakeApi {
+    /// Every Event created or updated so far (events.k8s.io/v1 objects).
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events_created.clone()
+    }
+
     /// A metadata annotation of a pod, as the server holds it now.
     pub fn pod_annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
         let st = self.shared.lock();

@@ -64,6 +64,23 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
         let log = c.agent_log("node-1");
         log.contains("object rejected") && log.contains("Service default/broken")
     });
+    // ... and as a Warning Event on the Service, from each node's agent, naming the
+    // field.
+    poll("the rejection to be reported as an Event", SECS, || {
+        let events = c.api().unwrap().events();
+        ["node-1", "node-2"].iter().all(|node| {
+            events.iter().any(|e| {
+                e["type"] == "Warning"
+                    && e["reason"] == "Rejected"
+                    && e["regarding"]["kind"] == "Service"
+                    && e["regarding"]["name"] == "broken"
+                    && e["reportingInstance"] == *node
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("spec.ports[0].port"))
+            })
+        })
+    });
     assert_eq!(who_answers(&mut c, &client, &web), "server");
 
     // The API server goes away; while it is down `api` is deleted and the history

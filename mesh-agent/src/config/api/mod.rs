@@ -9,6 +9,7 @@
 //! After that, changes are published in batches, at most one config per [`SETTLE`].
 //! Pods are in the mesh only when their labels (or their namespace's) say so.
 pub mod annotate;
+mod events;
 mod resource;
 mod sync;
 
@@ -41,6 +42,8 @@ pub struct ApiSource {
     /// The kinds watched: all of them for the agent; the CA needs only Pods (and so
     /// needs RBAC on nothing else).
     kinds: Vec<Kind>,
+    /// Where refused objects are reported as Events (the agents do it).
+    events: Option<events::RejectionEvents>,
 }
 
 impl ApiSource {
@@ -49,7 +52,18 @@ impl ApiSource {
             client,
             server,
             kinds: Kind::ALL.to_vec(),
+            events: None,
         }
+    }
+
+    /// Reports each refused object as a Kubernetes Event, from reporting instance
+    /// `instance` (the node's name). Call inside the runtime.
+    pub fn report_events(mut self, instance: String) -> ApiSource {
+        self.events = Some(events::RejectionEvents::start(
+            self.client.clone(),
+            instance,
+        ));
+        self
     }
 
     /// Watches only `kinds`; the others stay empty.
@@ -86,7 +100,7 @@ impl ConfigSource for ApiSource {
                     let Some(input) = input else { break };
                     note_errors(&input, &mut errors, &mut publisher, announced);
                     dirty |= tracker.apply(input, &mut store);
-                    report_rejections(&store, &mut reported);
+                    report_rejections(&store, &mut reported, self.events.as_ref());
                     if (dirty || (tracker.ready() && !announced)) && publish_at.is_none() {
                         publish_at = Some(Instant::now() + SETTLE);
                     }
@@ -154,7 +168,11 @@ const ABSENT: &str = "absent";
 
 /// Logs each refused object once per distinct error: the object, the field, and
 /// whether an earlier version of it keeps serving.
-fn report_rejections(store: &Store, reported: &mut BTreeMap<super::ObjectKey, FieldError>) {
+fn report_rejections(
+    store: &Store,
+    reported: &mut BTreeMap<super::ObjectKey, FieldError>,
+    events: Option<&events::RejectionEvents>,
+) {
     let now: BTreeMap<_, _> = store
         .rejected()
         .into_iter()
@@ -164,6 +182,9 @@ fn report_rejections(store: &Store, reported: &mut BTreeMap<super::ObjectKey, Fi
         if reported.get(key) != Some(error) {
             warn!(object = %key, field = %error.field, error = %error.message, previous_serves,
                 "object rejected; the rest of the config applies");
+            if let Some(events) = events {
+                events.report(key, error, *previous_serves);
+            }
         }
     }
     *reported = now.into_iter().map(|(k, (e, _))| (k, e)).collect();
