@@ -6,4 +6,5 @@
 //! and answers the runtime only when the agent says the pod is enrolled or is not in
 //! the mesh: no enrolled pod's application starts before the mesh holds it.
 pub mod args;
+pub mod install;
 pub mod protocol;

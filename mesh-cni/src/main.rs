@@ -16,6 +16,8 @@ use mesh_cni::{
     protocol::{Command, MAX_LINE, Outcome, Reply, Request},
 };
 
+mod installer;
+
 const SUPPORTED: [&str; 4] = ["0.4.0", "1.0.0", "1.1.0", "0.3.1"];
 
 /// A CNI error, as the spec has the plugin print it.
@@ -42,6 +44,11 @@ const TRY_AGAIN_LATER: u32 = 11;
 const NOT_AVAILABLE: u32 = 50;
 
 fn main() -> ExitCode {
+    // The runtime runs the plugin with no arguments; the DaemonSet runs `install`.
+    let argv: Vec<String> = env::args().skip(1).collect();
+    if let Some(cmd) = argv.first() {
+        return installer::main(cmd, &argv[1..]);
+    }
     let mut stdin = String::new();
     let _ = std::io::stdin()
         .take(MAX_LINE as u64 * 16)

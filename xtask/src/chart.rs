@@ -164,6 +164,7 @@ pub fn validate() -> anyhow::Result<()> {
             "agent.sockmap=off",
             "ca.replicas=2",
             "trustDomain=example.org",
+            "cni.enabled=false",
         ],
     ];
     for sets in variants {
