@@ -188,13 +188,18 @@ fn mariadb_redis_and_a_silent_client_work_through_routed_ports_with_detection() 
     assert_eq!(out["status"], 200, "{out}");
     assert_eq!(out["pod"], "web", "{out}");
     // It went as TCP (a connection record for the Service), not as a routed request.
-    let log = c.agent_log("node-1");
-    assert!(
-        access_lines(&log)
-            .iter()
-            .any(|l| l.contains("connection closed") && l.contains("dst_service=\"default/web\"")),
-        "{log}"
+    // The record is written when the agent's relay has closed both ways, which can be
+    // just after the client has its answer: wait for it.
+    poll(
+        "the silent client's connection record",
+        Duration::from_secs(10),
+        || {
+            access_lines(&c.agent_log("node-1")).iter().any(|l| {
+                l.contains("connection closed") && l.contains("dst_service=\"default/web\"")
+            })
+        },
     );
+    let log = c.agent_log("node-1");
     assert!(!log.contains("path=\"/silent\""), "{log}");
     for server in [&mut mysqld, &mut redis] {
         let _ = server.kill();
