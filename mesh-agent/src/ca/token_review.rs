@@ -27,6 +27,40 @@ const CACHE_FOR: Duration = Duration::from_secs(60);
 /// Answers kept; past this the cache starts over (tokens are per node: a cluster has
 /// far fewer).
 const CACHE_ENTRIES: usize = 4096;
+/// Reviews the CA asks the API server for, per second (and as a burst). Anyone who can
+/// reach the CA can send made-up tokens, and each unknown one would otherwise cost the
+/// API server a TokenReview; past the budget such requests are told to retry. Known
+/// tokens are answered from the cache and cost nothing.
+const REVIEWS_PER_SECOND: f64 = 20.0;
+const REVIEW_BURST: f64 = 100.0;
+
+/// A token bucket: `take` says whether one more review fits now.
+#[derive(Debug)]
+pub struct ReviewBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl ReviewBudget {
+    pub fn new(now: Instant) -> ReviewBudget {
+        ReviewBudget {
+            tokens: REVIEW_BURST,
+            at: now,
+        }
+    }
+
+    pub fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * REVIEWS_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(REVIEW_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 pub struct TokenReviewer {
     client: Client,
@@ -34,6 +68,7 @@ pub struct TokenReviewer {
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_user: String,
     cache: Mutex<HashMap<String, Reviewed>>,
+    budget: Mutex<ReviewBudget>,
 }
 
 /// A review's answer for one token, and when it was given: the node, or why not.
@@ -53,6 +88,7 @@ impl TokenReviewer {
             audience,
             agent_user: format!("system:serviceaccount:{ns}:{name}"),
             cache: Mutex::new(HashMap::new()),
+            budget: Mutex::new(ReviewBudget::new(Instant::now())),
         })
     }
 
@@ -65,6 +101,16 @@ impl TokenReviewer {
             && at.elapsed() < CACHE_FOR
         {
             return answer.clone().map_err(AuthError::Rejected);
+        }
+        if !self
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(Instant::now())
+        {
+            return Err(AuthError::Review(
+                "too many token reviews right now; retry".into(),
+            ));
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -151,6 +197,19 @@ mod tests {
             "audiences": audiences,
             "user": {"username": user, "extra": {NODE_NAME_EXTRA: [node]}}
         }))
+    }
+
+    #[test]
+    fn reviews_are_budgeted_and_the_budget_refills() {
+        let t0 = Instant::now();
+        let mut b = ReviewBudget::new(t0);
+        let burst = (0..1000).filter(|_| b.take(t0)).count();
+        assert_eq!(burst, REVIEW_BURST as usize);
+        assert!(!b.take(t0));
+        // Half a second later: half a second's worth, no more.
+        let later = t0 + Duration::from_millis(500);
+        let refilled = (0..1000).filter(|_| b.take(later)).count();
+        assert_eq!(refilled, (REVIEWS_PER_SECOND / 2.0) as usize);
     }
 
     #[test]
