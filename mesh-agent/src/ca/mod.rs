@@ -62,11 +62,11 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     let nodes = match (&args.node_auth.node_tokens, &client) {
         (Some(path), _) => node_auth::NodeAuth::Tokens(node_auth::TokenFile { path: path.clone() }),
         (None, Some((client, _))) => {
-            node_auth::NodeAuth::TokenReview(token_review::TokenReviewer::new(
+            node_auth::NodeAuth::TokenReview(Box::new(token_review::TokenReviewer::new(
                 client.clone(),
                 args.token_audience.clone(),
                 &args.agent_service_account,
-            )?)
+            )?))
         }
         (None, None) => anyhow::bail!(
             "--token-review asks the Kubernetes API: give --kubernetes or --kubeconfig"

@@ -34,7 +34,7 @@ pub enum NodeAuth {
     /// Bootstrap tokens from a file.
     Tokens(TokenFile),
     /// Service-account tokens, reviewed by the Kubernetes API server.
-    TokenReview(super::token_review::TokenReviewer),
+    TokenReview(Box<super::token_review::TokenReviewer>),
 }
 
 impl NodeAuth {
