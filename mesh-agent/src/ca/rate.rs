@@ -24,15 +24,24 @@ pub enum RateError {
     Identity,
 }
 
+/// A token bucket (also the CA's budget of token reviews, `token_review.rs`).
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub(super) struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
+    /// A bucket holding `burst` tokens at `now`.
+    pub(super) fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
     /// Takes one token if there is one after refilling at `per_sec` up to `burst`.
-    fn take(&mut self, now: Instant, burst: f64, per_sec: f64) -> bool {
+    pub(super) fn take(&mut self, now: Instant, burst: f64, per_sec: f64) -> bool {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * per_sec).min(burst);
         self.at = now;
@@ -62,10 +71,7 @@ impl SigningRate {
         if b.len() > MAX_BUCKETS {
             b.retain(|_, v| now.saturating_duration_since(v.at) < Duration::from_secs(60));
         }
-        let fresh = |burst| Bucket {
-            tokens: burst,
-            at: now,
-        };
+        let fresh = |burst| Bucket::full(burst, now);
         let node_key = format!("node {node}");
         if !b.entry(node_key).or_insert_with(|| fresh(NODE_BURST)).take(
             now,

@@ -17,7 +17,7 @@ use std::{
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::{Api, Client, api::PostParams};
 
-use super::node_auth::AuthError;
+use super::{node_auth::AuthError, rate::Bucket};
 
 /// The extra field of a bound token's user that names the node of the bound pod.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -34,41 +34,13 @@ const CACHE_ENTRIES: usize = 4096;
 const REVIEWS_PER_SECOND: f64 = 20.0;
 const REVIEW_BURST: f64 = 100.0;
 
-/// A token bucket: `take` says whether one more review fits now.
-#[derive(Debug)]
-pub struct ReviewBudget {
-    tokens: f64,
-    at: Instant,
-}
-
-impl ReviewBudget {
-    pub fn new(now: Instant) -> ReviewBudget {
-        ReviewBudget {
-            tokens: REVIEW_BURST,
-            at: now,
-        }
-    }
-
-    pub fn take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.at).as_secs_f64() * REVIEWS_PER_SECOND;
-        self.tokens = (self.tokens + refill).min(REVIEW_BURST);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 pub struct TokenReviewer {
     client: Client,
     audience: String,
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_user: String,
     cache: Mutex<HashMap<String, Reviewed>>,
-    budget: Mutex<ReviewBudget>,
+    budget: Mutex<Bucket>,
 }
 
 /// A review's answer for one token, and when it was given: the node, or why not.
@@ -88,7 +60,7 @@ impl TokenReviewer {
             audience,
             agent_user: format!("system:serviceaccount:{ns}:{name}"),
             cache: Mutex::new(HashMap::new()),
-            budget: Mutex::new(ReviewBudget::new(Instant::now())),
+            budget: Mutex::new(Bucket::full(REVIEW_BURST, Instant::now())),
         })
     }
 
@@ -102,12 +74,11 @@ impl TokenReviewer {
         {
             return answer.clone().map_err(AuthError::Rejected);
         }
-        if !self
-            .budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(Instant::now())
-        {
+        if !self.budget.lock().unwrap_or_else(|p| p.into_inner()).take(
+            Instant::now(),
+            REVIEW_BURST,
+            REVIEWS_PER_SECOND,
+        ) {
             return Err(AuthError::Review(
                 "too many token reviews right now; retry".into(),
             ));
@@ -202,13 +173,14 @@ mod tests {
     #[test]
     fn reviews_are_budgeted_and_the_budget_refills() {
         let t0 = Instant::now();
-        let mut b = ReviewBudget::new(t0);
-        let burst = (0..1000).filter(|_| b.take(t0)).count();
+        let mut b = Bucket::full(REVIEW_BURST, t0);
+        let mut take = |at| b.take(at, REVIEW_BURST, REVIEWS_PER_SECOND);
+        let burst = (0..1000).filter(|_| take(t0)).count();
         assert_eq!(burst, REVIEW_BURST as usize);
-        assert!(!b.take(t0));
+        assert!(!take(t0));
         // Half a second later: half a second's worth, no more.
         let later = t0 + Duration::from_millis(500);
-        let refilled = (0..1000).filter(|_| b.take(later)).count();
+        let refilled = (0..1000).filter(|_| take(later)).count();
         assert_eq!(refilled, (REVIEWS_PER_SECOND / 2.0) as usize);
     }
 
