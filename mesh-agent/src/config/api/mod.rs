@@ -99,8 +99,13 @@ impl ConfigSource for ApiSource {
                 input = rx.recv() => {
                     let Some(input) = input else { break };
                     note_errors(&input, &mut errors, &mut publisher, announced);
+                    // Only objects arriving or leaving change what is refused.
+                    let refusals_may_change =
+                        !matches!(input, Input::Init(_) | Input::Failed(..) | Input::Expired(_));
                     dirty |= tracker.apply(input, &mut store);
-                    report_rejections(&store, &mut reported, self.events.as_ref());
+                    if refusals_may_change {
+                        report_rejections(&store, &mut reported, self.events.as_ref());
+                    }
                     if (dirty || (tracker.ready() && !announced)) && publish_at.is_none() {
                         publish_at = Some(Instant::now() + SETTLE);
                     }
