@@ -18,11 +18,14 @@
 //!     not read yet from the sockmap queue and meet the same short-read trap in the
 //!     application (most event loops take a short read for "drained"). Before it
 //!     shuts its side down, the agent waits until the application has read
-//!     everything it sent (none of that wait when it already has), for at most
-//!     [`DRAIN_LIMIT`]: the wait only saves the application a late wake-up, and an
-//!     unread count that never comes down (an application that closed without
-//!     reading, or a count the kernel left behind) must not hold the connection
-//!     open for ever. Under load, 16 of 400 connections were seen held that way.
+//!     everything it sent (none of that wait when it already has). The wait lasts
+//!     while the application makes progress and gives up after [`DRAIN_STALL`]
+//!     without any: an unread count that never comes down (an application that
+//!     closed without reading, or a count the kernel left behind) must not hold the
+//!     connection open for ever (under load, 16 of 400 connections were seen held
+//!     that way), but a FIN sent while a slow reader still has bytes queued hangs
+//!     that reader (a fixed 500 ms cap did that to a client reading 10 MB on a
+//!     loaded machine).
 //!
 //! With sockmap acceleration off this is a plain `TcpStream`.
 use std::{
@@ -58,9 +61,10 @@ impl UnreadGauge for MeshMaps {
 /// How long the first wait for a lagging receiver is; it doubles up to [`MAX_WAIT`].
 const FIRST_WAIT: Duration = Duration::from_millis(1);
 const MAX_WAIT: Duration = Duration::from_millis(16);
-/// The longest the agent waits for the application to read what it sent before the
-/// agent's FIN goes (a reader that keeps up drains in microseconds).
-const DRAIN_LIMIT: Duration = Duration::from_millis(500);
+/// How long the agent waits, before its FIN goes, for an application that reads
+/// nothing more of what the agent sent (a reader that keeps up drains in
+/// microseconds; one that is reading is waited for as long as it reads).
+const DRAIN_STALL: Duration = Duration::from_secs(1);
 
 pub struct PodHop {
     io: TcpStream,
@@ -78,8 +82,8 @@ struct Pacing {
     key: Option<SockKey>,
     wait: Option<Pin<Box<Sleep>>>,
     next_wait: Duration,
-    /// When the wait before the FIN gives up (set on its first look).
-    drain_until: Option<tokio::time::Instant>,
+    /// The wait before the FIN (set on its first look).
+    drain: Option<DrainWatch>,
 }
 
 impl PodHop {
@@ -103,7 +107,7 @@ impl PodHop {
             key: None,
             wait: None,
             next_wait: FIRST_WAIT,
-            drain_until: None,
+            drain: None,
         });
         PodHop { io, pacing }
     }
@@ -112,6 +116,50 @@ impl PodHop {
 impl From<PodHop> for TcpStream {
     fn from(hop: PodHop) -> TcpStream {
         hop.io
+    }
+}
+
+/// What the wait before the agent's FIN does after a look at the receiver.
+#[derive(Debug, PartialEq, Eq)]
+enum Drain {
+    /// The receiver has read everything: the FIN can go.
+    Done,
+    /// The receiver is behind but reading (or not yet stalled for long): look again.
+    Wait,
+    /// The receiver has read nothing for [`DRAIN_STALL`]: the FIN goes anyway.
+    GiveUp,
+}
+
+/// The receiver's progress during the wait before the FIN: the lowest unread count
+/// seen and when it last came down.
+#[derive(Debug)]
+struct DrainWatch {
+    lowest: i64,
+    since: tokio::time::Instant,
+}
+
+impl DrainWatch {
+    fn new(unread: i64, now: tokio::time::Instant) -> Self {
+        DrainWatch {
+            lowest: unread,
+            since: now,
+        }
+    }
+
+    fn step(&mut self, unread: i64, now: tokio::time::Instant) -> Drain {
+        if unread <= 0 {
+            return Drain::Done;
+        }
+        if unread < self.lowest {
+            self.lowest = unread;
+            self.since = now;
+            return Drain::Wait;
+        }
+        if now.duration_since(self.since) >= DRAIN_STALL {
+            Drain::GiveUp
+        } else {
+            Drain::Wait
+        }
     }
 }
 
@@ -150,11 +198,8 @@ impl Pacing {
     }
 
     /// Ready once the receiver has read everything sent to it (or is not in the maps),
-    /// or once [`DRAIN_LIMIT`] has passed.
+    /// or once it has read nothing more for [`DRAIN_STALL`].
     fn poll_drained(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let until = *self
-            .drain_until
-            .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_LIMIT);
         loop {
             if let Some(wait) = self.wait.as_mut() {
                 ready!(wait.as_mut().poll(cx));
@@ -162,19 +207,27 @@ impl Pacing {
             }
             let key = self.key_of(io)?;
             let unread = self.gauge.unread_by_peer(&key).unwrap_or(0);
-            if unread <= 0 {
-                self.next_wait = FIRST_WAIT;
-                return Poll::Ready(Ok(()));
+            let now = tokio::time::Instant::now();
+            let watch = self
+                .drain
+                .get_or_insert_with(|| DrainWatch::new(unread, now));
+            match watch.step(unread, now) {
+                Drain::Done => {
+                    self.next_wait = FIRST_WAIT;
+                    return Poll::Ready(Ok(()));
+                }
+                Drain::GiveUp => {
+                    tracing::debug!(
+                        unread,
+                        "the application has read nothing of what the agent sent for a while; closing anyway"
+                    );
+                    return Poll::Ready(Ok(()));
+                }
+                Drain::Wait => {
+                    self.wait = Some(Box::pin(tokio::time::sleep(self.next_wait)));
+                    self.next_wait = (self.next_wait * 2).min(MAX_WAIT);
+                }
             }
-            if tokio::time::Instant::now() >= until {
-                tracing::debug!(
-                    unread,
-                    "the application has not read what the agent sent; closing anyway"
-                );
-                return Poll::Ready(Ok(()));
-            }
-            self.wait = Some(Box::pin(tokio::time::sleep(self.next_wait)));
-            self.next_wait = (self.next_wait * 2).min(MAX_WAIT);
         }
     }
 
@@ -363,21 +416,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_count_that_never_drains_holds_the_fin_only_for_the_drain_limit() {
+    async fn a_count_that_never_drains_holds_the_fin_only_for_the_stall_limit() {
         let gauge = Arc::new(FakeGauge::default());
         let (mut hop, mut peer, _) = pair(gauge.clone(), Some(LIMIT)).await;
         hop.write_all(b"WHO\n").await.unwrap();
         // The receiver read (or closed), but the count says 4 for ever.
         gauge.unread.store(4, Ordering::SeqCst);
         let started = std::time::Instant::now();
-        tokio::time::timeout(DRAIN_LIMIT * 4, hop.shutdown())
+        tokio::time::timeout(DRAIN_STALL * 4, hop.shutdown())
             .await
             .expect("the FIN was held for ever by a count that never came down")
             .unwrap();
-        assert!(started.elapsed() >= DRAIN_LIMIT, "{:?}", started.elapsed());
+        assert!(started.elapsed() >= DRAIN_STALL, "{:?}", started.elapsed());
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"WHO\n");
+    }
+
+    #[test]
+    fn a_slow_reader_is_waited_for_as_long_as_it_reads() {
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut watch = DrainWatch::new(1_000_000, t0);
+        // Reading, slowly: well past the stall limit in all, never stalled that long.
+        let step = DRAIN_STALL.as_millis() as u64 / 2;
+        let mut unread = 1_000_000;
+        for i in 1..=10 {
+            unread -= 50_000;
+            assert_eq!(watch.step(unread, at(i * step)), Drain::Wait);
+        }
+        // Then it stops reading: a stall limit later the FIN goes.
+        assert_eq!(watch.step(unread, at(10 * step + step)), Drain::Wait);
+        assert_eq!(
+            watch.step(unread + 10, at(10 * step + 2 * step)),
+            Drain::GiveUp
+        );
+        // A reader that catches up is done at once, stalled or not.
+        assert_eq!(watch.step(0, at(40 * step)), Drain::Done);
+        assert_eq!(DrainWatch::new(0, t0).step(0, t0), Drain::Done);
     }
 
     #[tokio::test]
