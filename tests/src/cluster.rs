@@ -960,8 +960,8 @@ impl Drop for Cluster {
             let _ = terminate(&mut ca, Duration::from_secs(10));
         }
         for pod in self.pods.drain(..) {
+            crate::proc::kill_cgroup(&pod.cgroup);
             let _ = run("ip", &["netns", "del", &pod.netns]);
-            let _ = fs::remove_dir(&pod.cgroup);
         }
         for node in self.nodes.drain(..) {
             let _ = run("ip", &["netns", "del", &node.netns]);

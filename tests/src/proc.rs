@@ -12,24 +12,13 @@ use std::{
 
 /// Makes `cmd` start inside `netns` (a netns file) and `cgroup` (a cgroup v2 directory).
 pub fn enter(cmd: &mut Command, netns: &Path, cgroup: Option<&Path>) -> std::io::Result<()> {
+    if let Some(c) = cgroup {
+        enter_cgroup(cmd, c)?;
+    }
     let ns = File::open(netns)?;
-    let procs = match cgroup {
-        Some(c) => Some(
-            OpenOptions::new()
-                .write(true)
-                .open(c.join("cgroup.procs"))?,
-        ),
-        None => None,
-    };
-    // SAFETY: the closure only calls write(2) and setns(2) on fds owned by the closure.
+    // SAFETY: the closure only calls setns(2) on an fd owned by the closure.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(procs) = &procs {
-                // "0" moves the writing process itself.
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
             if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -37,6 +26,39 @@ pub fn enter(cmd: &mut Command, netns: &Path, cgroup: Option<&Path>) -> std::io:
         });
     }
     Ok(())
+}
+
+/// Makes `cmd` start inside `cgroup` (a cgroup v2 directory), before anything else it
+/// does (the pre-exec hooks run in the order they were added).
+pub fn enter_cgroup(cmd: &mut Command, cgroup: &Path) -> std::io::Result<()> {
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))?;
+    // SAFETY: the closure only calls write(2) on an fd owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0" moves the writing process itself.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Ends every process in `cgroup` (and below it) and removes the directory once they
+/// are gone, waiting up to two seconds. Processes someone started in a pod by hand
+/// (the demo's `exec`) would otherwise keep the cgroup, and the pod, alive.
+pub fn kill_cgroup(cgroup: &Path) {
+    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::fs::remove_dir(cgroup).is_err() && cgroup.exists() {
+        if std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Runs a command and fails with its output if it fails.

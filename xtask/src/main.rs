@@ -25,6 +25,8 @@ enum Cmd {
         /// Run unattended and exit 0 only if traffic went through the agents.
         #[arg(long)]
         smoke: bool,
+        #[command(subcommand)]
+        action: Option<DemoCmd>,
     },
     /// Setup, then formatting, lints, unit tests, the Helm chart's offline checks,
     /// kernel end-to-end tests, demo smoke.
@@ -56,10 +58,51 @@ enum Cmd {
     },
 }
 
+/// What to do with a running demo (from another terminal).
+#[derive(Subcommand)]
+enum DemoCmd {
+    /// Run a command inside a demo pod, as the pod's own processes run: in its network
+    /// namespace and its cgroup, with Service names resolving.
+    Exec {
+        /// The pod (client, web-1, web-2, or one added with add-pod).
+        pod: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Add a pod to the running demo: its netns and cgroup, and its Pod object (labels
+    /// app: NAME, enrolled) in the config directory.
+    AddPod {
+        name: String,
+        /// The node to put it on (node-1, node-2).
+        #[arg(long)]
+        node: String,
+    },
+}
+
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().cmd {
         Cmd::Setup => setup::bench(),
-        Cmd::Demo { smoke } => setup::run().and_then(|()| demo::run(smoke)),
+        Cmd::Demo {
+            action: Some(DemoCmd::Exec { pod, cmd }),
+            ..
+        } => {
+            return match demo::playground::exec(&pod, &cmd) {
+                Ok(code) => std::process::ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("xtask: error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Cmd::Demo {
+            action: Some(DemoCmd::AddPod { name, node }),
+            ..
+        } => demo::playground::add_pod(&name, &node),
+        Cmd::Demo {
+            smoke,
+            action: None,
+        } => setup::run().and_then(|()| demo::run(smoke)),
         Cmd::Test => setup::run().and_then(|()| test::run()),
         Cmd::Chart => chart::install().and_then(|()| chart::validate()),
         Cmd::Manifests { namespace, out } => chart::manifests(&namespace, out.as_deref()),

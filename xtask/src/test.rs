@@ -81,7 +81,8 @@ pub fn run() -> anyhow::Result<()> {
             "kernel end-to-end tests failed on the Kubernetes API source: {file} {filter}"
         );
     }
-    crate::demo::run(true)
+    crate::demo::run(true)?;
+    crate::demo::check::playground()
 }
 
 /// (test file, name filter) run again on the Kubernetes API source: enrollment by

@@ -7,6 +7,7 @@
 //!   SINK           server reads until EOF, answers "<bytes> <sha256>\n"
 //!   SOURCE <n>     server sends n bytes and shuts down its side, then reads until EOF
 //!                  and appends "SOURCE-TAIL <bytes> <sha256>" to its --log file
+//!   GET / HTTP/1.1 (curl) an HTTP/1.1 200 whose body is the WHO answer
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
@@ -789,6 +790,28 @@ async fn handle(
                     .open(log)?;
                 writeln!(f, "SOURCE-TAIL {tail} {sha}")?;
             }
+        }
+        // A plain HTTP/1 request (curl in the demo): the WHO answer as its body.
+        Some("GET" | "HEAD")
+            if line.trim_end().ends_with("HTTP/1.1") || line.trim_end().ends_with("HTTP/1.0") =>
+        {
+            loop {
+                let mut header = String::new();
+                if r.read_line(&mut header).await? == 0 || header.trim().is_empty() {
+                    break;
+                }
+            }
+            let body = format!("{name} {peer}\n");
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let w = r.get_mut();
+            w.write_all(head.as_bytes()).await?;
+            if line.starts_with("GET") {
+                w.write_all(body.as_bytes()).await?;
+            }
+            w.shutdown().await?;
         }
         other => anyhow::bail!("unknown command {other:?}"),
     }

@@ -1,5 +1,11 @@
 //! `cargo xtask demo`: a two-node cluster built from examples/demo, real agents, a web
-//! service with one replica per node, and a client calling it by its ClusterIP.
+//! service with one replica per node, and a client calling it by its ClusterIP. While
+//! it runs it is a playground: `demo exec` runs a command in a pod, `demo add-pod`
+//! adds one, and Service names resolve in every pod ([`hosts`], [`playground`]).
+pub mod check;
+mod hosts;
+pub mod playground;
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -100,11 +106,17 @@ fn topology(dir: &std::path::Path) -> anyhow::Result<Topology> {
 
 pub fn run(smoke: bool) -> anyhow::Result<()> {
     std::env::set_current_dir(root())?;
+    println!("==> building the agent, meshctl and the demo's workload (cargo build)");
     sh(
         "cargo",
         &["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"],
     )?;
     let topo = topology(&root().join("examples/demo"))?;
+    // What an earlier demo that did not end cleanly left behind.
+    if let Ok(old) = playground::State::load() {
+        old.clear();
+    }
+    println!("==> creating the simulated nodes and pods (network namespaces, cgroups)");
     let mut nodes: Vec<&str> = topo.pods.iter().map(|p| p.node.as_str()).collect();
     nodes.sort();
     nodes.dedup();
@@ -126,6 +138,7 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
             .context("file name")?;
         c.write_config(name, &std::fs::read_to_string(f)?)?;
     }
+    println!("==> starting one agent per node and the web servers");
     for n in &nodes {
         c.start_agent(n)?;
     }
@@ -156,6 +169,10 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
         topo.vip
     );
     println!("  agent logs: {}", c.work_dir.display());
+    println!(
+        "  config directory (the agents watch it; drop YAML here): {}",
+        c.config_dir.display()
+    );
     let meshctl = target.join("meshctl");
     for n in &nodes {
         println!(
@@ -164,7 +181,30 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
             c.admin_socket(n).display()
         );
     }
-    println!();
+    let mut state = playground::State {
+        config_dir: c.config_dir.clone(),
+        work_dir: c.work_dir.clone(),
+        nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+        pods: pods.iter().map(|(p, _)| pod_state(p)).collect(),
+    };
+    state.save()?;
+    sync_hosts(&state);
+    let (to_main, requests) = std::sync::mpsc::channel();
+    if !smoke {
+        playground::serve_control(to_main)?;
+        println!("\ntry it (from this directory, in another terminal):");
+        println!(
+            "  cargo xtask demo exec {} -- curl -s http://web/",
+            client.name
+        );
+        println!(
+            "  {} --socket {} conns",
+            meshctl.display(),
+            c.admin_socket(&client.node).display()
+        );
+        println!("  cargo xtask demo add-pod NAME --node {}", nodes[0]);
+    }
+    println!("\ndemo ready");
     if smoke {
         for n in &nodes {
             let status = c.meshctl_json(n, &["status"])?;
@@ -216,7 +256,7 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
             Err(e) => println!("[{i:>3}] {} -> {addr} FAILED: {e:#}", client.name),
         }
         if !smoke {
-            std::thread::sleep(Duration::from_secs(1));
+            serve_a_second(&mut c, &mut state, &requests, &stop);
         }
     }
 
@@ -244,6 +284,7 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
             counters.split("INFO").last().unwrap_or("").trim()
         );
     }
+    state.clear();
     if smoke {
         let webs = pods.iter().filter(|(_, w)| *w).count();
         anyhow::ensure!(
@@ -267,6 +308,95 @@ pub fn run(smoke: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn pod_state(p: &mesh_tests::cluster::Pod) -> playground::PodState {
+    playground::PodState {
+        name: p.name.clone(),
+        namespace: "default".into(),
+        node: p.node.clone(),
+        ip: p.ip.to_string(),
+        netns: p.netns.clone(),
+        cgroup: p.cgroup.clone(),
+    }
+}
+
+/// Writes each pod's hosts file where it differs from the Services now configured.
+fn sync_hosts(state: &playground::State) {
+    let services = hosts::services_in(&state.config_dir);
+    for p in &state.pods {
+        let dir = playground::netns_etc(&p.netns);
+        let want = hosts::hosts_file(&services, &p.namespace);
+        if std::fs::read_to_string(dir.join("hosts")).ok().as_deref() != Some(want.as_str()) {
+            let _ = std::fs::create_dir_all(&dir);
+            let tmp = dir.join(".hosts.tmp");
+            if std::fs::write(&tmp, &want).is_ok() {
+                let _ = std::fs::rename(&tmp, dir.join("hosts"));
+            }
+        }
+    }
+}
+
+/// Between two calls: answers control requests and keeps the hosts files in step with
+/// the config directory (a new Service resolves within a fifth of a second).
+fn serve_a_second(
+    c: &mut Cluster,
+    state: &mut playground::State,
+    requests: &std::sync::mpsc::Receiver<playground::Request>,
+    stop: &AtomicBool,
+) {
+    let end = std::time::Instant::now() + Duration::from_secs(1);
+    while !stop.load(Ordering::SeqCst) {
+        let now = std::time::Instant::now();
+        if now >= end {
+            break;
+        }
+        let wait = (end - now).min(Duration::from_millis(200));
+        if let Ok(req) = requests.recv_timeout(wait) {
+            let answer = answer(c, state, &req.line);
+            let _ = req.reply.send(answer);
+        }
+        sync_hosts(state);
+    }
+}
+
+/// One control request: `add-pod NAME NODE`.
+fn answer(c: &mut Cluster, state: &mut playground::State, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let result = match words.as_slice() {
+        ["add-pod", name, node] => add_pod(c, state, name, node),
+        _ => Err(anyhow::anyhow!("unknown request {line:?}")),
+    };
+    result.unwrap_or_else(|e| format!("error: {e:#}"))
+}
+
+fn add_pod(
+    c: &mut Cluster,
+    state: &mut playground::State,
+    name: &str,
+    node: &str,
+) -> anyhow::Result<String> {
+    anyhow::ensure!(playground::valid_pod_name(name), "bad pod name {name:?}");
+    anyhow::ensure!(
+        state.nodes.iter().any(|n| n == node),
+        "no node {node:?}; the nodes are {:?}",
+        state.nodes
+    );
+    anyhow::ensure!(
+        !state.pods.iter().any(|p| p.name == name),
+        "pod {name} already exists"
+    );
+    let pod = c.add_pod(node, name)?;
+    let file = format!("pod-{name}.yaml");
+    c.write_config(&file, &c.pod_yaml(&pod, true))?;
+    state.pods.push(pod_state(&pod));
+    state.save()?;
+    sync_hosts(state);
+    Ok(format!(
+        "pod {name} on {node}, IP {}, labels {{app: {name}}}, enrolled; its Pod object is {}",
+        pod.ip,
+        c.config_dir.join(file).display()
+    ))
 }
 
 /// One proxied connection as the client node's agent logged it.
