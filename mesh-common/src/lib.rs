@@ -42,8 +42,10 @@ pub mod maps {
     pub const ENROLLED_NETNS: &str = "MESH_ENROLLED_NETNS";
     /// [`super::ServiceKey`] -> [`super::ServiceValue`]: mesh services (ClusterIP, port, proto).
     pub const SERVICES: &str = "MESH_SERVICES";
-    /// socket cookie -> [`super::OrigDst`]: written by `connect4/6`, read by `getpeername4/6`
-    /// and by `sock_ops` to fill [`PEER_ORIG_DST`].
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`) of a [`super::OrigDst`] on each
+    /// captured socket: written by `connect4/6`, read by `getpeername4/6` and by
+    /// `sock_ops` to fill [`PEER_ORIG_DST`]. It lives and dies with the socket, so it has
+    /// no bound to share between pods.
     pub const SOCK_ORIG_DST: &str = "MESH_SOCK_ORIG_DST";
     /// [`super::PeerKey`] -> [`super::OrigDst`]: the same record, keyed by what the agent
     /// sees on the accepted socket (netns of the listener, client address and port).
@@ -137,7 +139,6 @@ pub mod programs {
 pub mod limits {
     pub const ENROLLED_NETNS: u32 = 4096;
     pub const SERVICES: u32 = 65536;
-    pub const SOCK_ORIG_DST: u32 = 65536;
     pub const PEER_ORIG_DST: u32 = 65536;
     /// Two plaintext listeners (IPv4, IPv6) per enrolled pod.
     pub const PLAINTEXT_LISTENERS: u32 = 2 * ENROLLED_NETNS;

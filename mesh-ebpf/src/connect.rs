@@ -15,7 +15,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -159,20 +159,23 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
         count(counters::NOT_A_SERVICE);
     }
 
-    // SAFETY: helper valid for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
+    let mut orig = OrigDst {
         netns_cookie: netns,
         addr: dst,
         port,
         _pad: [0; 6],
     };
-    if MESH_SOCK_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+    // SAFETY: `sk` of a sock_addr context is a full socket. A socket that connects
+    // again (after a failed attempt) keeps its storage: overwrite it.
+    let slot = unsafe { MESH_SOCK_ORIG_DST.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+    if slot.is_null() {
         // Without a record the agent could not route the connection, and letting it
         // out uncaptured would be a bypass: refuse it.
         count(counters::MAP_UPDATE_FAILED);
         return Action::Refuse;
     }
+    // SAFETY: non-null storage of this socket, sized for an OrigDst.
+    unsafe { *slot = orig };
     count(counters::REDIRECTED);
     emit(&event(events::REDIRECTED, netns, dst, port));
     Action::Redirect

@@ -1,6 +1,7 @@
 //! The maps, named as in `mesh_common::maps` (the static's name is the map's name).
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
@@ -16,9 +17,11 @@ pub static MESH_ENROLLED_NETNS: HashMap<u64, EnrolledNetns> =
 pub static MESH_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(limits::SERVICES, 0);
 
-#[map]
-pub static MESH_SOCK_ORIG_DST: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(limits::SOCK_ORIG_DST, 0);
+/// Socket-local storage: the record lives and dies with the socket, so no other pod's
+/// churn can push it out (an LRU shared by the node's pods could), and nothing is left
+/// behind when the socket closes.
+#[btf_map]
+pub static MESH_SOCK_ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 
 #[map]
 pub static MESH_PEER_ORIG_DST: LruHashMap<PeerKey, OrigDst> =

@@ -1,9 +1,6 @@
 //! `getpeername4` / `getpeername6`: the application sees the ClusterIP it dialled, not
 //! the agent's listener.
-use aya_ebpf::{
-    EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use core::ptr::addr_of_mut;
 use mesh_common::{OrigDst, counters};
 
@@ -16,10 +13,13 @@ const ALLOW: i32 = 1;
 
 #[inline(always)]
 fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
-    // SAFETY: helper valid for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out before the map can change it.
-    let orig = unsafe { MESH_SOCK_ORIG_DST.get(&cookie) }.copied()?;
+    // SAFETY: `sk` of a sock_addr context is a full socket; the value is copied out.
+    let slot = unsafe { MESH_SOCK_ORIG_DST.get_ptr_mut(ctx) };
+    if slot.is_null() {
+        return None;
+    }
+    // SAFETY: non-null storage of this socket, sized for an OrigDst.
+    let orig = unsafe { *slot };
     count(counters::PEERNAME_RESTORED);
     Some(orig)
 }

@@ -8,14 +8,13 @@
 //!
 //! Both ESTABLISHED callbacks also offer the socket to the sockmap (see `sockmap`).
 use aya_ebpf::{
-    EbpfContext,
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
-    helpers::bpf_get_socket_cookie,
+    helpers::generated::bpf_sk_storage_get,
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use core::ptr::addr_of_mut;
-use mesh_common::{AF_INET, AF_INET6, PeerKey, counters};
+use mesh_common::{AF_INET, AF_INET6, OrigDst, PeerKey, counters};
 
 use crate::{
     addr::read_ip6,
@@ -39,10 +38,28 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn record_peer(ctx: &SockOpsContext) -> Option<()> {
-    // SAFETY: helper valid for sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out before the map can change it.
-    let orig = unsafe { MESH_SOCK_ORIG_DST.get(&cookie) }.copied()?;
+    // SAFETY: reading the context's socket pointer, which may be null.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: helper valid for sock_ops programs on a non-null socket; no storage is
+    // created (flags 0). The map pointer is the map's own definition, as aya's
+    // wrappers pass it.
+    let slot = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&MESH_SOCK_ORIG_DST).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<OrigDst>();
+    if slot.is_null() {
+        return None;
+    }
+    // SAFETY: non-null storage of this socket, sized for an OrigDst; copied out.
+    let orig = unsafe { *slot };
     let addr = match ctx.family() {
         AF_INET => mesh_common::v4_mapped(ctx.local_ip4().to_ne_bytes()),
         // SAFETY: local_ip6 is a readable 4-word field of the context.

@@ -504,7 +504,6 @@ fn layout_hash() -> u64 {
     let limits = [
         limits::ENROLLED_NETNS,
         limits::SERVICES,
-        limits::SOCK_ORIG_DST,
         limits::PEER_ORIG_DST,
         limits::PLAINTEXT_LISTENERS,
         limits::EVENTS_BYTES,
@@ -513,7 +512,7 @@ fn layout_hash() -> u64 {
         settings::LEN,
     ];
     let text = format!(
-        "v2 maps={} sizes={sizes:?} limits={limits:?}",
+        "v3 maps={} sizes={sizes:?} limits={limits:?}",
         mesh_common::maps::ALL.join(",")
     );
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {

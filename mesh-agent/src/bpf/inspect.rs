@@ -135,12 +135,17 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
             |k: &ServiceKey| format!("{} proto {}", sock(k.addr, k.port), k.proto),
             |v: &ServiceValue| format!("flags {}", v.flags),
         ),
-        maps::SOCK_ORIG_DST => hash_entries(
-            map,
-            rows,
-            |k: &u64| format!("socket cookie {k}"),
-            |v: &OrigDst| format!("{} netns {}", sock(v.addr, v.port), v.netns_cookie),
-        ),
+        // Socket-local storage has no keys to walk from user space (a value is read by
+        // the socket's fd, which only the pod holds): it is counted as 0 entries.
+        maps::SOCK_ORIG_DST => {
+            if let Some(rows) = rows {
+                *rows = vec![(
+                    "(per-socket storage)".to_owned(),
+                    "one record on each captured socket, freed with it".to_owned(),
+                )];
+            }
+            Ok(0)
+        }
         maps::PEER_ORIG_DST => hash_entries(
             map,
             rows,

@@ -12,11 +12,15 @@ use crate::limits::{ConnPermit, Throttle};
 static ACCEPT_FAILED: Throttle = Throttle::new(Duration::from_secs(10));
 static OVER_LIMIT: Throttle = Throttle::new(Duration::from_secs(10));
 
-/// Waits for the next connection that may be served. One over a cap is closed at once.
+/// Waits for the next connection that may be served. One over a cap is closed at once,
+/// after `refused` has seen its peer (the outbound listener consumes the connection's
+/// original-destination record there, so that a pod over its cap cannot leave records
+/// behind that would crowd out other pods' in the shared map).
 pub async fn accept(
     listener: &TcpListener,
     pod: &PodContext,
     ctx: &ProxyContext,
+    refused: impl Fn(SocketAddr),
 ) -> (TcpStream, SocketAddr, ConnPermit<u64>) {
     loop {
         match listener.accept().await {
@@ -27,6 +31,7 @@ pub async fn accept(
                         warn!(%peer, reason = e.reason(), error = %e, times = n,
                             "connections refused at the connection cap");
                     }
+                    refused(peer);
                     drop(stream);
                 }
             },

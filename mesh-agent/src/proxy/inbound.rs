@@ -40,7 +40,7 @@ static HANDSHAKE_TIMED_OUT: crate::limits::Throttle =
 
 pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
-        let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx).await;
+        let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx, |_| {}).await;
         let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("tunnel_in", id, dst = %pod.id, peer = %peer);
         let source_permit = match pod.tunnel_peers.try_admit(peer.ip().to_canonical()) {

@@ -36,7 +36,10 @@ use crate::{
 
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
-        let (stream, client, permit) = super::accept::accept(&listener, &pod, &ctx).await;
+        let (stream, client, permit) = super::accept::accept(&listener, &pod, &ctx, |peer| {
+            let _ = ctx.maps.take_orig_dst(pod.netns_cookie, peer);
+        })
+        .await;
         let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, src = %pod.id, client = %client);
         let (pod, ctx) = (pod.clone(), ctx.clone());

@@ -18,7 +18,7 @@ use crate::{
 
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
-        let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx).await;
+        let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx, |_| {}).await;
         let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, dst = %pod.id, peer = %peer, mtls = false);
         let (pod, ctx) = (pod.clone(), ctx.clone());

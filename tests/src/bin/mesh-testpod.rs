@@ -157,10 +157,22 @@ enum Cmd {
         #[arg(long)]
         mark: Option<u32>,
     },
-    /// getpeername() of a connection, as the application sees it.
+    /// getpeername() of a connection, as the application sees it. With `--hold`, it
+    /// first prints that alone, waits for a line on stdin, then asks the same
+    /// connection again (what a long-lived connection sees later).
     Peername {
         #[arg(long)]
         addr: SocketAddr,
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Start `count` connections to `addr` and abandon each at once (a non-blocking
+    /// connect, then close): capture work for the kernel, next to none for anyone else.
+    Churn {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
     },
     /// Send `bytes` then half-close; the server answers with what it received.
     Sink {
@@ -521,13 +533,38 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::TlsServe { port, cert, key } => mesh_tests::tls::serve(port, &cert, &key).await,
-        Cmd::Peername { addr } => {
+        Cmd::Peername { addr, hold } => {
             let mut c = connect(addr, None).await?;
+            if hold {
+                println!("{}", json!({ "peer": c.peer_addr()?.to_string() }));
+                let mut line = String::new();
+                BufReader::new(tokio::io::stdin())
+                    .read_line(&mut line)
+                    .await?;
+            }
             let peer = c.peer_addr()?;
             c.write_all(b"WHO\n").await?;
             let mut s = String::new();
             c.read_to_string(&mut s).await?;
             println!("{}", json!({ "peer": peer.to_string(), "who": s.trim() }));
+            Ok(())
+        }
+        Cmd::Churn { addr, count } => {
+            let mut refused = 0u64;
+            for _ in 0..count {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                s.set_nonblocking(true)?;
+                match s.connect(&addr.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(_) => refused += 1,
+                }
+            }
+            println!("{}", json!({ "tried": count, "refused": refused }));
             Ok(())
         }
         Cmd::Sink { addr, bytes, seed } => {
