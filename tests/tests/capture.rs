@@ -56,9 +56,13 @@ fn meshed_pods_reach_meshed_pods_by_pod_ip_over_the_mesh_under_strict() {
     let evil = c.add_pod("node-1", "attacker").unwrap();
     let near = c.add_pod("node-1", "near").unwrap();
     let far = c.add_pod("node-2", "far").unwrap();
+    // Not in the mesh: what an enrolled pod dials there passes through its agent.
+    let plain = c.add_pod("node-2", "plain").unwrap();
     serve(&mut c, &near);
     serve(&mut c, &far);
+    serve(&mut c, &plain);
     let cfg = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&plain, false)
         + &pod_in(&c, &evil, "evil")
         + &c.pod_yaml(&near, true)
         + &c.pod_yaml(&far, true)
@@ -109,16 +113,60 @@ fn meshed_pods_reach_meshed_pods_by_pod_ip_over_the_mesh_under_strict() {
             .lines()
             .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
                 && l.contains("reporter=\"destination\"")
-                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\"")
+                && l.contains(&format!("source_principal=\"{src_id}\""))
+                && l.contains(&format!("destination_principal=\"{dst_id}\""))
                 && l.contains("destination_service=\"unknown\"")
                 && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{metrics}"
+    );
+
+    // Before the DENY, `evil` reaches every address: what follows is refused by the
+    // policy, not by anything else.
+    let targets = [sa(far.ip, PORT), sa(vip(70), 80), sa(near.ip, PORT)];
+    for addr in &targets {
+        let r = who(&mut c, &evil, addr);
+        assert!(
+            r.as_ref().is_ok_and(|w| !w.is_empty()),
+            "evil to {addr} before the DENY: {r:?}"
+        );
+    }
+    // Any other address is captured too and passes through the agent, counted and
+    // logged as such (no identity, no encryption: the far end is not in the mesh).
+    let plain_addr = sa(plain.ip, PORT);
+    assert_eq!(who(&mut c, &client, &plain_addr).unwrap(), "plain");
+    poll("the passthrough connection's log line", SECS, || {
+        access_lines(&c.agent_log("node-1")).iter().any(|l| {
+            has_fields(
+                l,
+                &[
+                    ("reporter", "source"),
+                    ("mode", "passthrough"),
+                    ("src_identity", src_id),
+                    ("orig_dst", &plain_addr),
+                    ("dst_addr", &plain_addr),
+                    ("dst_identity", "\""),
+                    ("security", "none"),
+                ],
+            )
+        })
+    });
+    let metrics = c.metrics("node-1").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains(&format!("source_principal=\"{src_id}\""))
+                && l.contains("destination_workload=\"plain\"")
+                && l.contains("destination_principal=\"unknown\"")
+                && l.contains("connection_security_policy=\"none\"")),
         "{metrics}"
     );
 
     // A DENY on the source namespace refuses the pod-IP path and the ClusterIP path
     // alike, and the same pod outside `evil` still gets through.
     apply(&c, &["node-1", "node-2"], "deny.yaml", DENY_EVIL);
-    for addr in [sa(far.ip, PORT), sa(vip(70), 80), sa(near.ip, PORT)] {
+    for addr in targets {
         let r = who(&mut c, &evil, &addr);
         assert!(r.is_err(), "evil to {addr} must be refused, got {r:?}");
         let ok = who(&mut c, &client, &addr);
@@ -127,19 +175,89 @@ fn meshed_pods_reach_meshed_pods_by_pod_ip_over_the_mesh_under_strict() {
             "client to {addr}: {ok:?}"
         );
     }
-    let n2 = c.agent_log("node-2");
-    assert!(
-        access_lines(&n2).iter().any(|l| has_fields(
-            l,
-            &[
-                ("reporter", "destination"),
-                ("src_workload", "evil/attacker"),
-                ("verdict", "denied"),
-                ("policy", "default/deny-evil"),
-            ]
-        )),
-        "{n2}"
+    // Refused by that policy at the destination: node-2 for `far`, node-1 for `near`
+    // (the same-node hop).
+    for (node, dst) in [("node-2", "default/far"), ("node-1", "default/near")] {
+        let log = c.agent_log(node);
+        assert!(
+            access_lines(&log).iter().any(|l| has_fields(
+                l,
+                &[
+                    ("reporter", "destination"),
+                    ("src_workload", "evil/attacker"),
+                    ("dst_workload", dst),
+                    ("verdict", "denied"),
+                    ("policy", "default/deny-evil"),
+                ]
+            )),
+            "{node}: {log}"
+        );
+    }
+}
+
+/// Another pod's connection churn never takes a pod's record of where its connection
+/// was going: the record lives on the socket itself, not in a map the node's pods
+/// share (an LRU of 65,536 entries, which 200,000 abandoned connects would cycle
+/// three times). The long-lived connection's `getpeername` still names the ClusterIP,
+/// and the pod's new connections are still routed.
+#[test]
+fn another_pods_connection_churn_never_takes_a_pods_original_destination() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let victim = c.add_pod("node-1", "victim").unwrap();
+    let churner = c.add_pod("node-1", "churner").unwrap();
+    let server = c.add_pod("node-1", "server").unwrap();
+    serve(&mut c, &server);
+    let cfg = c.pod_yaml(&victim, true)
+        + &c.pod_yaml(&churner, true)
+        + &c.pod_yaml(&server, true)
+        + &yaml::service("web", vip(73), 80, PORT)
+        + &yaml::endpoint_slice("web", PORT, &[server.ip])
+        // No endpoints: the agent refuses what reaches it at once.
+        + &yaml::service("empty", vip(74), 80, PORT);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+
+    let web = sa(vip(73), 80);
+    let mut held = c
+        .spawn(&victim, &["peername", "--addr", &web, "--hold"])
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.stdout.as_mut().expect("piped stdout")),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(json(&first)["peer"], web, "{first}");
+
+    let churn = json(
+        &c.run_in(
+            &churner,
+            &["churn", "--addr", &sa(vip(74), 80), "--count", "200000"],
+            Duration::from_secs(120),
+        )
+        .unwrap(),
     );
+    assert_eq!(
+        churn["refused"], 0,
+        "the churn's connects were refused: {churn}"
+    );
+
+    std::io::Write::write_all(held.stdin.as_mut().expect("piped stdin"), b"again\n").unwrap();
+    let out = held.wait_with_output().unwrap();
+    let again = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        again["peer"], web,
+        "after the churn the connection no longer knows where it went: {again}"
+    );
+    assert!(
+        again["who"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("server "),
+        "{again}"
+    );
+    assert_eq!(who(&mut c, &victim, &web).unwrap(), "server");
 }
 
 /// The ifindex of `dev` in the network namespace `netns`.
@@ -214,10 +332,11 @@ fn strict_covers_every_address_of_a_pod_and_permissive_captures_each() {
     let v4 = sa(server.ip, PORT);
     let added_addr = format!("{added}:{PORT}");
     let node_pod = node_as_pod(&c, "node-1");
-    let probes: [(&Pod, &str); 5] = [
+    let probes: [(&Pod, &str); 6] = [
         (&outsider, &v4),
         (&outsider, &from_pod),
         (&outsider, &added_addr),
+        (&node_pod, &v4),
         (&node_pod, &from_node),
         (&node_pod, &added_addr),
     ];
@@ -354,6 +473,41 @@ fn strict_never_lapses_across_a_crash_a_restart_without_the_ca_and_a_label_chang
     let log = c.agent_log("node-2");
     assert!(log.contains("pod updated in place"), "{log}");
     assert_eq!(who(&mut c, &client, &sa(vip(80), 80)).unwrap(), "server");
+
+    // The control: the same probes are answered once the pod is PERMISSIVE, so the
+    // zeros above are STRICT's doing, not a probe that cannot get through.
+    let permissive = base.replace(
+        &yaml::peer_authentication("STRICT"),
+        &yaml::peer_authentication("PERMISSIVE"),
+    ) + &c.pod_yaml(&server, true);
+    apply(&c, &["node-2"], "cluster.yaml", &permissive);
+    let out = answered_while(&mut c, &outsider, &direct, 2, |_| {});
+    assert!(
+        out["answered"].as_u64().unwrap() > 0,
+        "no probe answered under PERMISSIVE: {out}"
+    );
+
+    // Certificate requests never hold up a stop: with the CA stopped, an agent that
+    // has just enrolled its pod (whose certificate cannot come) exits on SIGTERM at
+    // once, not after its certificate waits.
+    let signal = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(ca as i32), sig).unwrap();
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    c.crash_agent("node-2").unwrap();
+    let dir = c.config_dir.clone();
+    // A launch starts a new log.
+    c.launch_agent("node-2", &dir).unwrap();
+    poll("the restarted agent to enroll its pod", SECS, || {
+        c.agent_log("node-2").contains("pod enrolled")
+    });
+    let stopping = std::time::Instant::now();
+    let status = c.stop_agent("node-2").unwrap();
+    let took = stopping.elapsed();
+    signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "SIGTERM took {took:?} with certificates outstanding"
+    );
 }
 
 #[test]

@@ -157,11 +157,15 @@ fn invalid_config_is_rejected_with_file_object_and_field_and_traffic_keeps_flowi
     let generations = |c: &Cluster| c.agent_log("node-1").matches("config applied").count();
     let before = generations(&c);
     let one_ip = c.pod_ip("one");
-    c.write_config("broken.yaml", "apiVersion: v1\nkind: [\n")
-        .unwrap();
+    // The valid change goes first, so a reload between the two writes could apply it;
+    // the agent must wait for the directory to settle (or refuse it with the broken
+    // file). The broken file has a name of its own, so its error is a new log line.
     c.write_config("slice.yaml", &yaml::endpoint_slice("svc", PORT, &[one_ip]))
         .unwrap();
-    poll_log(&c, "broken.yaml: document 1: malformed YAML");
+    c.write_config("mixed.yaml", "apiVersion: v1\nkind: [\n")
+        .unwrap();
+    poll_log(&c, "mixed.yaml: document 1: malformed YAML");
+    // Give a wrongly applied generation time to show in the log.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         generations(&c),
@@ -173,31 +177,56 @@ fn invalid_config_is_rejected_with_file_object_and_field_and_traffic_keeps_flowi
         seen.iter().any(|b| b == "two"),
         "the valid half was applied: {seen:?}"
     );
-    c.remove_config("broken.yaml").unwrap();
+    c.remove_config("mixed.yaml").unwrap();
 
-    // An idle agent reads no config file: its own reads do not wake it.
+    // An idle agent reads no config file: its own reads do not wake it. strace watches
+    // it idle for 5 s, then sees a real change read (so a trace that saw nothing
+    // because it never attached cannot pass).
     std::thread::sleep(Duration::from_millis(500));
     let pid = c.agent_pid("node-1").unwrap().to_string();
-    let trace = std::process::Command::new("timeout")
+    let strace = std::process::Command::new("timeout")
         .args([
-            "5",
+            "7",
             "strace",
             "-f",
             "-qq",
+            "-ttt",
             "-e",
             "trace=open,openat,openat2",
             "-p",
             &pid,
         ])
-        .output()
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (installed by cargo xtask setup)");
+    std::thread::sleep(Duration::from_secs(5));
+    let changed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    c.write_config("idle-check.yaml", &yaml::service("idle", vip(51), 80, PORT))
         .unwrap();
+    let trace = strace.wait_with_output().unwrap();
     let trace = String::from_utf8_lossy(&trace.stderr);
     let dir = c.config_dir.display().to_string();
-    let reads: Vec<&str> = trace.lines().filter(|l| l.contains(&dir)).collect();
+    // "[pid N] 1733480000.123456 openat(...)" or "1733480000.123456 openat(...)".
+    let at = |l: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.parse::<f64>().ok().filter(|t| *t > 1e9))
+    };
+    let (idle, woken): (Vec<&str>, Vec<&str>) = trace
+        .lines()
+        .filter(|l| l.contains(&dir))
+        .partition(|l| at(l).is_some_and(|t| t < changed_at));
     assert!(
-        reads.is_empty(),
-        "an idle agent opened config files: {reads:?}"
+        idle.is_empty(),
+        "an idle agent opened config files: {idle:?}"
     );
+    assert!(
+        !woken.is_empty(),
+        "strace saw no read of the changed directory, so it saw nothing: {trace}"
+    );
+    c.remove_config("idle-check.yaml").unwrap();
 
     // A later valid change is applied again (the agent did not get stuck).
     c.write_config("slice.yaml", &yaml::endpoint_slice("svc", PORT, &[one_ip]))

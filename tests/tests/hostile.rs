@@ -125,20 +125,57 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
             .unwrap(),
         );
     }
-    // While the floods hold their sockets: mesh traffic, readiness and the CA answer.
+    // Each flood's report, read as it comes: the first line when every connection has
+    // been tried ("established"), the last when the hold is over.
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let readers: Vec<_> = floods
+        .iter_mut()
+        .enumerate()
+        .map(|(i, f)| {
+            let out = f.stdout.take().expect("piped stdout");
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                for line in
+                    std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+                {
+                    if line.contains("\"established\"") {
+                        let _ = tx.send(i);
+                    }
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                text
+            })
+        })
+        .collect();
+    // While the floods connect and then hold their sockets: mesh traffic, readiness
+    // and the CA answer. The checks go on until every flood holds all it could open,
+    // and for 4 s after that.
     let started = Instant::now();
     let mut peak = 0;
     let mut checks = 0;
-    while started.elapsed() < Duration::from_secs(12) {
+    let mut connected = 0;
+    let mut all_held_at: Option<Instant> = None;
+    while all_held_at.is_none_or(|t| t.elapsed() < Duration::from_secs(4)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the floods did not finish connecting in 60 s ({connected} of {})",
+            targets.len()
+        );
         c.run_in(&client, &["who", "--addr", &web], Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("mesh traffic stopped under the flood: {e}"));
         let (code, body) = c.readiness("node-1").expect("readiness answers");
         assert_eq!(code, 200, "{body}");
         peak = peak.max(rss_kib(agent));
         checks += 1;
+        connected += rx.try_iter().count();
+        if connected == targets.len() && all_held_at.is_none() {
+            all_held_at = Some(Instant::now());
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(checks >= 10, "only {checks} checks");
+    assert!(checks >= 8, "only {checks} checks");
     let ca_peek = c.run_in(
         &client,
         &["tls-peek", "--addr", &format!("{CA_IP}:{CA_PORT}")],
@@ -149,9 +186,9 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
         "the CA did not complete a handshake: {ca_peek:?}"
     );
     let mut reports = Vec::new();
-    for f in floods {
-        let out = f.wait_with_output().unwrap();
-        reports.push(String::from_utf8_lossy(&out.stdout).to_string());
+    for (mut f, r) in floods.into_iter().zip(readers) {
+        f.wait().unwrap();
+        reports.push(r.join().expect("report reader"));
     }
     // Every flood got its connections through the kernel, and the agent and the CA
     // closed what was over their caps instead of holding it.
