@@ -5,6 +5,7 @@
 //! then stops the demo with Ctrl-C and checks its summary and its teardown.
 use std::{
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -46,8 +47,11 @@ fn stdout_of(args: &[&str]) -> anyhow::Result<String> {
 
 pub fn playground() -> anyhow::Result<()> {
     println!("==> demo playground: exec, names, add-pod, the worked example, Ctrl-C");
+    // In a process group of its own, as a shell runs a foreground job: Ctrl-C in a
+    // terminal signals the whole group (the demo and everything it started).
     let mut demo = Command::new(std::env::current_exe()?)
         .arg("demo")
+        .process_group(0)
         .current_dir(root())
         // The worked example names the config directory under /tmp.
         .env_remove("TMPDIR")
@@ -65,9 +69,9 @@ pub fn playground() -> anyhow::Result<()> {
         }
     });
     let result = drive(&lines);
-    // Ctrl-C, as a user stops it.
+    // Ctrl-C, as a terminal sends it: to every process of the foreground group.
     let _ = Command::new("kill")
-        .args(["-INT", &demo.id().to_string()])
+        .args(["-INT", "--", &format!("-{}", demo.id())])
         .status();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
@@ -94,6 +98,10 @@ pub fn playground() -> anyhow::Result<()> {
     ensure!(
         seen.iter().any(|l| l.starts_with("answers per backend:")),
         "no summary after Ctrl-C: {seen:?}"
+    );
+    ensure!(
+        seen.iter().any(|l| l.starts_with("hops by mode")),
+        "no hops by mode after Ctrl-C: {seen:?}"
     );
     ensure!(
         seen.iter().any(|l| l.starts_with("agent node-1:")),
@@ -128,6 +136,7 @@ pub fn playground() -> anyhow::Result<()> {
 
 fn drive(lines: &mpsc::Receiver<String>) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut banner = Vec::new();
     loop {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -135,7 +144,27 @@ fn drive(lines: &mpsc::Receiver<String>) -> anyhow::Result<()> {
         if line == "demo ready" {
             break;
         }
+        banner.push(line);
     }
+    // The banner's two ready-to-paste examples: curl by name, and a meshctl command
+    // that works as printed.
+    ensure!(
+        banner
+            .iter()
+            .any(|l| l.trim() == "cargo xtask demo exec client -- curl -s http://web/"),
+        "the banner shows no curl example: {banner:?}"
+    );
+    let meshctl = banner
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| l.contains("meshctl --socket "))
+        .with_context(|| format!("the banner shows no meshctl example: {banner:?}"))?;
+    let out = Command::new("bash").args(["-c", meshctl]).output()?;
+    ensure!(
+        out.status.success(),
+        "the banner's `{meshctl}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // By name and by fully qualified name, from the client pod. The ClusterIP exists
     // only in the agents' maps (the pod has no route to it), so an answer is the mesh's.
     for url in ["http://web/", "http://web.default.svc.cluster.local/"] {
@@ -192,14 +221,31 @@ fn drive(lines: &mpsc::Receiver<String>) -> anyhow::Result<()> {
     ensure!(answer == "PONG", "`{last}` answered {answer:?}");
     // And it went through the agents: the client node's agent carried it to the redis
     // pod on the other node, over the mTLS tunnel.
+    // The line is written once both directions have closed, which can be just after
+    // redis-cli has its answer, and the log writer is asynchronous: wait for it.
     let state = State::load()?;
-    let log = std::fs::read_to_string(state.work_dir.join("node-1-agent.log")).unwrap_or_default();
-    ensure!(
-        log.lines().any(|l| l.contains("connection closed")
+    let until = Instant::now() + Duration::from_secs(10);
+    let tunnelled = |l: &str| {
+        l.contains("connection closed")
             && l.contains("dst_workload=\"default/redis\"")
-            && l.contains("mode=\"hbone\"")),
-        "node-1's agent logged no tunnelled connection to the redis pod"
-    );
+            && l.contains("mode=\"hbone\"")
+    };
+    loop {
+        let log =
+            std::fs::read_to_string(state.work_dir.join("node-1-agent.log")).unwrap_or_default();
+        if log.lines().any(tunnelled) {
+            break;
+        }
+        ensure!(
+            Instant::now() < until,
+            "node-1's agent logged no tunnelled connection to the redis pod in 10 s: {}",
+            log.lines()
+                .filter(|l| l.contains("connection closed"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }
 
