@@ -105,10 +105,36 @@ pub async fn peek(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
             })
         })
         .unwrap_or_default();
+    let sans: Vec<String> = x
+        .subject_alternative_name()?
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let ca = x.basic_constraints()?.map(|b| b.value.ca);
+    let key_usage = x.key_usage()?.map(|k| {
+        json!({
+            "digital_signature": k.value.digital_signature(),
+            "key_encipherment": k.value.key_encipherment(),
+            "key_cert_sign": k.value.key_cert_sign(),
+        })
+    });
+    let ext_key_usage = x
+        .extended_key_usage()?
+        .map(|e| json!({ "server_auth": e.value.server_auth, "client_auth": e.value.client_auth }));
     Ok(json!({
         "serial": x.raw_serial_as_string(),
         "uri": uri,
         "not_after": x.validity().not_after.timestamp(),
+        "subject_attributes": x.subject().iter().count(),
+        "sans": sans,
+        "ca": ca,
+        "key_usage": key_usage,
+        "ext_key_usage": ext_key_usage,
     }))
 }
 

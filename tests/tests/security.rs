@@ -289,6 +289,25 @@ fn certificates_rotate_under_traffic_and_tls12_is_refused() {
     };
     let before = peek(&mut c);
     assert_eq!(before["uri"], "spiffe://cluster.local/ns/default/sa/server");
+    // The certificate a live pod presents follows the X.509-SVID profile: no subject,
+    // one URI SAN, not a CA, a signing key only, for both TLS client and server.
+    assert_eq!(before["subject_attributes"], 0, "{before}");
+    assert_eq!(
+        before["sans"],
+        serde_json::json!(["URI(spiffe://cluster.local/ns/default/sa/server)"]),
+        "{before}"
+    );
+    assert_eq!(before["ca"], false, "basicConstraints CA:FALSE: {before}");
+    assert_eq!(
+        before["key_usage"],
+        serde_json::json!({"digital_signature": true, "key_encipherment": false, "key_cert_sign": false}),
+        "{before}"
+    );
+    assert_eq!(
+        before["ext_key_usage"],
+        serde_json::json!({"server_auth": true, "client_auth": true}),
+        "{before}"
+    );
 
     let out = c
         .run_in(
