@@ -303,6 +303,13 @@ fn pods_without_a_netns_path_are_found_by_uid_in_proc() {
             "2 network namespaces of pod UID {TWIN} hold the pod's IPs"
         ))
     });
+    // The destination must be enrolled itself before its refusal can be asserted: the
+    // agent is not waited for (it never becomes ready here), and pods enroll one by one.
+    poll("direct to be enrolled", Duration::from_secs(15), || {
+        c.agent_log("node-1")
+            .lines()
+            .any(|l| l.contains("pod enrolled") && l.contains("default/direct"))
+    });
     // Not enrolled, and still a meshed workload by its config: its plaintext is
     // refused at meshed destinations (fail closed), not taken as an outsider's.
     assert_eq!(
