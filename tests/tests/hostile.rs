@@ -151,13 +151,13 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
         .collect();
     // While the floods connect and then hold their sockets: mesh traffic, readiness
     // and the CA answer. The checks go on until every flood holds all it could open,
-    // and for 4 s after that.
+    // and for 6 s after that (the floods hold for 15 s).
     let started = Instant::now();
     let mut peak = 0;
     let mut checks = 0;
     let mut connected = 0;
     let mut all_held_at: Option<Instant> = None;
-    while all_held_at.is_none_or(|t| t.elapsed() < Duration::from_secs(4)) {
+    while all_held_at.is_none_or(|t| t.elapsed() < Duration::from_secs(6)) {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the floods did not finish connecting in 60 s ({connected} of {})",
@@ -175,7 +175,7 @@ fn idle_connection_floods_leave_traffic_readiness_and_the_ca_working() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(checks >= 8, "only {checks} checks");
+    assert!(checks >= 10, "only {checks} checks");
     let ca_peek = c.run_in(
         &client,
         &["tls-peek", "--addr", &format!("{CA_IP}:{CA_PORT}")],
