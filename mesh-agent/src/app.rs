@@ -87,6 +87,15 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         args.tunnel.tunnel_idle_timeout,
     );
 
+    let workers = args.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    let shards = Arc::new(crate::proxy::shards::Shards::start(workers).context("worker threads")?);
+    info!(
+        worker_threads = shards.count(),
+        "connections run on one runtime per worker thread"
+    );
     let proxy = Arc::new(ProxyContext {
         snapshot: SnapshotCell::default(),
         loads: Arc::new(crate::proxy::http::Loads::default()),
@@ -112,6 +121,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                 args.tunnel.max_connections_per_pod as usize,
             )
         },
+        shards,
     });
     let reaper = tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout));
     let kernel_flows = datapath.events.take().map(|ring| {

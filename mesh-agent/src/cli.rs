@@ -137,6 +137,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
 
+    /// Threads that serve connections, each with a runtime of its own (default: the
+    /// CPUs the agent may use, from its cgroup and affinity).
+    #[arg(long, env = "MESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: Option<u16>,
+
     /// Ports where the server speaks first: never held for protocol detection, and
     /// routes attached to them are refused (they stay L4). Comma-separated.
     #[arg(

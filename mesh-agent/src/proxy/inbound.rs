@@ -62,13 +62,14 @@ pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<
             }
         };
         let (pod, ctx) = (pod.clone(), ctx.clone());
-        tokio::spawn(
+        let shards = ctx.shards.clone();
+        shards.serve(stream, move |stream| {
             async move {
                 let _permits = (permit, source_permit);
                 handle(stream, peer, acceptor, pod, ctx).await
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
     }
 }
 

@@ -13,6 +13,7 @@ pub mod plan;
 mod podhop;
 mod pool;
 mod relay;
+pub mod shards;
 mod snapshot;
 mod tunnel;
 
@@ -62,6 +63,8 @@ pub struct ProxyContext {
     /// Concurrent connections of the data path, per pod (netns cookie) and in total:
     /// one pod cannot take the agent's file descriptors from the others.
     pub conns: Arc<crate::limits::ConnLimits<u64>>,
+    /// The runtimes accepted connections run on.
+    pub shards: Arc<shards::Shards>,
 }
 
 /// One enrolled pod, as its connections see it.

@@ -43,13 +43,14 @@ pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Ar
         let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, src = %pod.id, client = %client);
         let (pod, ctx) = (pod.clone(), ctx.clone());
-        tokio::spawn(
+        let shards = ctx.shards.clone();
+        shards.serve(stream, move |stream| {
             async move {
                 let _permit = permit;
                 handle(id, stream, client, pod, ctx).await
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
     }
 }
 

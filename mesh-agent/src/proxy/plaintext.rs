@@ -22,13 +22,14 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: A
         let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, dst = %pod.id, peer = %peer, mtls = false);
         let (pod, ctx) = (pod.clone(), ctx.clone());
-        tokio::spawn(
+        let shards = ctx.shards.clone();
+        shards.serve(stream, move |stream| {
             async move {
                 let _permit = permit;
                 handle(id, stream, peer, pod, ctx).await
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
     }
 }
 

@@ -27,6 +27,9 @@ pub struct PoolKey {
     pub source: Identity,
     pub dest: Identity,
     pub addr: SocketAddr,
+    /// The worker thread (`shards::current`): each keeps its own connections, so a
+    /// request never wakes another thread to reach its tunnel.
+    pub shard: usize,
 }
 
 pub struct PooledConn {

@@ -90,6 +90,7 @@ async fn lease(
         source: pod.identity.clone(),
         dest: dest.clone(),
         addr,
+        shard: super::shards::current(),
     };
     ctx.pool.lease(&key, || dial(pod, ctx, dest, addr)).await
 }

@@ -8,12 +8,13 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use super::{
+    access,
+    log_writer::{self, Batched, FlushGuard},
+};
 
-use super::access;
-
-/// Lines buffered for stderr before new ones are dropped.
-const LOG_BUFFER_LINES: usize = 64 * 1024;
+/// Bytes buffered for stderr before new lines are dropped.
+const LOG_BUFFER_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -34,7 +35,7 @@ pub enum AccessLog {
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
     /// Flushes the lines still buffered when the agent exits.
-    _flush: WorkerGuard,
+    _flush: Option<FlushGuard>,
     current: Mutex<String>,
 }
 
@@ -65,7 +66,7 @@ impl LogControl {
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
-fn boxed<F>(format: LogFormat, filter: F, writer: NonBlocking) -> BoxedLayer
+fn boxed<F>(format: LogFormat, filter: F, writer: Batched) -> BoxedLayer
 where
     F: tracing_subscriber::layer::Filter<Registry> + Send + Sync + 'static,
 {
@@ -99,14 +100,16 @@ pub fn init_logging(
     let filter = diagnostics_filter(&directives)
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{}=off", access::TARGET)));
     let (filter, handle) = reload::Layer::new(filter);
-    // Lines are written by a thread of their own: a request or connection never waits
-    // for stderr. When stderr cannot keep up (a stalled log collector, a full pipe),
-    // lines past the buffer are dropped, never the traffic.
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("mesh-log")
-        .finish(std::io::stderr());
+    // Lines are written in batches by a thread of their own (`log_writer`): a request
+    // or connection never waits for stderr, and lines past the buffer are dropped,
+    // never the traffic.
+    let (writer, guard) = match log_writer::start(std::io::stderr(), LOG_BUFFER_BYTES) {
+        Ok((w, g)) => (w, Some(g)),
+        Err(e) => {
+            eprintln!("mesh-agent: no log writer thread ({e}); lines are dropped");
+            (log_writer::Batched::discarding(), None)
+        }
+    };
     let mut layers: Vec<BoxedLayer> = vec![boxed(format, filter, writer.clone())];
     let access_format = match access_log {
         AccessLog::Off => None,

@@ -18,6 +18,7 @@ mod haproxy;
 mod load;
 mod report;
 mod scale;
+mod work;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -147,12 +148,20 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         progress(&format!("{name}: {rate} req/s for {}s", plan.rate_secs));
         let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
         let t0 = Instant::now();
+        let counting = (i == 0 && !proxies.is_empty())
+            .then(|| work::count(proxies, plan.rate_secs))
+            .flatten();
         match oha.fixed_rate(c, client, &url, *rate, plan.connections, plan.rate_secs) {
             Ok(l) => {
                 if i == 0 && !proxies.is_empty() {
                     let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
                     let vcpu = cpu / t0.elapsed().as_secs_f64();
                     s.proxy_vcpu_per_1k_rps = Some(vcpu * 1000.0 / l.achieved_rps.max(1.0));
+                    if let Some(w) = counting.and_then(work::Counting::finish) {
+                        let requests = l.achieved_rps * plan.rate_secs as f64;
+                        s.proxy_syscalls_per_request = Some(w.syscalls / requests.max(1.0));
+                        s.proxy_switches_per_request = Some(w.switches / requests.max(1.0));
+                    }
                 }
                 let mut l = l;
                 if l.success_rate < 1.0 {

@@ -19,6 +19,10 @@ pub struct Scenario {
     pub bulk_gbit_s: f64,
     /// Proxy CPU (agents or HAProxies) during the lowest fixed rate, per 1,000 req/s.
     pub proxy_vcpu_per_1k_rps: Option<f64>,
+    /// The proxies' system calls and context switches per request during the lowest
+    /// fixed rate (`perf stat`): work counts, which the machine's noise does not move.
+    pub proxy_syscalls_per_request: Option<f64>,
+    pub proxy_switches_per_request: Option<f64>,
     pub proxy_peak_rss_mib: Option<f64>,
     /// Anonymous resident memory at the end of the scenario (no shared code pages).
     pub proxy_anon_rss_mib: Option<f64>,
@@ -154,6 +158,7 @@ impl Report {
             );
         }
         md.push('\n');
+        self.work_table(&mut md);
         self.l7_table(&mut md);
         self.sockmap_table(&mut md);
         let _ = writeln!(md, "## Scenarios\n");
@@ -187,6 +192,38 @@ impl Report {
             "\n![p99 latency](p99-latency.svg)\n\n![throughput vs baseline](throughput.svg)"
         );
         md
+    }
+
+    /// Per-request kernel work of the proxies: counts, not times, so two runs on a noisy
+    /// machine agree where latencies do not.
+    fn work_table(&self, md: &mut String) {
+        let rows: Vec<_> = self
+            .scenarios
+            .iter()
+            .filter(|s| s.proxy_syscalls_per_request.is_some())
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let rate = self
+            .scenarios
+            .iter()
+            .find_map(|s| s.latency.first().map(|l| l.rate));
+        let _ = writeln!(
+            md,
+            "## Work per request\n\nThe proxies' system calls and context switches (all threads of every proxy process on the path, both nodes) per request, counted with `perf stat` during the {} req/s run.\n\n| scenario | syscalls per request | context switches per request |\n|---|---|---|",
+            rate.unwrap_or_default()
+        );
+        for s in rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                s.name,
+                opt(s.proxy_syscalls_per_request, 1),
+                opt(s.proxy_switches_per_request, 1)
+            );
+        }
+        md.push('\n');
     }
 
     /// Each mesh scenario with sockmap on, as a ratio to the same scenario with it off.

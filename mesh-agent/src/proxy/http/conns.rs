@@ -34,6 +34,8 @@ struct Key {
     netns_cookie: u64,
     addr: SocketAddr,
     wire: Wire,
+    /// Each worker thread keeps its own connections (see `shards`).
+    shard: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +61,12 @@ impl SendError {
     }
 }
 
-/// Idle HTTP/1.1 connections kept per address.
+/// HTTP/1.1 connections pooled per address (idle, or finishing a response).
 const MAX_IDLE_PER_ADDR: usize = 32;
-/// An idle connection older than this is not reused (servers close theirs too).
+/// A connection pooled longer than this is not reused (servers close idle ones too).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Idle HTTP/1.1 connections of one address, with when each became idle.
+/// Pooled HTTP/1.1 connections of one address, with when each was last used.
 type Idle = Vec<(http1::SendRequest<Body>, Instant)>;
 
 #[derive(Default)]
@@ -87,6 +89,7 @@ impl AppConns {
             netns_cookie,
             addr,
             wire,
+            shard: crate::proxy::shards::current(),
         };
         match wire {
             Wire::Http2 => {
@@ -117,27 +120,22 @@ impl AppConns {
                     None => dial_h1(netns, addr, connect_timeout).await?,
                 };
                 let resp = sender.send_request(req).await?;
-                // The connection is free again once this response's body is read.
-                let pool = self.clone();
-                tokio::spawn(async move {
-                    if sender.ready().await.is_ok() {
-                        pool.put_idle(key, sender);
-                    }
-                });
+                // Pooled at once, and taken again only once it is ready (this
+                // response's body read): no task per request waits for that.
+                self.put_idle(key, sender);
                 Ok(resp)
             }
         }
     }
 
+    /// A pooled connection with no request in flight. Those still reading a response
+    /// stay pooled for later; closed and stale ones are dropped.
     fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
-        while let Some((s, since)) = list.pop() {
-            if s.is_ready() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(s);
-            }
-        }
-        None
+        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        let ready = list.iter().rposition(|(s, _)| s.is_ready())?;
+        Some(list.swap_remove(ready).0)
     }
 
     fn put_idle(&self, key: Key, sender: http1::SendRequest<Body>) {
