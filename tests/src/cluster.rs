@@ -47,6 +47,9 @@ pub struct Pod {
     pub cgroup: PathBuf,
 }
 
+/// Longer than the agent's log batch interval (50 ms), with room for the write.
+const LOG_BATCH: Duration = Duration::from_millis(120);
+
 pub struct Cluster {
     pub prefix: String,
     /// The config directory the agents watch.
@@ -463,7 +466,11 @@ impl Cluster {
         self.work_dir.join(format!("{node}-agent.log"))
     }
 
+    /// The agent's log so far. The agent writes its lines in batches (at most 50 ms
+    /// after the event), so this first waits out one batch: a line logged before the
+    /// call is in what it returns.
     pub fn agent_log(&self, node: &str) -> String {
+        std::thread::sleep(LOG_BATCH);
         fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
     }
 
