@@ -81,6 +81,16 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
             })
         })
     });
+    // ... and counted, by kind, on both nodes (and zero for the other kinds).
+    for node in ["node-1", "node-2"] {
+        let m = c.metrics(node).unwrap();
+        let rejected = |kind| metric(&m, "mesh_config_rejected_objects", &[("kind", kind)]);
+        assert_eq!(rejected("Service"), 1, "{node}: {m}");
+        assert!(
+            m.contains("mesh_config_rejected_objects{kind=\"Pod\"} 0"),
+            "{node}: {m}"
+        );
+    }
     assert_eq!(who_answers(&mut c, &client, &web), "server");
 
     // The API server goes away; while it is down `api` is deleted and the history

@@ -13,7 +13,7 @@ use crate::{
     config::{AuthzAction, MtlsMode, Rule, Selector, TargetPort},
     identity::Identity,
     state::PortProtocol,
-    telemetry::metrics::{EventLabel, IdentityLabel, MapLabel, ResultLabel},
+    telemetry::metrics::{EventLabel, IdentityLabel, KindLabel, MapLabel, ResultLabel},
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -456,6 +456,11 @@ pub fn render_metrics(state: &AdminState) -> String {
         m.tunnel_connections
             .set(core.proxy.pool.connections() as i64);
         m.config_generation.set(core.config.borrow().number as i64);
+        for (kind, n) in core.reloads.rejected_objects() {
+            m.config_rejected_objects
+                .get_or_create(&KindLabel { kind })
+                .set(n as i64);
+        }
         let ok = core.reloads.ok.load(Ordering::Relaxed);
         let failed = core.reloads.failed.load(Ordering::Relaxed);
         let mut seen = m.reloads_seen.lock().unwrap_or_else(|p| p.into_inner());

@@ -23,11 +23,21 @@ pub struct ReloadStats {
     pub failed: AtomicU64,
     /// The error of the source as it is now, if it does not load.
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Objects refused one by one (the API source) as they are now, by kind.
+    pub rejected_objects: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl ReloadStats {
     pub fn last_error(&self) -> Option<String> {
         self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Refused objects by kind, as the source last counted them.
+    pub fn rejected_objects(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.rejected_objects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -97,6 +107,15 @@ impl Publisher {
             "config rejected; the last good config keeps serving");
         self.stats.failed.fetch_add(1, Relaxed);
         self.stats.set_error(Some(error));
+    }
+
+    /// The objects the source refuses now, by kind (every kind it reads, zeros too).
+    pub fn rejected_objects(&mut self, by_kind: std::collections::BTreeMap<&'static str, u64>) {
+        *self
+            .stats
+            .rejected_objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = by_kind;
     }
 
     /// Nobody listens any more: the source may stop.

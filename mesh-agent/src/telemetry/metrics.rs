@@ -41,6 +41,12 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// A config object kind, as Kubernetes spells it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: &'static str,
@@ -121,6 +127,7 @@ pub struct Metrics {
     pub response_bytes: Histograms,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub config_generation: Gauge,
+    pub config_rejected_objects: Family<KindLabel, Gauge>,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub cert_expiry: Family<IdentityLabel, Gauge>,
@@ -190,6 +197,12 @@ impl Default for Metrics {
             "mesh_config_reloads",
             "Config directory loads by result (ok, failed)",
             config_reloads.clone(),
+        );
+        let config_rejected_objects = Family::default();
+        registry.register(
+            "mesh_config_rejected_objects",
+            "Objects from the Kubernetes API refused as invalid, by kind, as they are now (the rest of the config applies)",
+            config_rejected_objects.clone(),
         );
         let config_generation = Gauge::default();
         registry.register(
@@ -264,6 +277,7 @@ impl Default for Metrics {
             response_bytes,
             config_reloads,
             config_generation,
+            config_rejected_objects,
             map_entries,
             map_capacity,
             cert_expiry,

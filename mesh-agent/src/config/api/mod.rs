@@ -105,6 +105,7 @@ impl ConfigSource for ApiSource {
                     dirty |= tracker.apply(input, &mut store);
                     if refusals_may_change {
                         report_rejections(&store, &mut reported, self.events.as_ref());
+                        publisher.rejected_objects(count_by_kind(&self.kinds, &reported));
                     }
                     if (dirty || (tracker.ready() && !announced)) && publish_at.is_none() {
                         publish_at = Some(Instant::now() + SETTLE);
@@ -193,6 +194,19 @@ fn report_rejections(
         }
     }
     *reported = now.into_iter().map(|(k, (e, _))| (k, e)).collect();
+}
+
+/// How many objects of each watched kind are refused (zeros included, so a metric
+/// shows every kind).
+fn count_by_kind(
+    kinds: &[Kind],
+    refused: &BTreeMap<super::ObjectKey, FieldError>,
+) -> BTreeMap<&'static str, u64> {
+    let mut counts: BTreeMap<&'static str, u64> = kinds.iter().map(|k| (k.name(), 0)).collect();
+    for key in refused.keys() {
+        *counts.entry(key.kind.name()).or_default() += 1;
+    }
+    counts
 }
 
 /// Watches one kind for as long as the loop listens.
