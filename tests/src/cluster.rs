@@ -474,6 +474,12 @@ impl Cluster {
         fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
     }
 
+    /// The CA's log so far, once one log batch has been written (as `agent_log`).
+    pub fn ca_log(&self) -> String {
+        std::thread::sleep(LOG_BATCH);
+        fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default()
+    }
+
     pub fn ca_dir(&self) -> PathBuf {
         self.work_dir.join("ca")
     }

@@ -377,34 +377,6 @@ fn strict_covers_every_address_of_a_pod_and_permissive_captures_each() {
     }
 }
 
-/// Plaintext probes from a pod outside the mesh, every 50 ms for `secs`, while `f`
-/// runs: how many were answered.
-fn answered_while(
-    c: &mut Cluster,
-    from: &Pod,
-    addr: &str,
-    secs: u64,
-    f: impl FnOnce(&mut Cluster),
-) -> serde_json::Value {
-    let probe = c
-        .spawn(
-            from,
-            &[
-                "probe",
-                "--addr",
-                addr,
-                "--secs",
-                &secs.to_string(),
-                "--every-ms",
-                "50",
-            ],
-        )
-        .unwrap();
-    f(c);
-    let out = probe.wait_with_output().unwrap();
-    json(&String::from_utf8_lossy(&out.stdout))
-}
-
 #[test]
 fn strict_never_lapses_across_a_crash_a_restart_without_the_ca_and_a_label_change() {
     let _g = serial();

@@ -333,3 +333,73 @@ fn pods_without_a_netns_path_are_found_by_uid_in_proc() {
         || who(&mut c, &found) == "meshed",
     );
 }
+
+/// An agent killed while its pods run, and started again, finds a STRICT pod that no
+/// config path places by the `/proc` scan (its UID in the pod's cgroup, confirmed by
+/// its IP), and the pod accepts no plaintext at any moment in between: the kernel's
+/// enforcement stays pinned through the crash and the new agent adopts it.
+#[test]
+fn a_restarted_agent_finds_its_pods_in_proc_and_strict_admits_no_plaintext_meanwhile() {
+    const UID: &str = "5d2e8f1a-6b3c-4d7e-9f0a-1b2c3d4e5f6a";
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let found = c.add_kubelet_pod("node-1", "found", UID).unwrap();
+    let outsider = c.add_pod("node-1", "outsider").unwrap();
+    serve(&mut c, &found);
+    let base = yaml::pod_unplaced(&found.name, &found.node, found.ip, Some(UID))
+        + &c.pod_yaml(&outsider, false);
+    c.write_config(
+        "cluster.yaml",
+        &(base.clone() + &yaml::peer_authentication("STRICT")),
+    )
+    .unwrap();
+    c.start_agent("node-1").unwrap();
+    let by_proc = |c: &Cluster| {
+        c.agent_log("node-1").lines().any(|l| {
+            l.contains("pod enrolled")
+                && l.contains("pod=default/found")
+                && l.contains(&format!("of pod UID {UID}"))
+        })
+    };
+    assert!(by_proc(&c), "{}", c.agent_log("node-1"));
+    let direct = sa(found.ip, PORT);
+    assert_eq!(
+        who_answers(&mut c, &outsider, &direct),
+        "",
+        "STRICT to begin with"
+    );
+
+    let out = answered_while(&mut c, &outsider, &direct, 12, |c| {
+        c.crash_agent("node-1").unwrap();
+        let dir = c.config_dir.clone();
+        // The log starts afresh with the new agent.
+        c.launch_agent("node-1", &dir).unwrap();
+        poll(
+            "the pod to be found in /proc again",
+            Duration::from_secs(10),
+            || by_proc(c),
+        );
+    });
+    assert!(out["sent"].as_u64().unwrap() > 100, "{out}");
+    assert_eq!(
+        out["answered"], 0,
+        "plaintext reached the STRICT pod: {out}"
+    );
+    c.wait_ready("node-1", SECS).unwrap();
+
+    // The control: the same probes are answered once the pod is PERMISSIVE, so the zero
+    // above is STRICT's doing, not a probe that cannot get through.
+    c.write_config(
+        "cluster.yaml",
+        &(base + &yaml::peer_authentication("PERMISSIVE")),
+    )
+    .unwrap();
+    poll("PERMISSIVE to apply", SECS, || {
+        who_answers(&mut c, &outsider, &direct) == "found"
+    });
+    let out = answered_while(&mut c, &outsider, &direct, 2, |_| {});
+    assert!(
+        out["answered"].as_u64().unwrap() > 0,
+        "no probe answered under PERMISSIVE: {out}"
+    );
+}

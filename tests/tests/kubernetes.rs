@@ -276,8 +276,7 @@ fn the_ca_takes_the_node_from_the_agents_token_and_signs_only_what_runs_there() 
     )
     .unwrap();
     c.start_ca().unwrap();
-    let ca_log =
-        |c: &Cluster| std::fs::read_to_string(c.work_dir.join("ca.log")).unwrap_or_default();
+    let ca_log = |c: &Cluster| c.ca_log();
     assert!(ca_log(&c).contains("token-review"), "{}", ca_log(&c));
 
     // node-2's agent first holds a workload's token: bound to a pod on node-2, for the

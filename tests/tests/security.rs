@@ -555,7 +555,7 @@ fn the_ca_signs_only_identities_that_run_on_the_asking_node() {
     // node-1 is compromised: its config claims a pod running as server's identity.
     let own = lying_config(&c, &client, &server);
     c.launch_agent("node-1", &own).unwrap();
-    let ca_log = || std::fs::read_to_string(c.work_dir.join("ca.log")).unwrap_or_default();
+    let ca_log = || c.ca_log();
     poll("the CA to refuse", Duration::from_secs(15), || {
         ca_log().contains(
             "node node-1 runs no pod with identity spiffe://cluster.local/ns/default/sa/server",

@@ -261,3 +261,31 @@ pub fn lying_config(c: &Cluster, client: &Pod, server: &Pod) -> std::path::PathB
     std::fs::write(own.join("cluster.yaml"), lie).unwrap();
     own
 }
+
+/// Plaintext probes from a pod outside the mesh, every 50 ms for `secs`, while `f`
+/// runs: how many were answered.
+pub fn answered_while(
+    c: &mut Cluster,
+    from: &Pod,
+    addr: &str,
+    secs: u64,
+    f: impl FnOnce(&mut Cluster),
+) -> serde_json::Value {
+    let probe = c
+        .spawn(
+            from,
+            &[
+                "probe",
+                "--addr",
+                addr,
+                "--secs",
+                &secs.to_string(),
+                "--every-ms",
+                "50",
+            ],
+        )
+        .unwrap();
+    f(c);
+    let out = probe.wait_with_output().unwrap();
+    json(&String::from_utf8_lossy(&out.stdout))
+}
