@@ -5,7 +5,7 @@
 //! the server compacted its history (410 Gone).
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -324,4 +324,99 @@ fn the_ca_takes_the_node_from_the_agents_token_and_signs_only_what_runs_there() 
     });
     let reviews = c.api().unwrap().requests().token_reviews;
     assert!(reviews >= 3, "token reviews: {reviews}");
+}
+
+/// On the API source, a pod added while a client's connections flow to its Service is
+/// enrolled and takes its share once its endpoint appears; removed again (its endpoint
+/// first, then the pod, as Kubernetes does), it leaves without one of the client's
+/// connections failing.
+#[test]
+fn a_pod_added_and_removed_while_traffic_flows_fails_no_connection() {
+    let _g = serial();
+    let mut c = cluster(&["node-1", "node-2"]);
+    c.use_kubernetes_api().unwrap();
+    let client = c.add_pod("node-1", "client").unwrap();
+    let first = c.add_pod("node-2", "first").unwrap();
+    let second = c.add_pod("node-2", "second").unwrap();
+    serve(&mut c, &first);
+    serve(&mut c, &second);
+    let web = sa(vip(40), 80);
+    let base = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&first, true)
+        + &yaml::service("web", vip(40), 80, PORT);
+    let second_pod = c.pod_yaml(&second, true);
+    let slice = |ips: &[std::net::IpAddr]| yaml::endpoint_slice("web", PORT, ips);
+    c.write_config("cluster.yaml", &(base.clone() + &slice(&[first.ip])))
+        .unwrap();
+    c.start_agent("node-1").unwrap();
+    c.start_agent("node-2").unwrap();
+    assert_eq!(who_answers(&mut c, &client, &web), "first");
+    let answering = |c: &mut Cluster| -> Vec<String> {
+        let out = c
+            .run_in(&client, &["who", "--addr", &web, "--count", "8"], SECS)
+            .unwrap();
+        json(&out)["replies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.as_str()?.split(' ').next().map(str::to_owned))
+            .collect()
+    };
+
+    // New connections back to back for the whole change.
+    let traffic = c
+        .spawn(&client, &["loop", "--addr", &web, "--secs", "20"])
+        .unwrap();
+    let started = Instant::now();
+    // Added: the pod, then its endpoint (once it is ready, as the endpoints
+    // controller does).
+    c.write_config(
+        "cluster.yaml",
+        &(base.clone() + &second_pod + &slice(&[first.ip])),
+    )
+    .unwrap();
+    poll("second to be enrolled", SECS, || {
+        c.agent_log("node-2")
+            .lines()
+            .any(|l| l.contains("pod enrolled") && l.contains("pod=default/second"))
+    });
+    c.write_config(
+        "cluster.yaml",
+        &(base.clone() + &second_pod + &slice(&[first.ip, second.ip])),
+    )
+    .unwrap();
+    poll("second to take its share", SECS, || {
+        answering(&mut c).iter().any(|w| w == "second")
+    });
+    // Removed: the endpoint, then (after the connections it had ended) the pod.
+    c.write_config(
+        "cluster.yaml",
+        &(base.clone() + &second_pod + &slice(&[first.ip])),
+    )
+    .unwrap();
+    poll("second to get no new connection", SECS, || {
+        answering(&mut c).iter().all(|w| w == "first")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    c.write_config("cluster.yaml", &(base + &slice(&[first.ip])))
+        .unwrap();
+    poll("second to leave the mesh", SECS, || {
+        c.agent_log("node-2")
+            .lines()
+            .any(|l| l.contains("pod unenrolled") && l.contains("pod=default/second"))
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(18),
+        "the changes outlasted the traffic: {:?}",
+        started.elapsed()
+    );
+    let out = traffic.wait_with_output().unwrap();
+    let out = json(&String::from_utf8_lossy(&out.stdout));
+    assert!(out["ok"].as_u64().unwrap() > 100, "{out}");
+    assert_eq!(
+        out["failed"].as_array().map(Vec::len),
+        Some(0),
+        "connections failed while a pod came and went: {out}"
+    );
+    assert_eq!(who_answers(&mut c, &client, &web), "first");
 }

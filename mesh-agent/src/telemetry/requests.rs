@@ -160,9 +160,15 @@ impl Telemetry {
         let (_, error) = classify(end, facts.grpc);
         if let Some(route) = &facts.route {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-            let c = routes.entry(route.clone()).or_default();
-            c.requests += 1;
-            c.errors += u64::from(error);
+            // Looked up before inserting: the key is cloned once per route rule, not
+            // once per request.
+            if !routes.contains_key(route) {
+                routes.insert(route.clone(), RouteCounts::default());
+            }
+            if let Some(c) = routes.get_mut(route) {
+                c.requests += 1;
+                c.errors += u64::from(error);
+            }
         }
         self.flows.publish_with(|| request_flow(facts, end, error));
     }

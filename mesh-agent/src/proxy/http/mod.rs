@@ -21,6 +21,7 @@ mod errors;
 mod filters;
 pub mod inbound;
 mod metered;
+mod prefetch;
 mod replay;
 mod request_id;
 mod route;
@@ -219,7 +220,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
         path: &path,
         route: String::new(),
         rule: String::new(),
-        upstream: String::new(),
+        upstream: Upstream(None),
         mode: Mode::Passthrough,
         destination: Peer::default(),
         service: conn.service.clone(),
@@ -228,6 +229,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
     let response = match decision {
         Decision::NotFound if routes.is_none() => {
             let wire = upstream_wire(conn.protocol, client_wire);
+            let body = prefetch::first_frame(&parts.headers, body).await;
             let req = Request::from_parts(parts, body);
             upstream::to_service(&conn, &snap, req, wire, &authority, &mut log).await
         }
@@ -268,6 +270,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
                 }
                 cors => {
                     let wire = upstream_wire(conn.protocol, client_wire);
+                    let body = prefetch::first_frame(&parts.headers, body).await;
                     let req = Request::from_parts(parts, body);
                     let resp =
                         upstream::forward(&conn, &snap, f, req, wire, upgrade, &mut log).await;
@@ -326,6 +329,20 @@ fn request_filters(filters: &[Filter], headers: &mut HeaderMap) {
     }
 }
 
+/// The endpoint of a request in the access log: an address, or nothing. Kept as an
+/// address and formatted only when the line is written.
+#[derive(Clone, Copy)]
+struct Upstream(Option<SocketAddr>);
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What the access log says of one request.
 struct RequestLog<'a> {
     conn: &'a Conn,
@@ -334,7 +351,8 @@ struct RequestLog<'a> {
     path: &'a str,
     route: String,
     rule: String,
-    upstream: String,
+    /// The endpoint the request was sent to, once one was picked.
+    upstream: Upstream,
     /// How the request left this agent, and to whom (once an endpoint was picked).
     mode: Mode,
     destination: Peer,

@@ -125,7 +125,7 @@ pub async fn send(
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
     let (endpoint, in_flight) = pick(conn, snap, endpoints)?;
-    log.upstream = endpoint.to_string();
+    log.upstream = super::Upstream(Some(endpoint));
     let stream = match connect(conn, snap, endpoint, &req, &up, log).await {
         Ok(s) => s,
         Err(e) => {

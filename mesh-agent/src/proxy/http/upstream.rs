@@ -183,7 +183,7 @@ fn mirror(
                 path: &path,
                 route: String::new(),
                 rule: String::new(),
-                upstream: String::new(),
+                upstream: super::Upstream(None),
                 mode: Mode::Passthrough,
                 destination: Peer::default(),
                 service,
@@ -289,7 +289,7 @@ async fn send(
     log: &mut RequestLog<'_>,
 ) -> Result<Response<Body>, Failure> {
     let (endpoint, in_flight) = pick(conn, snap, endpoints)?;
-    log.upstream = endpoint.to_string();
+    log.upstream = super::Upstream(Some(endpoint));
     let hop = hop_to(snap, endpoint);
     log.destination = hop.peer();
     log.mode = mode_of(&hop.way);
