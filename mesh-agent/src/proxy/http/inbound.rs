@@ -20,7 +20,7 @@ use super::{
     errors::Failure,
     is_grpc,
     metered::{self, Report},
-    prefetch, strip_headers,
+    strip_headers,
     upstream::shape,
 };
 use crate::{
@@ -131,11 +131,9 @@ pub async fn deliver(
     };
     let (resp, flag) = match sent {
         Ok(resp) => {
-            let (mut parts, b) = resp.into_parts();
-            // Headers and a small body leave together (see `prefetch`).
-            let b = prefetch::first_frame(&parts.headers, body::incoming(b)).await;
-            parts.version = Version::default();
-            (Response::from_parts(parts, b), ResponseFlag::None)
+            let mut resp = resp.map(body::incoming);
+            *resp.version_mut() = Version::default();
+            (resp, ResponseFlag::None)
         }
         Err(f) => {
             warn!(error = %f, source = %from.identity, "routed request refused");
@@ -200,8 +198,7 @@ pub async fn serve_request(
         .map_or("/".to_owned(), |p| p.as_str().to_owned());
     let (mut parts, incoming) = req.into_parts();
     strip_headers(&mut parts.headers);
-    let b = prefetch::first_frame(&parts.headers, body::incoming(incoming)).await;
-    let req = Request::from_parts(parts, b);
+    let req = Request::from_parts(parts, body::incoming(incoming));
     let from = Sender {
         identity: source.clone(),
         addr: peer,

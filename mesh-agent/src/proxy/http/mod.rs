@@ -21,7 +21,6 @@ mod errors;
 mod filters;
 pub mod inbound;
 mod metered;
-mod prefetch;
 mod replay;
 mod request_id;
 mod route;
@@ -229,7 +228,6 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
     let response = match decision {
         Decision::NotFound if routes.is_none() => {
             let wire = upstream_wire(conn.protocol, client_wire);
-            let body = prefetch::first_frame(&parts.headers, body).await;
             let req = Request::from_parts(parts, body);
             upstream::to_service(&conn, &snap, req, wire, &authority, &mut log).await
         }
@@ -270,7 +268,6 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
                 }
                 cors => {
                     let wire = upstream_wire(conn.protocol, client_wire);
-                    let body = prefetch::first_frame(&parts.headers, body).await;
                     let req = Request::from_parts(parts, body);
                     let resp =
                         upstream::forward(&conn, &snap, f, req, wire, upgrade, &mut log).await;
