@@ -29,20 +29,7 @@ fn setup() -> (Cluster, Pod, Pod, Pod) {
 }
 
 fn backends(c: &mut Cluster, client: &Pod, n: usize) -> Vec<String> {
-    let out = json(
-        &c.run_in(
-            client,
-            &["who", "--addr", &sa(vip(50), 80), "--count", &n.to_string()],
-            SECS,
-        )
-        .unwrap(),
-    );
-    out["replies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().split(' ').next().unwrap().to_owned())
-        .collect()
+    answering(c, client, &sa(vip(50), 80), n)
 }
 
 #[test]

@@ -351,17 +351,6 @@ fn a_pod_added_and_removed_while_traffic_flows_fails_no_connection() {
     c.start_agent("node-1").unwrap();
     c.start_agent("node-2").unwrap();
     assert_eq!(who_answers(&mut c, &client, &web), "first");
-    let answering = |c: &mut Cluster| -> Vec<String> {
-        let out = c
-            .run_in(&client, &["who", "--addr", &web, "--count", "8"], SECS)
-            .unwrap();
-        json(&out)["replies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| r.as_str()?.split(' ').next().map(str::to_owned))
-            .collect()
-    };
 
     // New connections back to back for the whole change.
     let traffic = c
@@ -386,7 +375,9 @@ fn a_pod_added_and_removed_while_traffic_flows_fails_no_connection() {
     )
     .unwrap();
     poll("second to take its share", SECS, || {
-        answering(&mut c).iter().any(|w| w == "second")
+        answering(&mut c, &client, &web, 8)
+            .iter()
+            .any(|w| w == "second")
     });
     // Removed: the endpoint, then (after the connections it had ended) the pod.
     c.write_config(
@@ -395,7 +386,9 @@ fn a_pod_added_and_removed_while_traffic_flows_fails_no_connection() {
     )
     .unwrap();
     poll("second to get no new connection", SECS, || {
-        answering(&mut c).iter().all(|w| w == "first")
+        answering(&mut c, &client, &web, 8)
+            .iter()
+            .all(|w| w == "first")
     });
     std::thread::sleep(Duration::from_secs(1));
     c.write_config("cluster.yaml", &(base + &slice(&[first.ip])))

@@ -36,6 +36,14 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(limit: usize) -> Self {
+        Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            limit,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -61,11 +69,7 @@ pub struct Batched(Arc<Shared>);
 impl Batched {
     /// A writer that keeps nothing (no thread could be started to write).
     pub fn discarding() -> Self {
-        Batched(Arc::new(Shared {
-            pending: Mutex::new(Pending::default()),
-            wake: Condvar::new(),
-            limit: 0,
-        }))
+        Batched(Arc::new(Shared::new(0)))
     }
 }
 
@@ -126,11 +130,7 @@ pub fn start<W: Write + Send + 'static>(
     out: W,
     limit: usize,
 ) -> std::io::Result<(Batched, FlushGuard)> {
-    let shared = Arc::new(Shared {
-        pending: Mutex::new(Pending::default()),
-        wake: Condvar::new(),
-        limit,
-    });
+    let shared = Arc::new(Shared::new(limit));
     let thread = std::thread::Builder::new().name("mesh-log".into()).spawn({
         let shared = shared.clone();
         move || write_batches(&shared, out)

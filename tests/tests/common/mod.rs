@@ -219,6 +219,24 @@ pub fn who_answers(c: &mut Cluster, pod: &Pod, addr: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The names of the pods that answered `count` connections opened at once from `pod`
+/// to `addr` (`mesh-testpod who --count`); panics if any failed.
+pub fn answering(c: &mut Cluster, pod: &Pod, addr: &str, count: usize) -> Vec<String> {
+    let out = c
+        .run_in(
+            pod,
+            &["who", "--addr", addr, "--count", &count.to_string()],
+            SECS,
+        )
+        .unwrap();
+    json(&out)["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().split(' ').next().unwrap().to_owned())
+        .collect()
+}
+
 /// Pods `direct` and `meshed` on `node`, both serving on [`PORT`], and Service
 /// `decoy`, whose ClusterIP is really `direct`'s address and whose endpoint is
 /// `meshed`: from a pod, a connection to `addr` that reaches `direct` was not
