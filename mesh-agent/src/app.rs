@@ -18,7 +18,7 @@ use crate::{
     bpf::{self, Datapath, DatapathOptions},
     cli::RunArgs,
     cli::Source,
-    config::{ApiSource, ConfigWatch, Directory, Generation},
+    config::{ApiSource, ConfigWatch, Directory, Generation, LeaseSettings},
     identity::{CaClient, SecretManager},
     inpod::PodManager,
     proxy::{ConfigParts, Pool, ProxyContext, SnapshotCell},
@@ -28,6 +28,8 @@ use crate::{
 
 /// How often pods that could not be enrolled (netns not there yet) are retried.
 const RETRY_PODS: Duration = Duration::from_secs(1);
+/// The Lease whose holder writes route status (one agent of the cluster).
+const ROUTE_STATUS_LEASE: &str = "mesh-route-status";
 
 pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     crate::limits::raise_fd_limit();
@@ -168,7 +170,21 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         Source::Kubernetes(kubeconfig) => {
             let (client, server) = crate::config::api_client(kubeconfig.as_deref()).await?;
             pods.set_annotator(crate::config::PodAnnotator::start(client.clone()));
-            ConfigWatch::start(ApiSource::new(client, server).report_events(args.node_name.clone()))
+            let mut api = ApiSource::new(client, server).report_events(args.node_name.clone());
+            if args.route_status.is_on() {
+                let server_first = args.server_first_ports.clone();
+                api = api.write_route_status(
+                    LeaseSettings::new(
+                        args.namespace.clone(),
+                        ROUTE_STATUS_LEASE.to_owned(),
+                        args.node_name.clone(),
+                    ),
+                    Arc::new(move |c: &crate::config::Config| {
+                        HttpRoutes::build(c, &server_first).problems
+                    }),
+                );
+            }
+            ConfigWatch::start(api)
         }
     };
     let mut current: Arc<Generation> = config.updates.borrow().clone();

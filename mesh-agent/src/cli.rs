@@ -200,6 +200,17 @@ pub struct RunArgs {
     /// mesh-wide (Istio's root namespace).
     #[arg(long, default_value = "istio-system")]
     pub root_namespace: String,
+
+    /// With the Kubernetes source: write each HTTPRoute's and GRPCRoute's
+    /// `status.parents` (Accepted, ResolvedRefs). One agent of the cluster writes at
+    /// a time, the holder of the Lease `mesh-route-status` in `--namespace`.
+    #[arg(long, value_enum, default_value = "on")]
+    pub route_status: Switch,
+
+    /// The namespace the agent runs in (in a DaemonSet: from the downward API), where
+    /// the route-status Lease lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    pub namespace: String,
 }
 
 /// Where the agent gets its workload certificates.

@@ -252,6 +252,40 @@ struct TimeoutsObject {
     backend_request: Option<String>,
 }
 
+/// A route none of whose parents is a Service belongs to another controller (a
+/// Gateway's, say), read from the raw document so that features the mesh does not
+/// serve never fail it. A route that names no parent at all is the mesh's to refuse.
+pub fn is_foreign(doc: &serde_json::Value) -> bool {
+    let Some(parents) = doc["spec"]["parentRefs"].as_array() else {
+        return false;
+    };
+    !parents.is_empty() && !parents.iter().any(is_mesh_parent_doc)
+}
+
+/// A Service parent, of a parentRef as written (see `is_mesh_parent`).
+pub fn is_mesh_parent_doc(p: &serde_json::Value) -> bool {
+    is_core_group(p.get("group").and_then(|g| g.as_str()))
+        && p.get("kind").and_then(|k| k.as_str()) == Some("Service")
+}
+
+/// Only the metadata of a route that is not the mesh's.
+#[derive(Debug, Deserialize)]
+pub struct ForeignRouteObject {
+    metadata: ObjectMeta,
+}
+
+/// A route that is not the mesh's: kept (so the store knows it) with no parent and
+/// no rule, so it attaches nowhere.
+pub fn foreign_route(obj: &ForeignRouteObject, kind: RouteKind) -> Result<Route> {
+    Ok(Route {
+        id: object_id(&obj.metadata)?,
+        kind,
+        created: None,
+        parents: Vec::new(),
+        rules: Vec::new(),
+    })
+}
+
 /// Translates an HTTPRoute (`kind` Http) or a GRPCRoute (`kind` Grpc).
 pub fn route(obj: &RouteObject, kind: RouteKind) -> Result<Route> {
     let id = object_id(&obj.metadata)?;
@@ -270,12 +304,26 @@ pub fn route(obj: &RouteObject, kind: RouteKind) -> Result<Route> {
     if spec.parent_refs.len() > MAX_PARENTS {
         return Err(too_many("spec.parentRefs", MAX_PARENTS));
     }
+    // Parents other than a Service (a Gateway, by Gateway API's defaults) belong to
+    // another controller: ignored, not refused. A route with no Service parent is not
+    // the mesh's at all; nothing of it is read, so a gateway's route that uses
+    // features the mesh lacks raises no error here.
     let parents = spec
         .parent_refs
         .iter()
         .enumerate()
+        .filter(|(_, p)| is_mesh_parent(p))
         .map(|(i, p)| parent(p, &id, &format!("spec.parentRefs[{i}]")))
         .collect::<Result<Vec<_>>>()?;
+    if parents.is_empty() {
+        return Ok(Route {
+            id,
+            kind,
+            created,
+            parents,
+            rules: Vec::new(),
+        });
+    }
     if spec.rules.len() > MAX_RULES {
         return Err(too_many("spec.rules", MAX_RULES));
     }
@@ -314,19 +362,13 @@ fn is_core_group(group: Option<&str>) -> bool {
     matches!(group, Some("") | Some("core"))
 }
 
+/// A Service parent (`group: ""` or `core`, `kind: Service`): the mesh's. `group`
+/// defaults to gateway.networking.k8s.io and `kind` to Gateway.
+fn is_mesh_parent(p: &ParentRefObject) -> bool {
+    is_core_group(p.group.as_deref()) && p.kind.as_deref() == Some("Service")
+}
+
 fn parent(p: &ParentRefObject, route: &NamespacedName, field: &str) -> Result<ParentRef> {
-    // `group` defaults to gateway.networking.k8s.io (a Gateway): a mesh parent must
-    // say the core group, as "" or "core".
-    if !is_core_group(p.group.as_deref()) || p.kind.as_deref() != Some("Service") {
-        return Err(FieldError::new(
-            field,
-            format!(
-                "parent {}/{} is not supported: a mesh route attaches to a Service (group: \"\", kind: Service); Gateways are not served by this agent",
-                p.group.as_deref().unwrap_or("gateway.networking.k8s.io"),
-                p.kind.as_deref().unwrap_or("Gateway"),
-            ),
-        ));
-    }
     name(&p.name, &format!("{field}.name"))?;
     let port = p
         .port

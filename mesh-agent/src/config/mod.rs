@@ -20,7 +20,7 @@ mod store;
 mod translate;
 mod watch;
 
-pub use api::{ApiSource, annotate::PodAnnotator, client as api_client};
+pub use api::{ApiSource, annotate::PodAnnotator, client as api_client, lease::LeaseSettings};
 pub use directory::Directory;
 pub use enrollment::{DATAPLANE_LABEL, DataplaneMode, ISTIO_DATAPLANE_LABEL};
 #[cfg(test)]

@@ -100,9 +100,20 @@ pub fn translate<'de, D: Deserializer<'de>>(kind: Kind, object: D) -> Result<Obj
         Kind::AuthorizationPolicy => {
             Object::AuthorizationPolicy(istio::authorization_policy(&typed(object)?)?)
         }
-        Kind::HttpRoute => Object::Route(gateway::route(&typed(object)?, RouteKind::Http)?),
-        Kind::GrpcRoute => Object::Route(gateway::route(&typed(object)?, RouteKind::Grpc)?),
+        Kind::HttpRoute => Object::Route(route(object, RouteKind::Http)?),
+        Kind::GrpcRoute => Object::Route(route(object, RouteKind::Grpc)?),
     })
+}
+
+/// A route is read whole only when one of its parents is a Service; otherwise it is
+/// another controller's, and only its name is kept.
+fn route<'de, D: Deserializer<'de>>(object: D, kind: RouteKind) -> Result<Route, FieldError> {
+    let doc: serde_json::Value = typed(object)?;
+    if gateway::is_foreign(&doc) {
+        gateway::foreign_route(&typed(doc)?, kind)
+    } else {
+        gateway::route(&typed(doc)?, kind)
+    }
 }
 
 /// Deserializes into the kind's Kubernetes type, reporting the path of the offending

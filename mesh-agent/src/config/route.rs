@@ -32,6 +32,19 @@ pub struct Route {
     pub rules: Vec<RouteRule>,
 }
 
+/// A route that could not attach to a parent Service, or lost a conflict there:
+/// for the log, `meshctl routes`, and the route's `status.parents` (`reason` is the
+/// Gateway API reason of its `Accepted=False` condition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteProblem {
+    pub route: NamespacedName,
+    pub kind: RouteKind,
+    /// The parent Service it concerns.
+    pub service: NamespacedName,
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// A Service the route attaches to: all its ports, or the one named by `port` or
 /// `section` (the Service port's name).
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]

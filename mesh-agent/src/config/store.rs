@@ -93,6 +93,24 @@ impl Store {
         keys
     }
 
+    /// The source holds the object, accepted or refused.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        self.objects.contains_key(key) || self.rejected.contains_key(key)
+    }
+
+    /// The accepted version of an object.
+    pub fn object(&self, key: &ObjectKey) -> Option<&Object> {
+        self.objects.get(key)
+    }
+
+    /// Why the object's current version is refused, and whether an earlier accepted
+    /// version serves.
+    pub fn rejection(&self, key: &ObjectKey) -> Option<(&FieldError, bool)> {
+        self.rejected
+            .get(key)
+            .map(|e| (e, self.objects.contains_key(key)))
+    }
+
     pub fn rejected(&self) -> Vec<Rejection> {
         self.rejected
             .iter()

@@ -15,7 +15,7 @@ use regex::Regex;
 use super::routes::endpoints_of;
 use crate::config::{
     Config, Filter, Mirror, NamespacedName, PathMatch, Protocol, Retry, Route, RouteKind,
-    RouteMatch, Service, ServicePort, StrMatch, Timeouts,
+    RouteMatch, RouteProblem, Service, ServicePort, StrMatch, Timeouts,
 };
 
 /// What a Service port says its clients speak.
@@ -324,15 +324,6 @@ struct Frontend {
     consumers: HashMap<String, Arc<PortRoutes>>,
 }
 
-/// A route that could not attach, or lost a conflict, for the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteProblem {
-    pub route: NamespacedName,
-    pub kind: RouteKind,
-    pub reason: &'static str,
-    pub message: String,
-}
-
 #[derive(Debug, Default)]
 pub struct HttpRoutes {
     frontends: HashMap<SocketAddr, Frontend>,
@@ -351,6 +342,7 @@ impl HttpRoutes {
                     problems.push(RouteProblem {
                         route: route.id.clone(),
                         kind: route.kind,
+                        service: parent.service.clone(),
                         reason: "NoMatchingParent",
                         message: format!("Service {} does not exist", parent.service),
                     });
@@ -360,6 +352,7 @@ impl HttpRoutes {
                     problems.push(RouteProblem {
                         route: route.id.clone(),
                         kind: route.kind,
+                        service: svc.id.clone(),
                         reason: "NotAllowedByListeners",
                         message: format!(
                             "Service {} is headless: routes attach to a ClusterIP",
@@ -384,6 +377,7 @@ impl HttpRoutes {
                     problems.push(RouteProblem {
                         route: route.id.clone(),
                         kind: route.kind,
+                        service: svc.id.clone(),
                         reason: "NoMatchingParent",
                         message: format!("Service {} has no such port", svc.id),
                     });
@@ -416,6 +410,7 @@ impl HttpRoutes {
                     problems.push(RouteProblem {
                         route: r.id.clone(),
                         kind: r.kind,
+                        service: svc_id.clone(),
                         reason: "UnsupportedValue",
                         message: format!(
                             "{svc_id} port {port} is declared opaque TCP (appProtocol, name or a server-first port): it stays L4"
@@ -432,6 +427,7 @@ impl HttpRoutes {
                         problems.push(RouteProblem {
                             route: r.id.clone(),
                             kind: r.kind,
+                            service: svc_id.clone(),
                             reason: "Conflicted",
                             message: format!(
                                 "a GRPCRoute is attached to {svc_id} port {port}; GRPCRoute wins"

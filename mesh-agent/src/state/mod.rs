@@ -6,7 +6,7 @@ mod workloads;
 
 pub use http_routes::{
     CompiledBackend, CompiledMirror, CompiledRule, DEFAULT_SERVER_FIRST_PORTS, HttpRoutes,
-    PortProtocol, PortRoutes, RequestView, RouteProblem, Selected, declared, grpc_parts,
+    PortProtocol, PortRoutes, RequestView, Selected, declared, grpc_parts,
 };
 pub use routes::RouteTable;
 pub use workloads::{WorkloadIndex, WorkloadInfo};

@@ -10,7 +10,10 @@
 //! Pods are in the mesh only when their labels (or their namespace's) say so.
 pub mod annotate;
 mod events;
+pub mod lease;
 mod resource;
+mod route_status;
+mod status_writer;
 mod sync;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -28,6 +31,8 @@ use super::{
     Kind, Store, enrollment, error::FieldError, object::translate, publish::Publisher,
     watch::ConfigSource,
 };
+pub use status_writer::ProblemsFn;
+use status_writer::RouteStatusWriter;
 use sync::{Input, Tracker};
 
 /// How long changes gather before one config is built from them.
@@ -44,6 +49,8 @@ pub struct ApiSource {
     kinds: Vec<Kind>,
     /// Where refused objects are reported as Events (the agents do it).
     events: Option<events::RejectionEvents>,
+    /// Writes routes' status when this agent holds the lease (the agents do it).
+    route_status: Option<RouteStatusWriter>,
 }
 
 impl ApiSource {
@@ -53,6 +60,7 @@ impl ApiSource {
             server,
             kinds: Kind::ALL.to_vec(),
             events: None,
+            route_status: None,
         }
     }
 
@@ -62,6 +70,22 @@ impl ApiSource {
         self.events = Some(events::RejectionEvents::start(
             self.client.clone(),
             instance,
+        ));
+        self
+    }
+
+    /// Writes each route's `status.parents` while this agent holds the lease
+    /// `lease`; `problems` tells which routes could not attach to which parent. Call
+    /// inside the runtime.
+    pub fn write_route_status(
+        mut self,
+        lease: lease::LeaseSettings,
+        problems: ProblemsFn,
+    ) -> ApiSource {
+        self.route_status = Some(RouteStatusWriter::start(
+            self.client.clone(),
+            lease,
+            problems,
         ));
         self
     }
@@ -78,7 +102,7 @@ impl ConfigSource for ApiSource {
         format!("kubernetes {}", self.server)
     }
 
-    async fn run(self, mut publisher: Publisher) {
+    async fn run(mut self, mut publisher: Publisher) {
         let (tx, mut rx) = mpsc::channel(QUEUE);
         let watches: Vec<JoinHandle<()>> = self
             .kinds
@@ -93,21 +117,43 @@ impl ConfigSource for ApiSource {
         let mut dirty = false;
         let mut publish_at: Option<Instant> = None;
         let mut announced = false;
+        let mut route_status = self.route_status.take();
         loop {
             let deadline = publish_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let leadership = async {
+                match route_status.as_mut() {
+                    Some(w) => w.leadership_changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 input = rx.recv() => {
-                    let Some(input) = input else { break };
+                    let Some(mut input) = input else { break };
                     note_errors(&input, &mut errors, &mut publisher, announced);
                     // Only objects arriving or leaving change what is refused.
                     let refusals_may_change =
                         !matches!(input, Input::Init(_) | Input::Failed(..) | Input::Expired(_));
-                    dirty |= tracker.apply(input, &mut store);
+                    if let (Some(w), Input::Applied { key, route: Some(meta), .. }) =
+                        (route_status.as_mut(), &mut input)
+                    {
+                        w.seen(key, std::mem::take(meta.as_mut()));
+                    }
+                    let changed = tracker.apply(input, &mut store);
+                    if let Some(w) = route_status.as_mut().filter(|_| changed) {
+                        w.touch();
+                    }
+                    dirty |= changed;
                     if refusals_may_change {
                         report_rejections(&store, &mut reported, self.events.as_ref());
                         publisher.rejected_objects(count_by_kind(&self.kinds, &reported));
                     }
-                    if (dirty || (tracker.ready() && !announced)) && publish_at.is_none() {
+                    let status_turn = route_status.as_ref().is_some_and(RouteStatusWriter::wants_turn);
+                    if (dirty || status_turn || (tracker.ready() && !announced)) && publish_at.is_none() {
+                        publish_at = Some(Instant::now() + SETTLE);
+                    }
+                }
+                _ = leadership => {
+                    if publish_at.is_none() {
                         publish_at = Some(Instant::now() + SETTLE);
                     }
                 }
@@ -120,7 +166,11 @@ impl ConfigSource for ApiSource {
                             info!(source = %self.server, "every kind listed; config is whole");
                             announced = true;
                         }
-                        publisher.publish(store.config(enrollment::Default::NotEnrolled));
+                        let config = store.config(enrollment::Default::NotEnrolled);
+                        if let Some(w) = route_status.as_mut() {
+                            w.write(&store, &config);
+                        }
+                        publisher.publish(config);
                         dirty = false;
                     }
                 }
@@ -244,11 +294,14 @@ async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<Input>) {
 
 fn applied(kind: Kind, object: DynamicObject, listed: bool) -> Option<Input> {
     let key = resource::key_of(kind, &object.metadata)?;
+    let route =
+        status_writer::has_status(kind).then(|| Box::new(route_status::RouteMeta::of(&object)));
     let translated = translate(kind, resource::to_json(kind, object));
     Some(Input::Applied {
         key,
         object: Box::new(translated),
         listed,
+        route,
     })
 }
 

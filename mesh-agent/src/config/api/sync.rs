@@ -9,6 +9,7 @@
 //! become ready; the watch keeps retrying and lists it once it appears.
 use std::collections::{BTreeMap, HashSet};
 
+use super::route_status::RouteMeta;
 use crate::config::{Change, Kind, Object, ObjectKey, Store, error::FieldError};
 
 /// What one kind's watch sends the source's loop.
@@ -21,6 +22,8 @@ pub enum Input {
         key: ObjectKey,
         object: Box<Result<Object, FieldError>>,
         listed: bool,
+        /// A route's parentRefs, generation and status, for its status.
+        route: Option<Box<RouteMeta>>,
     },
     Deleted(ObjectKey),
     /// The list is complete.
@@ -82,6 +85,7 @@ impl Tracker {
                 key,
                 object,
                 listed,
+                ..
             } => {
                 if listed && let Some(KindState::Listing { seen }) = self.kinds.get_mut(&key.kind) {
                     seen.insert(key.clone());
@@ -146,6 +150,7 @@ mod tests {
             key: key(Kind::Service, name),
             object: Box::new(translate(Kind::Service, json)),
             listed,
+            route: None,
         }
     }
 
