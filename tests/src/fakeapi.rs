@@ -86,6 +86,10 @@ pub struct Requests {
     pub token_reviews: u64,
     /// Merge patches of `pods/<name>/status`.
     pub status_patches: u64,
+    /// Merge patches of `httproutes|grpcroutes/<name>/status`, written or not.
+    pub route_status_patches: u64,
+    /// Lease writes refused with 409.
+    pub lease_conflicts: u64,
 }
 
 /// What a service-account token stands for, as the fake's TokenReview answers.
@@ -115,6 +119,9 @@ struct State {
     tokens: BTreeMap<String, TokenInfo>,
     /// Events created (events.k8s.io/v1), in order.
     events_created: Vec<Value>,
+    /// Leases (coordination.k8s.io/v1) by (namespace, name); read and written, not
+    /// listed or watched.
+    leases: BTreeMap<(String, String), Value>,
     requests: Requests,
 }
 
@@ -248,10 +255,26 @@ impl FakeApi {
             });
             st.rv += 1;
             let rv = st.rv;
+            // As the API server: `generation` starts at 1 and counts spec changes, and
+            // a write of the object leaves its status (a subresource) as it was.
+            let previous = st.objects.get(path).and_then(|o| o.get(&id));
+            let generation = match previous {
+                None => 1,
+                Some(p) => {
+                    let g = p["metadata"]["generation"].as_i64().unwrap_or(1);
+                    if p["spec"] == v["spec"] { g } else { g + 1 }
+                }
+            };
+            if v.get("status").is_none()
+                && let Some(status) = previous.and_then(|p| p.get("status"))
+            {
+                v["status"] = status.clone();
+            }
             let meta = v["metadata"]
                 .as_object_mut()
                 .context("object without metadata")?;
             meta.insert("resourceVersion".into(), rv.to_string().into());
+            meta.insert("generation".into(), generation.into());
             if id.0.is_empty() {
                 meta.remove("namespace");
             } else {
@@ -511,13 +534,19 @@ async fn route(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
             ),
         };
     }
-    if req.method() == hyper::Method::PATCH {
+    let leases = req.uri().path().starts_with(LEASES);
+    if req.method() == hyper::Method::PATCH || (leases && req.method() != hyper::Method::GET) {
         let path = req.uri().path().to_owned();
+        let method = req.method().clone();
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body")),
         };
         return match serde_json::from_slice::<Value>(&body) {
+            Ok(body) if leases => write_lease(shared, &method, &path, body),
+            Ok(patch) if path.starts_with("/apis/gateway.networking.k8s.io/") => {
+                patch_route_status(shared, &path, &patch)
+            }
             Ok(patch) => patch_pod_status(shared, &path, &patch),
             Err(e) => full(
                 StatusCode::BAD_REQUEST,
@@ -525,7 +554,151 @@ async fn route(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
             ),
         };
     }
+    if leases {
+        return read_lease(shared, req.uri().path());
+    }
     handle(shared, req)
+}
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
+
+/// `(namespace, name)` of `/apis/coordination.k8s.io/v1/namespaces/<ns>/leases[/<name>]`.
+fn lease_path(path: &str) -> Option<(String, Option<String>)> {
+    let rest = path.strip_prefix(LEASES)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [ns, "leases"] => Some(((*ns).to_owned(), None)),
+        [ns, "leases", name] => Some(((*ns).to_owned(), Some((*name).to_owned()))),
+        _ => None,
+    }
+}
+
+fn read_lease(shared: &Arc<Shared>, path: &str) -> Response<Body> {
+    let Some((ns, Some(name))) = lease_path(path) else {
+        return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
+    };
+    match shared.lock().leases.get(&(ns, name)) {
+        Some(l) => full(StatusCode::OK, l),
+        None => full(
+            StatusCode::NOT_FOUND,
+            &status(404, "NotFound", "lease not found"),
+        ),
+    }
+}
+
+/// POST creates (409 if it exists), PUT replaces only from the current
+/// resourceVersion (409 otherwise): the optimistic concurrency a leader election
+/// relies on.
+fn write_lease(
+    shared: &Arc<Shared>,
+    method: &hyper::Method,
+    path: &str,
+    mut lease: Value,
+) -> Response<Body> {
+    let Some((ns, name)) = lease_path(path) else {
+        return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
+    };
+    let Some(name) = name.or_else(|| lease["metadata"]["name"].as_str().map(str::to_owned)) else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            &status(400, "BadRequest", "no name"),
+        );
+    };
+    let mut st = shared.lock();
+    let key = (ns.clone(), name.clone());
+    let current = st
+        .leases
+        .get(&key)
+        .map(|l| l["metadata"]["resourceVersion"].clone());
+    let conflict = match (method, &current) {
+        (&hyper::Method::POST, Some(_)) => true,
+        (&hyper::Method::PUT, None) => {
+            return full(
+                StatusCode::NOT_FOUND,
+                &status(404, "NotFound", "lease not found"),
+            );
+        }
+        (&hyper::Method::PUT, Some(v)) => lease["metadata"]["resourceVersion"] != *v,
+        _ => false,
+    };
+    if conflict {
+        st.requests.lease_conflicts += 1;
+        return full(
+            StatusCode::CONFLICT,
+            &status(409, "Conflict", "the object has been modified"),
+        );
+    }
+    st.rv += 1;
+    lease["metadata"]["resourceVersion"] = st.rv.to_string().into();
+    lease["metadata"]["namespace"] = ns.into();
+    lease["metadata"]["name"] = name.into();
+    st.leases.insert(key, lease.clone());
+    full(StatusCode::OK, &lease)
+}
+
+/// `PATCH .../namespaces/<ns>/(httproutes|grpcroutes)/<name>/status` with a merge
+/// patch of `status`; a `metadata.resourceVersion` in the patch must be the current
+/// one (409 otherwise), as the API server checks it.
+fn patch_route_status(shared: &Arc<Shared>, path: &str, patch: &Value) -> Response<Body> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let [
+        "apis",
+        group,
+        version,
+        "namespaces",
+        ns,
+        plural,
+        name,
+        "status",
+    ] = parts.as_slice()
+    else {
+        return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
+    };
+    let collection = format!("apis/{group}/{version}/{plural}");
+    let Some((_, _, collection)) = RESOURCES.iter().find(|(_, _, p)| *p == collection).copied()
+    else {
+        return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
+    };
+    let mut st = shared.lock();
+    st.requests.route_status_patches += 1;
+    st.rv += 1;
+    let rv = st.rv;
+    let Some(route) = st
+        .objects
+        .get_mut(collection)
+        .and_then(|o| o.get_mut(&((*ns).to_owned(), (*name).to_owned())))
+    else {
+        return full(
+            StatusCode::NOT_FOUND,
+            &status(404, "NotFound", "route not found"),
+        );
+    };
+    let wanted = &patch["metadata"]["resourceVersion"];
+    if !wanted.is_null() && *wanted != route["metadata"]["resourceVersion"] {
+        return full(
+            StatusCode::CONFLICT,
+            &status(409, "Conflict", "the object has been modified"),
+        );
+    }
+    if !route["status"].is_object() {
+        route["status"] = json!({});
+    }
+    if let Some(changes) = patch["status"].as_object() {
+        for (k, v) in changes {
+            route["status"][k] = v.clone();
+        }
+    }
+    route["metadata"]["resourceVersion"] = rv.to_string().into();
+    let object = route.clone();
+    st.events.push(Event {
+        rv,
+        path: collection,
+        kind: "MODIFIED",
+        object: object.clone(),
+    });
+    drop(st);
+    shared.changed.send_modify(|n| *n += 1);
+    full(StatusCode::OK, &object)
 }
 
 /// `PATCH /api/v1/namespaces/<ns>/pods/<name>/status` with a merge patch: the
@@ -581,6 +754,32 @@ impl FakeApi {
     /// Every Event created or updated so far (events.k8s.io/v1 objects).
     pub fn events(&self) -> Vec<Value> {
         self.shared.lock().events_created.clone()
+    }
+
+    /// An object as the server holds it now (`namespace` empty for a Namespace).
+    pub fn object(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Value> {
+        let (_, _, path) = resource_of(api_version, kind)?;
+        self.shared
+            .lock()
+            .objects
+            .get(path)
+            .and_then(|o| o.get(&(namespace.to_owned(), name.to_owned())))
+            .cloned()
+    }
+
+    /// A Lease as the server holds it now.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .lock()
+            .leases
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
     }
 
     /// A metadata annotation of a pod, as the server holds it now.

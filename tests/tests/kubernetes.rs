@@ -413,3 +413,218 @@ fn a_pod_added_and_removed_while_traffic_flows_fails_no_connection() {
     );
     assert_eq!(who_answers(&mut c, &client, &web), "first");
 }
+
+/// An HTTPRoute on the echo Service `echo` (sending `/v2` to `echo-v2`), with extra
+/// documents appended.
+fn routes_yaml(extra: &str) -> String {
+    let route = |name: &str, parent: &str, spec_rules: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}, port: 80}}]\n\
+             \x20 rules:\n{spec_rules}---\n"
+        )
+    };
+    route(
+        "split",
+        "echo",
+        "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: echo-v2, port: 80}]\n  - backendRefs: [{name: echo, port: 80}]\n",
+    ) + &route(
+        "ghost",
+        "echo",
+        "  - matches: [{headers: [{name: x-ghost, value: \"1\"}]}]\n    backendRefs: [{name: nope, port: 80}]\n",
+    ) + &route(
+        "lost",
+        "missing",
+        "  - backendRefs: [{name: echo, port: 80}]\n",
+    ) + extra
+}
+
+/// A route of an ingress Gateway, with a filter the mesh does not serve: another
+/// controller's, which the agents must leave alone.
+const GATEWAY_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+    metadata: {name: edge, namespace: default}\n\
+    spec:\n  parentRefs: [{name: public, namespace: infra}]\n  rules:\n\
+    \x20 - filters: [{type: ExtensionRef, extensionRef: {group: example.net, kind: Auth, name: sso}}]\n\
+    \x20   backendRefs: [{name: echo, port: 80}]\n---\n";
+
+/// The condition `kind` of the mesh's entry for the route's first parent, if written.
+fn route_condition(c: &Cluster, route: &str, kind: &str) -> Option<serde_json::Value> {
+    let object = c.api()?.object(
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        "default",
+        route,
+    )?;
+    let parents = object["status"]["parents"].as_array()?.clone();
+    let ours = parents
+        .iter()
+        .find(|p| p["controllerName"] == "mesh.dev/agent")?;
+    ours["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .cloned()
+}
+
+fn says(c: &Cluster, route: &str, kind: &str, status: &str, reason: &str) -> bool {
+    route_condition(c, route, kind).is_some_and(|v| v["status"] == status && v["reason"] == reason)
+}
+
+/// Each route's `status.parents` says, per Gateway API, whether it attached and
+/// whether its backends resolved, and why not; a refused route names its field there
+/// while the other routes serve; a gateway's route gets no entry and no refusal. One
+/// agent of the cluster writes (the Lease holder: one write per route, not one per
+/// node), and when it stops, the other agent takes the Lease over and keeps the
+/// status current.
+#[test]
+fn route_status_is_written_back_by_one_agent_and_survives_its_loss() {
+    let _g = serial();
+    let mut c = cluster(&["node-1", "node-2"]);
+    c.use_kubernetes_api().unwrap();
+    let client = c.add_pod("node-1", "client").unwrap();
+    let v1 = c.add_pod("node-2", "v1").unwrap();
+    let v2 = c.add_pod("node-2", "v2").unwrap();
+    for p in [&v1, &v2] {
+        c.start_echo_server(p, 8080).unwrap();
+    }
+    let http = |name: &str, vip: std::net::IpAddr, ip| {
+        yaml::service(name, vip, 80, 8080).replace("name: tcp,", "name: http,")
+            + &yaml::endpoint_slice(name, 8080, &[ip]).replace("name: tcp,", "name: http,")
+    };
+    let base = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&v1, true)
+        + &c.pod_yaml(&v2, true)
+        + &http("echo", vip(50), v1.ip)
+        + &http("echo-v2", vip(51), v2.ip);
+    let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+        metadata: {name: bad, namespace: default}\n\
+        spec:\n  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]\n  rules:\n\
+        \x20 - matches: [{path: {type: PathPrefix, value: no-slash}}]\n    backendRefs: [{name: echo, port: 80}]\n---\n";
+    c.write_config(
+        "cluster.yaml",
+        &(base.clone() + &routes_yaml(&(bad.to_owned() + GATEWAY_ROUTE))),
+    )
+    .unwrap();
+    c.start_agent("node-1").unwrap();
+    c.start_agent("node-2").unwrap();
+
+    poll("every route's status to be written", SECS, || {
+        says(&c, "split", "Accepted", "True", "Accepted")
+            && says(&c, "split", "ResolvedRefs", "True", "ResolvedRefs")
+            && says(&c, "ghost", "Accepted", "True", "Accepted")
+            && says(&c, "ghost", "ResolvedRefs", "False", "BackendNotFound")
+            && says(&c, "lost", "Accepted", "False", "NoMatchingParent")
+            && says(&c, "bad", "Accepted", "False", "UnsupportedValue")
+    });
+    let bad_accepted = route_condition(&c, "bad", "Accepted").unwrap();
+    assert!(
+        bad_accepted["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.rules[0].matches[0].path")),
+        "{bad_accepted}"
+    );
+    assert_eq!(bad_accepted["observedGeneration"], 1, "{bad_accepted}");
+    assert!(
+        route_condition(&c, "ghost", "ResolvedRefs").unwrap()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("default/nope")),
+    );
+    // The routes that were accepted serve, beside the refused one: /v2 goes to v2,
+    // the rest to v1, and the rule whose only backend does not exist answers 500.
+    let get = |c: &mut Cluster, path: &str, header: Option<&str>| {
+        let addr = sa(vip(50), 80);
+        let mut args = vec![
+            "echo-get", "--addr", &addr, "--path", path, "--host", "echo",
+        ];
+        if let Some(h) = header {
+            args.extend(["--header", h]);
+        }
+        json(&c.run_in(&client, &args, SECS).unwrap())
+    };
+    let out = get(&mut c, "/v2/x", None);
+    assert!(out["pods"].get("v2").is_some(), "{out}");
+    let out = get(&mut c, "/", None);
+    assert!(out["pods"].get("v1").is_some(), "{out}");
+    let out = get(&mut c, "/", Some("x-ghost: 1"));
+    assert_eq!(out["statuses"]["500"], 1, "{out}");
+
+    // The gateway's route: no entry of the mesh's, no Event, not counted as refused.
+    let edge = c
+        .api()
+        .unwrap()
+        .object(
+            "gateway.networking.k8s.io/v1",
+            "HTTPRoute",
+            "default",
+            "edge",
+        )
+        .unwrap();
+    assert!(edge["status"]["parents"].is_null(), "{edge}");
+    assert!(
+        !c.api()
+            .unwrap()
+            .events()
+            .iter()
+            .any(|e| e["regarding"]["name"] == "edge"),
+        "the gateway's route was reported as refused"
+    );
+    for node in ["node-1", "node-2"] {
+        let m = c.metrics(node).unwrap();
+        let rejected = metric(&m, "mesh_config_rejected_objects", &[("kind", "HTTPRoute")]);
+        assert_eq!(rejected, 1, "{node}: only `bad` is refused: {m}");
+    }
+
+    // One writer: one Lease holder, and one status write per route, however many
+    // agents there are (and no write again once the status says it).
+    let lease = c
+        .api()
+        .unwrap()
+        .lease("mesh-system", "mesh-route-status")
+        .unwrap();
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_owned();
+    assert!(holder == "node-1" || holder == "node-2", "{lease}");
+    std::thread::sleep(Duration::from_secs(3));
+    let writes = c.api().unwrap().requests().route_status_patches;
+    assert_eq!(writes, 4, "split, ghost, lost and bad, each once");
+
+    // The refused route is fixed: Accepted for its new generation.
+    let fixed = bad.replace("value: no-slash", "value: /fixed");
+    c.write_config(
+        "cluster.yaml",
+        &(base.clone() + &routes_yaml(&(fixed.clone() + GATEWAY_ROUTE))),
+    )
+    .unwrap();
+    poll("the fixed route to be accepted", SECS, || {
+        route_condition(&c, "bad", "Accepted")
+            .is_some_and(|v| v["status"] == "True" && v["observedGeneration"] == 2)
+    });
+
+    // The holder stops; the other agent takes the Lease over after its duration and
+    // writes what changes next: `ghost` now names a backend that exists.
+    c.stop_agent(&holder).unwrap();
+    let other = if holder == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    };
+    let ghost_fixed = routes_yaml(&(fixed + GATEWAY_ROUTE)).replace("name: nope", "name: echo-v2");
+    c.write_config("cluster.yaml", &(base + &ghost_fixed))
+        .unwrap();
+    poll(
+        "the other agent to take the lease and write",
+        Duration::from_secs(40),
+        || says(&c, "ghost", "ResolvedRefs", "True", "ResolvedRefs"),
+    );
+    let lease = c
+        .api()
+        .unwrap()
+        .lease("mesh-system", "mesh-route-status")
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], other, "{lease}");
+    assert!(
+        c.agent_log(other).contains("holding the lease"),
+        "{}",
+        c.agent_log(other)
+    );
+}
