@@ -29,6 +29,8 @@ const KINDS: &[&str] = &[
     "ConfigMap",
     "ClusterRole",
     "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
     "Service",
     "DaemonSet",
     "Deployment",
