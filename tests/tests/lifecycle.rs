@@ -152,6 +152,10 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
         "map pins missing"
     );
 
+    // The kernel's view: the pod's netns has the sk_lookup link.
+    let pod_links = || netns_links(&pod.netns_path);
+    assert_eq!(pod_links().len(), 1, "the pod's sk_lookup link");
+
     let status = c.stop_agent("node-1").unwrap();
     assert!(
         status.success(),
@@ -173,10 +177,17 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
             .output()
             .expect("bpftool");
         let progs = String::from_utf8_lossy(&out.stdout).into_owned();
-        let left: Vec<&str> = ["mesh_recv_guard", "mesh_send_guard", "mesh_sk_msg"]
-            .into_iter()
-            .filter(|n| progs.contains(n))
-            .collect();
+        // The pod netns's inbound program goes with its link: nothing is left
+        // attached inside a pod either.
+        let left: Vec<&str> = [
+            "mesh_recv_guard",
+            "mesh_send_guard",
+            "mesh_sk_msg",
+            "mesh_sk_lookup",
+        ]
+        .into_iter()
+        .filter(|n| progs.contains(n))
+        .collect();
         if left.is_empty() {
             break;
         }
@@ -186,4 +197,24 @@ fn sigterm_detaches_every_program_and_removes_every_pin() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(
+        pod_links(),
+        Vec::<serde_json::Value>::new(),
+        "links left in the pod's netns"
+    );
+}
+
+/// The kernel's netns links (sk_lookup) attached to the network namespace at `path`.
+fn netns_links(path: &std::path::Path) -> Vec<serde_json::Value> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(path).expect("the pod's netns").ino();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("bpftool");
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    links
+        .into_iter()
+        .filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(ino))
+        .collect()
 }
