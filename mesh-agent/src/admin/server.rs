@@ -92,12 +92,12 @@ impl AdminServer {
         state: Arc<AdminState>,
     ) -> Result<AdminServer, AdminServerError> {
         let listener = bind_socket(socket)?;
-        let metrics = std::net::TcpListener::bind(metrics_addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| AdminServerError::Metrics {
+        let metrics = crate::telemetry::bind_node_listener(metrics_addr).map_err(|source| {
+            AdminServerError::Metrics {
                 addr: metrics_addr,
                 source,
-            })?;
+            }
+        })?;
         let (tx, rx) = oneshot::channel::<()>();
         let path = socket.to_owned();
         let thread = std::thread::Builder::new()

@@ -95,11 +95,31 @@ async fn serve(listener: TcpListener, handler: Handler) {
     }
 }
 
+/// The accept queue of a node listener (the kernel caps it at `net.core.somaxconn`).
+/// A pod flooding one of them with connects must not fill the queue faster than the
+/// accept loop drains it: a full queue drops SYNs, and the kubelet's probe (1 s
+/// timeout by default) would wait out a retransmission. Rust's default is 128.
+const NODE_BACKLOG: i32 = 4096;
+
+/// Binds a node listener (readiness, metrics), non-blocking, with [`NODE_BACKLOG`].
+pub fn bind_node_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(NODE_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 const TEXT: &str = "text/plain; charset=utf-8";
 const NOT_FOUND: (StatusCode, &str, &str) = (StatusCode::NOT_FOUND, TEXT, "not found\n");
 
 pub async fn serve_readiness(addr: SocketAddr, readiness: Arc<Readiness>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = TcpListener::from_std(bind_node_listener(addr)?)?;
     serve(
         listener,
         Arc::new(move |path| match path {

@@ -13,7 +13,7 @@ pub mod requests;
 
 pub use conns::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, Telemetry, WorkloadRef};
 pub use flows::{Flow, FlowFilter, FlowHub, Origin};
-pub use http::{serve_metrics, serve_readiness};
+pub use http::{bind_node_listener, serve_metrics, serve_readiness};
 pub use logging::{AccessLog, LogControl, LogFormat, init_logging};
 pub use metrics::{Metrics, ResponseFlag};
 pub use readiness::Readiness;
