@@ -12,7 +12,7 @@ use std::{cmp::Ordering, collections::HashMap, net::SocketAddr, sync::Arc};
 use http::HeaderMap;
 use regex::Regex;
 
-use super::routes::endpoints_of;
+use super::routes::Slices;
 use crate::config::{
     Config, Filter, Mirror, NamespacedName, PathMatch, Protocol, Retry, Route, RouteKind,
     RouteMatch, RouteProblem, Service, ServicePort, StrMatch, Timeouts,
@@ -332,13 +332,14 @@ pub struct HttpRoutes {
 
 impl HttpRoutes {
     pub fn build(config: &Config, server_first: &[u16]) -> HttpRoutes {
+        let index = Index::of(config);
         let mut problems = Vec::new();
         // (service, port number) -> (scope namespace -> routes attached from it).
         let mut attached: HashMap<(NamespacedName, u16), HashMap<String, Vec<&Route>>> =
             HashMap::new();
         for route in &config.routes {
             for parent in &route.parents {
-                let Some(svc) = config.services.iter().find(|s| s.id == parent.service) else {
+                let Some(svc) = index.service(&parent.service) else {
                     problems.push(RouteProblem {
                         route: route.id.clone(),
                         kind: route.kind,
@@ -399,7 +400,7 @@ impl HttpRoutes {
         }
         let mut frontends: HashMap<SocketAddr, Frontend> = HashMap::new();
         for ((svc_id, port), scopes) in attached {
-            let Some(svc) = config.services.iter().find(|s| s.id == svc_id) else {
+            let Some(svc) = index.service(&svc_id) else {
                 continue;
             };
             let Some(sp) = svc.ports.iter().find(|p| p.port == port) else {
@@ -436,7 +437,7 @@ impl HttpRoutes {
                     }
                     routes.retain(|r| r.kind == RouteKind::Grpc);
                 }
-                let compiled = Arc::new(compile(config, svc, sp, &routes, server_first));
+                let compiled = Arc::new(compile(&index, svc, sp, &routes, server_first));
                 if ns == svc_id.namespace {
                     frontend.producer = Some(compiled);
                 } else {
@@ -496,7 +497,7 @@ struct Staged<'a> {
 }
 
 fn compile(
-    config: &Config,
+    index: &Index<'_>,
     svc: &Service,
     port: &ServicePort,
     routes: &[&Route],
@@ -519,7 +520,7 @@ fn compile(
                         port: b.port,
                         weight: b.weight,
                         filters: b.filters.clone(),
-                        endpoints: backend_endpoints(config, &b.service, b.port),
+                        endpoints: index.endpoints(&b.service, b.port),
                     })
                     .collect(),
                 timeouts: rule.timeouts,
@@ -529,7 +530,7 @@ fn compile(
                     .iter()
                     .filter_map(|f| match f {
                         Filter::Mirror(m) => Some(CompiledMirror {
-                            endpoints: backend_endpoints(config, &m.service, m.port),
+                            endpoints: index.endpoints(&m.service, m.port),
                             mirror: m.clone(),
                         }),
                         _ => None,
@@ -613,14 +614,33 @@ fn entry(m: &RouteMatch, rule: Arc<CompiledRule>) -> Option<Entry> {
     })
 }
 
-/// The ready endpoints of a backend Service port, `None` if there is no such port.
-fn backend_endpoints(config: &Config, id: &NamespacedName, port: u16) -> Option<Vec<SocketAddr>> {
-    let svc = config.services.iter().find(|s| &s.id == id)?;
-    let sp = svc
-        .ports
-        .iter()
-        .find(|p| p.port == port && p.protocol == Protocol::Tcp)?;
-    Some(endpoints_of(config, svc, sp))
+/// Services by name and their slices, looked up once per build.
+struct Index<'a> {
+    services: HashMap<&'a NamespacedName, &'a Service>,
+    slices: Slices<'a>,
+}
+
+impl<'a> Index<'a> {
+    fn of(config: &'a Config) -> Index<'a> {
+        Index {
+            services: config.services.iter().map(|s| (&s.id, s)).collect(),
+            slices: Slices::of(config),
+        }
+    }
+
+    fn service(&self, id: &NamespacedName) -> Option<&'a Service> {
+        self.services.get(id).copied()
+    }
+
+    /// The ready endpoints of a backend Service port, `None` if there is no such port.
+    fn endpoints(&self, id: &NamespacedName, port: u16) -> Option<Vec<SocketAddr>> {
+        let svc = self.service(id)?;
+        let sp = svc
+            .ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == Protocol::Tcp)?;
+        Some(self.slices.endpoints(svc, sp))
+    }
 }
 
 #[cfg(test)]
