@@ -58,8 +58,8 @@ pub struct Verdict {
 #[derive(Debug, Default)]
 pub struct PolicySet {
     root_namespace: String,
-    peer_authentications: Vec<PeerAuthentication>,
-    policies: Vec<AuthorizationPolicy>,
+    peer_authentications: Vec<Arc<PeerAuthentication>>,
+    policies: Vec<Arc<AuthorizationPolicy>>,
 }
 
 fn selects(selector: &Selector, labels: &std::collections::BTreeMap<String, String>) -> bool {

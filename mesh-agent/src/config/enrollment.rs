@@ -107,7 +107,11 @@ impl Config {
                 .get(pod.id.namespace.as_str())
                 .copied()
                 .unwrap_or_default();
-            pod.enroll = enrolled(pod.dataplane, ns, default);
+            let enroll = enrolled(pod.dataplane, ns, default);
+            // Only a pod whose answer changed is copied out of the shared allocation.
+            if pod.enroll != enroll {
+                std::sync::Arc::make_mut(pod).enroll = enroll;
+            }
         }
     }
 }

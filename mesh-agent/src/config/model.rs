@@ -1,7 +1,7 @@
 //! The agent's own view of the config: only what the data path needs, already checked.
 //! Kubernetes objects are translated into these at the edge (`translate.rs`), so the
 //! proxy never sees an unvalidated field.
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -250,15 +250,20 @@ pub const STATUS_ENROLLED: &str = "enrolled";
 /// Label of an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// One consistent generation of config, as read from a directory.
+/// One consistent generation of config, as read from a directory or the API.
+///
+/// Objects are shared, not copied: the source's store, this generation and the one
+/// before it hold the same allocation of every object that did not change, so a
+/// change costs the objects it touches (and a comparison of two generations is a
+/// pointer comparison for the rest).
 #[derive(Debug, serde::Serialize, Clone, Default, PartialEq, Eq)]
 pub struct Config {
-    pub namespaces: Vec<Namespace>,
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub pods: Vec<Pod>,
-    pub peer_authentications: Vec<PeerAuthentication>,
-    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// HTTPRoutes and GRPCRoutes.
-    pub routes: Vec<super::route::Route>,
+    pub routes: Vec<Arc<super::route::Route>>,
 }

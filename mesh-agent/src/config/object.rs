@@ -1,7 +1,7 @@
 //! One object of the config, translated: what every source produces and the store
 //! keeps. [`translate`] is the one translation from a Kubernetes object's fields to the
 //! agent's model; the directory source feeds it parsed YAML, the API source JSON.
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use serde::Deserializer;
 
@@ -19,14 +19,14 @@ use super::{
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Namespace(Namespace),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Pod(Pod),
-    PeerAuthentication(PeerAuthentication),
-    AuthorizationPolicy(AuthorizationPolicy),
+    Namespace(Arc<Namespace>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Pod(Arc<Pod>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// An HTTPRoute or a GRPCRoute (the route says which).
-    Route(Route),
+    Route(Arc<Route>),
 }
 
 /// What names an object within a source: its kind and namespace/name.
@@ -90,18 +90,20 @@ impl Object {
 /// on. The error names the offending field (`spec.ports[0].port`).
 pub fn translate<'de, D: Deserializer<'de>>(kind: Kind, object: D) -> Result<Object, FieldError> {
     Ok(match kind {
-        Kind::Namespace => Object::Namespace(core::namespace(&typed(object)?)?),
-        Kind::Service => Object::Service(core::service(&typed(object)?)?),
-        Kind::EndpointSlice => Object::EndpointSlice(core::endpoint_slice(&typed(object)?)?),
-        Kind::Pod => Object::Pod(core::pod(&typed(object)?)?),
+        Kind::Namespace => Object::Namespace(Arc::new(core::namespace(&typed(object)?)?)),
+        Kind::Service => Object::Service(Arc::new(core::service(&typed(object)?)?)),
+        Kind::EndpointSlice => {
+            Object::EndpointSlice(Arc::new(core::endpoint_slice(&typed(object)?)?))
+        }
+        Kind::Pod => Object::Pod(Arc::new(core::pod(&typed(object)?)?)),
         Kind::PeerAuthentication => {
-            Object::PeerAuthentication(istio::peer_authentication(&typed(object)?)?)
+            Object::PeerAuthentication(Arc::new(istio::peer_authentication(&typed(object)?)?))
         }
         Kind::AuthorizationPolicy => {
-            Object::AuthorizationPolicy(istio::authorization_policy(&typed(object)?)?)
+            Object::AuthorizationPolicy(Arc::new(istio::authorization_policy(&typed(object)?)?))
         }
-        Kind::HttpRoute => Object::Route(route(object, RouteKind::Http)?),
-        Kind::GrpcRoute => Object::Route(route(object, RouteKind::Grpc)?),
+        Kind::HttpRoute => Object::Route(Arc::new(route(object, RouteKind::Http)?)),
+        Kind::GrpcRoute => Object::Route(Arc::new(route(object, RouteKind::Grpc)?)),
     })
 }
 

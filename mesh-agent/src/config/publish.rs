@@ -151,14 +151,14 @@ mod tests {
             "an error keeps the last good generation"
         );
         let mut c = Config::default();
-        c.services.push(crate::config::Service {
+        c.services.push(std::sync::Arc::new(crate::config::Service {
             id: crate::config::NamespacedName {
                 namespace: "default".into(),
                 name: "web".into(),
             },
             cluster_ips: vec![],
             ports: vec![],
-        });
+        }));
         p.publish(c);
         assert_eq!(rx.borrow().number, 2);
         assert_eq!(stats.last_error(), None);

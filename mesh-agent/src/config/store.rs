@@ -69,13 +69,25 @@ impl Store {
 
     /// The config of the accepted objects, in key order (the same objects give the
     /// same config whatever order they arrived in), with each pod's enrollment
-    /// resolved against its namespace and the source's `default`.
-    pub fn config(&self, default: enrollment::Default) -> Config {
+    /// resolved against its namespace and the source's `default`. The config shares
+    /// the store's objects; a pod whose enrollment resolved differently is copied once
+    /// and kept here resolved, so the next config shares it again.
+    pub fn config(&mut self, default: enrollment::Default) -> Config {
         let mut config = Config::default();
         for o in self.objects.values() {
             config.push(o.clone());
         }
         config.resolve_enrollment(default);
+        // Pods are pushed in key order, as they are stored.
+        let stored = self.objects.values_mut().filter_map(|o| match o {
+            Object::Pod(p) => Some(p),
+            _ => None,
+        });
+        for (stored, resolved) in stored.zip(&config.pods) {
+            if !std::sync::Arc::ptr_eq(stored, resolved) {
+                *stored = resolved.clone();
+            }
+        }
         config
     }
 
@@ -151,7 +163,7 @@ mod tests {
         })
     }
 
-    fn ports(store: &Store) -> Vec<(String, u16)> {
+    fn ports(store: &mut Store) -> Vec<(String, u16)> {
         store
             .config(enrollment::Default::Enrolled)
             .services
@@ -168,7 +180,7 @@ mod tests {
         assert!(!apply(&mut store, service("web", 0)));
         // A good object beside it still applies.
         assert!(apply(&mut store, service("api", 81)));
-        assert_eq!(ports(&store), [("api".into(), 81), ("web".into(), 80)]);
+        assert_eq!(ports(&mut store), [("api".into(), 81), ("web".into(), 80)]);
         let r = store.rejected();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].key.to_string(), "Service shop/web");
@@ -183,7 +195,7 @@ mod tests {
         assert!(!new.unwrap().previous_serves);
         // Fixed: applied, and no longer refused.
         assert!(apply(&mut store, service("web", 8080)));
-        assert_eq!(ports(&store)[1], ("web".into(), 8080));
+        assert_eq!(ports(&mut store)[1], ("web".into(), 8080));
         assert_eq!(store.rejected().len(), 1);
         // Deleted: gone, refusal and all.
         let (new_key, _) = service("new", 0);
@@ -191,7 +203,7 @@ mod tests {
         assert!(store.rejected().is_empty());
         let (web_key, _) = service("web", 0);
         assert!(store.apply(Change::Delete(web_key)));
-        assert_eq!(ports(&store), [("api".into(), 81)]);
+        assert_eq!(ports(&mut store), [("api".into(), 81)]);
     }
 
     #[test]
@@ -207,5 +219,41 @@ mod tests {
             a.config(enrollment::Default::Enrolled),
             b.config(enrollment::Default::Enrolled)
         );
+    }
+
+    #[test]
+    fn generations_share_unchanged_objects_and_a_resolved_pod_is_copied_once() {
+        let mut store = Store::default();
+        apply(&mut store, service("web", 80));
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "app", "namespace": "shop"},
+            "spec": {"nodeName": "node-1"},
+            "status": {"podIP": "10.244.1.5"}
+        });
+        let key = ObjectKey {
+            kind: Kind::Pod,
+            id: crate::config::NamespacedName {
+                namespace: "shop".into(),
+                name: "app".into(),
+            },
+        };
+        apply(&mut store, (key, translate(Kind::Pod, pod)));
+        let first = store.config(enrollment::Default::Enrolled);
+        // Translated not enrolled, resolved enrolled by the default: one copy.
+        assert!(first.pods[0].enroll);
+        let second = store.config(enrollment::Default::Enrolled);
+        use std::sync::Arc;
+        assert!(Arc::ptr_eq(&first.services[0], &second.services[0]));
+        assert!(
+            Arc::ptr_eq(&first.pods[0], &second.pods[0]),
+            "the resolved pod is kept and shared"
+        );
+        // A changed object is the only new allocation.
+        apply(&mut store, service("web", 8080));
+        let third = store.config(enrollment::Default::Enrolled);
+        assert!(!Arc::ptr_eq(&second.services[0], &third.services[0]));
+        assert!(Arc::ptr_eq(&second.pods[0], &third.pods[0]));
+        assert_ne!(second, third);
     }
 }

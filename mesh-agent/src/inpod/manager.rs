@@ -505,6 +505,7 @@ fn local_pods<'a>(node: &'a str, config: &'a Config) -> impl Iterator<Item = &'a
         .pods
         .iter()
         .filter(move |p| p.enroll && !p.finished && p.node_name.as_deref() == Some(node))
+        .map(|p| &**p)
 }
 
 /// The pods this agent enrolls: this node's pods in the mesh whose netns it can find,
@@ -679,7 +680,7 @@ mod tests {
         let mut done = pod();
         done.finished = true;
         let config = Config {
-            pods: vec![pod(), done],
+            pods: vec![pod().into(), done.into()],
             ..Default::default()
         };
         assert_eq!(local_pods("n1", &config).count(), 1);

@@ -623,7 +623,7 @@ struct Index<'a> {
 impl<'a> Index<'a> {
     fn of(config: &'a Config) -> Index<'a> {
         Index {
-            services: config.services.iter().map(|s| (&s.id, s)).collect(),
+            services: config.services.iter().map(|s| (&s.id, &**s)).collect(),
             slices: Slices::of(config),
         }
     }

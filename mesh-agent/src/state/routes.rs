@@ -150,7 +150,7 @@ mod tests {
 
     fn config() -> Config {
         Config {
-            services: vec![Service {
+            services: vec![std::sync::Arc::new(Service {
                 id: nn("web"),
                 cluster_ips: vec!["10.96.0.20".parse().unwrap()],
                 ports: vec![ServicePort {
@@ -160,8 +160,8 @@ mod tests {
                     protocol: Protocol::Tcp,
                     app_protocol: None,
                 }],
-            }],
-            endpoint_slices: vec![EndpointSlice {
+            })],
+            endpoint_slices: vec![std::sync::Arc::new(EndpointSlice {
                 id: nn("web-abc"),
                 service_name: "web".into(),
                 ports: vec![SlicePort {
@@ -186,7 +186,7 @@ mod tests {
                         node_name: None,
                     },
                 ],
-            }],
+            })],
             pods: vec![],
             ..Config::default()
         }

@@ -154,7 +154,7 @@ mod tests {
         }
     }
 
-    fn names(store: &Store) -> Vec<String> {
+    fn names(store: &mut Store) -> Vec<String> {
         store
             .config(enrollment::Default::NotEnrolled)
             .services
@@ -176,7 +176,7 @@ mod tests {
         assert!(!t.ready(), "a failure is not a list");
         t.apply(Input::Absent(Kind::HttpRoute), &mut store);
         assert!(t.ready());
-        assert_eq!(names(&store), ["web"]);
+        assert_eq!(names(&mut store), ["web"]);
     }
 
     #[test]
@@ -191,7 +191,7 @@ mod tests {
         // 410 Gone: the watcher re-lists; b was deleted and d added in the gap.
         t.apply(Input::Init(Kind::Service), &mut store);
         assert_eq!(
-            names(&store),
+            names(&mut store),
             ["a", "b", "c"],
             "the old set serves meanwhile"
         );
@@ -199,10 +199,10 @@ mod tests {
             t.apply(service(n, 80, true), &mut store);
         }
         assert!(t.apply(Input::InitDone(Kind::Service), &mut store));
-        assert_eq!(names(&store), ["a", "c", "d"]);
+        assert_eq!(names(&mut store), ["a", "c", "d"]);
         // A watch event after the list is applied at once.
         assert!(t.apply(Input::Deleted(key(Kind::Service, "a")), &mut store));
-        assert_eq!(names(&store), ["c", "d"]);
+        assert_eq!(names(&mut store), ["c", "d"]);
     }
 
     #[test]
@@ -214,13 +214,13 @@ mod tests {
         t.apply(Input::InitDone(Kind::Service), &mut store);
         // A bad update: refused alone, port 80 serves.
         t.apply(service("web", 0, false), &mut store);
-        assert_eq!(names(&store), ["web"]);
+        assert_eq!(names(&mut store), ["web"]);
         assert_eq!(store.rejected().len(), 1);
         // Re-listed, still bad: still refused, and the last good version still serves.
         t.apply(Input::Init(Kind::Service), &mut store);
         t.apply(service("web", 0, true), &mut store);
         t.apply(Input::InitDone(Kind::Service), &mut store);
-        assert_eq!(names(&store), ["web"]);
+        assert_eq!(names(&mut store), ["web"]);
         assert!(store.rejected()[0].previous_serves);
     }
 
@@ -232,14 +232,14 @@ mod tests {
         t.apply(service("web", 80, true), &mut store);
         t.apply(Input::InitDone(Kind::Service), &mut store);
         assert!(t.apply(Input::Absent(Kind::Service), &mut store));
-        assert!(names(&store).is_empty());
+        assert!(names(&mut store).is_empty());
         assert!(t.ready());
         assert!(!t.apply(Input::Absent(Kind::Service), &mut store));
         t.apply(Input::Init(Kind::Service), &mut store);
         assert!(!t.ready());
         t.apply(service("web", 80, true), &mut store);
         t.apply(Input::InitDone(Kind::Service), &mut store);
-        assert_eq!(names(&store), ["web"]);
+        assert_eq!(names(&mut store), ["web"]);
         assert_eq!(t.state(Kind::Service), Some(&KindState::Synced));
     }
 }

@@ -40,7 +40,7 @@ fn parse(doc: &str) -> (RouteMeta, Route) {
     let meta = RouteMeta::of(&object);
     let value: Value = serde_json::from_str(doc).unwrap();
     let route = match translate(Kind::HttpRoute, value).unwrap() {
-        crate::config::Object::Route(r) => r,
+        crate::config::Object::Route(r) => (*r).clone(),
         o => panic!("{o:?}"),
     };
     (meta, route)
