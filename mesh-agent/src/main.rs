@@ -8,7 +8,7 @@ use clap::Parser as _;
 use mesh_agent::{app, ca, cli, memory, telemetry};
 
 fn main() -> std::process::ExitCode {
-    memory::limit_arenas();
+    memory::tune_allocator();
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => {

@@ -154,10 +154,15 @@ fn the_agent_follows_the_kubernetes_api_through_bad_objects_absent_crds_and_a_41
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A memory figure of `/proc/PID/status` (`VmRSS:`, `RssAnon:`...) in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }
@@ -243,10 +248,11 @@ fn at_scale_the_agent_stays_within_its_memory_aim() {
     );
     let change = changed.elapsed();
     let rss_after = rss_mib(pid);
+    let (anon, file) = (status_mib(pid, "RssAnon:"), status_mib(pid, "RssFile:"));
     println!(
         "scale: {SERVICES} services, {} endpoints, {PODS} pods, {pages} list pages: \
          ready in {ready:.2?}, RSS {rss:.1} MiB; one endpoint change applied in \
-         {change:.2?}, RSS then {rss_after:.1} MiB",
+         {change:.2?}, RSS then {rss_after:.1} MiB (anon {anon:.1}, file {file:.1})",
         SERVICES * PER_SLICE
     );
     assert!(pages > 0, "the lists were not paged");

@@ -19,7 +19,7 @@ use crate::config::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub id: NamespacedName,
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels: crate::config::Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub struct PolicySet {
     policies: Vec<Arc<AuthorizationPolicy>>,
 }
 
-fn selects(selector: &Selector, labels: &std::collections::BTreeMap<String, String>) -> bool {
+fn selects(selector: &Selector, labels: &crate::config::Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 

@@ -135,7 +135,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice>
         }
     }
 
-    let mut ports = Vec::new();
+    let mut ports = Vec::with_capacity(slice.ports.as_ref().map_or(0, Vec::len));
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let Some(n) = p.port else {
             return Err(FieldError::new(format!("ports[{i}].port"), "is required"));
@@ -147,21 +147,22 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice>
         });
     }
 
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     for (i, e) in slice.endpoints.iter().enumerate() {
-        let mut addresses = Vec::new();
+        let mut first = None;
         for (j, a) in e.addresses.iter().enumerate() {
-            addresses.push(ip(a, format!("endpoints[{i}].addresses[{j}]"))?);
+            let a = ip(a, format!("endpoints[{i}].addresses[{j}]"))?;
+            first.get_or_insert(a);
         }
-        if addresses.is_empty() {
+        let Some(address) = first else {
             return Err(FieldError::new(
                 format!("endpoints[{i}].addresses"),
                 "is empty",
             ));
-        }
+        };
         let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
         endpoints.push(Endpoint {
-            addresses,
+            address,
             ready,
             node_name: e.node_name.clone(),
         });
@@ -258,7 +259,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod> {
             enrollment::DataplaneMode::Unset,
             enrollment::Default::Enrolled,
         ),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: pod.metadata.labels.clone().unwrap_or_default().into(),
         workload: workload_name(&pod.metadata, &pod_name),
         probe_ports: super::probes::probe_ports(spec),
         mesh_status: annotation(&pod.metadata, STATUS_ANNOTATION).map(str::to_owned),

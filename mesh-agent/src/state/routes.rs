@@ -126,9 +126,7 @@ fn endpoints_from(slices: &[&EndpointSlice], port: &ServicePort) -> Vec<SocketAd
             continue;
         };
         for ep in slice.endpoints.iter().filter(|e| e.ready) {
-            if let Some(ip) = ep.addresses.first() {
-                out.push(SocketAddr::new(*ip, backend_port));
-            }
+            out.push(SocketAddr::new(ep.address, backend_port));
         }
     }
     out.sort();
@@ -171,17 +169,17 @@ mod tests {
                 }],
                 endpoints: vec![
                     Endpoint {
-                        addresses: vec!["10.244.1.5".parse().unwrap()],
+                        address: "10.244.1.5".parse().unwrap(),
                         ready: true,
                         node_name: None,
                     },
                     Endpoint {
-                        addresses: vec!["10.244.2.5".parse().unwrap()],
+                        address: "10.244.2.5".parse().unwrap(),
                         ready: true,
                         node_name: None,
                     },
                     Endpoint {
-                        addresses: vec!["10.244.3.5".parse().unwrap()],
+                        address: "10.244.3.5".parse().unwrap(),
                         ready: false,
                         node_name: None,
                     },
