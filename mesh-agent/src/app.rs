@@ -205,8 +205,9 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                     error!("config watcher stopped");
                     break;
                 }
-                current = config.updates.borrow_and_update().clone();
-                apply(&current, &settings, &proxy, &mut pods).await;
+                let next = config.updates.borrow_and_update().clone();
+                let previous = std::mem::replace(&mut current, next);
+                apply(&current, &previous, &settings, &proxy, &mut pods).await;
                 readiness.config_loaded.store(current.number > 0, Ordering::Relaxed);
             }
             _ = kick.notified() => {
@@ -318,6 +319,11 @@ fn pod_resolver(proxy: &Arc<ProxyContext>) -> kernel_flows::PodResolver {
     })
 }
 
+/// The same objects, allocation for allocation.
+fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+}
+
 /// Agent settings that shape how config is read.
 struct Settings {
     trust_domain: String,
@@ -329,32 +335,68 @@ struct Settings {
 /// Applies one config generation: routes, workloads and policy first (so a captured
 /// connection always finds its service), then open connections are re-checked against
 /// the new policy, then the kernel's service map, then the pods.
+///
+/// A part whose objects are the same allocations as in `previous` (the config shares
+/// unchanged objects between generations) is kept as it is: an endpoint change
+/// rebuilds the route tables, not the workload index or the policy, and re-checks no
+/// open connection.
 async fn apply(
     generation: &Generation,
+    previous: &Generation,
     settings: &Settings,
     proxy: &ProxyContext,
     pods: &mut PodManager,
 ) {
-    let policy = PolicySet::build(&generation.config, &settings.root_namespace);
-    let routes = Arc::new(RouteTable::build(&generation.config));
-    let http = HttpRoutes::build(&generation.config, &settings.server_first_ports);
-    for p in &http.problems {
-        warn!(route = %p.route, kind = %p.kind, reason = p.reason, "{}", p.message);
-    }
+    let started = std::time::Instant::now();
+    let (now, before) = (&generation.config, &previous.config);
+    let snap = proxy.snapshot.load();
+    // The snapshot's parts were built from `previous`, or nothing may be kept.
+    let keep = |unchanged: bool| unchanged && snap.generation == previous.number;
+    let policy_kept = keep(
+        same(&now.peer_authentications, &before.peer_authentications)
+            && same(&now.authorization_policies, &before.authorization_policies),
+    );
+    let policy = if policy_kept {
+        snap.policy.clone()
+    } else {
+        PolicySet::build(now, &settings.root_namespace)
+    };
+    let endpoints_kept = keep(
+        same(&now.services, &before.services)
+            && same(&now.endpoint_slices, &before.endpoint_slices),
+    );
+    let routes = if endpoints_kept {
+        snap.routes.clone()
+    } else {
+        Arc::new(RouteTable::build(now))
+    };
+    let http = if endpoints_kept && same(&now.routes, &before.routes) {
+        snap.http.clone()
+    } else {
+        let http = HttpRoutes::build(now, &settings.server_first_ports);
+        for p in &http.problems {
+            warn!(route = %p.route, kind = %p.kind, reason = p.reason, "{}", p.message);
+        }
+        Arc::new(http)
+    };
+    let workloads = if keep(same(&now.pods, &before.pods)) {
+        snap.workloads.clone()
+    } else {
+        Arc::new(WorkloadIndex::build(now, &settings.trust_domain))
+    };
     let addrs = routes.service_addrs();
     proxy.snapshot.publish_config(ConfigParts {
         generation: generation.number,
         routes,
-        http: Arc::new(http),
-        workloads: Arc::new(WorkloadIndex::build(
-            &generation.config,
-            &settings.trust_domain,
-        )),
+        http,
+        workloads,
         policy: policy.clone(),
     });
-    let closed = proxy.live.reevaluate(&policy);
-    if closed > 0 {
-        info!(closed, "policy change closed open connections");
+    if !policy_kept {
+        let closed = proxy.live.reevaluate(&policy);
+        if closed > 0 {
+            info!(closed, "policy change closed open connections");
+        }
     }
     match proxy.maps.sync_services(&addrs) {
         Ok((added, removed)) => info!(
@@ -362,6 +404,10 @@ async fn apply(
             services = addrs.len(),
             added,
             removed,
+            // The agent's own work, and the whole way from the change's arrival at
+            // the source (batching included), when the source knows it.
+            apply_ms = started.elapsed().as_secs_f64() * 1e3,
+            latency_ms = generation.since.map(|t| t.elapsed().as_secs_f64() * 1e3),
             "config applied"
         ),
         Err(e) => {

@@ -1,7 +1,6 @@
 //! Typed access to the maps the agent owns. Each map sits behind its own lock: the
 //! per-connection lookup must not wait for a config sync of the services map.
 use std::{
-    collections::HashSet,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     sync::Mutex,
@@ -91,6 +90,12 @@ type Locked<K, V> = Mutex<HashMap<MapData, K, V>>;
 pub struct MeshMaps {
     enrolled: Locked<u64, EnrolledNetns>,
     services: Locked<ServiceKey, ServiceValue>,
+    /// What the services map holds, as the agent last wrote it (`None` until the
+    /// first sync, which reads the kernel: a restarted agent adopts a pinned map).
+    /// Only the agent writes that map, so a sync with the same set needs no system
+    /// call, and a change touches only what changed (reading 10,000 keys back from
+    /// the kernel on every config change cost more than the rest of the change).
+    services_synced: Mutex<Option<foldhash::HashSet<ServiceKey>>>,
     peers: Locked<PeerKey, OrigDst>,
     plaintext_listeners: Mutex<SockHash<MapData, ListenerKey>>,
     counters: PerCpuArray<MapData, u64>,
@@ -158,6 +163,7 @@ impl MeshMaps {
         Ok(MeshMaps {
             enrolled: Mutex::new(take(ebpf, maps::ENROLLED_NETNS)?),
             services: Mutex::new(take(ebpf, maps::SERVICES)?),
+            services_synced: Mutex::new(None),
             peers: Mutex::new(take(ebpf, maps::PEER_ORIG_DST)?),
             plaintext_listeners: Mutex::new(take(ebpf, maps::PLAINTEXT_LISTENERS)?),
             counters: take(ebpf, maps::COUNTERS)?,
@@ -231,11 +237,19 @@ impl MeshMaps {
     /// Makes the services map hold exactly `desired`. Returns (added, removed).
     pub fn sync_services(
         &self,
-        desired: &HashSet<ServiceAddr>,
+        desired: &foldhash::HashSet<ServiceAddr>,
     ) -> Result<(usize, usize), MapUpdateError> {
         let mut m = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        let want: HashSet<ServiceKey> = desired.iter().map(ServiceAddr::key).collect();
-        let have: HashSet<ServiceKey> = m.keys().filter_map(Result::ok).collect();
+        let mut synced = self
+            .services_synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let want: foldhash::HashSet<ServiceKey> = desired.iter().map(ServiceAddr::key).collect();
+        // Forgotten until this sync completes: a failure half-way re-reads the kernel.
+        let have: foldhash::HashSet<ServiceKey> = match synced.take() {
+            Some(have) => have,
+            None => m.keys().filter_map(Result::ok).collect(),
+        };
         let mut added = 0;
         for key in want.difference(&have) {
             m.insert(*key, ServiceValue { flags: 0 }, 0)
@@ -250,6 +264,7 @@ impl MeshMaps {
             let _ = m.remove(key);
             removed += 1;
         }
+        *synced = Some(want);
         Ok((added, removed))
     }
 

@@ -1,7 +1,10 @@
 //! Numbering config generations and counting reloads: the one place every source
 //! hands its config to, so the rest of the agent sees the same generations and
 //! statistics whichever source feeds it.
-use std::sync::{Arc, atomic::AtomicU64};
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::Instant,
+};
 
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -14,6 +17,10 @@ pub struct Generation {
     /// 0 until the first good load, then +1 per applied change.
     pub number: u64,
     pub config: Config,
+    /// When the oldest change this generation carries reached the source (the API
+    /// source knows; the directory source does not say): the agent logs how long the
+    /// change took to apply.
+    pub since: Option<Instant>,
 }
 
 /// Counts what the reload loop did, for readiness and metrics.
@@ -69,6 +76,7 @@ impl Publisher {
         let (tx, rx) = watch::channel(Arc::new(Generation {
             number: 0,
             config: Config::default(),
+            since: None,
         }));
         let publisher = Publisher {
             tx,
@@ -81,6 +89,12 @@ impl Publisher {
     /// Publishes `config` as the next generation, unless it is the one serving. The
     /// source's error, if it had one, is over either way.
     pub fn publish(&mut self, config: Config) {
+        self.publish_since(config, None);
+    }
+
+    /// [`Publisher::publish`], for a config whose oldest change reached the source at
+    /// `since`.
+    pub fn publish_since(&mut self, config: Config, since: Option<Instant>) {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.set_error(None);
         let current = self.tx.borrow().clone();
@@ -92,8 +106,11 @@ impl Publisher {
             services = config.services.len(), endpoint_slices = config.endpoint_slices.len(),
             pods = config.pods.len(), routes = config.routes.len(), "config loaded");
         self.stats.ok.fetch_add(1, Relaxed);
-        self.tx
-            .send_replace(Arc::new(Generation { number, config }));
+        self.tx.send_replace(Arc::new(Generation {
+            number,
+            config,
+            since,
+        }));
     }
 
     /// The source cannot be read as it is now. Logged and counted once per distinct

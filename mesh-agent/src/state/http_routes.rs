@@ -332,6 +332,9 @@ pub struct HttpRoutes {
 
 impl HttpRoutes {
     pub fn build(config: &Config, server_first: &[u16]) -> HttpRoutes {
+        if config.routes.is_empty() {
+            return HttpRoutes::default();
+        }
         let index = Index::of(config);
         let mut problems = Vec::new();
         // (service, port number) -> (scope namespace -> routes attached from it).
@@ -616,7 +619,7 @@ fn entry(m: &RouteMatch, rule: Arc<CompiledRule>) -> Option<Entry> {
 
 /// Services by name and their slices, looked up once per build.
 struct Index<'a> {
-    services: HashMap<&'a NamespacedName, &'a Service>,
+    services: foldhash::HashMap<&'a NamespacedName, &'a Service>,
     slices: Slices<'a>,
 }
 

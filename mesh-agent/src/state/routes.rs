@@ -1,6 +1,5 @@
 //! (ClusterIP, port) -> the ready endpoints of that service port.
 use std::{
-    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -32,13 +31,13 @@ impl Target {
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    targets: HashMap<SocketAddr, std::sync::Arc<Target>>,
+    targets: foldhash::HashMap<SocketAddr, std::sync::Arc<Target>>,
 }
 
 impl RouteTable {
     pub fn build(config: &Config) -> RouteTable {
         let slices = Slices::of(config);
-        let mut targets = HashMap::new();
+        let mut targets = foldhash::HashMap::default();
         for svc in &config.services {
             for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
                 let endpoints = slices.endpoints(svc, port);
@@ -72,7 +71,7 @@ impl RouteTable {
         all
     }
 
-    pub fn service_addrs(&self) -> HashSet<ServiceAddr> {
+    pub fn service_addrs(&self) -> foldhash::HashSet<ServiceAddr> {
         self.targets.keys().map(|a| ServiceAddr(*a)).collect()
     }
 }
@@ -81,12 +80,13 @@ impl RouteTable {
 /// config: looking them up per service port in the whole list made a build quadratic
 /// (10,000 Services with a slice each: 100 million comparisons).
 pub(crate) struct Slices<'a> {
-    by_service: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    by_service: foldhash::HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
 }
 
 impl<'a> Slices<'a> {
     pub fn of(config: &'a Config) -> Slices<'a> {
-        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        let mut by_service: foldhash::HashMap<(&str, &str), Vec<&EndpointSlice>> =
+            foldhash::HashMap::default();
         for slice in &config.endpoint_slices {
             by_service
                 .entry((slice.id.namespace.as_str(), slice.service_name.as_str()))
@@ -203,7 +203,7 @@ mod tests {
     fn round_robin_visits_every_endpoint() {
         let table = RouteTable::build(&config());
         let t = table.get("10.96.0.20:80".parse().unwrap()).unwrap();
-        let picks: HashSet<SocketAddr> = (0..4).map(|_| t.pick().unwrap()).collect();
+        let picks: std::collections::HashSet<SocketAddr> = (0..4).map(|_| t.pick().unwrap()).collect();
         assert_eq!(picks.len(), 2);
     }
 

@@ -35,7 +35,8 @@ pub use status_writer::ProblemsFn;
 use status_writer::RouteStatusWriter;
 use sync::{Input, Tracker};
 
-/// How long changes gather before one config is built from them.
+/// At most one config is built per this long: a change after a quiet spell is
+/// applied at once, and a burst of changes behind it gathers into one config.
 const SETTLE: Duration = Duration::from_millis(100);
 /// Inputs queued between the watches and the loop; a full queue holds the watches
 /// back (the API server buffers), never grows the agent.
@@ -116,6 +117,10 @@ impl ConfigSource for ApiSource {
         let mut errors: BTreeMap<Kind, String> = BTreeMap::new();
         let mut dirty = false;
         let mut publish_at: Option<Instant> = None;
+        // When the last config was built, and when the oldest change not yet in a
+        // config arrived.
+        let mut last_built: Option<Instant> = None;
+        let mut since: Option<Instant> = None;
         let mut announced = false;
         let mut route_status = self.route_status.take();
         loop {
@@ -139,6 +144,9 @@ impl ConfigSource for ApiSource {
                         w.seen(key, std::mem::take(meta.as_mut()));
                     }
                     let changed = tracker.apply(input, &mut store);
+                    if changed {
+                        since.get_or_insert_with(Instant::now);
+                    }
                     if let Some(w) = route_status.as_mut().filter(|_| changed) {
                         w.touch();
                     }
@@ -149,12 +157,12 @@ impl ConfigSource for ApiSource {
                     }
                     let status_turn = route_status.as_ref().is_some_and(RouteStatusWriter::wants_turn);
                     if (dirty || status_turn || (tracker.ready() && !announced)) && publish_at.is_none() {
-                        publish_at = Some(Instant::now() + SETTLE);
+                        publish_at = Some(next_build(last_built, Instant::now()));
                     }
                 }
                 _ = leadership => {
                     if publish_at.is_none() {
-                        publish_at = Some(Instant::now() + SETTLE);
+                        publish_at = Some(next_build(last_built, Instant::now()));
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if publish_at.is_some() => {
@@ -170,7 +178,8 @@ impl ConfigSource for ApiSource {
                         if let Some(w) = route_status.as_mut() {
                             w.write(&store, &config);
                         }
-                        publisher.publish(config);
+                        publisher.publish_since(config, since.take().map(Instant::into_std));
+                        last_built = Some(Instant::now());
                         dirty = false;
                     }
                 }
@@ -181,6 +190,12 @@ impl ConfigSource for ApiSource {
         }
         watches.iter().for_each(JoinHandle::abort);
     }
+}
+
+/// When to build the next config: now, unless one was built less than [`SETTLE`]
+/// ago.
+fn next_build(last_built: Option<Instant>, now: Instant) -> Instant {
+    last_built.map_or(now, |t| (t + SETTLE).max(now))
 }
 
 /// Logs each kind's watch failure once per distinct error, and recovery. Before the
@@ -340,4 +355,18 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<(Cli
     let server = config.cluster_url.to_string();
     let client = Client::try_from(config).context("building the Kubernetes API client")?;
     Ok((client, server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_after_a_quiet_spell_builds_at_once_and_a_burst_at_most_every_settle() {
+        let now = Instant::now();
+        assert_eq!(next_build(None, now), now);
+        assert_eq!(next_build(Some(now - SETTLE * 2), now), now);
+        let just = now - SETTLE / 4;
+        assert_eq!(next_build(Some(just), now), just + SETTLE);
+    }
 }
