@@ -367,9 +367,13 @@ async fn apply(
     );
     let routes = if endpoints_kept {
         snap.routes.clone()
+    } else if snap.generation == previous.number {
+        Arc::new(RouteTable::rebuild(now, &snap.routes))
     } else {
         Arc::new(RouteTable::build(now))
     };
+    // The kernel's service map holds the ClusterIP:ports of the Services alone.
+    let services_kept = keep(same(&now.services, &before.services));
     let http = if endpoints_kept && same(&now.routes, &before.routes) {
         snap.http.clone()
     } else {
@@ -384,7 +388,7 @@ async fn apply(
     } else {
         Arc::new(WorkloadIndex::build(now, &settings.trust_domain))
     };
-    let addrs = routes.service_addrs();
+    let addrs = (!services_kept).then(|| routes.service_addrs());
     proxy.snapshot.publish_config(ConfigParts {
         generation: generation.number,
         routes,
@@ -398,10 +402,14 @@ async fn apply(
             info!(closed, "policy change closed open connections");
         }
     }
-    match proxy.maps.sync_services(&addrs) {
+    let synced = match &addrs {
+        Some(addrs) => proxy.maps.sync_services(addrs),
+        None => Ok((0, 0)),
+    };
+    match synced {
         Ok((added, removed)) => info!(
             generation = generation.number,
-            services = addrs.len(),
+            services = now.services.len(),
             added,
             removed,
             // The agent's own work, and the whole way from the change's arrival at

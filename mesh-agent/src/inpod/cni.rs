@@ -72,8 +72,13 @@ impl CniNetns {
 
     /// Forgets deleted sandboxes of pods the config no longer has (a deleted pod
     /// leaves the config soon after its sandbox), so the set is bounded by the config.
-    pub fn retain_deleted(&self, known: &HashSet<NamespacedName>) {
-        self.lock().deleted.retain(|k| known.contains(k));
+    pub fn retain_deleted(&self, known: impl Fn(&NamespacedName) -> bool) {
+        self.lock().deleted.retain(|k| known(k));
+    }
+
+    /// Some sandbox was deleted and is remembered.
+    pub fn has_deleted(&self) -> bool {
+        !self.lock().deleted.is_empty()
     }
 
     /// Forgets the namespace of a sandbox whose ADD failed (the runtime tears it
@@ -89,8 +94,8 @@ impl CniNetns {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PodStates {
     pub running: HashSet<NamespacedName>,
-    /// In the config, and not to be enrolled by this agent (not in the mesh, another
-    /// node's, finished).
+    /// This node's pods in the config that this agent does not enroll (not in the
+    /// mesh, finished). Another node's pods are never asked about here.
     pub not_here: HashSet<NamespacedName>,
     /// Why a pod to enroll could not be, so far.
     pub failing: HashMap<NamespacedName, String>,

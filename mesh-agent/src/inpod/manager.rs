@@ -259,16 +259,24 @@ impl PodManager {
 
     /// Tells the CNI server where each pod stands.
     fn publish_states(&self, config: &Config) {
-        let known: HashSet<NamespacedName> = config.pods.iter().map(|p| p.id.clone()).collect();
-        self.cni.retain_deleted(&known);
+        // Built from every pod of the cluster only when there is something to prune.
+        if self.cni.has_deleted() {
+            let known: HashSet<&NamespacedName> = config.pods.iter().map(|p| &p.id).collect();
+            self.cni.retain_deleted(|id| known.contains(id));
+        }
         let mine: HashSet<&NamespacedName> =
             local_pods(&self.node, config).map(|p| &p.id).collect();
+        // Only this node's kubelet creates sandboxes here, for pods bound to this
+        // node: the CNI plugin never asks about another node's pods, so they are not
+        // listed (at 20,000 pods the list cost more than the rest of a config change).
+        let node = Some(self.node.as_str());
         let states = PodStates {
             running: self.running.keys().cloned().collect(),
-            not_here: known
+            not_here: config
+                .pods
                 .iter()
-                .filter(|id| !mine.contains(id))
-                .cloned()
+                .filter(|p| p.node_name.as_deref() == node && !mine.contains(&p.id))
+                .map(|p| p.id.clone())
                 .collect(),
             failing: self.failing.clone(),
         };
