@@ -368,7 +368,7 @@ async fn apply(
     let routes = if endpoints_kept {
         snap.routes.clone()
     } else if snap.generation == previous.number {
-        Arc::new(RouteTable::rebuild(now, &snap.routes))
+        Arc::new(RouteTable::rebuild(before, now, &snap.routes))
     } else {
         Arc::new(RouteTable::build(now))
     };

@@ -35,53 +35,51 @@ impl Target {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     targets: foldhash::HashMap<SocketAddr, Arc<Target>>,
-    /// What each Service's targets were built from, so the next build can keep them.
-    built: foldhash::HashMap<NamespacedName, Built>,
 }
 
-/// One Service's targets and the objects they came from (allocations shared with the
-/// config, compared by pointer).
-#[derive(Debug)]
-struct Built {
-    service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
-    targets: Vec<(SocketAddr, Arc<Target>)>,
-}
+/// Past this many changed Services a rebuild is cheaper than a patch.
+const PATCH_LIMIT: usize = 64;
 
 impl RouteTable {
     pub fn build(config: &Config) -> RouteTable {
-        RouteTable::rebuild(config, &RouteTable::default())
-    }
-
-    /// The table for `config`, keeping `previous`'s targets of every Service whose
-    /// object and slices are the allocations they were built from: an endpoint change
-    /// rebuilds one Service's targets, not ten thousand.
-    pub fn rebuild(config: &Config, previous: &RouteTable) -> RouteTable {
         let slices = Slices::of(config);
         let mut targets = foldhash::HashMap::default();
-        let mut built = foldhash::HashMap::default();
         for svc in &config.services {
-            let own = slices.of_service(svc);
-            let kept = previous.built.get(&svc.id).filter(|b| {
-                Arc::ptr_eq(&b.service, svc)
-                    && b.slices.len() == own.len()
-                    && b.slices.iter().zip(own).all(|(x, y)| Arc::ptr_eq(x, y))
-            });
-            let these = match kept {
-                Some(b) => b.targets.clone(),
-                None => targets_of(svc, own),
-            };
-            targets.extend(these.iter().cloned());
-            built.insert(
-                svc.id.clone(),
-                Built {
-                    service: svc.clone(),
-                    slices: own.to_vec(),
-                    targets: these,
-                },
-            );
+            targets.extend(targets_of(svc, slices.of_service(svc)));
         }
-        RouteTable { targets, built }
+        RouteTable { targets }
+    }
+
+    /// The table for `now`, from `previous` (the table of `before`): only the
+    /// Services whose object or slices changed are built again, found by walking
+    /// both configs' lists, which are in key order, and comparing allocations. An
+    /// endpoint change costs one Service's targets and a copy of the map of
+    /// pointers, not ten thousand Services' targets.
+    pub fn rebuild(before: &Config, now: &Config, previous: &RouteTable) -> RouteTable {
+        let Some(dirty) = changed_services(before, now) else {
+            return RouteTable::build(now);
+        };
+        let mut targets = previous.targets.clone();
+        for (ns, name) in &dirty {
+            let id = |s: &&Arc<Service>| s.id.namespace == *ns && s.id.name == *name;
+            if let Some(old) = before.services.iter().find(id) {
+                for port in &old.ports {
+                    for vip in &old.cluster_ips {
+                        targets.remove(&SocketAddr::new(*vip, port.port));
+                    }
+                }
+            }
+            if let Some(svc) = now.services.iter().find(id) {
+                let slices: Vec<Arc<EndpointSlice>> = now
+                    .endpoint_slices
+                    .iter()
+                    .filter(|s| s.id.namespace == *ns && s.service_name == *name)
+                    .cloned()
+                    .collect();
+                targets.extend(targets_of(svc, &slices));
+            }
+        }
+        RouteTable { targets }
     }
 
     pub fn get(&self, dst: SocketAddr) -> Option<Arc<Target>> {
@@ -100,6 +98,89 @@ impl RouteTable {
     pub fn service_addrs(&self) -> foldhash::HashSet<ServiceAddr> {
         self.targets.keys().map(|a| ServiceAddr(*a)).collect()
     }
+}
+
+/// The (namespace, name) of every Service whose object or EndpointSlices differ
+/// between the two configs, or `None` when more than [`PATCH_LIMIT`] do.
+fn changed_services<'a>(before: &'a Config, now: &'a Config) -> Option<Vec<(&'a str, &'a str)>> {
+    // The walk needs both lists in key order, as a store hands them over; a config
+    // put together otherwise is built whole.
+    let sorted = |c: &Config| {
+        c.services.is_sorted_by(|a, b| a.id <= b.id)
+            && c.endpoint_slices.is_sorted_by(|a, b| a.id <= b.id)
+    };
+    if !sorted(before) || !sorted(now) {
+        return None;
+    }
+    let mut dirty = Vec::new();
+    for (a, b) in changed(&before.services, &now.services, |s| {
+        (&s.id.namespace, &s.id.name)
+    }) {
+        let s = a.or(b)?;
+        dirty.push((s.id.namespace.as_str(), s.id.name.as_str()));
+        if dirty.len() > PATCH_LIMIT {
+            return None;
+        }
+    }
+    let slices = changed(&before.endpoint_slices, &now.endpoint_slices, |s| {
+        (&s.id.namespace, &s.id.name)
+    });
+    for (a, b) in slices {
+        for s in [a, b].into_iter().flatten() {
+            dirty.push((s.id.namespace.as_str(), s.service_name.as_str()));
+        }
+        if dirty.len() > PATCH_LIMIT {
+            return None;
+        }
+    }
+    dirty.sort_unstable();
+    dirty.dedup();
+    Some(dirty)
+}
+
+/// The entries that differ between two lists sorted by `key`: (old, new), either
+/// side absent for an entry added or removed. Equal allocations are skipped without
+/// a key comparison.
+fn changed<'a, T, K: Ord>(
+    old: &'a [Arc<T>],
+    new: &'a [Arc<T>],
+    key: impl Fn(&'a T) -> K,
+) -> Vec<(Option<&'a T>, Option<&'a T>)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) => match key(a).cmp(&key(b)) {
+                std::cmp::Ordering::Equal => {
+                    out.push((Some(&**a), Some(&**b)));
+                    i += 1;
+                    j += 1;
+                }
+                std::cmp::Ordering::Less => {
+                    out.push((Some(&**a), None));
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((None, Some(&**b)));
+                    j += 1;
+                }
+            },
+            (Some(a), None) => {
+                out.push((Some(&**a), None));
+                i += 1;
+            }
+            (None, Some(b)) => {
+                out.push((None, Some(&**b)));
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    out
 }
 
 /// Every (ClusterIP, port) target of one Service.
@@ -271,7 +352,7 @@ mod tests {
         let mut api = (*first.services[0]).clone();
         api.id = nn("api");
         api.cluster_ips = vec!["10.96.0.21".parse().unwrap()];
-        first.services.push(Arc::new(api));
+        first.services.insert(0, Arc::new(api));
         let before = RouteTable::build(&first);
         let web: SocketAddr = "10.96.0.20:80".parse().unwrap();
         let api: SocketAddr = "10.96.0.21:80".parse().unwrap();
@@ -281,7 +362,7 @@ mod tests {
         let mut slice = (*second.endpoint_slices[0]).clone();
         slice.endpoints.remove(0);
         second.endpoint_slices[0] = Arc::new(slice);
-        let after = RouteTable::rebuild(&second, &before);
+        let after = RouteTable::rebuild(&first, &second, &before);
         assert!(Arc::ptr_eq(
             &before.get(api).unwrap(),
             &after.get(api).unwrap()
@@ -306,12 +387,12 @@ mod tests {
         }
         // A Service removed is gone; a new Service object is built anew.
         let mut third = second.clone();
-        third.services.remove(1);
-        let gone = RouteTable::rebuild(&third, &after);
+        third.services.remove(0);
+        let gone = RouteTable::rebuild(&second, &third, &after);
         assert!(gone.get(api).is_none());
         let mut fourth = second.clone();
-        fourth.services[1] = Arc::new((*fourth.services[1]).clone());
-        let anew = RouteTable::rebuild(&fourth, &after);
+        fourth.services[0] = Arc::new((*fourth.services[0]).clone());
+        let anew = RouteTable::rebuild(&second, &fourth, &after);
         assert!(!Arc::ptr_eq(
             &after.get(api).unwrap(),
             &anew.get(api).unwrap()
