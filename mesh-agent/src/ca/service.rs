@@ -19,6 +19,10 @@ use crate::{
     identity::Identity,
 };
 
+/// How long a request for an identity the CA's view of the pods lacks waits for that
+/// view to change before it is refused.
+const CATCH_UP: Duration = Duration::from_secs(2);
+
 pub struct CaService {
     pub authority: Arc<Authority>,
     pub nodes: Arc<NodeAuth>,
@@ -66,10 +70,24 @@ impl CertificateService for CaService {
             return Err(Status::resource_exhausted(e.to_string()));
         }
         let ttl = Duration::from_secs(u64::try_from(req.validity_duration_seconds).unwrap_or(0));
-        match self
+        let mut signed = self
             .authority
-            .sign(&req.csr, &node, ttl, |id| self.runs_on(&node, id))
-        {
+            .sign(&req.csr, &node, ttl, |id| self.runs_on(&node, id));
+        // The agent and the CA watch the same pods; the agent may see a new pod first.
+        // A pod the CA does not know yet gets until its view catches up (bounded)
+        // before the refusal, instead of a failed request and the agent's retry.
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        let mut config = self.config.clone();
+        while matches!(signed, Err(SignRefusal::NotOnNode { .. })) {
+            match tokio::time::timeout_at(deadline, config.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+            signed = self
+                .authority
+                .sign(&req.csr, &node, ttl, |id| self.runs_on(&node, id));
+        }
+        match signed {
             Ok((identity, cert_chain)) => {
                 info!(%node, %identity, "certificate signed");
                 Ok(Response::new(CreateCertificateResponse {
