@@ -19,6 +19,9 @@ use crate::{
     cli::RunArgs,
     cli::Source,
     config::{ApiSource, ConfigWatch, Directory, Generation, LeaseSettings},
+    handover::{
+        PreviousAgent, PreviousAgentStatus, PreviousState, drain, give, take, wire::NodeListener,
+    },
     identity::{CaClient, SecretManager},
     inpod::PodManager,
     proxy::{ConfigParts, Pool, ProxyContext, SnapshotCell},
@@ -34,17 +37,62 @@ const ROUTE_STATUS_LEASE: &str = "mesh-route-status";
 pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     crate::limits::raise_fd_limit();
     let started = Instant::now();
+    // Before anything is bound: an agent running on this node hands its listeners over.
+    let inherited = {
+        let path = args.handover_socket.clone();
+        tokio::task::spawn_blocking(move || take::take_over(&path))
+            .await
+            .context("handover thread")?
+            .context("taking over from the running agent")?
+    };
+    let (mut node_inherited, pods_inherited, previous) = match inherited {
+        Some(i) => (i.node, i.pods, Some(i.previous)),
+        None => Default::default(),
+    };
+    let taking_over = previous.is_some();
     let readiness = Arc::new(Readiness::default());
-    tokio::spawn({
+    let readiness_listener = match node_inherited.remove(&NodeListener::Readiness) {
+        Some(l) => l,
+        None => crate::telemetry::bind_node_listener(args.readiness_addr)
+            .with_context(|| format!("binding the readiness endpoint {}", args.readiness_addr))?,
+    };
+    let metrics_listener = match node_inherited.remove(&NodeListener::Metrics) {
+        Some(l) => l,
+        None => crate::telemetry::bind_node_listener(args.metrics_addr)
+            .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?,
+    };
+    // Kept to hand to a successor.
+    let node_listeners = vec![
+        (
+            NodeListener::Readiness,
+            std::os::fd::OwnedFd::from(readiness_listener.try_clone()?),
+        ),
+        (
+            NodeListener::Metrics,
+            std::os::fd::OwnedFd::from(metrics_listener.try_clone()?),
+        ),
+    ];
+    let readiness_task = tokio::spawn({
         let readiness = readiness.clone();
-        let addr = args.readiness_addr;
         async move {
-            if let Err(e) = serve_readiness(addr, readiness).await {
-                error!(%addr, error = %e, "readiness endpoint failed");
+            if let Err(e) = serve_readiness(readiness_listener, readiness).await {
+                error!(error = %e, "readiness endpoint failed");
             }
         }
     });
     let telemetry = Telemetry::new(&args.cluster_domain);
+    let previous_status = Arc::new(PreviousAgentStatus::default());
+    if let Some(p) = &previous {
+        previous_status.set(|s| {
+            *s = Some(PreviousAgent {
+                pid: p.pid,
+                version: p.version.clone(),
+                state: PreviousState::HandingOver,
+                connections: 0,
+                deadline: None,
+            })
+        });
+    }
     let admin_state = Arc::new(AdminState {
         node: args.node_name.clone(),
         started,
@@ -54,13 +102,20 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         trust_domain: args.identity.trust_domain.clone(),
         root_namespace: args.root_namespace.clone(),
         core: OnceLock::new(),
+        previous_agent: previous_status.clone(),
     });
-    let admin = AdminServer::start(&args.admin_socket, args.metrics_addr, admin_state.clone())
-        .context("starting the admin API")?;
+    let admin = AdminServer::start(
+        &args.admin_socket,
+        metrics_listener,
+        taking_over,
+        admin_state.clone(),
+    )
+    .context("starting the admin API")?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let Some(mut datapath) = attach(&args, &mut sigterm, &mut sigint).await? else {
+    let previous_pid = previous.as_ref().map(|p| p.pid);
+    let Some(mut datapath) = attach(&args, previous_pid, &mut sigterm, &mut sigint).await? else {
         admin.stop();
         return Ok(());
     };
@@ -124,6 +179,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
             )
         },
         shards,
+        draining: tokio_util::sync::CancellationToken::new(),
     });
     let reaper = tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout));
     let kernel_flows = datapath.events.take().map(|ring| {
@@ -148,6 +204,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         args.host_proc.clone(),
         cni_netns.clone(),
     );
+    pods.inherit(pods_inherited);
     if let Some(path) = &args.cni_socket {
         crate::inpod::cni::start(
             path,
@@ -157,8 +214,19 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                 states: pods.states(),
                 timeout: args.cni_timeout,
             },
+            taking_over,
         )?;
     }
+    // This agent's own successor, some day. Without the socket it still runs; it
+    // just cannot hand over (a restart is then a cold one).
+    let mut successors = match give::serve(&args.handover_socket) {
+        Ok(rx) => rx,
+        Err(e) => {
+            warn!(error = %e, "no handover socket; a restart of this agent will not be hitless");
+            tokio::sync::mpsc::channel(1).1
+        }
+    };
+    let mut previous = previous;
     let settings = Settings {
         trust_domain: id_args.trust_domain.clone(),
         root_namespace: args.root_namespace.clone(),
@@ -198,6 +266,10 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
 
     let mut retry = tokio::time::interval(RETRY_PODS);
     info!(node = %args.node_name, source = ?source, "agent running");
+    // Set once a successor is ready: this agent drains instead of tearing down.
+    let mut handed_over = None;
+    // SIGTERM came while a successor was taking over: stop when that ends.
+    let mut stop_requested = false;
     loop {
         tokio::select! {
             changed = config.updates.changed() => {
@@ -220,7 +292,38 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                     pods.reconcile(&current.config, &policy).await;
                 }
             }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            Some(event) = successors.recv() => match event {
+                give::Event::Successor { pid, version, reply } => {
+                    info!(successor_pid = pid, successor_version = %version,
+                        "handing the listeners over to a successor");
+                    readiness.handing_over.store(true, Ordering::Relaxed);
+                    let offer = give::Offer {
+                        node: dup_all(&node_listeners),
+                        pods: pods.handover_offer(),
+                    };
+                    let _ = reply.send(offer);
+                }
+                give::Event::Gone { error } => {
+                    warn!(%error, "the successor left before it was ready; serving on");
+                    readiness.handing_over.store(false, Ordering::Relaxed);
+                    if stop_requested {
+                        break;
+                    }
+                }
+                give::Event::Ready { reports } => {
+                    handed_over = Some(reports);
+                    break;
+                }
+            },
+            _ = sigterm.recv() => {
+                if readiness.handing_over.load(Ordering::Relaxed) {
+                    info!("SIGTERM while a successor takes over: stopping once it is ready");
+                    stop_requested = true;
+                    continue;
+                }
+                info!("SIGTERM: shutting down");
+                break;
+            }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
         }
         readiness
@@ -232,6 +335,47 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
             .iter()
             .all(|(_, c)| c.as_ref().is_some_and(|c| c.is_valid_at(now)));
         readiness.certs_valid.store(certs_valid, Ordering::Relaxed);
+        if readiness.not_ready_reason().is_none()
+            && let Some(p) = previous.take()
+        {
+            let hook = datapath.inbound.clone();
+            let pid = p.pid;
+            let told = p.ready(previous_status.clone(), move || {
+                // Its id must not exempt whatever process gets it next.
+                if let Err(e) = hook.set_previous_agent(0) {
+                    warn!(error = %e, "cannot clear the previous agent's id");
+                }
+            });
+            if let Err(e) = told {
+                warn!(previous_pid = pid, error = %e, "cannot tell the previous agent this one is ready");
+            }
+        }
+    }
+
+    if let Some(reports) = handed_over {
+        readiness_task.abort();
+        admin.stop_serving();
+        pods.stop_accepting();
+        proxy.draining.cancel();
+        drain::run(
+            &proxy,
+            &reports,
+            args.drain_timeout,
+            &mut sigterm,
+            &mut sigint,
+        )
+        .await;
+        // Every pin stays for the successor: the datapath is dropped, not shut down.
+        pods.shutdown();
+        reaper.abort();
+        if let Some(k) = kernel_flows {
+            k.abort();
+        }
+        secrets.shutdown();
+        drop(proxy);
+        drop(datapath);
+        info!("handed over; agent stopped");
+        return Ok(());
     }
 
     readiness.programs_attached.store(false, Ordering::Relaxed);
@@ -257,6 +401,7 @@ const RETRY_ATTACH: Duration = Duration::from_secs(1);
 /// not-ready instead of crash-looping. `None` when told to stop first.
 async fn attach(
     args: &RunArgs,
+    previous_agent: Option<u32>,
     sigterm: &mut tokio::signal::unix::Signal,
     sigint: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<Option<Datapath>> {
@@ -281,6 +426,7 @@ async fn attach(
                 DatapathOptions {
                     sockmap: args.sockmap.is_on(),
                     sockmap_unread_limit: args.sockmap_unread_limit,
+                    previous_agent,
                 },
             )
             .context("attaching the eBPF programs")
@@ -301,6 +447,18 @@ async fn attach(
             _ = sigint.recv() => { info!("SIGINT before the programs were attached"); return Ok(None); }
         }
     }
+}
+
+/// Duplicates of the node listeners, to hand over. A dup fails only when the agent
+/// is out of descriptors; the successor then tries to bind that listener itself, and
+/// says why it cannot.
+fn dup_all(
+    listeners: &[(NodeListener, std::os::fd::OwnedFd)],
+) -> Vec<(NodeListener, std::os::fd::OwnedFd)> {
+    listeners
+        .iter()
+        .filter_map(|(k, fd)| fd.try_clone().ok().map(|d| (*k, d)))
+        .collect()
 }
 
 /// Names the pod a kernel event is about, from the pods this agent serves.

@@ -174,6 +174,21 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
 
+    /// Handover socket (mode 0600): a new agent on this node connects here and takes
+    /// the running agent's listeners over, without a refused connection.
+    #[arg(
+        long,
+        env = "MESH_HANDOVER_SOCKET",
+        default_value = "/run/mesh/handover.sock"
+    )]
+    pub handover_socket: PathBuf,
+
+    /// Once a successor took over: how long this agent keeps relaying the
+    /// connections it carries before it exits and closes them. Set it below the
+    /// pod's termination grace period (the chart does: the grace period minus 5 s).
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
     /// sockmap acceleration: the kernel hands bytes between an application and the
     /// agent inside the pod without the TCP/IP stack (sock_ops + sk_msg). `off` keeps
     /// every hop on plain TCP.

@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod handover;
 pub mod identity;
 pub mod inpod;
 pub mod limits;

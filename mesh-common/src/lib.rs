@@ -106,6 +106,10 @@ pub mod settings {
     /// The agent's thread group id (its pid in the node's pid namespace). Only sockets
     /// that process connects are exempt from capture; a pod cannot take this id.
     pub const AGENT_TGID: u32 = 2;
+    /// During a handover, the thread group of the agent handing over: it keeps
+    /// relaying (and dialling for) the connections it carries until they end. 0
+    /// otherwise. See [`super::connect_verdict`].
+    pub const PREVIOUS_AGENT_TGID: u32 = 3;
     pub const LEN: u32 = 4;
 }
 
@@ -278,17 +282,17 @@ pub enum ConnectVerdict {
 }
 
 /// The capture decision, kept out of the program so it can be tested on the host.
-/// `caller_tgid` is the thread group of the process calling connect(), `agent_tgid`
-/// the one the agent wrote into [`settings::AGENT_TGID`] (0: not written yet, so
-/// nothing is exempt).
+/// `caller_tgid` is the thread group of the process calling connect(), `agents` the
+/// ids in [`settings::AGENT_TGID`] and [`settings::PREVIOUS_AGENT_TGID`] (the agent,
+/// and during a handover the one handing over; 0: not written, so not exempt).
 pub const fn connect_verdict(
     enrolled: &EnrolledNetns,
     dst: &[u8; 16],
     marked: bool,
     caller_tgid: u32,
-    agent_tgid: u32,
+    agents: [u32; 2],
 ) -> ConnectVerdict {
-    let agent = agent_tgid != 0 && caller_tgid == agent_tgid;
+    let agent = caller_tgid != 0 && (caller_tgid == agents[0] || caller_tgid == agents[1]);
     if marked && agent {
         return ConnectVerdict::Agent;
     }
@@ -673,22 +677,44 @@ mod tests {
         let p = pod(MODE_STRICT);
         let dst = v4_mapped([10, 244, 2, 9]);
         assert_eq!(
-            connect_verdict(&p, &dst, true, AGENT, AGENT),
+            connect_verdict(&p, &dst, true, AGENT, [AGENT, 0]),
             ConnectVerdict::Agent
         );
         // A root process in the pod that sets the mark is captured, and counted.
         assert_eq!(
-            connect_verdict(&p, &dst, true, 77, AGENT),
+            connect_verdict(&p, &dst, true, 77, [AGENT, 0]),
             ConnectVerdict::Capture { forged_mark: true }
         );
         // Before the agent wrote its id, nothing is exempt.
         assert_eq!(
-            connect_verdict(&p, &dst, true, 0, 0),
+            connect_verdict(&p, &dst, true, 0, [0, 0]),
             ConnectVerdict::Capture { forged_mark: true }
         );
         assert_eq!(
-            connect_verdict(&p, &dst, false, AGENT, AGENT),
+            connect_verdict(&p, &dst, false, AGENT, [AGENT, 0]),
             ConnectVerdict::Capture { forged_mark: false }
+        );
+    }
+
+    #[test]
+    fn during_a_handover_both_agents_are_exempt_and_no_one_else() {
+        let p = pod(MODE_STRICT);
+        let dst = v4_mapped([10, 244, 2, 9]);
+        const OLD: u32 = 4100;
+        for caller in [AGENT, OLD] {
+            assert_eq!(
+                connect_verdict(&p, &dst, true, caller, [AGENT, OLD]),
+                ConnectVerdict::Agent
+            );
+        }
+        assert_eq!(
+            connect_verdict(&p, &dst, true, 77, [AGENT, OLD]),
+            ConnectVerdict::Capture { forged_mark: true }
+        );
+        // Once the old agent is gone its slot is 0 again, and exempts nothing.
+        assert_eq!(
+            connect_verdict(&p, &dst, true, OLD, [AGENT, 0]),
+            ConnectVerdict::Capture { forged_mark: true }
         );
     }
 
@@ -702,7 +728,7 @@ mod tests {
             [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
         ] {
             assert_eq!(
-                connect_verdict(&p, &dst, false, 1, AGENT),
+                connect_verdict(&p, &dst, false, 1, [AGENT, 0]),
                 ConnectVerdict::Capture { forged_mark: false },
                 "{dst:?}"
             );
@@ -713,7 +739,7 @@ mod tests {
             v4_mapped([10, 244, 1, 5]),
         ] {
             assert_eq!(
-                connect_verdict(&p, &dst, false, 1, AGENT),
+                connect_verdict(&p, &dst, false, 1, [AGENT, 0]),
                 ConnectVerdict::InPod
             );
         }

@@ -130,7 +130,10 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
         &dst,
         mark == BYPASS_MARK,
         tgid,
-        setting(settings::AGENT_TGID),
+        [
+            setting(settings::AGENT_TGID),
+            setting(settings::PREVIOUS_AGENT_TGID),
+        ],
     ) {
         ConnectVerdict::Agent => {
             count(counters::BYPASS_MARK);

@@ -15,6 +15,7 @@ use std::{
 use tokio::sync::watch;
 
 pub use server::{AdminServer, AdminServerError};
+pub use views::VERSION;
 
 use crate::{
     config::{Generation, ReloadStats},
@@ -33,6 +34,8 @@ pub struct AdminState {
     pub trust_domain: String,
     pub root_namespace: String,
     pub core: OnceLock<Core>,
+    /// The agent this one took over from, while it drains.
+    pub previous_agent: Arc<crate::handover::PreviousAgentStatus>,
 }
 
 pub struct Core {

@@ -41,8 +41,11 @@ pub struct AdminServer {
 
 /// Binds the socket so that it is never reachable by anyone but root, even for the
 /// instant between bind and chmod.
+/// `take_over`: the agent answering there is handing over to this one, which takes
+/// the path (the old agent stops using it).
 pub(crate) fn bind_socket(
     path: &Path,
+    take_over: bool,
 ) -> Result<std::os::unix::net::UnixListener, AdminServerError> {
     let err = |source| AdminServerError::Socket {
         path: path.to_owned(),
@@ -52,7 +55,7 @@ pub(crate) fn bind_socket(
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if !take_over && std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(AdminServerError::InUse(path.to_owned()));
         }
         // Left by an agent that did not stop cleanly.
@@ -86,18 +89,21 @@ fn authorize(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Statu
 }
 
 impl AdminServer {
+    /// `metrics`: the metrics listener, already bound (or handed over). `take_over`:
+    /// see [`bind_socket`].
     pub fn start(
         socket: &Path,
-        metrics_addr: SocketAddr,
+        metrics: std::net::TcpListener,
+        take_over: bool,
         state: Arc<AdminState>,
     ) -> Result<AdminServer, AdminServerError> {
-        let listener = bind_socket(socket)?;
-        let metrics = crate::telemetry::bind_node_listener(metrics_addr).map_err(|source| {
-            AdminServerError::Metrics {
-                addr: metrics_addr,
+        let listener = bind_socket(socket, take_over)?;
+        let metrics_addr = metrics
+            .local_addr()
+            .map_err(|source| AdminServerError::Socket {
+                path: socket.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         let (tx, rx) = oneshot::channel::<()>();
         let path = socket.to_owned();
         let thread = std::thread::Builder::new()
@@ -115,14 +121,20 @@ impl AdminServer {
         })
     }
 
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        let path = self.path.clone();
+        self.stop_serving();
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Stops serving and leaves the socket path to the successor that took it.
+    pub fn stop_serving(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -56,6 +56,13 @@ pub fn status(state: &AdminState) -> pb::StatusReply {
         config_error: core
             .and_then(|c| c.reloads.last_error())
             .unwrap_or_default(),
+        previous_agent: state.previous_agent.get().map(|p| pb::PreviousAgent {
+            pid: p.pid,
+            version: p.version,
+            state: p.state.name().to_owned(),
+            connections: p.connections,
+            deadline_unix_ms: p.deadline.map_or(0, crate::handover::unix_ms),
+        }),
     }
 }
 

@@ -89,6 +89,9 @@ pub struct DatapathOptions {
     pub sockmap: bool,
     /// Unread bytes a receiver may hold from sk_msg before its sender moves to TCP.
     pub sockmap_unread_limit: u32,
+    /// The agent this one takes over from (its pid), still running: its sockets stay
+    /// exempt from capture until it exits.
+    pub previous_agent: Option<u32>,
 }
 
 /// The loaded and attached data path. Dropping it without [`Datapath::shutdown`] leaves
@@ -112,7 +115,7 @@ pub struct Datapath {
 /// leaves STRICT pods refusing plaintext (fail closed) until it is back.
 pub struct InboundHook {
     /// The main object: owns the fds of the maps and the cgroup programs.
-    _main: std::sync::Mutex<Ebpf>,
+    main: std::sync::Mutex<Ebpf>,
     map_dir: PathBuf,
     link_dir: PathBuf,
     /// One load of the object at a time (each opens every pinned map).
@@ -135,6 +138,21 @@ impl PodInboundLink {
 }
 
 impl InboundHook {
+    /// Writes the thread group of the agent being taken over from (0 once it exited:
+    /// its id must not exempt whatever process gets it next).
+    pub fn set_previous_agent(&self, tgid: u32) -> Result<(), DatapathError> {
+        let mut ebpf = self.main.lock().unwrap_or_else(|p| p.into_inner());
+        let name = mesh_common::maps::SETTINGS;
+        let map_err = |source| DatapathError::Map { name, source };
+        let mut map: Array<&mut MapData, u32> = ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?
+            .try_into()
+            .map_err(map_err)?;
+        map.set(settings::PREVIOUS_AGENT_TGID, tgid, 0)
+            .map_err(map_err)
+    }
+
     /// Attaches the inbound program to a pod's netns and pins the link. A link an
     /// earlier agent pinned for the same netns is replaced only once the new one is
     /// attached: the netns is never without enforcement.
@@ -306,7 +324,12 @@ impl Datapath {
                 sockmap = true;
             }
         }
-        write_settings(&mut ebpf, sockmap, options.sockmap_unread_limit)?;
+        write_settings(
+            &mut ebpf,
+            sockmap,
+            options.sockmap_unread_limit,
+            options.previous_agent.unwrap_or(0),
+        )?;
         for name in SOCK_ADDR_PROGRAMS {
             let prog_err = |source| DatapathError::Program { name, source };
             let prog: &mut CgroupSockAddr = ebpf
@@ -362,7 +385,7 @@ impl Datapath {
             "eBPF programs attached");
         Ok(Datapath {
             inbound: std::sync::Arc::new(InboundHook {
-                _main: std::sync::Mutex::new(ebpf),
+                main: std::sync::Mutex::new(ebpf),
                 map_dir: map_dir.clone(),
                 link_dir,
                 loading: std::sync::Mutex::new(()),
@@ -415,7 +438,12 @@ impl Datapath {
 }
 
 /// Writes the switches the programs read from `MESH_SETTINGS`.
-fn write_settings(ebpf: &mut Ebpf, sockmap: bool, unread_limit: u32) -> Result<(), DatapathError> {
+fn write_settings(
+    ebpf: &mut Ebpf,
+    sockmap: bool,
+    unread_limit: u32,
+    previous_agent: u32,
+) -> Result<(), DatapathError> {
     let name = mesh_common::maps::SETTINGS;
     let map_err = |source| DatapathError::Map { name, source };
     let mut map: Array<&mut MapData, u32> = ebpf
@@ -426,6 +454,10 @@ fn write_settings(ebpf: &mut Ebpf, sockmap: bool, unread_limit: u32) -> Result<(
     map.set(settings::SOCKMAP_UNREAD_LIMIT, unread_limit, 0)
         .map_err(map_err)?;
     // The one process whose marked sockets are not captured: this agent.
+    // The previous agent first: from the moment this agent's id replaces its own,
+    // both must be exempt.
+    map.set(settings::PREVIOUS_AGENT_TGID, previous_agent, 0)
+        .map_err(map_err)?;
     map.set(settings::AGENT_TGID, std::process::id(), 0)
         .map_err(map_err)?;
     map.set(settings::SOCKMAP, u32::from(sockmap), 0)

@@ -233,6 +233,9 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                         ("sockmap_unread_limit".to_owned(), format!("{v} bytes"))
                     }
                     mesh_common::settings::AGENT_TGID => ("agent_tgid".to_owned(), v.to_string()),
+                    mesh_common::settings::PREVIOUS_AGENT_TGID => {
+                        ("previous_agent_tgid".to_owned(), v.to_string())
+                    }
                     other => (format!("slot {other}"), v.to_string()),
                 };
                 out.push((name, value));

@@ -131,8 +131,9 @@ pub struct CniContext {
 }
 
 /// Binds the root-only socket at `path` and serves the plugin until the agent stops.
-pub fn start(path: &Path, ctx: CniContext) -> anyhow::Result<()> {
-    let listener = crate::admin::server::bind_socket(path)?;
+/// `take_over`: the agent serving it now hands over to this one.
+pub fn start(path: &Path, ctx: CniContext, take_over: bool) -> anyhow::Result<()> {
+    let listener = crate::admin::server::bind_socket(path, take_over)?;
     let listener = UnixListener::from_std(listener)?;
     info!(socket = %path.display(), "CNI socket listening");
     tokio::spawn(serve(listener, ctx));

@@ -16,8 +16,9 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::Context as _;
@@ -36,6 +37,7 @@ use crate::{
     authz::{PolicySet, Workload},
     bpf::{InboundHook, InboundMode, PodInboundLink, Probes},
     config::{Config, MtlsMode, NamespacedName, Pod},
+    handover::wire::PodListener,
     identity::Identity,
     proxy::{self, PodContext, PodMeta, ProxyContext},
 };
@@ -53,6 +55,8 @@ struct RunningPod {
     /// The sk_lookup program on the pod's netns; pinned, so it must be detached
     /// explicitly when the pod leaves the mesh.
     link: PodInboundLink,
+    /// Duplicates of the pod's listening sockets, to hand to a successor.
+    listeners: Vec<(PodListener, OwnedFd)>,
 }
 
 pub struct PodManager {
@@ -71,6 +75,11 @@ pub struct PodManager {
     failing: HashMap<NamespacedName, String>,
     /// With the API source: records on each local pod whether it is enrolled.
     annotator: Option<Arc<crate::config::PodAnnotator>>,
+    /// Listeners handed over by the previous agent, by netns cookie, until the pod
+    /// they belong to is enrolled.
+    inherited: Mutex<HashMap<u64, Vec<(PodListener, std::net::TcpListener)>>>,
+    /// The pods were handed to a successor: their kernel state is its now.
+    handed_over: bool,
 }
 
 /// The listeners of one pod, bound on its netns thread.
@@ -146,7 +155,65 @@ impl PodManager {
             running: HashMap::new(),
             failing: HashMap::new(),
             annotator: None,
+            inherited: Mutex::new(HashMap::new()),
+            handed_over: false,
         }
+    }
+
+    /// Listeners the previous agent handed over: a pod whose netns they belong to
+    /// is enrolled with them instead of binding its own (which would fail while the
+    /// previous agent holds them, and would leave connections in their queues behind).
+    pub fn inherit(&mut self, pods: HashMap<u64, Vec<(PodListener, std::net::TcpListener)>>) {
+        *self.inherited.lock().unwrap_or_else(|p| p.into_inner()) = pods;
+    }
+
+    /// Closes the handed-over listeners no pod claimed (its pod left meanwhile).
+    fn drop_unclaimed(&self) {
+        let mut inherited = self.inherited.lock().unwrap_or_else(|p| p.into_inner());
+        if !inherited.is_empty() {
+            info!(
+                netns = inherited.len(),
+                "closing handed-over listeners of pods no longer here"
+            );
+            inherited.clear();
+        }
+    }
+
+    /// Duplicates of every enrolled pod's listeners, by netns cookie, for a successor.
+    pub fn handover_offer(&self) -> Vec<(u64, Vec<(PodListener, OwnedFd)>)> {
+        self.running
+            .values()
+            .filter_map(|p| {
+                let dups: std::io::Result<Vec<_>> = p
+                    .listeners
+                    .iter()
+                    .map(|(k, fd)| Ok((*k, fd.try_clone()?)))
+                    .collect();
+                match dups {
+                    Ok(d) => Some((p.ctx.netns_cookie, d)),
+                    Err(e) => {
+                        warn!(pod = %p.spec.id, error = %e, "cannot duplicate the pod's listeners; the successor binds its own");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// A successor serves the pods now: stop accepting on their listeners (the
+    /// connections already accepted go on) and leave their kernel state, which the
+    /// successor has taken over, as it is.
+    pub fn stop_accepting(&mut self) {
+        self.handed_over = true;
+        for pod in self.running.values_mut() {
+            pod.tasks.iter().for_each(JoinHandle::abort);
+            pod.tasks.clear();
+            pod.listeners.clear();
+        }
+        info!(
+            pods = self.running.len(),
+            "stopped accepting; the successor serves the pods"
+        );
     }
 
     /// Records each local pod's enrollment on the pod object (the API source).
@@ -182,6 +249,9 @@ impl PodManager {
     }
 
     pub async fn reconcile(&mut self, config: &Config, policy: &PolicySet) {
+        if self.handed_over {
+            return;
+        }
         let (node, cni) = (self.node.clone(), self.cni.clone());
         let desired: HashMap<&NamespacedName, &Pod> = enrollable(&node, &cni, config)
             .map(|p| (&p.id, p))
@@ -301,6 +371,7 @@ impl PodManager {
         if !self.all_enrolled(config) {
             return;
         }
+        self.drop_unclaimed();
         let live: HashSet<u64> = self.running.values().map(|p| p.ctx.netns_cookie).collect();
         let maps = &self.proxy.maps;
         let mut removed = 0;
@@ -356,10 +427,28 @@ impl PodManager {
         let (netns_file, path) = open_netns(pod, &self.cni, &self.proc_dir)?;
         let netns = Netns::enter_file(netns_file.try_clone()?, &pod.id.name)
             .with_context(|| format!("entering netns {path}"))?;
-        let l = netns
-            .run(bind_all)
-            .await?
-            .with_context(|| format!("binding the agent's listeners in {path}"))?;
+        let handed = if self.inherited_any() {
+            let cookie = netns
+                .run(probe_cookie)
+                .await?
+                .with_context(|| format!("reading the cookie of netns {path}"))?;
+            self.take_inherited(cookie)
+        } else {
+            None
+        };
+        let l = match handed {
+            Some(l) => {
+                info!(pod = %pod.id, netns_cookie = l.cookie, "serving the listeners the previous agent handed over");
+                l
+            }
+            None => netns
+                .run(bind_all)
+                .await?
+                .with_context(|| format!("binding the agent's listeners in {path}"))?,
+        };
+        let dups = l
+            .dups()
+            .context("duplicating the listeners (kept for a successor)")?;
         let meta = meta_of(pod);
         let mode = mode_of(policy.mtls_mode(&meta.workload));
         let probes = probes_of(pod);
@@ -439,7 +528,32 @@ impl PodManager {
             mode,
             probes,
             link,
+            listeners: dups,
         })
+    }
+
+    fn inherited_any(&self) -> bool {
+        !self
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// The handed-over listeners of the netns `cookie`, as one pod's set.
+    fn take_inherited(&self, cookie: u64) -> Option<Listeners> {
+        let set = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cookie)?;
+        match Listeners::from_handed(cookie, set) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(netns_cookie = cookie, error = %e, "handed-over listeners incomplete; binding anew");
+                None
+            }
+        }
     }
 
     /// Takes a pod out of the mesh. `keep_kernel`: it is about to be enrolled again
@@ -460,6 +574,11 @@ impl PodManager {
     }
 
     pub fn shutdown(&mut self) {
+        if self.handed_over {
+            // The kernel state is the successor's: nothing is unenrolled or detached.
+            self.running.clear();
+            return;
+        }
         let running = std::mem::take(&mut self.running);
         for (_, pod) in running {
             self.stop(pod, false);
@@ -560,6 +679,69 @@ fn open_netns(
         file,
         format!("of pod UID {uid} (found in {})", proc_dir.display()),
     ))
+}
+
+impl Listeners {
+    /// Duplicates of every listener, to hand to a successor.
+    fn dups(&self) -> std::io::Result<Vec<(PodListener, OwnedFd)>> {
+        let mut out = Vec::new();
+        let mut add = |kind, l: &std::net::TcpListener| -> std::io::Result<()> {
+            out.push((kind, OwnedFd::from(l.try_clone()?)));
+            Ok(())
+        };
+        for l in &self.outbound {
+            add(PodListener::Outbound, l)?;
+        }
+        for l in &self.tunnel {
+            add(PodListener::Tunnel, l)?;
+        }
+        add(PodListener::Plaintext, &self.plaintext_v4)?;
+        if let Some(l) = &self.plaintext_v6 {
+            add(PodListener::Plaintext, l)?;
+        }
+        Ok(out)
+    }
+
+    /// One pod's set from handed-over sockets: an IPv4 listener of each kind is
+    /// required, as when binding.
+    fn from_handed(
+        cookie: u64,
+        set: Vec<(PodListener, std::net::TcpListener)>,
+    ) -> std::io::Result<Listeners> {
+        let (mut outbound, mut tunnel) = (Vec::new(), Vec::new());
+        let (mut plaintext_v4, mut plaintext_v6) = (None, None);
+        for (kind, l) in set {
+            l.set_nonblocking(true)?;
+            let v4 = l.local_addr()?.is_ipv4();
+            match kind {
+                PodListener::Outbound => outbound.push(l),
+                PodListener::Tunnel => tunnel.push(l),
+                PodListener::Plaintext if v4 => plaintext_v4 = Some(l),
+                PodListener::Plaintext => plaintext_v6 = Some(l),
+            }
+        }
+        let plaintext_v4 =
+            plaintext_v4.ok_or_else(|| std::io::Error::other("no IPv4 plaintext listener"))?;
+        let has_v4 = |ls: &[std::net::TcpListener]| {
+            ls.iter().any(|l| l.local_addr().is_ok_and(|a| a.is_ipv4()))
+        };
+        if !has_v4(&outbound) || !has_v4(&tunnel) {
+            return Err(std::io::Error::other("no IPv4 outbound or tunnel listener"));
+        }
+        Ok(Listeners {
+            outbound,
+            tunnel,
+            plaintext_v4,
+            plaintext_v6,
+            cookie,
+        })
+    }
+}
+
+/// Runs on the pod's netns thread: the netns cookie, from a socket that is never bound.
+fn probe_cookie() -> std::io::Result<u64> {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    netns_cookie(&sock)
 }
 
 /// Runs on the pod's netns thread. IPv4 listeners are required, IPv6 ones are bound when

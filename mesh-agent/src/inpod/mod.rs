@@ -6,4 +6,4 @@ mod manager;
 mod netns;
 
 pub use manager::{PodManager, findable};
-pub use netns::Netns;
+pub use netns::{Netns, netns_cookie};

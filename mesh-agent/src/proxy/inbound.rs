@@ -119,19 +119,29 @@ async fn handle(
         return;
     }
     debug!(source = %source, "mTLS established");
+    let draining = ctx.draining.clone();
     let service = service_fn(move |req| {
         let (pod, ctx, source) = (pod.clone(), ctx.clone(), source.clone());
         async move { Ok::<_, Infallible>(connect(req, peer, source, pod, ctx).await) }
     });
-    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(served);
+    // Draining (a successor took over): GOAWAY, so the peer agent opens its next
+    // streams on a new connection, to the successor; the streams open here go on.
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        () = draining.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
     if let Err(e) = result {
         debug!(error = %e, "tunnel connection ended with an error");
     }

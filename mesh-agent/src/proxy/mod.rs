@@ -65,6 +65,9 @@ pub struct ProxyContext {
     pub conns: Arc<crate::limits::ConnLimits<u64>>,
     /// The runtimes accepted connections run on.
     pub shards: Arc<shards::Shards>,
+    /// Cancelled when a successor took over: connections that can hand their
+    /// clients on (HTTP) close once their requests in flight are answered.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// One enrolled pod, as its connections see it.

@@ -118,8 +118,14 @@ pub fn bind_node_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpList
 const TEXT: &str = "text/plain; charset=utf-8";
 const NOT_FOUND: (StatusCode, &str, &str) = (StatusCode::NOT_FOUND, TEXT, "not found\n");
 
-pub async fn serve_readiness(addr: SocketAddr, readiness: Arc<Readiness>) -> std::io::Result<()> {
-    let listener = TcpListener::from_std(bind_node_listener(addr)?)?;
+/// Serves `GET /healthz/ready` on `listener` (bound by [`bind_node_listener`], or
+/// handed over by the previous agent).
+pub async fn serve_readiness(
+    listener: std::net::TcpListener,
+    readiness: Arc<Readiness>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
     serve(
         listener,
         Arc::new(move |path| match path {

@@ -9,12 +9,16 @@ pub struct Readiness {
     pub config_loaded: AtomicBool,
     pub pods_enrolled: AtomicBool,
     pub certs_valid: AtomicBool,
+    /// A successor agent is taking over (this agent's readiness ends there).
+    pub handing_over: AtomicBool,
 }
 
 impl Readiness {
     /// `None` when ready, else what is missing.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
-        if !self.programs_attached.load(Ordering::Relaxed) {
+        if self.handing_over.load(Ordering::Relaxed) {
+            Some("handing over to a successor agent")
+        } else if !self.programs_attached.load(Ordering::Relaxed) {
             Some("eBPF programs not attached")
         } else if !self.config_loaded.load(Ordering::Relaxed) {
             Some("no valid config loaded")

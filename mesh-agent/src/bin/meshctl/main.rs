@@ -536,10 +536,32 @@ fn render_status(r: &pb::StatusReply) -> String {
         ("config generation", r.config_generation.to_string()),
         ("config reloads failed", r.config_reloads_failed.to_string()),
         ("config error", or_dash(&r.config_error)),
+        (
+            "previous agent",
+            r.previous_agent
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), previous_agent),
+        ),
     ] {
         t.row(vec![k.to_owned(), v]);
     }
     t.render()
+}
+
+/// The agent this one took over from: `pid 812 (0.1.0) draining: 3 connections left, closes them in 21s`.
+fn previous_agent(p: &pb::PreviousAgent) -> String {
+    let mut s = format!("pid {} ({}) {}", p.pid, p.version, p.state);
+    if p.state == "draining" {
+        s.push_str(&format!(": {} connections left", p.connections));
+        if p.deadline_unix_ms > 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let left = p.deadline_unix_ms.saturating_sub(now) / 1000;
+            s.push_str(&format!(", closes them in {left}s"));
+        }
+    }
+    s
 }
 
 async fn observe(

@@ -89,6 +89,7 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let conn_ctx = ctx.clone();
     let conn = Arc::new(Conn {
         pod,
         ctx,
@@ -115,10 +116,20 @@ pub async fn serve<IO>(
         .max_concurrent_streams(super::inbound::MAX_STREAMS)
         .keep_alive_interval(super::tunnel::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(super::tunnel::KEEPALIVE_TIMEOUT);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
+    let draining = conn_ctx.draining.clone();
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    // A draining agent (a successor took over) lets the request in flight finish
+    // and closes the connection after it (HTTP/1 `Connection: close`, HTTP/2
+    // GOAWAY): the client's next request reaches the successor.
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        () = draining.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "HTTP client connection ended with an error");
     }
 }
