@@ -65,6 +65,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     agents: Vec<(String, Child)>,
+    /// Agents a successor took over from (`upgrade_agent`), until they exit.
+    previous_agents: Vec<(String, Child)>,
     ca: Option<Child>,
     /// Lifetime of workload certificates (the CA's maximum); default 24h.
     pub cert_ttl: String,
@@ -161,6 +163,7 @@ impl Cluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             agents: Vec::new(),
+            previous_agents: Vec::new(),
             ca: None,
             cert_ttl: "24h".to_owned(),
             agent_args: Vec::new(),
@@ -617,6 +620,8 @@ impl Cluster {
             .arg(&self.bpffs)
             .arg("--admin-socket")
             .arg(self.admin_socket(node))
+            .arg("--handover-socket")
+            .arg(self.work_dir.join(format!("{node}-handover.sock")))
             .args(["--connect-timeout", "2s"])
             .args(&self.agent_args)
             .env(
@@ -749,6 +754,91 @@ impl Cluster {
             .context("no such agent")?;
         let (_, mut child) = self.agents.remove(idx);
         terminate(&mut child, Duration::from_secs(10))
+    }
+
+    /// Starts a new agent for `node` beside the running one, as a DaemonSet rolling
+    /// update with a surge pod does (same binary: an upgrade and a hitless restart
+    /// are the same handover). The running agent's log moves to
+    /// [`Cluster::previous_agent_log_path`]; the new one's is the node's log.
+    /// Returns once the new agent has taken over (the old one drains).
+    pub fn upgrade_agent(&mut self, node: &str, timeout: Duration) -> anyhow::Result<()> {
+        let idx = self
+            .agents
+            .iter()
+            .position(|(n, _)| n == node)
+            .context("no running agent to upgrade")?;
+        let old = self.agents.remove(idx);
+        let old_pid = old.1.id();
+        self.previous_agents.push(old);
+        fs::rename(
+            self.agent_log_path(node),
+            self.previous_agent_log_path(node),
+        )?;
+        let dir = self.config_dir.clone();
+        self.launch_agent(node, &dir)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((_, child)) = self.agents.iter_mut().find(|(n, _)| n == node)
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "the new agent of {node} exited with {status}:\n{}",
+                    self.agent_log(node)
+                );
+            }
+            // The new agent's admin socket names the agent it took over from.
+            if let Ok(s) = self.meshctl_json(node, &["status"])
+                && s["previous_agent"]["pid"].as_u64() == Some(u64::from(old_pid))
+                && s["previous_agent"]["state"] != "handing over"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the new agent of {node} did not take over within {timeout:?}:\n{}\nprevious:\n{}",
+                    self.agent_log(node),
+                    self.previous_agent_log(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Where the log of the agent a successor took over from is.
+    pub fn previous_agent_log_path(&self, node: &str) -> PathBuf {
+        self.work_dir.join(format!("{node}-agent-previous.log"))
+    }
+
+    pub fn previous_agent_log(&self, node: &str) -> String {
+        std::thread::sleep(LOG_BATCH);
+        fs::read_to_string(self.previous_agent_log_path(node)).unwrap_or_default()
+    }
+
+    /// Waits for the agent a successor took over from to exit on its own.
+    pub fn wait_previous_agent(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let idx = self
+            .previous_agents
+            .iter()
+            .position(|(n, _)| n == node)
+            .context("no previous agent")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.previous_agents[idx].1.try_wait()? {
+                self.previous_agents.remove(idx);
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the previous agent of {node} still runs after {timeout:?}:\n{}",
+                    self.previous_agent_log(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILLs the agent of `node`, as a crash would: nothing is cleaned up.
@@ -968,6 +1058,10 @@ impl Drop for Cluster {
         }
         for (_, mut agent) in self.agents.drain(..) {
             let _ = terminate(&mut agent, Duration::from_secs(10));
+        }
+        for (_, mut agent) in self.previous_agents.drain(..) {
+            let _ = agent.kill();
+            let _ = agent.wait();
         }
         if let Some(mut ca) = self.ca.take() {
             let _ = terminate(&mut ca, Duration::from_secs(10));

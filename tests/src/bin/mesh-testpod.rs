@@ -208,6 +208,21 @@ enum Cmd {
         #[arg(long)]
         secs: u64,
     },
+    /// `count` long-lived echo connections streaming at once: each sends `chunk`
+    /// pseudo-random bytes every `every_ms` and checks that the echo is the same bytes
+    /// in the same order. Prints `{"ready": N}` once all are open, streams until a
+    /// line (or EOF) on stdin, then half-closes each, reads the rest and prints what
+    /// each sent and got back (SHA-256 of both).
+    Streams {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1024)]
+        chunk: usize,
+        #[arg(long, default_value_t = 50)]
+        every_ms: u64,
+    },
     /// One echo connection: prints "ready", then echoes each stdin line through it.
     Stream {
         #[arg(long)]
@@ -229,6 +244,9 @@ enum Cmd {
         secs: u64,
         #[arg(long, default_value_t = 50)]
         every_ms: u64,
+        /// How long one probe may take before it counts as unanswered.
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
     },
     /// Open `count` TCP connections to `addr` that never send a byte; hold them for
     /// `secs`, then report how many were established and how many the server closed.
@@ -453,14 +471,16 @@ async fn main() -> anyhow::Result<()> {
             addr,
             secs,
             every_ms,
+            timeout_ms,
         } => {
             let deadline = std::time::Instant::now() + Duration::from_secs(secs);
             let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
             let (mut sent, mut answered, mut answers) = (0u64, 0u64, Vec::new());
+            let mut errors: Vec<String> = Vec::new();
             while std::time::Instant::now() < deadline {
                 tick.tick().await;
                 sent += 1;
-                let r = tokio::time::timeout(Duration::from_millis(500), async {
+                let r = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
                     let mut c = connect(addr, None).await?;
                     c.write_all(b"WHO\n").await?;
                     let mut s = String::new();
@@ -469,16 +489,21 @@ async fn main() -> anyhow::Result<()> {
                     anyhow::Ok(s.trim().to_owned())
                 })
                 .await;
-                if let Ok(Ok(who)) = r {
-                    answered += 1;
-                    if answers.len() < 5 {
-                        answers.push(who);
+                match r {
+                    Ok(Ok(who)) => {
+                        answered += 1;
+                        if answers.len() < 5 {
+                            answers.push(who);
+                        }
                     }
+                    Ok(Err(e)) if errors.len() < 5 => errors.push(format!("{e:#}")),
+                    Err(_) if errors.len() < 5 => errors.push("timed out".to_owned()),
+                    _ => {}
                 }
             }
             println!(
                 "{}",
-                json!({ "sent": sent, "answered": answered, "answers": answers })
+                json!({ "sent": sent, "answered": answered, "answers": answers, "errors": errors })
             );
             Ok(())
         }
@@ -685,6 +710,12 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", json!({ "ok": ok, "failed": failed }));
             Ok(())
         }
+        Cmd::Streams {
+            addr,
+            count,
+            chunk,
+            every_ms,
+        } => streams(addr, count, chunk, every_ms).await,
         Cmd::Stream { addr } => {
             let c = connect(addr, None).await?;
             let (r, mut w) = c.into_split();
@@ -703,6 +734,78 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// See [`Cmd::Streams`].
+async fn streams(
+    addr: SocketAddr,
+    count: usize,
+    chunk: usize,
+    every_ms: u64,
+) -> anyhow::Result<()> {
+    let mut conns = Vec::new();
+    for _ in 0..count {
+        let mut c = connect(addr, None).await?;
+        c.write_all(b"ECHO\n").await?;
+        conns.push(c);
+    }
+    println!("{}", json!({ "ready": conns.len() }));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (i, c) in conns.into_iter().enumerate() {
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = c.into_split();
+            let mut pattern = mesh_tests::pattern::Pattern(0x5eed_0000 + i as u64);
+            let (mut sent, mut got) = (Sha256::new(), Sha256::new());
+            let (mut out, mut back) = (vec![0u8; chunk], vec![0u8; chunk]);
+            let mut bytes = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+            let run = async {
+                while !*stop.borrow() {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.changed() => break,
+                    }
+                    pattern.fill(&mut out);
+                    w.write_all(&out).await.context("write")?;
+                    r.read_exact(&mut back).await.context("read the echo")?;
+                    anyhow::ensure!(back == out, "the echo differs at byte offset {bytes}");
+                    sent.update(&out);
+                    got.update(&back);
+                    bytes += chunk as u64;
+                }
+                w.shutdown().await.context("half-close")?;
+                let mut rest = Vec::new();
+                r.read_to_end(&mut rest).await.context("read to the end")?;
+                anyhow::ensure!(
+                    rest.is_empty(),
+                    "{} bytes more than sent came back",
+                    rest.len()
+                );
+                anyhow::Ok(())
+            };
+            let result = run.await;
+            json!({
+                "conn": i,
+                "bytes": bytes,
+                "sent_sha": hex(&sent.finalize()),
+                "got_sha": hex(&got.finalize()),
+                "error": result.err().map(|e| format!("{e:#}")),
+            })
+        }));
+    }
+    let mut line = String::new();
+    let _ = BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await;
+    let _ = stop_tx.send(true);
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await?);
+    }
+    println!("{}", json!({ "streams": results }));
+    Ok(())
 }
 
 async fn connect(addr: SocketAddr, mark: Option<u32>) -> anyhow::Result<TcpStream> {

@@ -1,0 +1,253 @@
+//! Restarts without a gap: a new agent takes over from the running one (an upgrade,
+//! a DaemonSet rolling update with a surge pod) while long-lived connections stream
+//! across nodes and on one node and a client dials every 10 ms; and what a SIGKILL
+//! costs, with STRICT holding throughout both.
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// Streaming connections per path (across nodes, on one node).
+const STREAMS: usize = 100;
+
+/// Starts `count` echo streams from `pod` to `addr` and waits until all are open.
+fn streams(
+    c: &mut Cluster,
+    pod: &Pod,
+    addr: &str,
+    count: usize,
+) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child = c
+        .spawn(
+            pod,
+            &["streams", "--addr", addr, "--count", &count.to_string()],
+        )
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(json(&line)["ready"], count, "{line}");
+    (child, out)
+}
+
+/// Ends the streams and returns each connection's result.
+fn finish(
+    (mut child, mut out): (Child, BufReader<std::process::ChildStdout>),
+) -> Vec<serde_json::Value> {
+    child.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let _ = child.wait();
+    json(&line)["streams"].as_array().unwrap().clone()
+}
+
+/// A client dialling `addr` every 10 ms for `secs`.
+fn dialler(c: &mut Cluster, pod: &Pod, addr: &str, secs: u64) -> Child {
+    c.spawn(
+        pod,
+        &[
+            "probe",
+            "--addr",
+            addr,
+            "--secs",
+            &secs.to_string(),
+            "--every-ms",
+            "10",
+            "--timeout-ms",
+            "5000",
+        ],
+    )
+    .unwrap()
+}
+
+fn result(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+struct Setup {
+    c: Cluster,
+    client: Pod,
+    outsider: Pod,
+    server: Pod,
+}
+
+/// node-1: `client` and `local`; node-2: `server` and `outsider` (not in the mesh).
+/// `web` is served across nodes, `near` on node-1; every meshed pod is STRICT.
+fn setup() -> Setup {
+    let mut c = cluster(&["node-1", "node-2"]);
+    let client = c.add_pod("node-1", "client").unwrap();
+    let local = c.add_pod("node-1", "local").unwrap();
+    let server = c.add_pod("node-2", "server").unwrap();
+    let outsider = c.add_pod("node-2", "outsider").unwrap();
+    serve(&mut c, &server);
+    serve(&mut c, &local);
+    let config = c.pod_yaml(&client, true)
+        + &c.pod_yaml(&local, true)
+        + &c.pod_yaml(&server, true)
+        + &c.pod_yaml(&outsider, false)
+        + &yaml::service("web", vip(80), 80, PORT)
+        + &yaml::endpoint_slice("web", PORT, &[server.ip])
+        + &yaml::service("near", vip(81), 81, PORT)
+        + &yaml::endpoint_slice("near", PORT, &[local.ip])
+        + &yaml::peer_authentication("STRICT");
+    c.write_config("cluster.yaml", &config).unwrap();
+    c.start_agent("node-1").unwrap();
+    c.start_agent("node-2").unwrap();
+    Setup {
+        c,
+        client,
+        outsider,
+        server,
+    }
+}
+
+fn check_streams(results: &[serde_json::Value], what: &str) {
+    assert_eq!(results.len(), STREAMS, "{what}");
+    for r in results {
+        assert!(r["error"].is_null(), "{what}: a stream failed: {r}");
+        assert!(
+            r["bytes"].as_u64().unwrap() > 0,
+            "{what}: nothing streamed: {r}"
+        );
+        assert_eq!(r["sent_sha"], r["got_sha"], "{what}: {r}");
+    }
+}
+
+#[test]
+fn an_upgrade_under_load_drops_no_connection_refuses_none_and_strict_holds() {
+    let _g = serial();
+    let Setup {
+        mut c,
+        client,
+        outsider,
+        server,
+    } = setup();
+    let across = streams(&mut c, &client, &sa(vip(80), 80), STREAMS);
+    let near = streams(&mut c, &client, &sa(vip(81), 81), STREAMS);
+    let secs = 20;
+    let dial_across = dialler(&mut c, &client, &sa(vip(80), 80), secs);
+    let dial_near = dialler(&mut c, &client, &sa(vip(81), 81), secs);
+    let started = Instant::now();
+    let plaintext = answered_while(&mut c, &outsider, &sa(server.ip, PORT), secs, |c| {
+        // A rolling update: one node after the other.
+        for node in ["node-1", "node-2"] {
+            c.upgrade_agent(node, SECS).unwrap();
+        }
+        let status = c.meshctl_json("node-2", &["status"]).unwrap();
+        let previous = &status["previous_agent"];
+        assert_eq!(previous["state"], "draining", "{status}");
+        assert!(
+            previous["connections"].as_u64().unwrap() > 0,
+            "the previous agent of node-2 relays the streams: {status}"
+        );
+        let text = String::from_utf8(c.meshctl("node-2", &["status"]).unwrap().stdout).unwrap();
+        assert!(text.contains("draining:"), "{text}");
+        assert!(text.contains("connections left"), "{text}");
+    });
+    assert!(started.elapsed() >= Duration::from_secs(secs));
+    // Plaintext from outside the mesh never reached the STRICT pod.
+    assert!(plaintext["sent"].as_u64().unwrap() > 100, "{plaintext}");
+    assert_eq!(plaintext["answered"], 0, "{plaintext}");
+    // Every dial during both handovers was answered.
+    for (what, d) in [("across nodes", dial_across), ("on one node", dial_near)] {
+        let r = result(d);
+        assert!(r["sent"].as_u64().unwrap() > 200, "{what}: {r}");
+        assert_eq!(r["answered"], r["sent"], "{what}: dials failed: {r}");
+    }
+    // The streams carried by the previous agents went on, byte for byte.
+    check_streams(&finish(across), "across nodes");
+    check_streams(&finish(near), "on one node");
+    // With their connections ended, the previous agents exit on their own, cleanly,
+    // and leave the kernel state to their successors.
+    for node in ["node-1", "node-2"] {
+        let status = c.wait_previous_agent(node, SECS).unwrap();
+        assert!(status.success(), "{node}: {status:?}");
+        let log = c.previous_agent_log(node);
+        assert!(log.contains("drained: every connection ended"), "{log}");
+    }
+    // The successors carry on alone: new connections, STRICT.
+    assert_eq!(who_answers(&mut c, &client, &sa(vip(80), 80)), "server");
+    assert_eq!(who_answers(&mut c, &client, &sa(vip(81), 81)), "local");
+    let again = answered_while(&mut c, &outsider, &sa(server.ip, PORT), 1, |_| {});
+    assert_eq!(again["answered"], 0, "{again}");
+    let status = c.meshctl_json("node-1", &["status"]).unwrap();
+    assert_eq!(status["previous_agent"]["state"], "exited", "{status}");
+    // The stopped agents' ids no longer exempt anything from capture.
+    let settings = c
+        .meshctl_json("node-1", &["bpf", "maps", "--dump", "MESH_SETTINGS"])
+        .unwrap();
+    let slot = settings["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "previous_agent_tgid")
+        .unwrap_or_else(|| panic!("{settings}"));
+    assert_eq!(slot["value"], "0", "{settings}");
+}
+
+#[test]
+fn a_sigkill_ends_the_agents_connections_and_a_restart_serves_again_with_strict_held() {
+    let _g = serial();
+    let Setup {
+        mut c,
+        client,
+        outsider,
+        server,
+    } = setup();
+    let across = streams(&mut c, &client, &sa(vip(80), 80), STREAMS);
+    let near = streams(&mut c, &client, &sa(vip(81), 81), STREAMS);
+    let mut gap = Duration::ZERO;
+    let plaintext = answered_while(&mut c, &outsider, &sa(server.ip, PORT), 8, |c| {
+        c.crash_agent("node-2").unwrap();
+        c.crash_agent("node-1").unwrap();
+        let killed = Instant::now();
+        let dir = c.config_dir.clone();
+        c.launch_agent("node-1", &dir).unwrap();
+        c.launch_agent("node-2", &dir).unwrap();
+        // The first new connection that gets through: the gap a crash costs.
+        loop {
+            let ok = c
+                .run_in(&client, &["who", "--addr", &sa(vip(80), 80)], SECS)
+                .is_ok_and(|out| {
+                    json(&out)["replies"][0]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("server"))
+                });
+            if ok {
+                gap = killed.elapsed();
+                break;
+            }
+            assert!(
+                killed.elapsed() < SECS,
+                "no connection got through after the restart"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        c.wait_ready("node-1", SECS).unwrap();
+        c.wait_ready("node-2", SECS).unwrap();
+    });
+    println!("gap after SIGKILL of both agents: {gap:?} to the first connection through");
+    // Plaintext never reached the STRICT pod, not even with no agent running.
+    assert!(plaintext["sent"].as_u64().unwrap() > 50, "{plaintext}");
+    assert_eq!(plaintext["answered"], 0, "{plaintext}");
+    // The killed agents' connections ended; none of them silently went on.
+    for (what, s) in [("across nodes", across), ("on one node", near)] {
+        let results = finish(s);
+        assert_eq!(results.len(), STREAMS, "{what}");
+        for r in &results {
+            assert!(
+                !r["error"].is_null(),
+                "{what}: a stream outlived its agent: {r}"
+            );
+        }
+    }
+    // New connections are served, the same and across nodes.
+    assert_eq!(who_answers(&mut c, &client, &sa(vip(80), 80)), "server");
+    assert_eq!(who_answers(&mut c, &client, &sa(vip(81), 81)), "local");
+}
