@@ -306,6 +306,10 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                 give::Event::Gone { error } => {
                     warn!(%error, "the successor left before it was ready; serving on");
                     readiness.handing_over.store(false, Ordering::Relaxed);
+                    // It may have written its id as the agent's before it died.
+                    if let Err(e) = datapath.inbound.reclaim_agent_id() {
+                        warn!(error = %e, "cannot write the agent's id back");
+                    }
                     if stop_requested {
                         break;
                     }

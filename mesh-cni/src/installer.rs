@@ -4,12 +4,17 @@
 //! ```text
 //! mesh-cni install --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d \
 //!     --agent-socket /var/run/mesh/cni.sock [--timeout-seconds 30] [--watch] [--every-secs 5]
+//!     [--handover-wait-secs 10]
 //! mesh-cni uninstall --bin-dir ... --conf-dir ...
 //! ```
 //!
 //! With `--watch` it stays: it re-checks every `--every-secs` (a network plugin that
 //! rewrites its conflist drops our entry), and on SIGTERM or SIGINT it takes the
-//! plugin off the node and exits.
+//! plugin off the node and exits, unless another agent serves the node: an
+//! uninstall stops the agent too (its socket goes quiet within a second or two),
+//! while in a rolling update a successor agent has taken the socket over and keeps
+//! answering on it. So it waits up to `--handover-wait-secs` for the socket to go
+//! quiet; if it never does, the plugin stays for the successor.
 use std::{
     path::PathBuf,
     process::ExitCode,
@@ -29,6 +34,7 @@ struct Options {
     timeout_seconds: u64,
     watch: bool,
     every: Duration,
+    handover_wait: Duration,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -39,6 +45,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         timeout_seconds: 30,
         watch: false,
         every: Duration::from_secs(5),
+        handover_wait: Duration::from_secs(10),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -60,6 +67,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--agent-socket" => o.agent_socket = value.clone(),
             "--timeout-seconds" => o.timeout_seconds = number()?,
             "--every-secs" => o.every = Duration::from_secs(number()?),
+            "--handover-wait-secs" => o.handover_wait = Duration::from_secs(number()?),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -148,6 +156,16 @@ fn run_install(o: &Options) -> ExitCode {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    if successor_serves(&o.agent_socket, o.handover_wait) {
+        eprintln!(
+            "mesh-cni: stopped; an agent still serves {} after {:?} (a successor took \
+             over), so the plugin stays in {}",
+            o.agent_socket,
+            o.handover_wait,
+            o.conf_dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
     match uninstall(&o.bin_dir, &o.conf_dir) {
         Ok(()) => {
             eprintln!("mesh-cni: stopped; removed from {}", o.conf_dir.display());
@@ -157,5 +175,20 @@ fn run_install(o: &Options) -> ExitCode {
             eprintln!("mesh-cni: stopped; removing failed: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether an agent keeps answering on `socket` for all of `wait`: a successor that
+/// took the node over. The agent being stopped closes it quickly.
+fn successor_serves(socket: &str, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        if std::os::unix::net::UnixStream::connect(socket).is_err() {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

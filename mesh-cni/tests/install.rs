@@ -92,6 +92,42 @@ fn install_chains_last_keeps_it_there_and_sigterm_leaves_nothing_behind() {
 }
 
 #[test]
+fn sigterm_leaves_the_plugin_while_a_successor_agent_serves_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, conf_dir) = (dir.path().join("bin"), dir.path().join("net.d"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let conf = conf_dir.join("10-bridge.conflist");
+    std::fs::write(&conf, BRIDGE).unwrap();
+    // The successor agent's CNI socket, answering throughout.
+    let socket = dir.path().join("cni.sock");
+    let _agent = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+        .args(["install", "--watch", "--every-secs", "1"])
+        .args(["--handover-wait-secs", "1"])
+        .arg("--agent-socket")
+        .arg(&socket)
+        .arg("--bin-dir")
+        .arg(&bin)
+        .arg("--conf-dir")
+        .arg(&conf_dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait("the entry to be chained", || {
+        plugins(&conf) == ["bridge", "portmap", "mesh-cni"]
+    });
+    nix_kill(child.id());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(plugins(&conf), ["bridge", "portmap", "mesh-cni"]);
+    assert!(
+        bin.join("mesh-cni").exists(),
+        "the successor's plugin was removed"
+    );
+}
+
+#[test]
 fn a_single_plugin_conf_or_no_config_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let run = |conf_dir: &Path| {

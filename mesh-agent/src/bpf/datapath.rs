@@ -141,6 +141,16 @@ impl InboundHook {
     /// Writes the thread group of the agent being taken over from (0 once it exited:
     /// its id must not exempt whatever process gets it next).
     pub fn set_previous_agent(&self, tgid: u32) -> Result<(), DatapathError> {
+        self.set_agents(None, tgid)
+    }
+
+    /// A successor that took over this agent's listeners died before it was ready:
+    /// this agent is the only one again, and the dead one's id exempts nothing.
+    pub fn reclaim_agent_id(&self) -> Result<(), DatapathError> {
+        self.set_agents(Some(std::process::id()), 0)
+    }
+
+    fn set_agents(&self, agent: Option<u32>, previous: u32) -> Result<(), DatapathError> {
         let mut ebpf = self.main.lock().unwrap_or_else(|p| p.into_inner());
         let name = mesh_common::maps::SETTINGS;
         let map_err = |source| DatapathError::Map { name, source };
@@ -149,7 +159,10 @@ impl InboundHook {
             .ok_or(DatapathError::MissingMap { name })?
             .try_into()
             .map_err(map_err)?;
-        map.set(settings::PREVIOUS_AGENT_TGID, tgid, 0)
+        if let Some(agent) = agent {
+            map.set(settings::AGENT_TGID, agent, 0).map_err(map_err)?;
+        }
+        map.set(settings::PREVIOUS_AGENT_TGID, previous, 0)
             .map_err(map_err)
     }
 
