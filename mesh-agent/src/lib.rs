@@ -13,6 +13,8 @@ pub mod bpf;
 pub mod ca;
 pub mod cli;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handover;
 pub mod identity;
 pub mod inpod;

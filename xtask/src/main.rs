@@ -3,6 +3,7 @@
 mod bench;
 mod chart;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -29,7 +30,7 @@ enum Cmd {
         action: Option<DemoCmd>,
     },
     /// Setup, then formatting, lints, unit tests, the Helm chart's offline checks,
-    /// kernel end-to-end tests, demo smoke.
+    /// kernel end-to-end tests, demo smoke, a 5-second smoke of every fuzz target.
     Test,
     /// Lint, render and strictly validate the Helm chart, offline (part of `test`).
     Chart,
@@ -41,6 +42,16 @@ enum Cmd {
         /// Write here instead of standard output.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+    },
+    /// Every fuzz target (cargo-fuzz, nightly) for `--seconds` each, from the seed
+    /// corpus in fuzz/corpus; a crash fails it and leaves its input in fuzz/artifacts.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Only the targets whose name contains this (repeatable).
+        #[arg(long, value_name = "NAME")]
+        target: Vec<String>,
     },
     /// Every scenario side by side (no mesh, mesh, HAProxy); report in docs/benchmarks.
     Bench {
@@ -104,6 +115,7 @@ fn main() -> std::process::ExitCode {
             action: None,
         } => setup::run().and_then(|()| demo::run(smoke)),
         Cmd::Test => setup::run().and_then(|()| test::run()),
+        Cmd::Fuzz { seconds, target } => setup::run().and_then(|()| fuzz::run(seconds, &target)),
         Cmd::Chart => chart::install().and_then(|()| chart::validate()),
         Cmd::Manifests { namespace, out } => chart::manifests(&namespace, out.as_deref()),
         Cmd::Bench {

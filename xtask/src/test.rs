@@ -82,7 +82,9 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     crate::demo::run(true)?;
-    crate::demo::check::playground()
+    crate::demo::check::playground()?;
+    // A smoke of every fuzz target (the long runs are `cargo xtask fuzz`).
+    crate::fuzz::run(5, &[])
 }
 
 /// (test file, name filter) run again on the Kubernetes API source: enrollment by

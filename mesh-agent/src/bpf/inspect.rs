@@ -309,9 +309,16 @@ pub fn summarize(map_dir: &Path) -> Result<Vec<MapSummary>, InspectError> {
     Ok(out)
 }
 
+/// Whether `name` is one of the mesh's maps. Only those are ever opened: the name
+/// comes from the admin API and is joined to the pin directory (`../x` must not
+/// reach another pinned object).
+pub fn known_map(name: &str) -> bool {
+    mesh_common::maps::ALL.contains(&name)
+}
+
 /// The entries of one map, rendered as (key, value) text.
 pub fn dump(map_dir: &Path, name: &str) -> Result<Rows, InspectError> {
-    if !map_dir.join(name).exists() {
+    if !known_map(name) || !map_dir.join(name).exists() {
         return Err(InspectError::Unknown(name.to_owned()));
     }
     let (map, _, _) = open(map_dir, name)?;

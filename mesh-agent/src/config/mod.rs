@@ -7,6 +7,8 @@ mod api;
 mod directory;
 mod enrollment;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod gateway;
 mod istio;
 mod kind;

@@ -153,6 +153,35 @@ fn status(code: StatusCode) -> Response<Body> {
     r
 }
 
+/// Why a CONNECT target is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// Not an `ip:port` of this pod: the tunnel is not a way to reach anything else
+    /// from the node.
+    NotThisPod,
+    /// One of the mesh's own ports: a CONNECT to :15008 would nest tunnels and make
+    /// the inner stream come from the pod itself.
+    MeshPort(u16),
+}
+
+/// The address a CONNECT's authority names, if the pod at `pod_ips` may be reached
+/// there.
+pub fn connect_target(
+    authority: Option<&str>,
+    pod_ips: &[std::net::IpAddr],
+) -> Result<SocketAddr, ConnectRefusal> {
+    let target: SocketAddr = authority
+        .and_then(|a| a.parse().ok())
+        .ok_or(ConnectRefusal::NotThisPod)?;
+    if !pod_ips.contains(&target.ip().to_canonical()) {
+        return Err(ConnectRefusal::NotThisPod);
+    }
+    if MESH_PORTS.contains(&target.port()) {
+        return Err(ConnectRefusal::MeshPort(target.port()));
+    }
+    Ok(target)
+}
+
 /// One CONNECT stream: check the target is this pod, authorize, connect to the app,
 /// answer 200, then relay once the stream is upgraded.
 async fn connect(
@@ -166,21 +195,17 @@ async fn connect(
         // A routed request (L7 between agents), not a tunnelled connection.
         return super::http::inbound::serve_request(req, peer, &source, &pod, &ctx).await;
     }
-    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
-    // Only this pod: the tunnel is not a way to reach anything else from the node.
-    let Some(target) = target.filter(|t| pod.ips.contains(&t.ip().to_canonical())) else {
-        warn!(authority = ?req.uri().authority(), "CONNECT target is not this pod");
-        return status(StatusCode::BAD_REQUEST);
+    let target = match connect_target(req.uri().authority().map(|a| a.as_str()), &pod.ips) {
+        Ok(t) => t,
+        Err(ConnectRefusal::NotThisPod) => {
+            warn!(authority = ?req.uri().authority(), "CONNECT target is not this pod");
+            return status(StatusCode::BAD_REQUEST);
+        }
+        Err(ConnectRefusal::MeshPort(port)) => {
+            warn!(port, "CONNECT to one of the mesh's own ports refused");
+            return status(StatusCode::FORBIDDEN);
+        }
     };
-    // The mesh's own ports are never a destination: a CONNECT to :15008 would nest
-    // tunnels and make the inner stream come from the pod itself.
-    if MESH_PORTS.contains(&target.port()) {
-        warn!(
-            port = target.port(),
-            "CONNECT to one of the mesh's own ports refused"
-        );
-        return status(StatusCode::FORBIDDEN);
-    }
     let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("conn", id, src = %source, peer = %peer, dst = %pod.identity, port = target.port());
     let attrs = ConnAttrs {
@@ -259,4 +284,37 @@ async fn connect(
         .instrument(span),
     );
     status(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn a_connect_reaches_only_this_pods_addresses_and_never_a_mesh_port() {
+        let ips = [
+            IpAddr::from([10, 244, 1, 5]),
+            "fd00::5".parse::<IpAddr>().unwrap(),
+        ];
+        assert_eq!(
+            connect_target(Some("10.244.1.5:8080"), &ips),
+            Ok("10.244.1.5:8080".parse().unwrap())
+        );
+        assert!(connect_target(Some("[fd00::5]:8080"), &ips).is_ok());
+        // An IPv4-mapped IPv6 form of the pod's address is the pod's address.
+        assert!(connect_target(Some("[::ffff:10.244.1.5]:8080"), &ips).is_ok());
+        for other in ["10.244.1.6:8080", "127.0.0.1:8080", "pod:8080", "10.244.1.5", ""] {
+            assert_eq!(
+                connect_target(Some(other), &ips),
+                Err(ConnectRefusal::NotThisPod),
+                "{other}"
+            );
+        }
+        assert_eq!(connect_target(None, &ips), Err(ConnectRefusal::NotThisPod));
+        assert_eq!(
+            connect_target(Some("10.244.1.5:15008"), &ips),
+            Err(ConnectRefusal::MeshPort(15008))
+        );
+    }
 }

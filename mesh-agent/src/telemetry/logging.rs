@@ -39,6 +39,15 @@ pub struct LogControl {
     current: Mutex<String>,
 }
 
+/// Whether `directives` is a filter `LogControl::set` would take (the admin API's
+/// input, checked before anything changes).
+pub fn check_filter(directives: &str) -> Result<(), String> {
+    if directives.trim().is_empty() {
+        return Err("empty filter".to_owned());
+    }
+    diagnostics_filter(directives).map(drop)
+}
+
 /// The access target never goes through the diagnostics filter.
 fn diagnostics_filter(directives: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(format!("{directives},{}=off", access::TARGET)).map_err(|e| e.to_string())
@@ -54,9 +63,7 @@ impl LogControl {
 
     /// `directives` is an EnvFilter string such as `info,mesh_agent::proxy=debug`.
     pub fn set(&self, directives: &str) -> Result<(), String> {
-        if directives.trim().is_empty() {
-            return Err("empty filter".to_owned());
-        }
+        check_filter(directives)?;
         let filter = diagnostics_filter(directives)?;
         self.handle.reload(filter).map_err(|e| e.to_string())?;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = directives.to_owned();

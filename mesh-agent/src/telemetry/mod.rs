@@ -14,7 +14,7 @@ pub mod requests;
 pub use conns::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, Telemetry, WorkloadRef};
 pub use flows::{Flow, FlowFilter, FlowHub, Origin};
 pub use http::{bind_node_listener, serve_metrics, serve_readiness};
-pub use logging::{AccessLog, LogControl, LogFormat, init_logging};
+pub use logging::{AccessLog, LogControl, LogFormat, check_filter, init_logging};
 pub use metrics::{Metrics, ResponseFlag};
 pub use readiness::Readiness;
 pub use requests::{RequestEnd, RequestFacts};
