@@ -15,7 +15,7 @@ use mesh_common::counters;
 use crate::{
     admin::{AdminServer, AdminState, Core},
     authz::{LiveConns, PolicySet},
-    bpf::{self, Datapath, DatapathOptions},
+    bpf::{self, Datapath, DatapathOptions, Heartbeat},
     cli::RunArgs,
     cli::Source,
     config::{ApiSource, ConfigWatch, Directory, Generation, LeaseSettings},
@@ -268,6 +268,8 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     info!(node = %args.node_name, source = ?source, "agent running");
     // Set once a successor is ready: this agent drains instead of tearing down.
     let mut handed_over = None;
+    // Beats once this agent serves (its first config applied); see `bpf::Heartbeat`.
+    let mut heartbeat: Option<Heartbeat> = None;
     // SIGTERM came while a successor was taking over: stop when that ends.
     let mut stop_requested = false;
     loop {
@@ -339,6 +341,14 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
             .iter()
             .all(|(_, c)| c.as_ref().is_some_and(|c| c.is_valid_at(now)));
         readiness.certs_valid.store(certs_valid, Ordering::Relaxed);
+        // Serving from the first config on: the pods enrolled so far have their
+        // listeners (one that cannot be enrolled must not keep the others closed).
+        if heartbeat.is_none() && readiness.config_loaded.load(Ordering::Relaxed) {
+            match Heartbeat::start(maps.clone()) {
+                Ok(h) => heartbeat = Some(h),
+                Err(e) => warn!(error = %e, "cannot start the heartbeat thread"),
+            }
+        }
         if readiness.not_ready_reason().is_none()
             && let Some(p) = previous.take()
         {
@@ -356,6 +366,10 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         }
     }
 
+    // A successor beats from now on; one that stops is a node without an agent.
+    if let Some(h) = heartbeat.take() {
+        h.stop();
+    }
     if let Some(reports) = handed_over {
         readiness_task.abort();
         admin.stop_serving();
@@ -523,19 +537,22 @@ async fn apply(
     } else {
         PolicySet::build(now, &settings.root_namespace)
     };
+    // A namespace's `mesh.dev/fail-open` is its Services' default.
+    let namespaces_kept = same(&now.namespaces, &before.namespaces);
     let endpoints_kept = keep(
         same(&now.services, &before.services)
-            && same(&now.endpoint_slices, &before.endpoint_slices),
+            && same(&now.endpoint_slices, &before.endpoint_slices)
+            && namespaces_kept,
     );
     let routes = if endpoints_kept {
         snap.routes.clone()
-    } else if snap.generation == previous.number {
+    } else if snap.generation == previous.number && namespaces_kept {
         Arc::new(RouteTable::rebuild(before, now, &snap.routes))
     } else {
         Arc::new(RouteTable::build(now))
     };
     // The kernel's service map holds the ClusterIP:ports of the Services alone.
-    let services_kept = keep(same(&now.services, &before.services));
+    let services_kept = keep(same(&now.services, &before.services) && namespaces_kept);
     let http = if endpoints_kept && same(&now.routes, &before.routes) {
         snap.http.clone()
     } else {
@@ -550,7 +567,9 @@ async fn apply(
     } else {
         Arc::new(WorkloadIndex::build(now, &settings.trust_domain))
     };
-    let addrs = (!services_kept).then(|| routes.service_addrs());
+    // The endpoints of fail-open services are in the kernel too.
+    let kernel_kept = services_kept && (endpoints_kept || !routes.any_fail_open());
+    let entries = (!kernel_kept).then(|| routes.service_entries());
     proxy.snapshot.publish_config(ConfigParts {
         generation: generation.number,
         routes,
@@ -564,8 +583,8 @@ async fn apply(
             info!(closed, "policy change closed open connections");
         }
     }
-    let synced = match &addrs {
-        Some(addrs) => proxy.maps.sync_services(addrs),
+    let synced = match &entries {
+        Some(entries) => proxy.maps.sync_services(entries),
         None => Ok((0, 0)),
     };
     match synced {

@@ -15,7 +15,7 @@ use crate::{
 /// What every decision built from a config is built from, as the agent builds it.
 fn build_state(config: &Config) {
     let routes = RouteTable::build(config);
-    let _ = routes.service_addrs();
+    let _ = routes.service_entries();
     let _ = HttpRoutes::build(config, &[25, 3306]);
     let _ = PolicySet::build(config, "istio-system");
     let _ = WorkloadIndex::build(config, "cluster.local");
@@ -70,7 +70,10 @@ pub fn detect(data: &[u8]) {
                 .map(|(d, _)| d)
                 .unwrap_or(Detected::Opaque)
         });
-        assert_eq!(whole, piecewise, "the verdict depends on how the bytes arrive");
+        assert_eq!(
+            whole, piecewise,
+            "the verdict depends on how the bytes arrive"
+        );
     }
 }
 
@@ -150,11 +153,8 @@ pub fn admin_request(data: &[u8]) {
             service: non_empty(r.service),
             verdict: non_empty(r.verdict),
         };
-        let mut flow = crate::telemetry::Flow::new(
-            crate::telemetry::Origin::Agent,
-            "forwarded",
-            "forwarded",
-        );
+        let mut flow =
+            crate::telemetry::Flow::new(crate::telemetry::Origin::Agent, "forwarded", "forwarded");
         flow.pod = Some("default/client".into());
         flow.service = Some("default/web".into());
         let _ = filter.matches(&flow);
@@ -212,14 +212,13 @@ mod tests {
     async fn capture_connect(authority: &str) -> Vec<u8> {
         use tokio::io::AsyncReadExt as _;
         let (client, mut server) = tokio::io::duplex(1 << 16);
-        let (mut send, conn) = hyper::client::conn::http2::Builder::new(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .handshake::<_, http_body_util::Empty<hyper::body::Bytes>>(
-            hyper_util::rt::TokioIo::new(client),
-        )
-        .await
-        .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake::<_, http_body_util::Empty<hyper::body::Bytes>>(
+                    hyper_util::rt::TokioIo::new(client),
+                )
+                .await
+                .unwrap();
         tokio::spawn(conn);
         let req = hyper::Request::connect(authority)
             .body(http_body_util::Empty::new())
@@ -246,7 +245,8 @@ mod tests {
     #[test]
     fn the_fuzz_corpora_and_reproducers_replay_clean() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let targets: [(&str, fn(&[u8])); 5] = [
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 5] = [
             ("config_yaml", super::config_yaml),
             ("api_object", super::api_object),
             ("detect", super::detect),

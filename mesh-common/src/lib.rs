@@ -75,9 +75,16 @@ pub mod maps {
     pub const SOCK_SENDING: &str = "MESH_SOCK_SENDING";
     /// Array of u32 switches, indexed by [`super::settings`].
     pub const SETTINGS: &str = "MESH_SETTINGS";
+    /// [`super::BackendKey`] -> [`super::BackendValue`]: the ready endpoints of each
+    /// fail-open service port, for `connect4/6` to pick from while no agent serves the
+    /// node (only fail-open services have entries).
+    pub const BACKENDS: &str = "MESH_BACKENDS";
+    /// One u64: when the agent last said it serves (`CLOCK_MONOTONIC` ns, as
+    /// `bpf_ktime_get_ns`). Older than [`super::HEARTBEAT_STALE_NS`]: no agent serves.
+    pub const HEARTBEAT: &str = "MESH_HEARTBEAT";
 
     /// Every map of the object, for pinning, inspection and metrics.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         ENROLLED_NETNS,
         SERVICES,
         SOCK_ORIG_DST,
@@ -91,6 +98,8 @@ pub mod maps {
         SOCK_UNREAD,
         SOCK_SENDING,
         SETTINGS,
+        BACKENDS,
+        HEARTBEAT,
     ];
 }
 
@@ -154,6 +163,10 @@ pub mod limits {
     pub const SOCK_FALLBACK: u32 = 16384;
     pub const SOCK_UNREAD: u32 = 65536;
     pub const SOCK_SENDING: u32 = 65536;
+    /// Endpoints of fail-open services, in total.
+    pub const BACKENDS: u32 = 16384;
+    /// Endpoints of one fail-open service port the kernel picks from (the first ones).
+    pub const BACKENDS_PER_SERVICE: u32 = 64;
 }
 
 /// Indices into the per-CPU counter array.
@@ -204,7 +217,13 @@ pub mod counters {
     /// connect() from an enrolled netns to loopback or the pod's own address: in-pod
     /// traffic, not captured.
     pub const IN_POD: u32 = 18;
-    pub const LEN: u32 = 19;
+    /// No agent served the node (stale heartbeat) and the destination was a
+    /// fail-open service: connected straight to one of its endpoints.
+    pub const FAIL_OPEN: u32 = 19;
+    /// No agent served the node and the connection was not to a fail-open service:
+    /// refused (fail closed).
+    pub const AGENT_DOWN_REFUSED: u32 = 20;
+    pub const LEN: u32 = 21;
 
     /// Every counter's name, by index, as metrics and `meshctl` show it.
     pub const NAMES: [&str; LEN as usize] = [
@@ -227,6 +246,8 @@ pub mod counters {
         "sockmap_paced",
         "bypass_mark_forged",
         "in_pod",
+        "fail_open",
+        "agent_down_refused",
     ];
 }
 
@@ -413,8 +434,67 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Reserved for per-service flags. Zero today.
+    /// [`SERVICE_FAIL_OPEN`] or 0.
     pub flags: u32,
+    /// Entries of this service port in [`maps::BACKENDS`] (indices `0..backends`).
+    pub backends: u32,
+}
+
+/// [`ServiceValue::flags`]: with no agent serving, connect straight to an endpoint.
+pub const SERVICE_FAIL_OPEN: u32 = 1;
+
+/// Key of [`maps::BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub service: ServiceKey,
+    pub index: u32,
+}
+
+/// Value of [`maps::BACKENDS`]: an endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendValue {
+    /// 16 bytes, network byte order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The agent's heartbeat ([`maps::HEARTBEAT`]) is written every 250 ms; older than
+/// this, the agent is taken for down (dead, or hung).
+pub const HEARTBEAT_STALE_NS: u64 = 2_000_000_000;
+
+/// What a captured connect() does with no agent serving the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentDown {
+    /// The agent serves: capture as always.
+    No,
+    /// No agent, a fail-open service with endpoints: connect to endpoint `index`.
+    Open { index: u32 },
+    /// No agent, and not a fail-open service (or none of its endpoints): refuse.
+    Closed,
+}
+
+/// The decision, kept out of the program so it can be tested on the host.
+/// `heartbeat` 0: never written (an agent of an older build), taken for alive.
+/// `random` picks the endpoint.
+pub const fn agent_down(
+    heartbeat: u64,
+    now: u64,
+    service: Option<&ServiceValue>,
+    random: u32,
+) -> AgentDown {
+    if heartbeat == 0 || now.saturating_sub(heartbeat) <= HEARTBEAT_STALE_NS {
+        return AgentDown::No;
+    }
+    match service {
+        Some(s) if s.flags & SERVICE_FAIL_OPEN != 0 && s.backends > 0 => AgentDown::Open {
+            index: random % s.backends,
+        },
+        _ => AgentDown::Closed,
+    }
 }
 
 /// The destination an application asked for before `connect4/6` rewrote it.
@@ -559,6 +639,11 @@ pub mod events {
     pub const PLAINTEXT_CAPTURED: u32 = 4;
     /// Plaintext to a PERMISSIVE pod was refused: the agent's listener is gone.
     pub const NO_LISTENER: u32 = 5;
+    /// No agent served the node: connect() to a fail-open service went straight to an
+    /// endpoint.
+    pub const FAIL_OPEN: u32 = 6;
+    /// No agent served the node: connect() refused (fail closed).
+    pub const AGENT_DOWN: u32 = 7;
 }
 
 /// One entry of [`maps::EVENTS`].
@@ -591,6 +676,8 @@ mod pod {
     unsafe impl aya::Pod for super::EnrolledNetns {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::SockKey {}
@@ -609,7 +696,9 @@ mod tests {
         assert_eq!(size_of::<EnrolledNetns>(), 72);
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<ServiceValue>(), 4);
+        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<BackendKey>(), 24);
+        assert_eq!(size_of::<BackendValue>(), 24);
         assert_eq!(size_of::<OrigDst>(), 32);
         assert_eq!(size_of::<PeerKey>(), 32);
         assert_eq!(size_of::<FlowEvent>(), 56);
@@ -694,6 +783,40 @@ mod tests {
             connect_verdict(&p, &dst, false, AGENT, [AGENT, 0]),
             ConnectVerdict::Capture { forged_mark: false }
         );
+    }
+
+    #[test]
+    fn with_the_agent_down_only_fail_open_services_with_endpoints_open() {
+        let s = 1_000_000_000u64;
+        let open = ServiceValue {
+            flags: SERVICE_FAIL_OPEN,
+            backends: 3,
+        };
+        let closed = ServiceValue {
+            flags: 0,
+            backends: 0,
+        };
+        let empty = ServiceValue {
+            flags: SERVICE_FAIL_OPEN,
+            backends: 0,
+        };
+        // A fresh heartbeat, or none ever written: the agent serves.
+        assert_eq!(agent_down(10 * s, 11 * s, Some(&open), 7), AgentDown::No);
+        assert_eq!(agent_down(0, 100 * s, Some(&open), 7), AgentDown::No);
+        // Stale: open picks among the endpoints, everything else is refused.
+        assert_eq!(
+            agent_down(10 * s, 13 * s, Some(&open), 7),
+            AgentDown::Open { index: 1 }
+        );
+        assert_eq!(
+            agent_down(10 * s, 13 * s, Some(&closed), 7),
+            AgentDown::Closed
+        );
+        assert_eq!(
+            agent_down(10 * s, 13 * s, Some(&empty), 7),
+            AgentDown::Closed
+        );
+        assert_eq!(agent_down(10 * s, 13 * s, None, 7), AgentDown::Closed);
     }
 
     #[test]

@@ -15,19 +15,24 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use core::ptr::addr_of_mut;
 use mesh_common::{
-    BYPASS_MARK, ConnectVerdict, FlowEvent, OUTBOUND_PORT, OrigDst, PROTO_TCP, ServiceKey,
-    connect_verdict, counters, events, settings,
+    AgentDown, BYPASS_MARK, BackendKey, ConnectVerdict, FlowEvent, OUTBOUND_PORT, OrigDst,
+    PROTO_TCP, ServiceKey, agent_down, connect_verdict, counters, events, settings,
 };
 
 use crate::{
     addr::{LOOPBACK_V4_MAPPED, LOOPBACK_V6, is_v4_mapped, read_ip6, write_ip6},
-    maps::{MESH_ENROLLED_NETNS, MESH_SERVICES, MESH_SOCK_ORIG_DST, count, emit, setting},
+    maps::{
+        MESH_BACKENDS, MESH_ENROLLED_NETNS, MESH_HEARTBEAT, MESH_SERVICES, MESH_SOCK_ORIG_DST,
+        count, emit, setting,
+    },
 };
 
 #[inline(always)]
@@ -54,6 +59,9 @@ enum Action {
     Leave,
     Redirect,
     Refuse,
+    /// No agent serves the node and the destination is a fail-open service: connect
+    /// straight to this endpoint (16-byte address, host-order port).
+    Direct([u8; 16], u16),
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -73,6 +81,16 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
             }
             ALLOW
         }
+        // An IPv4 socket can only go to an IPv4 endpoint.
+        Action::Direct(addr, port) if is_v4_mapped(&addr) => {
+            // SAFETY: as above.
+            unsafe {
+                (*sa).user_ip4 = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+                (*sa).user_port = u32::from(port.to_be());
+            }
+            ALLOW
+        }
+        Action::Direct(..) => REFUSE,
     }
 }
 
@@ -96,6 +114,14 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
             unsafe {
                 write_ip6(addr_of_mut!((*sa).user_ip6), lo);
                 (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+            }
+            ALLOW
+        }
+        Action::Direct(addr, port) => {
+            // SAFETY: as above.
+            unsafe {
+                write_ip6(addr_of_mut!((*sa).user_ip6), &addr);
+                (*sa).user_port = u32::from(port.to_be());
             }
             ALLOW
         }
@@ -157,9 +183,38 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
         proto: PROTO_TCP,
         _pad: 0,
     };
-    // SAFETY: read-only lookup.
-    if unsafe { MESH_SERVICES.get(&key) }.is_none() {
+    // SAFETY: read-only lookup, read in place.
+    let service = unsafe { MESH_SERVICES.get(&key) };
+    if service.is_none() {
         count(counters::NOT_A_SERVICE);
+    }
+    // SAFETY: helpers valid in sock_addr programs.
+    let (now, random) = unsafe { (bpf_ktime_get_ns(), bpf_get_prandom_u32()) };
+    let heartbeat = MESH_HEARTBEAT.get(0).copied().unwrap_or(0);
+    match agent_down(heartbeat, now, service, random) {
+        AgentDown::No => {}
+        AgentDown::Open { index } => {
+            let key = BackendKey {
+                service: key,
+                index,
+            };
+            // SAFETY: read-only lookup.
+            if let Some(b) = unsafe { MESH_BACKENDS.get(&key) } {
+                count(counters::FAIL_OPEN);
+                emit(&event(events::FAIL_OPEN, netns, dst, port));
+                return Action::Direct(b.addr, b.port);
+            }
+            count(counters::AGENT_DOWN_REFUSED);
+            emit(&event(events::AGENT_DOWN, netns, dst, port));
+            return Action::Refuse;
+        }
+        AgentDown::Closed => {
+            // Fail closed: refused at once (EPERM) rather than sent to a listener
+            // that is gone or does not accept.
+            count(counters::AGENT_DOWN_REFUSED);
+            emit(&event(events::AGENT_DOWN, netns, dst, port));
+            return Action::Refuse;
+        }
     }
 
     let mut orig = OrigDst {

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    EnrolledNetns, FlowEvent, ListenerKey, OrigDst, PeerKey, ServiceKey, ServiceValue, SockFlow,
-    SockKey, SockSending, counters, limits, settings,
+    BackendKey, BackendValue, EnrolledNetns, FlowEvent, ListenerKey, OrigDst, PeerKey, ServiceKey,
+    ServiceValue, SockFlow, SockKey, SockSending, counters, limits, settings,
 };
 
 #[map]
@@ -79,6 +79,13 @@ pub static MESH_SOCK_SENDING: LruHashMap<u64, SockSending> =
 
 #[map]
 pub static MESH_SETTINGS: Array<u32> = Array::with_max_entries(settings::LEN, 0);
+
+#[map]
+pub static MESH_BACKENDS: HashMap<BackendKey, BackendValue> =
+    HashMap::with_max_entries(limits::BACKENDS, 0);
+
+#[map]
+pub static MESH_HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// A value from [`MESH_SETTINGS`] (0 when unset).
 #[inline(always)]

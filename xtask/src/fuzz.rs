@@ -124,7 +124,10 @@ mod tests {
     #[test]
     fn reads_libfuzzer_final_stats() {
         let log = "INFO: seed\nstat::number_of_executed_units: 123456\nstat::peak_rss_mb: 88\n";
-        assert_eq!(super::stat(log, "stat::number_of_executed_units:"), Some(123456));
+        assert_eq!(
+            super::stat(log, "stat::number_of_executed_units:"),
+            Some(123456)
+        );
         assert_eq!(super::stat(log, "stat::peak_rss_mb:"), Some(88));
         assert_eq!(super::stat(log, "stat::nothing:"), None);
     }
@@ -135,7 +138,10 @@ mod tests {
         let manifest = std::fs::read_to_string(root.join("fuzz/Cargo.toml")).unwrap();
         for t in super::TARGETS {
             assert!(manifest.contains(&format!("name = \"{t}\"")), "{t}");
-            assert!(root.join(format!("fuzz/fuzz_targets/{t}.rs")).exists(), "{t}");
+            assert!(
+                root.join(format!("fuzz/fuzz_targets/{t}.rs")).exists(),
+                "{t}"
+            );
             let seeds = std::fs::read_dir(root.join(format!("fuzz/corpus/{t}"))).unwrap();
             assert!(seeds.count() > 0, "{t} has no seed");
         }

@@ -539,6 +539,8 @@ fn layout_hash() -> u64 {
         size_of::<ListenerKey>(),
         size_of::<ServiceKey>(),
         size_of::<ServiceValue>(),
+        size_of::<BackendKey>(),
+        size_of::<BackendValue>(),
         size_of::<OrigDst>(),
         size_of::<PeerKey>(),
         size_of::<SockKey>(),
@@ -553,6 +555,7 @@ fn layout_hash() -> u64 {
         limits::PLAINTEXT_LISTENERS,
         limits::EVENTS_BYTES,
         limits::SOCKETS,
+        limits::BACKENDS,
         counters::LEN,
         settings::LEN,
     ];

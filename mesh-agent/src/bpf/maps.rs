@@ -8,11 +8,12 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    AF_INET, AF_INET6, EnrolledNetns, ListenerKey, MAX_PROBE_PORTS, MODE_PERMISSIVE, MODE_STRICT,
-    OrigDst, PROTO_TCP, PeerKey, ServiceKey, ServiceValue, SockFlow, SockKey, counters, maps,
+    AF_INET, AF_INET6, BackendKey, BackendValue, EnrolledNetns, ListenerKey, MAX_PROBE_PORTS,
+    MODE_PERMISSIVE, MODE_STRICT, OrigDst, PROTO_TCP, PeerKey, SERVICE_FAIL_OPEN, ServiceKey,
+    ServiceValue, SockFlow, SockKey, counters, limits, maps,
 };
 
 use super::datapath::DatapathError;
@@ -38,6 +39,59 @@ pub fn ip16(ip: IpAddr) -> [u8; 16] {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     }
+}
+
+/// What the kernel knows of one service port: whether it fails open, and then the
+/// endpoints it may connect to while no agent serves the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub fail_open: bool,
+    /// Ready endpoints (only written for a fail-open service; the first
+    /// `limits::BACKENDS_PER_SERVICE`).
+    pub backends: Vec<SocketAddr>,
+}
+
+/// The map entries of `desired`: service values, and the backends of fail-open ones.
+fn service_entries(
+    desired: &foldhash::HashMap<ServiceAddr, ServiceEntry>,
+) -> (
+    foldhash::HashMap<ServiceKey, ServiceValue>,
+    foldhash::HashMap<BackendKey, BackendValue>,
+) {
+    let mut services = foldhash::HashMap::default();
+    let mut backends = foldhash::HashMap::default();
+    for (addr, entry) in desired {
+        let key = addr.key();
+        let mut n = 0u32;
+        if entry.fail_open {
+            for (i, b) in entry
+                .backends
+                .iter()
+                .take(limits::BACKENDS_PER_SERVICE as usize)
+                .enumerate()
+            {
+                backends.insert(
+                    BackendKey {
+                        service: key,
+                        index: i as u32,
+                    },
+                    BackendValue {
+                        addr: ip16(b.ip()),
+                        port: b.port(),
+                        _pad: [0; 6],
+                    },
+                );
+                n += 1;
+            }
+        }
+        let flags = if entry.fail_open {
+            SERVICE_FAIL_OPEN
+        } else {
+            0
+        };
+        services.insert(key, ServiceValue { flags, backends: n });
+    }
+    (services, backends)
 }
 
 /// The address back from its map form (IPv4-mapped becomes IPv4 again).
@@ -95,7 +149,10 @@ pub struct MeshMaps {
     /// Only the agent writes that map, so a sync with the same set needs no system
     /// call, and a change touches only what changed (reading 10,000 keys back from
     /// the kernel on every config change cost more than the rest of the change).
-    services_synced: Mutex<Option<foldhash::HashSet<ServiceKey>>>,
+    services_synced: Mutex<Option<foldhash::HashMap<ServiceKey, ServiceValue>>>,
+    backends: Locked<BackendKey, BackendValue>,
+    backends_synced: Mutex<Option<foldhash::HashMap<BackendKey, BackendValue>>>,
+    heartbeat: Mutex<Array<MapData, u64>>,
     peers: Locked<PeerKey, OrigDst>,
     plaintext_listeners: Mutex<SockHash<MapData, ListenerKey>>,
     counters: PerCpuArray<MapData, u64>,
@@ -164,6 +221,9 @@ impl MeshMaps {
             enrolled: Mutex::new(take(ebpf, maps::ENROLLED_NETNS)?),
             services: Mutex::new(take(ebpf, maps::SERVICES)?),
             services_synced: Mutex::new(None),
+            backends: Mutex::new(take(ebpf, maps::BACKENDS)?),
+            backends_synced: Mutex::new(None),
+            heartbeat: Mutex::new(take(ebpf, maps::HEARTBEAT)?),
             peers: Mutex::new(take(ebpf, maps::PEER_ORIG_DST)?),
             plaintext_listeners: Mutex::new(take(ebpf, maps::PLAINTEXT_LISTENERS)?),
             counters: take(ebpf, maps::COUNTERS)?,
@@ -237,35 +297,101 @@ impl MeshMaps {
     /// Makes the services map hold exactly `desired`. Returns (added, removed).
     pub fn sync_services(
         &self,
-        desired: &foldhash::HashSet<ServiceAddr>,
+        desired: &foldhash::HashMap<ServiceAddr, ServiceEntry>,
     ) -> Result<(usize, usize), MapUpdateError> {
+        let (want, want_backends) = service_entries(desired);
+        // Backends first: a service's count never points past its entries.
+        self.sync_backends(&want_backends, false)?;
         let mut m = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let mut synced = self
             .services_synced
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let want: foldhash::HashSet<ServiceKey> = desired.iter().map(ServiceAddr::key).collect();
         // Forgotten until this sync completes: a failure half-way re-reads the kernel.
-        let have: foldhash::HashSet<ServiceKey> = match synced.take() {
+        let have: foldhash::HashMap<ServiceKey, ServiceValue> = match synced.take() {
             Some(have) => have,
-            None => m.keys().filter_map(Result::ok).collect(),
+            None => m.iter().filter_map(Result::ok).collect(),
         };
         let mut added = 0;
-        for key in want.difference(&have) {
-            m.insert(*key, ServiceValue { flags: 0 }, 0)
-                .map_err(|source| MapUpdateError {
-                    map: maps::SERVICES,
-                    source,
-                })?;
-            added += 1;
+        for (key, value) in &want {
+            if have.get(key) == Some(value) {
+                continue;
+            }
+            m.insert(*key, *value, 0).map_err(|source| MapUpdateError {
+                map: maps::SERVICES,
+                source,
+            })?;
+            if !have.contains_key(key) {
+                added += 1;
+            }
         }
         let mut removed = 0;
-        for key in have.difference(&want) {
+        for key in have.keys().filter(|k| !want.contains_key(*k)) {
             let _ = m.remove(key);
             removed += 1;
         }
         *synced = Some(want);
+        drop((m, synced));
+        // Then the backends no service counts any more.
+        self.sync_backends(&want_backends, true)?;
         Ok((added, removed))
+    }
+
+    /// Writes `want`'s backends that differ; with `remove`, also removes the others.
+    fn sync_backends(
+        &self,
+        want: &foldhash::HashMap<BackendKey, BackendValue>,
+        remove: bool,
+    ) -> Result<(), MapUpdateError> {
+        let mut m = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let mut synced = self
+            .backends_synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut have: foldhash::HashMap<BackendKey, BackendValue> = match synced.take() {
+            Some(have) => have,
+            None => m.iter().filter_map(Result::ok).collect(),
+        };
+        for (key, value) in want {
+            if have.get(key) != Some(value) {
+                m.insert(*key, *value, 0).map_err(|source| MapUpdateError {
+                    map: maps::BACKENDS,
+                    source,
+                })?;
+                have.insert(*key, *value);
+            }
+        }
+        if remove {
+            have.retain(|key, _| {
+                let keep = want.contains_key(key);
+                if !keep {
+                    let _ = m.remove(key);
+                }
+                keep
+            });
+        }
+        *synced = Some(have);
+        Ok(())
+    }
+
+    /// Says the agent serves the node (see `mesh_common::agent_down`): now, on the
+    /// clock `bpf_ktime_get_ns` reads.
+    pub fn beat(&self) -> Result<(), MapUpdateError> {
+        let mut ts = nix::libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &mut ts) };
+        let now = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+        self.heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(0, now, 0)
+            .map_err(|source| MapUpdateError {
+                map: maps::HEARTBEAT,
+                source,
+            })
     }
 
     /// The original destination of a connection the agent accepted from `client` on a

@@ -2,10 +2,12 @@
 //! loading and attaching the programs, and typed access to the maps.
 mod datapath;
 mod fs;
+mod heartbeat;
 pub mod inspect;
 mod maps;
 
 pub use datapath::{Datapath, DatapathOptions, InboundHook, PodInboundLink};
 pub use fs::{cgroup2_mount, ensure_bpffs};
-pub use maps::{InboundMode, MeshMaps, Probes, ServiceAddr};
+pub use heartbeat::Heartbeat;
+pub use maps::{InboundMode, MeshMaps, Probes, ServiceAddr, ServiceEntry};
 pub use maps::{from_ip16, ip16};

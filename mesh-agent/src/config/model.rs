@@ -46,7 +46,14 @@ pub struct Service {
     /// Empty for headless services (`clusterIP: None`), which the mesh does not capture.
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// `mesh.dev/fail-open` ([`FAIL_OPEN_ANNOTATION`]); `None`: as its namespace says.
+    pub fail_open: Option<bool>,
 }
+
+/// On a Service or a Namespace, `"true"`: while no agent serves a client's node, the
+/// client's connections to the Service go straight to one of its ready endpoints
+/// (plaintext) instead of being refused. `"false"` (the default) keeps it closed.
+pub const FAIL_OPEN_ANNOTATION: &str = "mesh.dev/fail-open";
 
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]
 pub struct SlicePort {
@@ -129,6 +136,8 @@ impl serde::Serialize for Labels {
 pub struct Namespace {
     pub name: String,
     pub dataplane: super::enrollment::DataplaneMode,
+    /// `mesh.dev/fail-open`: the default of its Services.
+    pub fail_open: Option<bool>,
 }
 
 #[derive(Debug, serde::Serialize, Clone, PartialEq, Eq)]

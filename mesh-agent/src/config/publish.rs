@@ -175,6 +175,7 @@ mod tests {
             },
             cluster_ips: vec![],
             ports: vec![],
+            fail_open: None,
         }));
         p.publish(c);
         assert_eq!(rx.borrow().number, 2);

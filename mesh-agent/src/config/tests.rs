@@ -251,3 +251,24 @@ fn namespaces_are_cluster_scoped_and_their_labels_enroll_pods() {
         .collect();
     assert_eq!(enrolled, [("out", false), ("in", true)]);
 }
+
+#[test]
+fn fail_open_is_read_from_services_and_namespaces_and_anything_else_is_refused() {
+    let open = GOOD.replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata: {name: web, namespace: shop, annotations: {mesh.dev/fail-open: \"true\"}}",
+    );
+    let c = parse(&open).unwrap();
+    assert_eq!(c.services[0].fail_open, Some(true));
+    assert_eq!(parse(GOOD).unwrap().services[0].fail_open, None);
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {mesh.dev/fail-open: \"false\"}}\n";
+    assert_eq!(parse(ns).unwrap().namespaces[0].fail_open, Some(false));
+    let e = err(&open.replace("\"true\"", "\"yes\""));
+    assert!(
+        e.contains("/cfg/app.yaml")
+            && e.contains("Service shop/web")
+            && e.contains("metadata.annotations[mesh.dev/fail-open]")
+            && e.contains("\"yes\""),
+        "{e}"
+    );
+}

@@ -11,8 +11,9 @@ use super::{
     enrollment,
     error::FieldError,
     model::{
-        Endpoint, EndpointSlice, NETNS_ANNOTATION, Namespace, NamespacedName, Pod, Protocol,
-        SERVICE_NAME_LABEL, STATUS_ANNOTATION, Service, ServicePort, SlicePort, TargetPort,
+        Endpoint, EndpointSlice, FAIL_OPEN_ANNOTATION, NETNS_ANNOTATION, Namespace, NamespacedName,
+        Pod, Protocol, SERVICE_NAME_LABEL, STATUS_ANNOTATION, Service, ServicePort, SlicePort,
+        TargetPort,
     },
 };
 
@@ -108,7 +109,21 @@ pub fn service(svc: &core::Service) -> Result<Service> {
         id,
         cluster_ips,
         ports,
+        fail_open: fail_open(&svc.metadata)?,
     })
+}
+
+/// `metadata.annotations["mesh.dev/fail-open"]`: `"true"`, `"false"` or absent.
+fn fail_open(meta: &ObjectMeta) -> Result<Option<bool>> {
+    match annotation(meta, FAIL_OPEN_ANNOTATION) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(other) => Err(FieldError::new(
+            format!("metadata.annotations[{FAIL_OPEN_ANNOTATION}]"),
+            format!("{other:?}: expected \"true\" or \"false\""),
+        )),
+    }
 }
 
 pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice> {
@@ -192,6 +207,7 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
     Ok(Namespace {
         name,
         dataplane: enrollment::mode_of(&labels)?,
+        fail_open: fail_open(&ns.metadata)?,
     })
 }
 

@@ -304,7 +304,13 @@ mod tests {
         assert!(connect_target(Some("[fd00::5]:8080"), &ips).is_ok());
         // An IPv4-mapped IPv6 form of the pod's address is the pod's address.
         assert!(connect_target(Some("[::ffff:10.244.1.5]:8080"), &ips).is_ok());
-        for other in ["10.244.1.6:8080", "127.0.0.1:8080", "pod:8080", "10.244.1.5", ""] {
+        for other in [
+            "10.244.1.6:8080",
+            "127.0.0.1:8080",
+            "pod:8080",
+            "10.244.1.5",
+            "",
+        ] {
             assert_eq!(
                 connect_target(Some(other), &ips),
                 Err(ConnectRefusal::NotThisPod),

@@ -26,7 +26,9 @@ use std::{
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use error::{InboundError, OutboundError, TunnelError};
-pub use inbound::{ConnectRefusal, MAX_STREAMS as TUNNEL_MAX_STREAMS, connect_target, serve_tunnel};
+pub use inbound::{
+    ConnectRefusal, MAX_STREAMS as TUNNEL_MAX_STREAMS, connect_target, serve_tunnel,
+};
 pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
 pub use pool::Pool;

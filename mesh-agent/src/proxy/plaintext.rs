@@ -73,8 +73,16 @@ async fn handle(
         original_dst: None,
     };
     // A meshed pod's connections all leave through its agent, over mTLS: plaintext
-    // from its address can only be a bypass (or a spoof), in every mode.
-    if let Some(w) = source.as_ref().filter(|w| w.meshed) {
+    // from its address can only be a bypass (or a spoof), in every mode. Except to a
+    // fail-open Service's endpoint: that is how a client whose node has no agent
+    // reaches it (`mesh.dev/fail-open`; a STRICT pod refuses it in the kernel).
+    let fail_open = || {
+        ctx.snapshot
+            .load()
+            .routes
+            .is_fail_open_endpoint(SocketAddr::new(target.ip().to_canonical(), target.port()))
+    };
+    if let Some(w) = source.as_ref().filter(|w| w.meshed && !fail_open()) {
         let e = InboundError::PlaintextFromMeshed {
             workload: w.id.clone(),
         };

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    bpf::ServiceAddr,
+    bpf::{ServiceAddr, ServiceEntry},
     config::{Config, EndpointSlice, NamespacedName, Protocol, Service, ServicePort, TargetPort},
 };
 
@@ -18,6 +18,9 @@ pub struct Target {
     pub service: NamespacedName,
     pub port: u16,
     pub endpoints: Vec<SocketAddr>,
+    /// With no agent serving a client's node, its connections go straight to an
+    /// endpoint (the Service's `mesh.dev/fail-open`, else its namespace's).
+    pub fail_open: bool,
     next: AtomicUsize,
 }
 
@@ -43,11 +46,44 @@ const PATCH_LIMIT: usize = 64;
 impl RouteTable {
     pub fn build(config: &Config) -> RouteTable {
         let slices = Slices::of(config);
+        let open = FailOpen::of(config);
         let mut targets = foldhash::HashMap::default();
         for svc in &config.services {
-            targets.extend(targets_of(svc, slices.of_service(svc)));
+            targets.extend(targets_of(svc, slices.of_service(svc), &open));
         }
         RouteTable { targets }
+    }
+
+    /// Whether `endpoint` serves a fail-open service port. A scan: asked only for
+    /// plaintext from a meshed pod, which is otherwise refused.
+    pub fn is_fail_open_endpoint(&self, endpoint: SocketAddr) -> bool {
+        self.targets
+            .values()
+            .any(|t| t.fail_open && t.endpoints.contains(&endpoint))
+    }
+
+    /// Whether any service port fails open (its endpoints must be in the kernel).
+    pub fn any_fail_open(&self) -> bool {
+        self.targets.values().any(|t| t.fail_open)
+    }
+
+    /// What the kernel must know of each (ClusterIP, port): that it is captured, and
+    /// for a fail-open one its endpoints.
+    pub fn service_entries(&self) -> foldhash::HashMap<ServiceAddr, ServiceEntry> {
+        self.targets
+            .iter()
+            .map(|(a, t)| {
+                let entry = ServiceEntry {
+                    fail_open: t.fail_open,
+                    backends: if t.fail_open {
+                        t.endpoints.clone()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                (ServiceAddr(*a), entry)
+            })
+            .collect()
     }
 
     /// The table for `now`, from `previous` (the table of `before`): only the
@@ -60,6 +96,7 @@ impl RouteTable {
         let Some(dirty) = changed_services(before, now) else {
             return RouteTable::build(now);
         };
+        let open = FailOpen::of(now);
         let mut targets = previous.targets.clone();
         for (ns, name) in &dirty {
             let id = |s: &&Arc<Service>| s.id.namespace == *ns && s.id.name == *name;
@@ -77,7 +114,7 @@ impl RouteTable {
                     .filter(|s| s.id.namespace == *ns && s.service_name == *name)
                     .cloned()
                     .collect();
-                targets.extend(targets_of(svc, &slices));
+                targets.extend(targets_of(svc, &slices, &open));
             }
         }
         RouteTable { targets }
@@ -94,10 +131,6 @@ impl RouteTable {
         let mut all: Vec<_> = self.targets.iter().map(|(a, t)| (*a, t.clone())).collect();
         all.sort_by(|a, b| (&a.1.service, a.0).cmp(&(&b.1.service, b.0)));
         all
-    }
-
-    pub fn service_addrs(&self) -> foldhash::HashSet<ServiceAddr> {
-        self.targets.keys().map(|a| ServiceAddr(*a)).collect()
     }
 }
 
@@ -186,8 +219,40 @@ fn changed<'a, T, K: Ord>(
 }
 
 /// Every (ClusterIP, port) target of one Service.
-fn targets_of(svc: &Service, slices: &[Arc<EndpointSlice>]) -> Vec<(SocketAddr, Arc<Target>)> {
+/// The namespaces that say `mesh.dev/fail-open` (few; read once per build).
+struct FailOpen<'a> {
+    namespaces: foldhash::HashMap<&'a str, bool>,
+}
+
+impl<'a> FailOpen<'a> {
+    fn of(config: &'a Config) -> FailOpen<'a> {
+        FailOpen {
+            namespaces: config
+                .namespaces
+                .iter()
+                .filter_map(|n| n.fail_open.map(|f| (n.name.as_str(), f)))
+                .collect(),
+        }
+    }
+
+    /// The Service's own word, else its namespace's, else closed.
+    fn service(&self, svc: &Service) -> bool {
+        svc.fail_open.unwrap_or_else(|| {
+            self.namespaces
+                .get(svc.id.namespace.as_str())
+                .copied()
+                .unwrap_or(false)
+        })
+    }
+}
+
+fn targets_of(
+    svc: &Service,
+    slices: &[Arc<EndpointSlice>],
+    open: &FailOpen<'_>,
+) -> Vec<(SocketAddr, Arc<Target>)> {
     let mut out = Vec::new();
+    let fail_open = open.service(svc);
     for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
         let endpoints = endpoints_from(slices, port);
         for vip in &svc.cluster_ips {
@@ -195,6 +260,7 @@ fn targets_of(svc: &Service, slices: &[Arc<EndpointSlice>]) -> Vec<(SocketAddr, 
                 service: svc.id.clone(),
                 port: port.port,
                 endpoints: endpoints.clone(),
+                fail_open,
                 next: AtomicUsize::new(0),
             };
             out.push((SocketAddr::new(*vip, port.port), Arc::new(target)));
@@ -288,6 +354,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                     app_protocol: None,
                 }],
+                fail_open: None,
             })],
             endpoint_slices: vec![std::sync::Arc::new(EndpointSlice {
                 id: nn("web-abc"),
@@ -318,6 +385,37 @@ mod tests {
             pods: vec![],
             ..Config::default()
         }
+    }
+
+    #[test]
+    fn a_service_fails_open_by_its_own_word_else_its_namespaces_and_only_then_has_backends() {
+        use crate::config::Namespace;
+        let ns = |fail_open| {
+            Arc::new(Namespace {
+                name: "default".into(),
+                dataplane: Default::default(),
+                fail_open,
+            })
+        };
+        let with = |svc: Option<bool>, namespace: Option<bool>| {
+            let mut c = config();
+            let mut s = (*c.services[0]).clone();
+            s.fail_open = svc;
+            c.services[0] = Arc::new(s);
+            c.namespaces = vec![ns(namespace)];
+            RouteTable::build(&c)
+        };
+        let addr = SocketAddr::from(([10, 96, 0, 20], 80));
+        let entry = |t: &RouteTable| t.service_entries()[&ServiceAddr(addr)].clone();
+        assert!(!entry(&with(None, None)).fail_open);
+        assert!(entry(&with(None, None)).backends.is_empty());
+        let open = with(None, Some(true));
+        assert!(entry(&open).fail_open);
+        assert_eq!(entry(&open).backends, open.get(addr).unwrap().endpoints);
+        assert!(open.is_fail_open_endpoint(entry(&open).backends[0]));
+        assert!(!entry(&with(Some(false), Some(true))).fail_open);
+        assert!(entry(&with(Some(true), Some(false))).fail_open);
+        assert!(!with(None, None).is_fail_open_endpoint(entry(&open).backends[0]));
     }
 
     #[test]

@@ -29,6 +29,8 @@ fn kind_of(kind: u32) -> Option<(&'static str, &'static str)> {
         events::REFUSED_STRICT => ("refused_strict", "dropped"),
         events::PLAINTEXT_CAPTURED => ("plaintext_captured", "forwarded"),
         events::NO_LISTENER => ("no_listener", "dropped"),
+        events::FAIL_OPEN => ("fail_open", "forwarded"),
+        events::AGENT_DOWN => ("agent_down", "dropped"),
         _ => return None,
     })
 }
