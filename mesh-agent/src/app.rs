@@ -182,6 +182,15 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         draining: tokio_util::sync::CancellationToken::new(),
     });
     let reaper = tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout));
+    // The programs' own log names pods by their netns.
+    let _ = datapath.kernel_log_pods.set({
+        let resolve = pod_resolver(&proxy);
+        Arc::new(move |cookie| resolve(cookie, std::net::IpAddr::from([0, 0, 0, 0])))
+    });
+    let kernel_log = datapath
+        .kernel_log
+        .take()
+        .map(|l| tokio::spawn(crate::telemetry::kernel_log::run(l)));
     let kernel_flows = datapath.events.take().map(|ring| {
         tokio::spawn(kernel_flows::run(
             ring,
@@ -309,7 +318,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                     warn!(%error, "the successor left before it was ready; serving on");
                     readiness.handing_over.store(false, Ordering::Relaxed);
                     // It may have written its id as the agent's before it died.
-                    if let Err(e) = datapath.inbound.reclaim_agent_id() {
+                    if let Err(e) = maps.reclaim_agent_id() {
                         warn!(error = %e, "cannot write the agent's id back");
                     }
                     if stop_requested {
@@ -352,11 +361,11 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         if readiness.not_ready_reason().is_none()
             && let Some(p) = previous.take()
         {
-            let hook = datapath.inbound.clone();
+            let maps = maps.clone();
             let pid = p.pid;
             let told = p.ready(previous_status.clone(), move || {
                 // Its id must not exempt whatever process gets it next.
-                if let Err(e) = hook.set_previous_agent(0) {
+                if let Err(e) = maps.set_previous_agent(0) {
                     warn!(error = %e, "cannot clear the previous agent's id");
                 }
             });
@@ -386,6 +395,9 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         // Every pin stays for the successor: the datapath is dropped, not shut down.
         pods.shutdown();
         reaper.abort();
+        if let Some(k) = kernel_log {
+            k.abort();
+        }
         if let Some(k) = kernel_flows {
             k.abort();
         }
@@ -400,6 +412,9 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     admin.stop();
     pods.shutdown();
     reaper.abort();
+    if let Some(k) = kernel_log {
+        k.abort();
+    }
     if let Some(k) = kernel_flows {
         k.abort();
     }

@@ -194,6 +194,7 @@ mod tests {
         let admin = root.join("admin_request");
         let level = crate::api::admin::LogLevel {
             filter: "info,mesh_agent::proxy=debug".into(),
+            kernel: "debug".into(),
         };
         std::fs::write(admin.join("log-level.bin"), level.encode_to_vec()).unwrap();
         let observe = crate::api::admin::ObserveRequest {

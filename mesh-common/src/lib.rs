@@ -79,12 +79,14 @@ pub mod maps {
     /// fail-open service port, for `connect4/6` to pick from while no agent serves the
     /// node (only fail-open services have entries).
     pub const BACKENDS: &str = "MESH_BACKENDS";
+    /// Ring buffer of the programs' log records (aya-log's own map, by its name).
+    pub const LOGS: &str = "AYA_LOGS";
     /// One u64: when the agent last said it serves (`CLOCK_MONOTONIC` ns, as
     /// `bpf_ktime_get_ns`). Older than [`super::HEARTBEAT_STALE_NS`]: no agent serves.
     pub const HEARTBEAT: &str = "MESH_HEARTBEAT";
 
     /// Every map of the object, for pinning, inspection and metrics.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         ENROLLED_NETNS,
         SERVICES,
         SOCK_ORIG_DST,
@@ -100,6 +102,7 @@ pub mod maps {
         SETTINGS,
         BACKENDS,
         HEARTBEAT,
+        LOGS,
     ];
 }
 
@@ -119,7 +122,13 @@ pub mod settings {
     /// relaying (and dialling for) the connections it carries until they end. 0
     /// otherwise. See [`super::connect_verdict`].
     pub const PREVIOUS_AGENT_TGID: u32 = 3;
-    pub const LEN: u32 = 4;
+    /// The programs' own log (aya-log, read by the agent): [`KERNEL_LOG_OFF`] or
+    /// [`KERNEL_LOG_DEBUG`] (each decision: redirect, bypass, refusal and why).
+    pub const KERNEL_LOG: u32 = 4;
+    pub const LEN: u32 = 5;
+
+    pub const KERNEL_LOG_OFF: u32 = 0;
+    pub const KERNEL_LOG_DEBUG: u32 = 1;
 }
 
 /// Program names in the object file.

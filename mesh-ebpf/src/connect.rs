@@ -27,8 +27,11 @@ use mesh_common::{
     PROTO_TCP, ServiceKey, agent_down, connect_verdict, counters, events, settings,
 };
 
+use aya_log_ebpf::debug;
+
 use crate::{
     addr::{LOOPBACK_V4_MAPPED, LOOPBACK_V6, is_v4_mapped, read_ip6, write_ip6},
+    klog,
     maps::{
         MESH_BACKENDS, MESH_ENROLLED_NETNS, MESH_HEARTBEAT, MESH_SERVICES, MESH_SOCK_ORIG_DST,
         count, emit, setting,
@@ -164,6 +167,12 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
         ConnectVerdict::Agent => {
             count(counters::BYPASS_MARK);
             emit(&event(events::BYPASSED, netns, dst, port));
+            if klog::on() {
+                debug!(
+                    ctx,
+                    "netns={} bypass dst={:i} port={} (the agent's own)", netns, dst, port
+                );
+            }
             return Action::Leave;
         }
         ConnectVerdict::InPod => {
@@ -202,6 +211,12 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
             if let Some(b) = unsafe { MESH_BACKENDS.get(&key) } {
                 count(counters::FAIL_OPEN);
                 emit(&event(events::FAIL_OPEN, netns, dst, port));
+                if klog::on() {
+                    debug!(
+                        ctx,
+                        "netns={} fail_open dst={:i} port={} (no agent)", netns, dst, port
+                    );
+                }
                 return Action::Direct(b.addr, b.port);
             }
             count(counters::AGENT_DOWN_REFUSED);
@@ -213,6 +228,12 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
             // that is gone or does not accept.
             count(counters::AGENT_DOWN_REFUSED);
             emit(&event(events::AGENT_DOWN, netns, dst, port));
+            if klog::on() {
+                debug!(
+                    ctx,
+                    "netns={} refuse dst={:i} port={} reason=agent_down", netns, dst, port
+                );
+            }
             return Action::Refuse;
         }
     }
@@ -230,11 +251,20 @@ fn capture(ctx: &SockAddrContext, dst: [u8; 16], port_field: u32) -> Action {
         // Without a record the agent could not route the connection, and letting it
         // out uncaptured would be a bypass: refuse it.
         count(counters::MAP_UPDATE_FAILED);
+        if klog::on() {
+            debug!(
+                ctx,
+                "netns={} refuse dst={:i} port={} reason=no_record", netns, dst, port
+            );
+        }
         return Action::Refuse;
     }
     // SAFETY: non-null storage of this socket, sized for an OrigDst.
     unsafe { *slot = orig };
     count(counters::REDIRECTED);
     emit(&event(events::REDIRECTED, netns, dst, port));
+    if klog::on() {
+        debug!(ctx, "netns={} redirect dst={:i} port={}", netns, dst, port);
+    }
     Action::Redirect
 }

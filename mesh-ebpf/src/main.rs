@@ -10,6 +10,7 @@
 mod addr;
 mod atomic;
 mod connect;
+mod klog;
 mod maps;
 mod peername;
 mod recvguard;

@@ -22,8 +22,11 @@ use mesh_common::{
     v4_mapped,
 };
 
+use aya_log_ebpf::debug;
+
 use crate::{
     addr::read_ip6,
+    klog,
     maps::{MESH_ENROLLED_NETNS, MESH_PLAINTEXT_LISTENERS, count, emit},
 };
 
@@ -74,6 +77,12 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         InboundVerdict::Refuse => {
             count(counters::INBOUND_STRICT_REFUSED);
             emit(&event(events::REFUSED_STRICT));
+            if klog::on() {
+                debug!(
+                    &ctx,
+                    "netns={} refuse src={:i} port={} reason=strict", netns, remote, local_port
+                );
+            }
             SK_DROP
         }
         InboundVerdict::Capture => {
@@ -86,11 +95,29 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
                 Ok(()) => {
                     count(counters::INBOUND_PLAINTEXT_CAPTURED);
                     emit(&event(events::PLAINTEXT_CAPTURED));
+                    if klog::on() {
+                        debug!(
+                            &ctx,
+                            "netns={} plaintext src={:i} port={} to the agent",
+                            netns,
+                            remote,
+                            local_port
+                        );
+                    }
                     SK_PASS
                 }
                 Err(_) => {
                     count(counters::INBOUND_NO_LISTENER);
                     emit(&event(events::NO_LISTENER));
+                    if klog::on() {
+                        debug!(
+                            &ctx,
+                            "netns={} refuse src={:i} port={} reason=no_listener",
+                            netns,
+                            remote,
+                            local_port
+                        );
+                    }
                     SK_DROP
                 }
             }

@@ -61,6 +61,19 @@ fn non_empty(s: String) -> Option<String> {
     (!s.trim().is_empty()).then(|| s.trim().to_owned())
 }
 
+impl AdminService {
+    /// The diagnostics filter and the kernel log level, as they are now.
+    fn log_level(&self) -> pb::LogLevel {
+        let kernel = self.state.core.get().map_or(0, |c| {
+            c.proxy.maps.setting(mesh_common::settings::KERNEL_LOG)
+        });
+        pb::LogLevel {
+            filter: self.state.log.get(),
+            kernel: crate::bpf::inspect::kernel_log_name(kernel).to_owned(),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn status(&self, _: Request<pb::Empty>) -> Reply<pb::StatusReply> {
@@ -106,21 +119,48 @@ impl Admin for AdminService {
     }
 
     async fn get_log_level(&self, _: Request<pb::Empty>) -> Reply<pb::LogLevel> {
-        Ok(Response::new(pb::LogLevel {
-            filter: self.state.log.get(),
-        }))
+        Ok(Response::new(self.log_level()))
     }
 
     async fn set_log_level(&self, req: Request<pb::LogLevel>) -> Reply<pb::LogLevel> {
-        let filter = req.into_inner().filter;
-        self.state
-            .log
-            .set(&filter)
-            .map_err(|e| Status::invalid_argument(format!("invalid filter {filter:?}: {e}")))?;
-        info!(filter = %filter, "log level changed through the admin API");
-        Ok(Response::new(pb::LogLevel {
-            filter: self.state.log.get(),
-        }))
+        let pb::LogLevel { filter, kernel } = req.into_inner();
+        // Both checked before either changes.
+        let kernel = match kernel.trim() {
+            "" => None,
+            "debug" => Some(mesh_common::settings::KERNEL_LOG_DEBUG),
+            "off" => Some(mesh_common::settings::KERNEL_LOG_OFF),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid kernel log level {other:?}: expected debug or off"
+                )));
+            }
+        };
+        if filter.is_empty() && kernel.is_none() {
+            return Err(Status::invalid_argument("nothing to set"));
+        }
+        if !filter.is_empty() {
+            crate::telemetry::check_filter(&filter)
+                .map_err(|e| Status::invalid_argument(format!("invalid filter {filter:?}: {e}")))?;
+        }
+        if let Some(level) = kernel {
+            self.core()?
+                .proxy
+                .maps
+                .set_setting(mesh_common::settings::KERNEL_LOG, level)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            info!(
+                kernel = crate::bpf::inspect::kernel_log_name(level),
+                "kernel log level changed through the admin API"
+            );
+        }
+        if !filter.is_empty() {
+            self.state
+                .log
+                .set(&filter)
+                .map_err(|e| Status::invalid_argument(format!("invalid filter {filter:?}: {e}")))?;
+            info!(filter = %filter, "log level changed through the admin API");
+        }
+        Ok(Response::new(self.log_level()))
     }
 
     async fn bpf_maps(&self, req: Request<pb::BpfMapsRequest>) -> Reply<pb::BpfMapsReply> {

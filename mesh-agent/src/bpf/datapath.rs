@@ -29,6 +29,7 @@ use mesh_common::{SockKey, counters, programs, settings};
 use tracing::{debug, info, warn};
 
 use super::maps::MeshMaps;
+use crate::telemetry::kernel_log::{KernelLog, PodByNetns};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -106,6 +107,10 @@ pub struct Datapath {
     pub events: Option<RingBuf<MapData>>,
     /// Names of the programs attached to the cgroup, and the per-pod one.
     pub programs: Vec<&'static str>,
+    /// The programs' own log records, for the one reader that takes them.
+    pub kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
+    /// How that reader names the pod of a record (set once the pods are known).
+    pub kernel_log_pods: std::sync::Arc<std::sync::OnceLock<PodByNetns>>,
 }
 
 /// The inbound enforcement program (sk_lookup), one instance per enrolled pod's
@@ -115,7 +120,7 @@ pub struct Datapath {
 /// leaves STRICT pods refusing plaintext (fail closed) until it is back.
 pub struct InboundHook {
     /// The main object: owns the fds of the maps and the cgroup programs.
-    main: std::sync::Mutex<Ebpf>,
+    _main: std::sync::Mutex<Ebpf>,
     map_dir: PathBuf,
     link_dir: PathBuf,
     /// One load of the object at a time (each opens every pinned map).
@@ -138,34 +143,6 @@ impl PodInboundLink {
 }
 
 impl InboundHook {
-    /// Writes the thread group of the agent being taken over from (0 once it exited:
-    /// its id must not exempt whatever process gets it next).
-    pub fn set_previous_agent(&self, tgid: u32) -> Result<(), DatapathError> {
-        self.set_agents(None, tgid)
-    }
-
-    /// A successor that took over this agent's listeners died before it was ready:
-    /// this agent is the only one again, and the dead one's id exempts nothing.
-    pub fn reclaim_agent_id(&self) -> Result<(), DatapathError> {
-        self.set_agents(Some(std::process::id()), 0)
-    }
-
-    fn set_agents(&self, agent: Option<u32>, previous: u32) -> Result<(), DatapathError> {
-        let mut ebpf = self.main.lock().unwrap_or_else(|p| p.into_inner());
-        let name = mesh_common::maps::SETTINGS;
-        let map_err = |source| DatapathError::Map { name, source };
-        let mut map: Array<&mut MapData, u32> = ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap { name })?
-            .try_into()
-            .map_err(map_err)?;
-        if let Some(agent) = agent {
-            map.set(settings::AGENT_TGID, agent, 0).map_err(map_err)?;
-        }
-        map.set(settings::PREVIOUS_AGENT_TGID, previous, 0)
-            .map_err(map_err)
-    }
-
     /// Attaches the inbound program to a pod's netns and pins the link. A link an
     /// earlier agent pinned for the same netns is replaced only once the new one is
     /// attached: the netns is never without enforcement.
@@ -384,6 +361,17 @@ impl Datapath {
             prog.load().map_err(prog_err)?;
         }
 
+        let kernel_log_pods = std::sync::Arc::new(std::sync::OnceLock::new());
+        let kernel_log = match aya_log::EbpfLogger::init_with_logger(
+            &mut ebpf,
+            KernelLog::new(kernel_log_pods.clone()),
+        ) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "no kernel log (AYA_LOGS)");
+                None
+            }
+        };
         let limit = sockmap.then_some(options.sockmap_unread_limit);
         let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf, limit)?);
         let events = match ebpf.take_map(mesh_common::maps::EVENTS) {
@@ -398,7 +386,7 @@ impl Datapath {
             "eBPF programs attached");
         Ok(Datapath {
             inbound: std::sync::Arc::new(InboundHook {
-                main: std::sync::Mutex::new(ebpf),
+                _main: std::sync::Mutex::new(ebpf),
                 map_dir: map_dir.clone(),
                 link_dir,
                 loading: std::sync::Mutex::new(()),
@@ -408,6 +396,8 @@ impl Datapath {
             maps,
             events,
             programs: attached,
+            kernel_log,
+            kernel_log_pods,
         })
     }
 
@@ -425,7 +415,10 @@ impl Datapath {
             maps,
             events,
             programs: _,
+            kernel_log,
+            kernel_log_pods: _,
         } = self;
+        drop(kernel_log);
         drop(events);
         let c = maps.counters();
         let summary: Vec<String> = counters::NAMES

@@ -98,6 +98,15 @@ fn hash_entries<K: Pod, V: Pod>(
     Ok(n)
 }
 
+/// The name of a `settings::KERNEL_LOG` value.
+pub fn kernel_log_name(v: u32) -> &'static str {
+    if v == mesh_common::settings::KERNEL_LOG_DEBUG {
+        "debug"
+    } else {
+        "off"
+    }
+}
+
 fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapError> {
     match name {
         maps::ENROLLED_NETNS => hash_entries(
@@ -133,7 +142,21 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
             map,
             rows,
             |k: &ServiceKey| format!("{} proto {}", sock(k.addr, k.port), k.proto),
-            |v: &ServiceValue| format!("flags {}", v.flags),
+            |v: &ServiceValue| {
+                if v.flags & mesh_common::SERVICE_FAIL_OPEN != 0 {
+                    format!("fail-open, {} backends", v.backends)
+                } else {
+                    "fail-closed".to_owned()
+                }
+            },
+        ),
+        maps::BACKENDS => hash_entries(
+            map,
+            rows,
+            |k: &mesh_common::BackendKey| {
+                format!("{} #{}", sock(k.service.addr, k.service.port), k.index)
+            },
+            |v: &mesh_common::BackendValue| sock(v.addr, v.port),
         ),
         // Socket-local storage has no keys to walk from user space (a value is read by
         // the socket's fd, which only the pod holds): it is counted as 0 entries.
@@ -235,6 +258,9 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                     mesh_common::settings::AGENT_TGID => ("agent_tgid".to_owned(), v.to_string()),
                     mesh_common::settings::PREVIOUS_AGENT_TGID => {
                         ("previous_agent_tgid".to_owned(), v.to_string())
+                    }
+                    mesh_common::settings::KERNEL_LOG => {
+                        ("kernel_log".to_owned(), kernel_log_name(v).to_owned())
                     }
                     other => (format!("slot {other}"), v.to_string()),
                 };

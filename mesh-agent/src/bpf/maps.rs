@@ -153,6 +153,7 @@ pub struct MeshMaps {
     backends: Locked<BackendKey, BackendValue>,
     backends_synced: Mutex<Option<foldhash::HashMap<BackendKey, BackendValue>>>,
     heartbeat: Mutex<Array<MapData, u64>>,
+    settings: Mutex<Array<MapData, u32>>,
     peers: Locked<PeerKey, OrigDst>,
     plaintext_listeners: Mutex<SockHash<MapData, ListenerKey>>,
     counters: PerCpuArray<MapData, u64>,
@@ -224,6 +225,7 @@ impl MeshMaps {
             backends: Mutex::new(take(ebpf, maps::BACKENDS)?),
             backends_synced: Mutex::new(None),
             heartbeat: Mutex::new(take(ebpf, maps::HEARTBEAT)?),
+            settings: Mutex::new(take(ebpf, maps::SETTINGS)?),
             peers: Mutex::new(take(ebpf, maps::PEER_ORIG_DST)?),
             plaintext_listeners: Mutex::new(take(ebpf, maps::PLAINTEXT_LISTENERS)?),
             counters: take(ebpf, maps::COUNTERS)?,
@@ -372,6 +374,41 @@ impl MeshMaps {
         }
         *synced = Some(have);
         Ok(())
+    }
+
+    /// Writes one of `mesh_common::settings` (written first at load, before anything
+    /// is attached; these are the changes at run time).
+    pub fn set_setting(&self, index: u32, value: u32) -> Result<(), MapUpdateError> {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(index, value, 0)
+            .map_err(|source| MapUpdateError {
+                map: maps::SETTINGS,
+                source,
+            })
+    }
+
+    /// One of `mesh_common::settings` (0 if it cannot be read).
+    pub fn setting(&self, index: u32) -> u32 {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&index, 0)
+            .unwrap_or(0)
+    }
+
+    /// Writes the thread group of the agent being taken over from (0 once it exited:
+    /// its id must not exempt whatever process gets it next).
+    pub fn set_previous_agent(&self, tgid: u32) -> Result<(), MapUpdateError> {
+        self.set_setting(mesh_common::settings::PREVIOUS_AGENT_TGID, tgid)
+    }
+
+    /// A successor that took over this agent's listeners died before it was ready:
+    /// this agent is the only one again, and the dead one's id exempts nothing.
+    pub fn reclaim_agent_id(&self) -> Result<(), MapUpdateError> {
+        self.set_setting(mesh_common::settings::AGENT_TGID, std::process::id())?;
+        self.set_previous_agent(0)
     }
 
     /// Says the agent serves the node (see `mesh_common::agent_down`): now, on the

@@ -5,6 +5,7 @@ pub mod conns;
 pub mod flows;
 mod http;
 pub mod kernel_flows;
+pub mod kernel_log;
 mod log_writer;
 mod logging;
 pub mod metrics;

@@ -112,9 +112,15 @@ enum ConfigCommand {
 #[derive(Debug, Subcommand)]
 enum LogLevelCommand {
     Get,
-    /// An EnvFilter directive, for example `debug` or `info,mesh_agent::proxy=debug`.
+    /// An EnvFilter directive, for example `debug` or `info,mesh_agent::proxy=debug`;
+    /// and/or the kernel programs' log.
     Set {
-        filter: String,
+        #[arg(required_unless_present = "kernel")]
+        filter: Option<String>,
+        /// The kernel programs' own log of each decision (redirect, bypass, refusal
+        /// and why), shown in the agent's log with the pod: `debug` or `off`.
+        #[arg(long, value_parser = ["debug", "off"])]
+        kernel: Option<String>,
     },
 }
 
@@ -436,16 +442,17 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::LogLevel { command } => {
             let r = match command {
                 LogLevelCommand::Get => c.get_log_level(pb::Empty {}).await,
-                LogLevelCommand::Set { filter } => {
+                LogLevelCommand::Set { filter, kernel } => {
                     c.set_log_level(pb::LogLevel {
-                        filter: filter.clone(),
+                        filter: filter.clone().unwrap_or_default(),
+                        kernel: kernel.clone().unwrap_or_default(),
                     })
                     .await
                 }
             }
             .map_err(call_err)?
             .into_inner();
-            show(out, &r, |r| format!("{}\n", r.filter))
+            show(out, &r, |r| format!("{}\nkernel: {}\n", r.filter, r.kernel))
         }
         Command::Bpf {
             command: BpfCommand::Maps { dump },

@@ -1,0 +1,14 @@
+//! The programs' decisions in their own log (aya-log, at debug level), when the agent
+//! has switched it on at run time (`settings::KERNEL_LOG`, set by `meshctl log-level
+//! set --kernel debug`). Off, each decision costs one array lookup and nothing else.
+//!
+//! Every line starts with `netns=<cookie>`: the agent names the pod from it.
+use mesh_common::settings;
+
+use crate::maps::setting;
+
+/// Whether the kernel log is on.
+#[inline(always)]
+pub fn on() -> bool {
+    setting(settings::KERNEL_LOG) == settings::KERNEL_LOG_DEBUG
+}
