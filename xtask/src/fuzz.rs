@@ -20,6 +20,9 @@ pub const TARGETS: [&str; 5] = [
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
+/// Runs this short or shorter are smokes (see `run`).
+const SMOKE_SECONDS: u64 = 60;
+
 pub fn run(seconds: u64, only: &[String]) -> anyhow::Result<()> {
     let root = root();
     ensure_cargo_fuzz()?;
@@ -29,9 +32,19 @@ pub fn run(seconds: u64, only: &[String]) -> anyhow::Result<()> {
         .filter(|t| only.is_empty() || only.iter().any(|o| t.contains(o.as_str())))
         .collect();
     anyhow::ensure!(!targets.is_empty(), "no fuzz target matches {only:?}");
+    // A smoke (CI) builds fast: debug (overflow checks on), no sanitizer (the code is
+    // safe Rust; a build with AddressSanitizer takes three times as long). A real run
+    // builds optimized, with AddressSanitizer.
+    let build: &[&str] = if seconds <= SMOKE_SECONDS {
+        &["--dev", "--sanitizer", "none"]
+    } else {
+        &["-O"]
+    };
     // One build for all of them.
     let status = cargo_fuzz(&root)
-        .args(["build", "-O", "--fuzz-dir", "fuzz"])
+        .arg("build")
+        .args(build)
+        .args(["--fuzz-dir", "fuzz"])
         .status()?;
     anyhow::ensure!(status.success(), "building the fuzz targets failed");
     let mut report = Vec::new();
@@ -41,7 +54,9 @@ pub fn run(seconds: u64, only: &[String]) -> anyhow::Result<()> {
         let seeds = root.join("fuzz/corpus").join(t);
         println!("==> fuzz {t} for {seconds} s");
         let out = cargo_fuzz(&root)
-            .args(["run", "-O", "--fuzz-dir", "fuzz", t])
+            .arg("run")
+            .args(build)
+            .args(["--fuzz-dir", "fuzz", t])
             .arg(&scratch)
             .arg(&seeds)
             .args([
