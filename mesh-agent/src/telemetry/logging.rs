@@ -50,6 +50,13 @@ pub fn check_filter(directives: &str) -> Result<(), String> {
 
 /// The access target never goes through the diagnostics filter.
 fn diagnostics_filter(directives: &str) -> Result<EnvFilter, String> {
+    // tracing-subscriber's directive parser slices by byte and panics inside a
+    // multi-byte character (found by the `admin_request` fuzz target: `[ⓖ{` through
+    // `meshctl log-level set`). Targets, levels, span and field names are ASCII, so
+    // anything else is refused before it is parsed.
+    if !directives.is_ascii() {
+        return Err("a filter is ASCII: module paths, levels, span and field names".to_owned());
+    }
     EnvFilter::try_new(format!("{directives},{}=off", access::TARGET)).map_err(|e| e.to_string())
 }
 
@@ -138,4 +145,20 @@ pub fn init_logging(
         current: Mutex::new(directives),
         _flush: guard,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_filter;
+
+    #[test]
+    fn a_filter_with_a_multibyte_character_is_refused_not_a_panic() {
+        // The input the fuzzer found: it panicked in tracing-subscriber's parser.
+        let e = check_filter("io-\0\u{24d6}eS[2S{e\u{24d6}").unwrap_err();
+        assert!(e.contains("ASCII"), "{e}");
+        assert!(check_filter("[\u{24d6}{x}]").is_err());
+        assert!(check_filter("info,mesh_agent::proxy=debug").is_ok());
+        assert!(check_filter("info,[[broken").is_err());
+        assert!(check_filter("  ").is_err());
+    }
 }
