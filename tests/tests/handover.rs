@@ -139,7 +139,13 @@ fn an_upgrade_under_load_drops_no_connection_refuses_none_and_strict_holds() {
         for node in ["node-1", "node-2"] {
             c.upgrade_agent(node, SECS).unwrap();
         }
-        let status = c.meshctl_json("node-2", &["status"]).unwrap();
+        // The old agent reports its drain once it has stopped accepting (within a
+        // moment of the takeover).
+        let mut status = serde_json::Value::Null;
+        poll("the previous agent's first drain report", SECS, || {
+            status = c.meshctl_json("node-2", &["status"]).unwrap();
+            status["previous_agent"]["deadline_unix_ms"].as_u64() > Some(0)
+        });
         let previous = &status["previous_agent"];
         assert_eq!(previous["state"], "draining", "{status}");
         assert!(
