@@ -181,18 +181,25 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         shards,
         draining: tokio_util::sync::CancellationToken::new(),
     });
-    let reaper = tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout));
+    let mut background = Background(vec![
+        tokio::spawn(reap_pool(proxy.clone(), args.tunnel.tunnel_idle_timeout)),
+        tokio::spawn({
+            let proxy = proxy.clone();
+            crate::memory::trim_after_falls(move || proxy.conns.open(), Duration::from_secs(10))
+        }),
+    ]);
     // The programs' own log names pods by their netns.
     let _ = datapath.kernel_log_pods.set({
         let resolve = pod_resolver(&proxy);
         Arc::new(move |cookie| resolve(cookie, std::net::IpAddr::from([0, 0, 0, 0])))
     });
-    let kernel_log = datapath
-        .kernel_log
-        .take()
-        .map(|l| tokio::spawn(crate::telemetry::kernel_log::run(l)));
-    let kernel_flows = datapath.events.take().map(|ring| {
-        tokio::spawn(kernel_flows::run(
+    if let Some(l) = datapath.kernel_log.take() {
+        background
+            .0
+            .push(tokio::spawn(crate::telemetry::kernel_log::run(l)));
+    }
+    if let Some(ring) = datapath.events.take() {
+        background.0.push(tokio::spawn(kernel_flows::run(
             ring,
             telemetry.clone(),
             pod_resolver(&proxy),
@@ -200,8 +207,8 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                 let maps = maps.clone();
                 Arc::new(move || maps.counters()[counters::EVENTS_DROPPED as usize])
             },
-        ))
-    });
+        )));
+    }
     // The CNI plugin's namespaces, and its way to wake the pod manager.
     let cni_netns = Arc::new(crate::inpod::cni::CniNetns::default());
     let kick = Arc::new(tokio::sync::Notify::new());
@@ -394,13 +401,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         .await;
         // Every pin stays for the successor: the datapath is dropped, not shut down.
         pods.shutdown();
-        reaper.abort();
-        if let Some(k) = kernel_log {
-            k.abort();
-        }
-        if let Some(k) = kernel_flows {
-            k.abort();
-        }
+        background.stop();
         secrets.shutdown();
         drop(proxy);
         drop(datapath);
@@ -411,13 +412,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     readiness.programs_attached.store(false, Ordering::Relaxed);
     admin.stop();
     pods.shutdown();
-    reaper.abort();
-    if let Some(k) = kernel_log {
-        k.abort();
-    }
-    if let Some(k) = kernel_flows {
-        k.abort();
-    }
+    background.stop();
     secrets.shutdown();
     let failed = config.stats.failed.load(Ordering::Relaxed);
     drop(proxy);
@@ -460,6 +455,7 @@ async fn attach(
                     sockmap: args.sockmap.is_on(),
                     sockmap_unread_limit: args.sockmap_unread_limit,
                     previous_agent,
+                    sizes: crate::bpf::MapSizes::from_args(&args.bpf_map_sizes),
                 },
             )
             .context("attaching the eBPF programs")
@@ -619,6 +615,18 @@ async fn apply(
         }
     }
     pods.reconcile(&generation.config, &policy).await;
+}
+
+/// The agent's background tasks (pool reaper, heap trimmer, kernel log and flow
+/// readers), stopped together on either way out.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Background {
+    fn stop(self) {
+        for t in self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Closes idle tunnel connections, and those to an address whose expected identity

@@ -201,6 +201,14 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub sockmap_unread_limit: u32,
 
+    /// Entries of a bounded kernel map, `NAME=ENTRIES` (repeatable): `services`
+    /// (service ports, default 65536), `backends` (fail-open endpoints, 16384),
+    /// `orig-dst` (connections between connect and the agent's accept, 65536),
+    /// `sockets` (sockmap sockets, 65536), `pods` (enrolled pods, 4096). The agent
+    /// warns at 80% full; changing a size starts from new maps (not a hitless restart).
+    #[arg(long = "bpf-map-size", value_name = "NAME=ENTRIES", value_parser = crate::bpf::sizes::parse)]
+    pub bpf_map_sizes: Vec<(crate::bpf::sizes::Sized, u32)>,
+
     /// Kubernetes cluster domain, for Istio's `destination_service` names.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,

@@ -88,6 +88,8 @@ pub struct Cluster {
     stalled_logs: Vec<std::io::PipeReader>,
     /// Workload pids, killed on drop.
     tracked: Vec<u32>,
+    /// Pods added so far (names their host-side interfaces).
+    pods_added: usize,
 }
 
 fn netns_path(name: &str) -> PathBuf {
@@ -174,6 +176,7 @@ impl Cluster {
             stalled_logs: Vec::new(),
             agent_cgroup: None,
             tracked: Vec::new(),
+            pods_added: 0,
         };
         run("ip", &["netns", "add", &cluster.fabric])?;
         ip_in(&cluster.fabric, &["link", "add", "br0", "type", "bridge"])?;
@@ -293,8 +296,17 @@ impl Cluster {
         ip: Option<Ipv4Addr>,
     ) -> anyhow::Result<Pod> {
         let n = self.node(node).clone();
-        let k = self.pods.len() + 1;
-        let host_octet = 10 + self.pods.iter().filter(|p| p.node == node).count() as u8;
+        // Interface names and addresses are never reused, even after `remove_pod`.
+        self.pods_added += 1;
+        let k = self.pods_added;
+        let host_octet = (10..=254u8)
+            .find(|o| {
+                !self
+                    .pods
+                    .iter()
+                    .any(|p| p.ip == IpAddr::V4(Ipv4Addr::new(10, 244, n.index, *o)))
+            })
+            .context("the node's pod subnet is full")?;
         let ip = ip.unwrap_or(Ipv4Addr::new(10, 244, n.index, host_octet));
         let o = ip.octets();
         anyhow::ensure!(
@@ -338,6 +350,23 @@ impl Cluster {
         };
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Deletes a pod's network namespace under the agent, as a container runtime does
+    /// when a pod goes away: its processes are killed and its netns unmounted (it
+    /// lives on while something, such as the agent, still holds it). The pod stays in
+    /// the config until the caller removes it.
+    pub fn remove_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let idx = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        let pod = self.pods.remove(idx);
+        crate::proc::kill_cgroup(&pod.cgroup);
+        run("ip", &["netns", "del", &pod.netns])?;
+        let _ = fs::remove_dir(&pod.cgroup);
+        Ok(())
     }
 
     /// Adds a pod whose cgroup is named as the kubelet's systemd driver names it
@@ -568,6 +597,14 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops the CA (SIGTERM); [`Cluster::start_ca`] brings it back with its state.
+    pub fn stop_ca(&mut self) -> anyhow::Result<()> {
+        if let Some(mut ca) = self.ca.take() {
+            terminate(&mut ca, Duration::from_secs(10))?;
+        }
+        Ok(())
     }
 
     /// The CA's process id, once it runs.
@@ -852,6 +889,15 @@ impl Cluster {
         child.kill()?;
         child.wait()?;
         Ok(())
+    }
+
+    /// The agent of `node` a successor took over from, while it drains.
+    pub fn previous_agent_pid(&mut self, node: &str) -> Option<u32> {
+        let (_, child) = self.previous_agents.iter_mut().find(|(n, _)| n == node)?;
+        match child.try_wait() {
+            Ok(None) => Some(child.id()),
+            _ => None,
+        }
     }
 
     pub fn agent_pid(&self, node: &str) -> Option<u32> {

@@ -13,6 +13,7 @@ pub mod fakeapi;
 pub mod grpc;
 pub mod pattern;
 pub mod proc;
+pub mod soak;
 pub mod stream;
 pub mod tls;
 pub mod ws;

@@ -5,6 +5,7 @@ mod chart;
 mod demo;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,22 @@ enum Cmd {
         /// Only the targets whose name contains this (repeatable).
         #[arg(long, value_name = "NAME")]
         target: Vec<String>,
+    },
+    /// The soak and chaos run: long-lived connections (checked end to end), churn and
+    /// faults for N minutes; report and charts in docs/benchmarks/soak. Not a test:
+    /// it takes its minutes and the whole machine.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Long-lived connections, half across nodes (a multiple of 10).
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Workload certificate lifetime (renewed at half of it).
+        #[arg(long, default_value = "2m")]
+        cert_ttl: String,
+        /// Write the report here instead of docs/benchmarks/soak.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Every scenario side by side (no mesh, mesh, HAProxy); report in docs/benchmarks.
     Bench {
@@ -116,6 +133,12 @@ fn main() -> std::process::ExitCode {
         } => setup::run().and_then(|()| demo::run(smoke)),
         Cmd::Test => setup::run().and_then(|()| test::run()),
         Cmd::Fuzz { seconds, target } => setup::run().and_then(|()| fuzz::run(seconds, &target)),
+        Cmd::Soak {
+            minutes,
+            connections,
+            cert_ttl,
+            out,
+        } => setup::run().and_then(|()| soak::run(minutes, connections, cert_ttl, out)),
         Cmd::Chart => chart::install().and_then(|()| chart::validate()),
         Cmd::Manifests { namespace, out } => chart::manifests(&namespace, out.as_deref()),
         Cmd::Bench {

@@ -93,6 +93,8 @@ pub struct DatapathOptions {
     /// The agent this one takes over from (its pid), still running: its sockets stay
     /// exempt from capture until it exits.
     pub previous_agent: Option<u32>,
+    /// Entries of the bounded maps.
+    pub sizes: super::MapSizes,
 }
 
 /// The loaded and attached data path. Dropping it without [`Datapath::shutdown`] leaves
@@ -125,6 +127,7 @@ pub struct InboundHook {
     link_dir: PathBuf,
     /// One load of the object at a time (each opens every pinned map).
     loading: std::sync::Mutex<()>,
+    sizes: super::MapSizes,
 }
 
 /// The sk_lookup program attached to one pod's netns, held through its pin.
@@ -158,6 +161,9 @@ impl InboundHook {
             .override_global(programs::SK_LOOKUP_NETNS_GLOBAL, &netns_cookie, true);
         for map in mesh_common::maps::ALL {
             loader.map_pin_path(map, self.map_dir.join(map));
+        }
+        for (map, n) in self.sizes.max_entries() {
+            loader.map_max_entries(map, n);
         }
         let mut ebpf = loader.load(OBJECT)?;
         let prog: &mut SkLookup = ebpf
@@ -235,7 +241,7 @@ impl Datapath {
             let path = path.to_owned();
             move |source| DatapathError::PinDir { path, source }
         };
-        let layout = pin_dir.join(format!("layout-{:016x}", layout_hash()));
+        let layout = pin_dir.join(format!("layout-{:016x}", layout_hash(&options.sizes)));
         if layout.is_dir() {
             info!(pins = %pin_dir.display(), "adopting the kernel state an earlier agent left");
         } else {
@@ -265,6 +271,9 @@ impl Datapath {
             .collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        for (map, n) in options.sizes.max_entries() {
+            loader.map_max_entries(map, n);
         }
         let mut ebpf = loader.load(OBJECT)?;
         // A map missing from the list would be created anew by every per-pod load.
@@ -390,6 +399,7 @@ impl Datapath {
                 map_dir: map_dir.clone(),
                 link_dir,
                 loading: std::sync::Mutex::new(()),
+                sizes: options.sizes,
             }),
             links,
             pin_dir: pin_dir.to_owned(),
@@ -524,7 +534,7 @@ fn pin_link(link: FdLink, dir: &Path, name: &'static str) -> Result<PinnedLink, 
 
 /// Names the layout of every map: pins made with another layout cannot be adopted.
 /// FNV-1a over the map names, the sizes of every key and value type and the limits.
-fn layout_hash() -> u64 {
+fn layout_hash(entries: &super::MapSizes) -> u64 {
     use mesh_common::*;
     use std::mem::size_of;
     let sizes = [
@@ -553,8 +563,9 @@ fn layout_hash() -> u64 {
         settings::LEN,
     ];
     let text = format!(
-        "v3 maps={} sizes={sizes:?} limits={limits:?}",
-        mesh_common::maps::ALL.join(",")
+        "v3 maps={} sizes={sizes:?} limits={limits:?} entries={:?}",
+        mesh_common::maps::ALL.join(","),
+        entries.max_entries()
     );
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

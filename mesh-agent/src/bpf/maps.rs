@@ -156,6 +156,8 @@ pub struct MeshMaps {
     settings: Mutex<Array<MapData, u32>>,
     peers: Locked<PeerKey, OrigDst>,
     plaintext_listeners: Mutex<SockHash<MapData, ListenerKey>>,
+    /// Read only: how many sockets are accelerated (for the fill report).
+    sockets: SockHash<MapData, SockKey>,
     counters: PerCpuArray<MapData, u64>,
     /// Read only, to see whether a receiver the agent sends to has caught up.
     sock_ids: HashMap<MapData, SockKey, u64>,
@@ -228,6 +230,7 @@ impl MeshMaps {
             settings: Mutex::new(take(ebpf, maps::SETTINGS)?),
             peers: Mutex::new(take(ebpf, maps::PEER_ORIG_DST)?),
             plaintext_listeners: Mutex::new(take(ebpf, maps::PLAINTEXT_LISTENERS)?),
+            sockets: take(ebpf, maps::SOCKETS)?,
             counters: take(ebpf, maps::COUNTERS)?,
             sock_ids: take(ebpf, maps::SOCK_IDS)?,
             sock_unread: take(ebpf, maps::SOCK_UNREAD)?,
@@ -429,6 +432,72 @@ impl MeshMaps {
                 map: maps::HEARTBEAT,
                 source,
             })
+    }
+
+    /// How full each sized map is. The maps the agent writes are counted from what it
+    /// wrote; the ones the kernel writes (orig-dst, sockets) by walking their keys,
+    /// which costs a system call per entry: sampled every few seconds, not per
+    /// connection.
+    pub fn fill(&self, sizes: &super::MapSizes) -> Vec<super::fill::MapFill> {
+        use super::sizes::Sized;
+        let count_keys = |n: usize| n as u64;
+        let services = match &*self
+            .services_synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(s) => count_keys(s.len()),
+            None => count_keys(
+                self.services
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .count(),
+            ),
+        };
+        let backends = match &*self
+            .backends_synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(s) => count_keys(s.len()),
+            None => count_keys(
+                self.backends
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .count(),
+            ),
+        };
+        let pods = count_keys(
+            self.enrolled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .count(),
+        );
+        let orig_dst = count_keys(
+            self.peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .count(),
+        );
+        let sockets = count_keys(self.sockets.keys().count());
+        [
+            (Sized::Services, services),
+            (Sized::Backends, backends),
+            (Sized::OrigDst, orig_dst),
+            (Sized::Sockets, sockets),
+            (Sized::Pods, pods),
+        ]
+        .into_iter()
+        .map(|(map, entries)| super::fill::MapFill {
+            map,
+            entries,
+            capacity: u64::from(sizes.get(map)),
+        })
+        .collect()
     }
 
     /// The original destination of a connection the agent accepted from `client` on a

@@ -33,9 +33,16 @@ use crate::identity::{Identity, client_config};
 /// The server side's bound on a client's TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PING on every pooled connection, idle or not, and how long an answer may
-/// take: a peer that stops answering is found within their sum.
+/// take: a peer that stops answering is found within their sum. The answer may take
+/// as long as unacknowledged data may (TCP_USER_TIMEOUT): a peer agent that stalls
+/// for a few seconds (a CPU-starved node, a SIGSTOP, a long GC-like pause in a
+/// neighbour) must not cost every connection it carries. The soak stops a peer
+/// agent for 10 s and checks that none ends.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Kernel keepalive probes on an idle tunnel socket: the peer's kernel answers them
+/// even while its agent is stopped, so they only find a dead host or link.
+const TCP_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Unacknowledged data on a tunnel socket for this long ends it (TCP_USER_TIMEOUT).
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Flow-control windows: large enough that one stream can fill a fast link, small
@@ -192,7 +199,7 @@ async fn dial(
     let _ = sock.set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
             .with_time(KEEPALIVE_INTERVAL)
-            .with_interval(KEEPALIVE_TIMEOUT)
+            .with_interval(TCP_PROBE_INTERVAL)
             .with_retries(3),
     );
     let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));

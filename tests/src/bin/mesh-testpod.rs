@@ -473,13 +473,18 @@ async fn main() -> anyhow::Result<()> {
             every_ms,
             timeout_ms,
         } => {
-            let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+            let started = std::time::Instant::now();
+            let deadline = started + Duration::from_secs(secs);
             let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
             let (mut sent, mut answered, mut answers) = (0u64, 0u64, Vec::new());
             let mut errors: Vec<String> = Vec::new();
+            // Each failure with when it started (ms after the start), so a caller can
+            // tell one inside a window it caused from one outside; bounded.
+            let mut failures: Vec<serde_json::Value> = Vec::new();
             while std::time::Instant::now() < deadline {
                 tick.tick().await;
                 sent += 1;
+                let at_ms = started.elapsed().as_millis() as u64;
                 let r = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
                     let mut c = connect(addr, None).await?;
                     c.write_all(b"WHO\n").await?;
@@ -496,14 +501,34 @@ async fn main() -> anyhow::Result<()> {
                             answers.push(who);
                         }
                     }
-                    Ok(Err(e)) if errors.len() < 5 => errors.push(format!("{e:#}")),
-                    Err(_) if errors.len() < 5 => errors.push("timed out".to_owned()),
-                    _ => {}
+                    Ok(Err(e)) => {
+                        let e = format!("{e:#}");
+                        if failures.len() < 1000 {
+                            failures.push(json!({ "at_ms": at_ms, "error": e }));
+                        }
+                        if errors.len() < 5 {
+                            errors.push(e);
+                        }
+                    }
+                    Err(_) => {
+                        if failures.len() < 1000 {
+                            failures.push(json!({ "at_ms": at_ms, "error": "timed out" }));
+                        }
+                        if errors.len() < 5 {
+                            errors.push("timed out".to_owned());
+                        }
+                    }
                 }
             }
             println!(
                 "{}",
-                json!({ "sent": sent, "answered": answered, "answers": answers, "errors": errors })
+                json!({
+                    "sent": sent,
+                    "answered": answered,
+                    "answers": answers,
+                    "errors": errors,
+                    "failures": failures,
+                })
             );
             Ok(())
         }
@@ -750,6 +775,7 @@ async fn streams(
         conns.push(c);
     }
     println!("{}", json!({ "ready": conns.len() }));
+    let started = std::time::Instant::now();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for (i, c) in conns.into_iter().enumerate() {
@@ -786,12 +812,15 @@ async fn streams(
                 anyhow::Ok(())
             };
             let result = run.await;
+            // When it failed, in ms after all were open.
+            let failed_at_ms = result.is_err().then(|| started.elapsed().as_millis() as u64);
             json!({
                 "conn": i,
                 "bytes": bytes,
                 "sent_sha": hex(&sent.finalize()),
                 "got_sha": hex(&got.finalize()),
                 "error": result.err().map(|e| format!("{e:#}")),
+                "failed_at_ms": failed_at_ms,
             })
         }));
     }

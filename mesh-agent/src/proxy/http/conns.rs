@@ -202,8 +202,8 @@ async fn dial_h2(
     let io = connect(netns, addr, timeout).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_interval(crate::proxy::tunnel::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(crate::proxy::tunnel::KEEPALIVE_TIMEOUT)
         .handshake(io)
         .await
         .map_err(|source| SendError::Handshake { addr, source })?;
