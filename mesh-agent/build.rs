@@ -9,6 +9,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn build_protos() -> anyhow::Result<()> {
+    // aya-build names the eBPF sources to watch; once a build script names any, cargo
+    // watches only those, so the protos must be named too.
+    println!("cargo:rerun-if-changed=proto");
     let protoc =
         protoc_bin_vendored::protoc_bin_path().context("no vendored protoc for this host")?;
     // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.

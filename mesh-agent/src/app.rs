@@ -187,6 +187,10 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
             let proxy = proxy.clone();
             crate::memory::trim_after_falls(move || proxy.conns.open(), Duration::from_secs(10))
         }),
+        tokio::spawn(crate::telemetry::map_fill::watch(
+            maps.clone(),
+            Duration::from_secs(10),
+        )),
     ]);
     // The programs' own log names pods by their netns.
     let _ = datapath.kernel_log_pods.set({
@@ -596,20 +600,31 @@ async fn apply(
     }
     let synced = match &entries {
         Some(entries) => proxy.maps.sync_services(entries),
-        None => Ok((0, 0)),
+        None => Ok(Default::default()),
     };
     match synced {
-        Ok((added, removed)) => info!(
-            generation = generation.number,
-            services = now.services.len(),
-            added,
-            removed,
-            // The agent's own work, and the whole way from the change's arrival at
-            // the source (batching included), when the source knows it.
-            apply_ms = started.elapsed().as_secs_f64() * 1e3,
-            latency_ms = generation.since.map(|t| t.elapsed().as_secs_f64() * 1e3),
-            "config applied"
-        ),
+        Ok(sync) => {
+            if sync.left_out_services > 0 || sync.left_out_backends > 0 {
+                error!(
+                    left_out_service_ports = sync.left_out_services,
+                    left_out_backends = sync.left_out_backends,
+                    "a kernel service map is full: the service ports left out are still \
+                     captured and routed by the agent, but cannot fail open (raise \
+                     --bpf-map-size services=N or backends=N)"
+                );
+            }
+            info!(
+                generation = generation.number,
+                services = now.services.len(),
+                added = sync.added,
+                removed = sync.removed,
+                // The agent's own work, and the whole way from the change's arrival at
+                // the source (batching included), when the source knows it.
+                apply_ms = started.elapsed().as_secs_f64() * 1e3,
+                latency_ms = generation.since.map(|t| t.elapsed().as_secs_f64() * 1e3),
+                "config applied"
+            );
+        }
         Err(e) => {
             error!(generation = generation.number, error = %e, "cannot update the kernel's service map")
         }

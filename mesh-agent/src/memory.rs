@@ -58,7 +58,11 @@ pub async fn trim_after_falls(open: impl Fn() -> usize, every: std::time::Durati
         peak = peak.max(now);
         if worth_trimming(peak, now) {
             release_free_heap();
-            tracing::debug!(peak, open = now, "returned freed heap memory after a fall in load");
+            tracing::debug!(
+                peak,
+                open = now,
+                "returned freed heap memory after a fall in load"
+            );
             peak = now;
         }
     }

@@ -382,7 +382,7 @@ impl Datapath {
             }
         };
         let limit = sockmap.then_some(options.sockmap_unread_limit);
-        let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf, limit)?);
+        let maps = std::sync::Arc::new(MeshMaps::take(&mut ebpf, limit, options.sizes)?);
         let events = match ebpf.take_map(mesh_common::maps::EVENTS) {
             Some(m) => Some(RingBuf::try_from(m).map_err(|source| DatapathError::Map {
                 name: mesh_common::maps::EVENTS,

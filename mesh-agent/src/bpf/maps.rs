@@ -16,6 +16,8 @@ use mesh_common::{
     ServiceValue, SockFlow, SockKey, counters, limits, maps,
 };
 
+use std::sync::atomic::Ordering;
+
 use super::datapath::DatapathError;
 
 /// A (ClusterIP, port) the mesh captures; TCP only.
@@ -51,16 +53,42 @@ pub struct ServiceEntry {
     pub backends: Vec<SocketAddr>,
 }
 
-/// The map entries of `desired`: service values, and the backends of fail-open ones.
+/// The kernel's share of the services: what goes in the two maps, and how many
+/// service ports and backends did not fit.
+#[derive(Debug, Default)]
+struct KernelServices {
+    services: foldhash::HashMap<ServiceKey, ServiceValue>,
+    backends: foldhash::HashMap<BackendKey, BackendValue>,
+    left_out_services: usize,
+    left_out_backends: usize,
+}
+
+/// The map entries of `desired` within the maps' sizes: service values, and the
+/// backends of fail-open ones. When more service ports than `services_cap` are
+/// wanted, the fail-open ones go first (the kernel entry is what lets them fail open;
+/// any other service port is captured and routed by the agent all the same, in the map
+/// or not), then in address order, so the same config always leaves out the same
+/// ones. A fail-open service whose backends no longer fit keeps the ones that do.
 fn service_entries(
     desired: &foldhash::HashMap<ServiceAddr, ServiceEntry>,
-) -> (
-    foldhash::HashMap<ServiceKey, ServiceValue>,
-    foldhash::HashMap<BackendKey, BackendValue>,
-) {
-    let mut services = foldhash::HashMap::default();
-    let mut backends = foldhash::HashMap::default();
-    for (addr, entry) in desired {
+    services_cap: usize,
+    backends_cap: usize,
+) -> KernelServices {
+    let mut out = KernelServices::default();
+    let wanted_backends: usize = desired
+        .values()
+        .filter(|e| e.fail_open)
+        .map(|e| e.backends.len().min(limits::BACKENDS_PER_SERVICE as usize))
+        .sum();
+    let mut order: Vec<(&ServiceAddr, &ServiceEntry)> = desired.iter().collect();
+    if desired.len() > services_cap || wanted_backends > backends_cap {
+        order.sort_by_key(|(addr, e)| (!e.fail_open, addr.0));
+    }
+    for (addr, entry) in order {
+        if out.services.len() >= services_cap {
+            out.left_out_services += 1;
+            continue;
+        }
         let key = addr.key();
         let mut n = 0u32;
         if entry.fail_open {
@@ -70,7 +98,11 @@ fn service_entries(
                 .take(limits::BACKENDS_PER_SERVICE as usize)
                 .enumerate()
             {
-                backends.insert(
+                if out.backends.len() >= backends_cap {
+                    out.left_out_backends += 1;
+                    continue;
+                }
+                out.backends.insert(
                     BackendKey {
                         service: key,
                         index: i as u32,
@@ -89,9 +121,10 @@ fn service_entries(
         } else {
             0
         };
-        services.insert(key, ServiceValue { flags, backends: n });
+        out.services
+            .insert(key, ServiceValue { flags, backends: n });
     }
-    (services, backends)
+    out
 }
 
 /// The address back from its map form (IPv4-mapped becomes IPv4 again).
@@ -164,6 +197,10 @@ pub struct MeshMaps {
     sock_unread: HashMap<MapData, u64, SockFlow>,
     /// The unread limit when sockmap acceleration is on.
     sockmap_limit: Option<u32>,
+    /// The bounded maps' sizes.
+    sizes: super::MapSizes,
+    /// Service ports and backends the last sync left out, for the report.
+    left_out: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// How the kernel treats plaintext arriving at an enrolled pod.
@@ -211,6 +248,18 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// What a services sync did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSync {
+    pub added: usize,
+    pub removed: usize,
+    /// Service ports the services map has no room for (still routed by the agent;
+    /// they cannot fail open).
+    pub left_out_services: usize,
+    /// Fail-open backends the backends map has no room for.
+    pub left_out_backends: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("map {map}: {source}")]
 pub struct MapUpdateError {
@@ -219,7 +268,11 @@ pub struct MapUpdateError {
 }
 
 impl MeshMaps {
-    pub(super) fn take(ebpf: &mut Ebpf, sockmap_limit: Option<u32>) -> Result<Self, DatapathError> {
+    pub(super) fn take(
+        ebpf: &mut Ebpf,
+        sockmap_limit: Option<u32>,
+        sizes: super::MapSizes,
+    ) -> Result<Self, DatapathError> {
         Ok(MeshMaps {
             enrolled: Mutex::new(take(ebpf, maps::ENROLLED_NETNS)?),
             services: Mutex::new(take(ebpf, maps::SERVICES)?),
@@ -235,6 +288,8 @@ impl MeshMaps {
             sock_ids: take(ebpf, maps::SOCK_IDS)?,
             sock_unread: take(ebpf, maps::SOCK_UNREAD)?,
             sockmap_limit,
+            sizes,
+            left_out: Default::default(),
         })
     }
 
@@ -299,14 +354,21 @@ impl MeshMaps {
             .collect()
     }
 
-    /// Makes the services map hold exactly `desired`. Returns (added, removed).
+    /// Makes the services map hold exactly `desired`, as much of it as fits (see
+    /// [`service_entries`]).
     pub fn sync_services(
         &self,
         desired: &foldhash::HashMap<ServiceAddr, ServiceEntry>,
-    ) -> Result<(usize, usize), MapUpdateError> {
-        let (want, want_backends) = service_entries(desired);
-        // Backends first: a service's count never points past its entries.
-        self.sync_backends(&want_backends, false)?;
+    ) -> Result<ServiceSync, MapUpdateError> {
+        use super::sizes::Sized;
+        let fit = service_entries(
+            desired,
+            self.sizes.get(Sized::Services) as usize,
+            self.sizes.get(Sized::Backends) as usize,
+        );
+        self.left_out[0].store(fit.left_out_services as u64, Ordering::Relaxed);
+        self.left_out[1].store(fit.left_out_backends as u64, Ordering::Relaxed);
+        let (want, want_backends) = (fit.services, fit.backends);
         let mut m = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let mut synced = self
             .services_synced
@@ -317,6 +379,22 @@ impl MeshMaps {
             Some(have) => have,
             None => m.iter().filter_map(Result::ok).collect(),
         };
+        // Removals first: a change that swaps service ports never needs room for
+        // both, so a map sized for the config always takes it.
+        let mut removed = 0;
+        for key in have.keys().filter(|k| !want.contains_key(*k)) {
+            let _ = m.remove(key);
+            removed += 1;
+        }
+        // Backends next: a service's count never points past its entries (the
+        // backends of services about to go are removed at the end).
+        drop((m, synced));
+        self.sync_backends(&want_backends, false)?;
+        let mut m = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let mut synced = self
+            .services_synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut added = 0;
         for (key, value) in &want {
             if have.get(key) == Some(value) {
@@ -330,16 +408,25 @@ impl MeshMaps {
                 added += 1;
             }
         }
-        let mut removed = 0;
-        for key in have.keys().filter(|k| !want.contains_key(*k)) {
-            let _ = m.remove(key);
-            removed += 1;
-        }
         *synced = Some(want);
         drop((m, synced));
         // Then the backends no service counts any more.
         self.sync_backends(&want_backends, true)?;
-        Ok((added, removed))
+        Ok(ServiceSync {
+            added,
+            removed,
+            left_out_services: fit.left_out_services,
+            left_out_backends: fit.left_out_backends,
+        })
+    }
+
+    /// Service ports and fail-open backends the last sync could not fit in the
+    /// kernel's maps.
+    pub fn left_out(&self) -> (u64, u64) {
+        (
+            self.left_out[0].load(Ordering::Relaxed),
+            self.left_out[1].load(Ordering::Relaxed),
+        )
     }
 
     /// Writes `want`'s backends that differ; with `remove`, also removes the others.
@@ -438,7 +525,8 @@ impl MeshMaps {
     /// wrote; the ones the kernel writes (orig-dst, sockets) by walking their keys,
     /// which costs a system call per entry: sampled every few seconds, not per
     /// connection.
-    pub fn fill(&self, sizes: &super::MapSizes) -> Vec<super::fill::MapFill> {
+    pub fn fill(&self) -> Vec<super::fill::MapFill> {
+        let sizes = &self.sizes;
         use super::sizes::Sized;
         let count_keys = |n: usize| n as u64;
         let services = match &*self
@@ -571,6 +659,60 @@ impl MeshMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(fail_open: bool, backends: usize) -> ServiceEntry {
+        ServiceEntry {
+            fail_open,
+            backends: (0..backends)
+                .map(|i| SocketAddr::from(([10, 244, 1, 10 + i as u8], 8080)))
+                .collect(),
+        }
+    }
+
+    fn addr(last: u8, port: u16) -> ServiceAddr {
+        ServiceAddr(SocketAddr::from(([10, 96, 0, last], port)))
+    }
+
+    #[test]
+    fn services_that_do_not_fit_are_left_out_fail_open_ones_last_and_always_the_same() {
+        let mut desired = foldhash::HashMap::default();
+        for i in 0..10u8 {
+            desired.insert(addr(i, 80), entry(false, 0));
+        }
+        desired.insert(addr(200, 80), entry(true, 3));
+        desired.insert(addr(201, 80), entry(true, 3));
+        // Room for everything: nothing left out.
+        let all = service_entries(&desired, 100, 100);
+        assert_eq!((all.services.len(), all.backends.len()), (12, 6));
+        assert_eq!((all.left_out_services, all.left_out_backends), (0, 0));
+        // Room for 4 service ports: both fail-open ones, then the lowest addresses.
+        let fit = service_entries(&desired, 4, 100);
+        assert_eq!(fit.services.len(), 4);
+        assert_eq!(fit.left_out_services, 8);
+        for k in [addr(200, 80), addr(201, 80), addr(0, 80), addr(1, 80)] {
+            assert!(fit.services.contains_key(&k.key()), "{k:?}");
+        }
+        let again = service_entries(&desired, 4, 100);
+        assert_eq!(again.services, fit.services);
+        // Room for 4 backends: the first service keeps 3, the second 1, counted so.
+        let fit = service_entries(&desired, 100, 4);
+        assert_eq!(fit.backends.len(), 4);
+        assert_eq!(fit.left_out_backends, 2);
+        let counts: Vec<u32> = [addr(200, 80), addr(201, 80)]
+            .iter()
+            .map(|a| fit.services[&a.key()].backends)
+            .collect();
+        assert_eq!(counts, [3, 1]);
+        // Every count points at entries that exist.
+        for (key, v) in &fit.services {
+            for index in 0..v.backends {
+                assert!(fit.backends.contains_key(&BackendKey {
+                    service: *key,
+                    index
+                }));
+            }
+        }
+    }
 
     #[test]
     fn the_entry_keeps_two_own_addresses_and_the_first_probe_ports() {

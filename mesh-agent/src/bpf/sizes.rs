@@ -147,7 +147,10 @@ mod tests {
         assert_eq!(parse("services=131072"), Ok((Sized::Services, 131072)));
         assert_eq!(parse("orig-dst=16"), Ok((Sized::OrigDst, 16)));
         let e = parse("conntrack=100").unwrap_err();
-        assert!(e.contains("not a sized map") && e.contains("services"), "{e}");
+        assert!(
+            e.contains("not a sized map") && e.contains("services"),
+            "{e}"
+        );
         assert!(parse("services").unwrap_err().contains("NAME=ENTRIES"));
         assert!(parse("services=lots").unwrap_err().contains("not a number"));
         assert!(parse("services=8").unwrap_err().contains("outside"));
@@ -162,7 +165,12 @@ mod tests {
         let s = MapSizes::from_args(&[(Sized::Sockets, 64), (Sized::Sockets, 32)]);
         assert_eq!(s.get(Sized::Sockets), 32);
         let m = s.max_entries();
-        for map in [maps::SOCKETS, maps::SOCK_IDS, maps::SOCK_UNREAD, maps::SOCK_SENDING] {
+        for map in [
+            maps::SOCKETS,
+            maps::SOCK_IDS,
+            maps::SOCK_UNREAD,
+            maps::SOCK_SENDING,
+        ] {
             assert!(m.contains(&(map, 32)), "{map}: {m:?}");
         }
         assert!(m.contains(&(maps::PLAINTEXT_LISTENERS, 2 * limits::ENROLLED_NETNS)));

@@ -8,6 +8,7 @@ pub mod kernel_flows;
 pub mod kernel_log;
 mod log_writer;
 mod logging;
+pub mod map_fill;
 pub mod metrics;
 mod readiness;
 pub mod requests;

@@ -248,6 +248,15 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         timeout_ms: u64,
     },
+    /// Open `count` connections at once, to each of `addrs` in turn, printing
+    /// `{"connected": N}`; on a line on stdin, ask WHO on each and print, per
+    /// connection, the address and the answer or the error.
+    Burst {
+        #[arg(long, value_delimiter = ',')]
+        addrs: Vec<SocketAddr>,
+        #[arg(long)]
+        count: usize,
+    },
     /// Open `count` TCP connections to `addr` that never send a byte; hold them for
     /// `secs`, then report how many were established and how many the server closed.
     Idle {
@@ -532,6 +541,40 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Burst { addrs, count } => {
+            anyhow::ensure!(!addrs.is_empty(), "--addrs is empty");
+            let mut conns = Vec::new();
+            for i in 0..count {
+                let addr = addrs[i % addrs.len()];
+                conns.push((addr, connect(addr, None).await));
+            }
+            let connected = conns.iter().filter(|(_, c)| c.is_ok()).count();
+            println!("{}", json!({ "connected": connected }));
+            let mut line = String::new();
+            let _ = BufReader::new(tokio::io::stdin())
+                .read_line(&mut line)
+                .await;
+            let mut results = Vec::new();
+            for (addr, c) in conns {
+                let r = async {
+                    let mut c = c?;
+                    c.write_all(b"WHO\n").await?;
+                    let mut s = String::new();
+                    tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut s))
+                        .await
+                        .context("no answer in 5 s")??;
+                    anyhow::ensure!(!s.is_empty(), "closed without an answer");
+                    anyhow::Ok(s.trim().to_owned())
+                }
+                .await;
+                results.push(match r {
+                    Ok(who) => json!({ "addr": addr.to_string(), "answer": who }),
+                    Err(e) => json!({ "addr": addr.to_string(), "error": format!("{e:#}") }),
+                });
+            }
+            println!("{}", json!({ "results": results }));
+            Ok(())
+        }
         Cmd::Idle { addr, count, secs } => {
             let mut conns = Vec::new();
             let mut failed = 0u64;
@@ -813,7 +856,9 @@ async fn streams(
             };
             let result = run.await;
             // When it failed, in ms after all were open.
-            let failed_at_ms = result.is_err().then(|| started.elapsed().as_millis() as u64);
+            let failed_at_ms = result
+                .is_err()
+                .then(|| started.elapsed().as_millis() as u64);
             json!({
                 "conn": i,
                 "bytes": bytes,

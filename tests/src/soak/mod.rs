@@ -264,7 +264,12 @@ pub fn run(plan: Plan) -> anyhow::Result<Report> {
         .collect::<anyhow::Result<_>>()?;
     let kinds_before: Vec<BTreeMap<String, u64>> = NODES
         .iter()
-        .map(|n| soak.c.agent_pid(n).map(procfs::fd_kinds).unwrap_or_default())
+        .map(|n| {
+            soak.c
+                .agent_pid(n)
+                .map(procfs::fd_kinds)
+                .unwrap_or_default()
+        })
         .collect();
     eprintln!("soak: idle agents: {before:?}");
     let sets = soak.open_streams(&clients)?;
@@ -789,7 +794,9 @@ impl Soak {
                 match r["error"].as_str() {
                     Some(e) => {
                         s.failed += 1;
-                        *s.errors_by_kind.entry(verdict::kind(e).to_owned()).or_insert(0) += 1;
+                        *s.errors_by_kind
+                            .entry(verdict::kind(e).to_owned())
+                            .or_insert(0) += 1;
                         if s.errors.len() < 20 {
                             let at = offset + r["failed_at_ms"].as_i64().unwrap_or(0);
                             s.errors.push(format!(
@@ -845,6 +852,14 @@ impl Soak {
                 break;
             }
             std::thread::sleep(Duration::from_secs(2));
+        }
+        // For a person looking into a leak: the cluster stays up this long.
+        if let Some(secs) = std::env::var("MESH_SOAK_PAUSE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            eprintln!("soak: paused {secs} s before teardown (MESH_SOAK_PAUSE)");
+            std::thread::sleep(Duration::from_secs(secs));
         }
         for ((node, b), kinds_before) in before.iter().zip(kinds_before) {
             let after = self.node_usage(node).0;

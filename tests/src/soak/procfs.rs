@@ -89,7 +89,10 @@ mod tests {
         assert_eq!(fd_kind("pipe:[77]"), "pipe");
         assert_eq!(fd_kind("anon_inode:bpf-map"), "anon_inode:bpf-map");
         assert_eq!(fd_kind("anon_inode:[eventpoll]"), "anon_inode:eventpoll");
-        assert_eq!(fd_kind("/sys/fs/bpf/x/maps/MESH_SERVICES"), "file:/sys/fs/bpf/x/maps");
+        assert_eq!(
+            fd_kind("/sys/fs/bpf/x/maps/MESH_SERVICES"),
+            "file:/sys/fs/bpf/x/maps"
+        );
         assert_eq!(fd_kind("/dev/null"), "file:/dev");
     }
 

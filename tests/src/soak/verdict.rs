@@ -159,7 +159,13 @@ mod tests {
             ..old_pod
         };
         assert!(excused(&new_pod, &w));
-        assert!(!excused(&Failure { at_ms: 2500, ..new_pod }, &w));
+        assert!(!excused(
+            &Failure {
+                at_ms: 2500,
+                ..new_pod
+            },
+            &w
+        ));
     }
 
     #[test]

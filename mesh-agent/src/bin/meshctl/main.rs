@@ -170,7 +170,7 @@ fn show<T: serde::Serialize>(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Check { bpffs } = &cli.command {
-        return run_check(cli.output, bpffs);
+        return run_check(cli.output, bpffs, &cli.socket);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -191,8 +191,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_check(output: Output, bpffs: &Path) -> ExitCode {
-    let checks = check::run(bpffs);
+fn run_check(output: Output, bpffs: &Path, socket: &Path) -> ExitCode {
+    let mut checks = check::run(bpffs);
+    checks.push(map_check(socket));
     let failed = checks
         .iter()
         .filter(|c| c.outcome == check::Outcome::Fail)
@@ -223,6 +224,56 @@ fn run_check(output: Output, bpffs: &Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// When an agent runs on this node: are its bounded kernel maps below 80%? A full
+/// one fails the check (something is being turned away or left out).
+fn map_check(socket: &Path) -> check::Check {
+    let name = "kernel map capacity";
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let fetch = async {
+                    let mut c = client::connect(socket).await.map_err(|e| e.to_string())?;
+                    c.status(pb::Empty {})
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|e| e.message().to_owned())
+                };
+                tokio::time::timeout(std::time::Duration::from_secs(3), fetch)
+                    .await
+                    .map_err(|_| "the agent did not answer within 3 s".to_owned())?
+            })
+        });
+    match status {
+        Err(e) => check::Check {
+            name: name.into(),
+            outcome: check::Outcome::Pass,
+            detail: format!("no agent to ask ({e})"),
+        },
+        Ok(r) => {
+            let warnings = map_warnings(&r.maps);
+            let outcome = if r.maps.iter().any(|m| m.level == "full") {
+                check::Outcome::Fail
+            } else if warnings.is_empty() {
+                check::Outcome::Pass
+            } else {
+                check::Outcome::Warn
+            };
+            check::Check {
+                name: name.into(),
+                outcome,
+                detail: if warnings.is_empty() {
+                    map_summary(&r.maps)
+                } else {
+                    warnings.join("; ")
+                },
+            }
+        }
     }
 }
 
@@ -549,10 +600,59 @@ fn render_status(r: &pb::StatusReply) -> String {
                 .as_ref()
                 .map_or_else(|| "-".to_owned(), previous_agent),
         ),
+        ("kernel maps", map_summary(&r.maps)),
     ] {
         t.row(vec![k.to_owned(), v]);
     }
-    t.render()
+    let mut out = t.render();
+    for w in map_warnings(&r.maps) {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out
+}
+
+/// `ok` when every bounded map is below 80%, else the ones that are not.
+fn map_summary(maps: &[pb::MapFill]) -> String {
+    let high: Vec<String> = maps
+        .iter()
+        .filter(|m| m.level != "ok")
+        .map(|m| format!("{} {}/{} ({})", m.map, m.entries, m.capacity, m.level))
+        .collect();
+    if maps.is_empty() {
+        "-".to_owned()
+    } else if high.is_empty() {
+        "ok (every bounded map below 80%)".to_owned()
+    } else {
+        high.join(", ")
+    }
+}
+
+/// One line per map at 80% or more, saying what to do.
+pub fn map_warnings(maps: &[pb::MapFill]) -> Vec<String> {
+    maps.iter()
+        .filter(|m| m.level != "ok")
+        .map(|m| {
+            let mut w = format!(
+                "kernel map {} is {} ({} of {} entries",
+                m.map,
+                if m.level == "full" {
+                    "full"
+                } else {
+                    "above 80%"
+                },
+                m.entries,
+                m.capacity
+            );
+            if m.left_out > 0 {
+                w.push_str(&format!(", {} left out", m.left_out));
+            }
+            w.push_str(&format!(
+                "); raise it with the agent's --bpf-map-size {}=N",
+                m.map
+            ));
+            w
+        })
+        .collect()
 }
 
 /// The agent this one took over from: `pid 812 (0.1.0) draining: 3 connections left, closes them in 21s`.
