@@ -408,6 +408,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// How many pods `node` has now.
+    pub fn pods_on(&self, node: &str) -> usize {
+        self.pods.iter().filter(|p| p.node == node).count()
+    }
+
     /// The IP of a pod added earlier.
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> Pod {

@@ -193,7 +193,7 @@ fn connections_that_lost_their_original_destination_are_refused_never_misrouted(
     assert!(refused >= BURST - 16, "{refused} refused: {results:?}");
     assert!(answered >= 1, "nothing answered: {results:?}");
     let log = c.agent_log("node-1");
-    assert!(log.contains("reason=no_orig_dst"), "{log}");
+    assert!(log.contains("reason=\"no_orig_dst\""), "{log}");
     // Afterwards the map has room again and new connections are served.
     assert_eq!(who_answers(&mut c, &client, &sa(vip(101), 80)), "server-b");
 }

@@ -6,7 +6,10 @@ use crate::{authz::Decision, config::NamespacedName, identity::Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    #[error("no original destination recorded for client {client} (not a redirected connection)")]
+    #[error(
+        "no original destination recorded for client {client} (not a redirected connection, \
+         or its record was pushed out of a full orig-dst map)"
+    )]
     NoOriginalDst { client: SocketAddr },
     #[error("service {service} port {port} has no ready endpoints")]
     NoEndpoints { service: NamespacedName, port: u16 },

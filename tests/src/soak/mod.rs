@@ -146,6 +146,11 @@ pub struct Leak {
     pub node: String,
     pub before: Usage,
     pub after: Usage,
+    /// The running agent's descriptors, spare sockets apart, before and after.
+    pub held_before: verdict::Held,
+    pub held_after: verdict::Held,
+    /// At most this many spare sockets: 8 per address family per pod of the node.
+    pub spare_bound: u64,
     /// The running agent's descriptors by kind, before the load and after it.
     pub kinds_before: BTreeMap<String, u64>,
     pub kinds_after: BTreeMap<String, u64>,
@@ -271,6 +276,7 @@ pub fn run(plan: Plan) -> anyhow::Result<Report> {
                 .unwrap_or_default()
         })
         .collect();
+    let held_before: Vec<verdict::Held> = NODES.iter().map(|n| soak.held(n)).collect();
     eprintln!("soak: idle agents: {before:?}");
     let sets = soak.open_streams(&clients)?;
     eprintln!(
@@ -282,7 +288,7 @@ pub fn run(plan: Plan) -> anyhow::Result<Report> {
     soak.drive(run)?;
     soak.finish_streams(sets)?;
     soak.finish_probers()?;
-    soak.settle(&before, kinds_before)?;
+    soak.settle(&before, kinds_before, held_before)?;
     soak.count_log_lines();
     let mut report = soak.report;
     for node in NODES {
@@ -297,7 +303,7 @@ pub fn run(plan: Plan) -> anyhow::Result<Report> {
         }
     }
     for l in &report.leaks {
-        if let Some(f) = verdict::fd_leak(&l.node, l.before, l.after) {
+        if let Some(f) = verdict::fd_leak(&l.node, l.held_before, l.held_after, l.spare_bound) {
             report.failures.push(f);
         }
     }
@@ -826,10 +832,20 @@ impl Soak {
 
     /// With the load gone: the drained agent exits, pools idle out, and each node's
     /// agent should be back to what it held before the load.
+    /// The running agent's descriptors of `node`, spare sockets apart.
+    fn held(&self, node: &str) -> verdict::Held {
+        let pid = self.c.agent_pid(node);
+        verdict::Held {
+            fds: pid.and_then(procfs::usage).map_or(0, |u| u.fds),
+            spare_sockets: pid.map_or(0, procfs::spare_sockets),
+        }
+    }
+
     fn settle(
         &mut self,
         before: &[(String, Usage)],
         kinds_before: Vec<BTreeMap<String, u64>>,
+        held_before: Vec<verdict::Held>,
     ) -> anyhow::Result<()> {
         match self
             .c
@@ -845,9 +861,10 @@ impl Soak {
         let deadline = Instant::now() + SETTLE;
         loop {
             self.sample();
-            let settled = before
-                .iter()
-                .all(|(node, b)| self.node_usage(node).0.fds <= b.fds + verdict::FD_SLACK);
+            let settled = before.iter().zip(&held_before).all(|((node, _), b)| {
+                let a = self.held(node);
+                a.fds.saturating_sub(a.spare_sockets) <= b.fds.saturating_sub(b.spare_sockets)
+            });
             if settled || Instant::now() > deadline {
                 break;
             }
@@ -861,8 +878,12 @@ impl Soak {
             eprintln!("soak: paused {secs} s before teardown (MESH_SOAK_PAUSE)");
             std::thread::sleep(Duration::from_secs(secs));
         }
-        for ((node, b), kinds_before) in before.iter().zip(kinds_before) {
+        for (((node, b), kinds_before), held_before) in
+            before.iter().zip(kinds_before).zip(held_before)
+        {
             let after = self.node_usage(node).0;
+            let held_after = self.held(node);
+            let pods = self.c.pods_on(node) as u64;
             let kinds_after = self
                 .c
                 .agent_pid(node)
@@ -872,6 +893,9 @@ impl Soak {
                 node: node.clone(),
                 before: *b,
                 after,
+                held_before,
+                held_after,
+                spare_bound: pods * 2 * 8,
                 kinds_before,
                 kinds_after,
             });

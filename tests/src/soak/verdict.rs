@@ -77,13 +77,31 @@ pub fn by_kind<'a>(errors: impl IntoIterator<Item = &'a str>) -> BTreeMap<String
 /// Every connection, tunnel and pod listener of the run is gone once the load is.
 pub const FD_SLACK: u64 = 0;
 
-/// A leak of descriptors: the node's agent holds more once the load is gone and its
-/// pools have idled out than it did before the load began.
-pub fn fd_leak(node: &str, before: Usage, after: Usage) -> Option<String> {
-    (after.fds > before.fds + FD_SLACK).then(|| {
+/// The descriptors an agent holds, split: its pre-made spare sockets (a bounded pool
+/// per pod network namespace, see `procfs::spare_sockets`) and everything else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Held {
+    pub fds: u64,
+    pub spare_sockets: u64,
+}
+
+/// A leak of descriptors: once the load is gone and its pools have idled out, the
+/// node's agent holds more than before the load (spare sockets apart), or more spare
+/// sockets than their bound.
+pub fn fd_leak(node: &str, before: Held, after: Held, spare_bound: u64) -> Option<String> {
+    let (b, a) = (
+        before.fds.saturating_sub(before.spare_sockets),
+        after.fds.saturating_sub(after.spare_sockets),
+    );
+    if a > b + FD_SLACK {
+        return Some(format!(
+            "{node}: {a} descriptors held after the run, {b} before it (spare sockets apart)"
+        ));
+    }
+    (after.spare_sockets > spare_bound).then(|| {
         format!(
-            "{node}: {} descriptors held after the run, {} before it",
-            after.fds, before.fds
+            "{node}: {} spare sockets, more than their bound {spare_bound}",
+            after.spare_sockets
         )
     })
 }
@@ -195,15 +213,24 @@ mod tests {
         }
     }
 
+    fn held(fds: u64, spare_sockets: u64) -> Held {
+        Held { fds, spare_sockets }
+    }
+
     #[test]
-    fn one_descriptor_more_after_the_run_is_a_leak() {
-        assert!(fd_leak("node-1", u(40, 0), u(40, 0)).is_none());
-        assert!(fd_leak("node-1", u(40, 0), u(38, 0)).is_none());
-        let leak = fd_leak("node-1", u(40, 0), u(41, 0)).unwrap();
+    fn one_descriptor_more_after_the_run_is_a_leak_spare_sockets_apart() {
+        assert!(fd_leak("node-1", held(40, 0), held(40, 0), 16).is_none());
+        assert!(fd_leak("node-1", held(40, 0), held(38, 0), 16).is_none());
+        let leak = fd_leak("node-1", held(40, 0), held(41, 0), 16).unwrap();
         assert!(
             leak.contains("41 descriptors") && leak.contains("40 before"),
             "{leak}"
         );
+        // Spare sockets made during the run are not a leak, up to their bound.
+        assert!(fd_leak("node-1", held(40, 0), held(52, 12), 16).is_none());
+        assert!(fd_leak("node-1", held(40, 0), held(53, 12), 16).is_some());
+        let over = fd_leak("node-1", held(40, 0), held(57, 17), 16).unwrap();
+        assert!(over.contains("17 spare sockets"), "{over}");
     }
 
     #[test]
