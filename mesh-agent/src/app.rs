@@ -104,7 +104,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         core: OnceLock::new(),
         previous_agent: previous_status.clone(),
     });
-    let admin = AdminServer::start(
+    let mut admin = AdminServer::start(
         &args.admin_socket,
         metrics_listener,
         taking_over,
@@ -225,18 +225,20 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         cni_netns.clone(),
     );
     pods.inherit(pods_inherited);
-    if let Some(path) = &args.cni_socket {
-        crate::inpod::cni::start(
+    let cni_ctx = crate::inpod::cni::CniContext {
+        netns: cni_netns.clone(),
+        kick: kick.clone(),
+        states: pods.states(),
+        timeout: args.cni_timeout,
+    };
+    let mut cni_server = match &args.cni_socket {
+        Some(path) => Some(crate::inpod::cni::start(
             path,
-            crate::inpod::cni::CniContext {
-                netns: cni_netns.clone(),
-                kick: kick.clone(),
-                states: pods.states(),
-                timeout: args.cni_timeout,
-            },
+            cni_ctx.clone(),
             taking_over,
-        )?;
-    }
+        )?),
+        None => None,
+    };
     // This agent's own successor, some day. Without the socket it still runs; it
     // just cannot hand over (a restart is then a cold one).
     let mut successors = match give::serve(&args.handover_socket) {
@@ -292,6 +294,8 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     let mut heartbeat: Option<Heartbeat> = None;
     // SIGTERM came while a successor was taking over: stop when that ends.
     let mut stop_requested = false;
+    // A successor died before it was ready, holding the handover socket's path.
+    let mut retake_handover = false;
     loop {
         tokio::select! {
             changed = config.updates.changed() => {
@@ -332,6 +336,26 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                     if let Err(e) = maps.reclaim_agent_id() {
                         warn!(error = %e, "cannot write the agent's id back");
                     }
+                    // It took the admin and CNI socket paths when it started: without
+                    // them back, meshctl and new pods would find a dead socket.
+                    let metrics = node_listeners
+                        .iter()
+                        .find(|(k, _)| *k == NodeListener::Metrics)
+                        .and_then(|(_, fd)| fd.try_clone().ok())
+                        .map(std::net::TcpListener::from);
+                    match metrics.map(|m| admin.take_path_back(m, admin_state.clone())) {
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => warn!(error = %e, "cannot take the admin socket back"),
+                        None => warn!("cannot take the admin socket back: no metrics listener"),
+                    }
+                    retake_handover = true;
+                    if let (Some(path), Some(old)) = (&args.cni_socket, cni_server.take()) {
+                        old.abort();
+                        match crate::inpod::cni::start(path, cni_ctx.clone(), true) {
+                            Ok(h) => cni_server = Some(h),
+                            Err(e) => warn!(error = %e, "cannot take the CNI socket back"),
+                        }
+                    }
                     if stop_requested {
                         break;
                     }
@@ -351,6 +375,14 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                 break;
             }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+        }
+        if std::mem::take(&mut retake_handover) {
+            // The next successor must find this agent, or its restart is not hitless.
+            match give::serve(&args.handover_socket) {
+                Ok(rx) => successors = rx,
+                Err(e) => warn!(error = %e,
+                    "cannot take the handover socket back; the next restart will not be hitless"),
+            }
         }
         readiness
             .pods_enrolled

@@ -846,6 +846,38 @@ impl Cluster {
         }
     }
 
+    /// Starts a successor beside the running agent of `node`, reading `config_dir`,
+    /// without waiting for it (see [`Cluster::upgrade_agent`]): the running agent's
+    /// log moves to [`Cluster::previous_agent_log_path`].
+    pub fn launch_successor(&mut self, node: &str, config_dir: &Path) -> anyhow::Result<()> {
+        let idx = self
+            .agents
+            .iter()
+            .position(|(n, _)| n == node)
+            .context("no running agent")?;
+        let old = self.agents.remove(idx);
+        self.previous_agents.push(old);
+        fs::rename(
+            self.agent_log_path(node),
+            self.previous_agent_log_path(node),
+        )?;
+        self.launch_agent(node, config_dir)
+    }
+
+    /// SIGKILLs the successor of `node`; the agent it was taking over from is the
+    /// node's agent again (its log stays at the previous agent's path).
+    pub fn kill_successor(&mut self, node: &str) -> anyhow::Result<()> {
+        self.crash_agent(node)?;
+        let idx = self
+            .previous_agents
+            .iter()
+            .position(|(n, _)| n == node)
+            .context("no previous agent")?;
+        let old = self.previous_agents.remove(idx);
+        self.agents.push(old);
+        Ok(())
+    }
+
     /// Where the log of the agent a successor took over from is.
     pub fn previous_agent_log_path(&self, node: &str) -> PathBuf {
         self.work_dir.join(format!("{node}-agent-previous.log"))

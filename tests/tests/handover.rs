@@ -257,3 +257,69 @@ fn a_sigkill_ends_the_agents_connections_and_a_restart_serves_again_with_strict_
     assert_eq!(who_answers(&mut c, &client, &sa(vip(80), 80)), "server");
     assert_eq!(who_answers(&mut c, &client, &sa(vip(81), 81)), "local");
 }
+
+#[test]
+fn a_successor_that_dies_before_it_is_ready_leaves_the_old_agent_serving_everything() {
+    let _g = serial();
+    let Setup {
+        mut c,
+        client,
+        outsider,
+        server,
+    } = setup();
+    let across = streams(&mut c, &client, &sa(vip(80), 80), STREAMS);
+    let dial = dialler(&mut c, &client, &sa(vip(80), 80), 10);
+    // A successor whose config never loads: it takes the listeners, the admin and
+    // the CNI socket paths, and never becomes ready. Then it dies.
+    let broken = c.work_dir.join("broken-config");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("bad.yaml"), "kind: [\n").unwrap();
+    let plaintext = answered_while(&mut c, &outsider, &sa(server.ip, PORT), 8, |c| {
+        c.launch_successor("node-2", &broken).unwrap();
+        poll("the listeners to be handed over", SECS, || {
+            c.previous_agent_log("node-2")
+                .contains("handing the listeners over to a successor")
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        c.kill_successor("node-2").unwrap();
+        poll("the old agent to serve on", SECS, || {
+            c.previous_agent_log("node-2")
+                .contains("the successor left before it was ready; serving on")
+        });
+        poll("node-2 to be ready again", SECS, || {
+            c.readiness("node-2").is_ok_and(|(code, _)| code == 200)
+        });
+    });
+    assert_eq!(plaintext["answered"], 0, "{plaintext}");
+    let r = result(dial);
+    assert!(r["sent"].as_u64().unwrap() > 200, "{r}");
+    assert_eq!(r["answered"], r["sent"], "dials failed: {r}");
+    check_streams(&finish(across), "across nodes");
+    // The admin socket path is the old agent's again: meshctl reaches it, and its
+    // own id is the agent's in the kernel, with no previous agent exempt.
+    let status = c.meshctl_json("node-2", &["status"]).unwrap();
+    assert_eq!(status["ready"], true, "{status}");
+    let settings = c
+        .meshctl_json("node-2", &["bpf", "maps", "--dump", "MESH_SETTINGS"])
+        .unwrap();
+    let slot = |name: &str| {
+        settings["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["key"] == name)
+            .map(|e| e["value"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("{settings}"))
+    };
+    assert_eq!(slot("previous_agent_tgid"), "0", "{settings}");
+    assert_eq!(
+        slot("agent_tgid"),
+        c.agent_pid("node-2").unwrap().to_string(),
+        "{settings}"
+    );
+    // And new connections, across nodes, are served.
+    assert_eq!(who_answers(&mut c, &client, &sa(vip(80), 80)), "server");
+    // The next upgrade finds the agent on the handover socket again: hitless.
+    c.upgrade_agent("node-2", SECS).unwrap();
+    assert_eq!(who_answers(&mut c, &client, &sa(vip(80), 80)), "server");
+}

@@ -127,6 +127,23 @@ impl AdminServer {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// Binds the socket path again and serves there: a successor took the path when
+    /// it started, then died before it was ready, and this agent serves on.
+    pub fn take_path_back(
+        &mut self,
+        metrics: std::net::TcpListener,
+        state: Arc<AdminState>,
+    ) -> Result<(), AdminServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        *self = AdminServer::start(&self.path, metrics, true, state)?;
+        Ok(())
+    }
+
     /// Stops serving and leaves the socket path to the successor that took it.
     pub fn stop_serving(mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -132,12 +132,15 @@ pub struct CniContext {
 
 /// Binds the root-only socket at `path` and serves the plugin until the agent stops.
 /// `take_over`: the agent serving it now hands over to this one.
-pub fn start(path: &Path, ctx: CniContext, take_over: bool) -> anyhow::Result<()> {
+pub fn start(
+    path: &Path,
+    ctx: CniContext,
+    take_over: bool,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = crate::admin::server::bind_socket(path, take_over)?;
     let listener = UnixListener::from_std(listener)?;
     info!(socket = %path.display(), "CNI socket listening");
-    tokio::spawn(serve(listener, ctx));
-    Ok(())
+    Ok(tokio::spawn(serve(listener, ctx)))
 }
 
 async fn serve(listener: UnixListener, ctx: CniContext) {
