@@ -72,6 +72,9 @@ pub struct Cluster {
     pub cert_ttl: String,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// The agents' `--connect-timeout`: 2s, so that tests of a silent peer fail
+    /// fast (the agent's default is 5s).
+    pub connect_timeout: String,
     /// Agents started from now on read the Kubernetes API with this kubeconfig
     /// instead of the config directory (the CA still reads the directory).
     pub kubeconfig: Option<PathBuf>,
@@ -169,6 +172,7 @@ impl Cluster {
             ca: None,
             cert_ttl: "24h".to_owned(),
             agent_args: Vec::new(),
+            connect_timeout: "2s".to_owned(),
             kubeconfig: None,
             api: None,
             api_files: Default::default(),
@@ -664,7 +668,7 @@ impl Cluster {
             .arg(self.admin_socket(node))
             .arg("--handover-socket")
             .arg(self.work_dir.join(format!("{node}-handover.sock")))
-            .args(["--connect-timeout", "2s"])
+            .args(["--connect-timeout", &self.connect_timeout])
             .args(&self.agent_args)
             .env(
                 "RUST_LOG",

@@ -139,6 +139,8 @@ pub struct Churn {
     pub pods_removed: u64,
     pub certificates_issued: u64,
     pub config_rejections_logged: u64,
+    /// Connections the agents refused or reset, by the reason they logged.
+    pub refusals_by_reason: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -229,6 +231,8 @@ pub fn run(plan: Plan) -> anyhow::Result<Report> {
     );
     let mut c = Cluster::new(&NODES, &plan.agent_bin, &plan.testpod_bin)?;
     c.cert_ttl = plan.cert_ttl.clone();
+    // The agent's own default, not the tests' short one.
+    c.connect_timeout = "5s".to_owned();
     // Long-lived connections outlive a handover only for the drain deadline: give the
     // drain the whole run (on Kubernetes it is the grace period minus a margin).
     c.agent_args = vec![
@@ -421,7 +425,16 @@ impl Soak {
                             &every,
                         ],
                     )?;
-                    let out = BufReader::new(child.stdout.take().context("streams stdout")?);
+                    let mut out = BufReader::new(child.stdout.take().context("streams stdout")?);
+                    // One set at a time, as clients ramp up: each connection's
+                    // upstream is set up by the agent after the client's connect
+                    // returns, and 10,000 at once on two cores would be a test of
+                    // the connect timeout, not of the soak.
+                    let mut line = String::new();
+                    out.read_line(&mut line)?;
+                    let v: serde_json::Value = serde_json::from_str(line.trim())
+                        .with_context(|| format!("streams did not open: {line:?}"))?;
+                    self.report.streams.opened += v["ready"].as_u64().unwrap_or(0) as usize;
                     sets.push(StreamSet {
                         child,
                         out,
@@ -430,15 +443,6 @@ impl Soak {
                     });
                 }
             }
-        }
-        for set in &mut sets {
-            let mut line = String::new();
-            set.out.read_line(&mut line)?;
-            let v: serde_json::Value = serde_json::from_str(line.trim())
-                .with_context(|| format!("streams did not open: {line:?}"))?;
-            let ready = v["ready"].as_u64().unwrap_or(0) as usize;
-            set.opened_at = Instant::now();
-            self.report.streams.opened += ready;
         }
         anyhow::ensure!(
             self.report.streams.opened == self.plan.connections,
@@ -911,6 +915,20 @@ impl Soak {
             logs += &self.c.previous_agent_log(node);
         }
         self.report.churn.certificates_issued = logs.matches("certificate issued").count() as u64;
+        for line in logs.lines().filter(|l| l.contains("refused")) {
+            if let Some(reason) = line
+                .split_once("reason=\"")
+                .and_then(|(_, r)| r.split_once('"'))
+                .map(|(r, _)| r.to_owned())
+            {
+                *self
+                    .report
+                    .churn
+                    .refusals_by_reason
+                    .entry(reason)
+                    .or_insert(0) += 1;
+            }
+        }
         self.report.churn.config_rejections_logged = logs
             .lines()
             .filter(|l| l.contains("zz-broken.yaml"))
