@@ -808,20 +808,11 @@ impl Cluster {
     /// [`Cluster::previous_agent_log_path`]; the new one's is the node's log.
     /// Returns once the new agent has taken over (the old one drains).
     pub fn upgrade_agent(&mut self, node: &str, timeout: Duration) -> anyhow::Result<()> {
-        let idx = self
-            .agents
-            .iter()
-            .position(|(n, _)| n == node)
+        let old_pid = self
+            .agent_pid(node)
             .context("no running agent to upgrade")?;
-        let old = self.agents.remove(idx);
-        let old_pid = old.1.id();
-        self.previous_agents.push(old);
-        fs::rename(
-            self.agent_log_path(node),
-            self.previous_agent_log_path(node),
-        )?;
         let dir = self.config_dir.clone();
-        self.launch_agent(node, &dir)?;
+        self.launch_successor(node, &dir)?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some((_, child)) = self.agents.iter_mut().find(|(n, _)| n == node)

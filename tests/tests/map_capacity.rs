@@ -48,16 +48,22 @@ fn services(c: &Cluster, count: u8, a: &Pod, b: &Pod) -> String {
     cfg + &c.pod_yaml(a, true) + &c.pod_yaml(b, true)
 }
 
-#[test]
-fn a_full_services_map_is_reported_before_and_at_the_bound_and_every_service_still_routes() {
-    let _g = serial();
+/// One node whose agent runs with `--bpf-map-size size`, a client and two servers.
+fn one_node_with(size: &str) -> (Cluster, Pod, Pod, Pod) {
     let mut c = cluster(&["node-1"]);
-    c.agent_args = vec!["--bpf-map-size".into(), "services=16".into()];
+    c.agent_args = vec!["--bpf-map-size".into(), size.into()];
     let client = c.add_pod("node-1", "client").unwrap();
     let a = c.add_pod("node-1", "server-a").unwrap();
     let b = c.add_pod("node-1", "server-b").unwrap();
     serve(&mut c, &a);
     serve(&mut c, &b);
+    (c, client, a, b)
+}
+
+#[test]
+fn a_full_services_map_is_reported_before_and_at_the_bound_and_every_service_still_routes() {
+    let _g = serial();
+    let (mut c, client, a, b) = one_node_with("services=16");
     let base = c.pod_yaml(&client, true);
     // 13 of 16: above 80%, nothing left out yet.
     c.write_config("cluster.yaml", &(base.clone() + &services(&c, 13, &a, &b)))
@@ -133,13 +139,7 @@ fn a_full_services_map_is_reported_before_and_at_the_bound_and_every_service_sti
 #[test]
 fn connections_that_lost_their_original_destination_are_refused_never_misrouted() {
     let _g = serial();
-    let mut c = cluster(&["node-1"]);
-    c.agent_args = vec!["--bpf-map-size".into(), "orig-dst=16".into()];
-    let client = c.add_pod("node-1", "client").unwrap();
-    let a = c.add_pod("node-1", "server-a").unwrap();
-    let b = c.add_pod("node-1", "server-b").unwrap();
-    serve(&mut c, &a);
-    serve(&mut c, &b);
+    let (mut c, client, a, b) = one_node_with("orig-dst=16");
     c.write_config(
         "cluster.yaml",
         &(c.pod_yaml(&client, true) + &services(&c, 2, &a, &b)),

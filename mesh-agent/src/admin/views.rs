@@ -69,29 +69,15 @@ pub fn status(state: &AdminState) -> pb::StatusReply {
 
 /// The bounded maps' fill, with what the agent left out of them.
 fn map_fill(maps: &crate::bpf::MeshMaps) -> Vec<pb::MapFill> {
-    use crate::bpf::{fill::Level, sizes::Sized};
-    let (services, backends) = maps.left_out();
+    use crate::bpf::fill::Level;
     maps.fill()
         .into_iter()
-        .map(|f| {
-            let left_out = match f.map {
-                Sized::Services => services,
-                Sized::Backends => backends,
-                _ => 0,
-            };
-            // Anything left out means the map is full, whatever it holds now.
-            let level = if left_out > 0 {
-                Level::Full
-            } else {
-                f.level(Level::Normal)
-            };
-            pb::MapFill {
-                map: f.map.name().to_owned(),
-                entries: f.entries,
-                capacity: f.capacity,
-                level: level.name().to_owned(),
-                left_out,
-            }
+        .map(|f| pb::MapFill {
+            map: f.map.name().to_owned(),
+            entries: f.entries,
+            capacity: f.capacity,
+            level: f.level(Level::Normal).name().to_owned(),
+            left_out: f.left_out,
         })
         .collect()
 }

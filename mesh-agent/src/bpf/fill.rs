@@ -14,6 +14,8 @@ pub struct MapFill {
     pub map: Sized,
     pub entries: u64,
     pub capacity: u64,
+    /// Entries the agent wanted to write and had no room for (services, backends).
+    pub left_out: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,9 +43,10 @@ impl MapFill {
     }
 
     /// The level now, given the level at the last sample (for the hysteresis).
+    /// Anything left out means full, whatever the map holds now.
     pub fn level(&self, before: Level) -> Level {
         let p = self.percent();
-        if self.entries >= self.capacity {
+        if self.entries >= self.capacity || self.left_out > 0 {
             Level::Full
         } else if p >= WARN_PERCENT || (before != Level::Normal && p >= CLEAR_PERCENT) {
             Level::High
@@ -68,6 +71,7 @@ mod tests {
             map: Sized::Services,
             entries,
             capacity,
+            left_out: 0,
         }
     }
 
@@ -81,6 +85,12 @@ mod tests {
         // A count above the size (a sockhash counted while it changes) is full.
         assert_eq!(fill(101, 100).level(Level::High), Level::Full);
         assert_eq!(fill(3, 0).level(Level::Normal), Level::Full);
+        // Entries left out: full, even while the map itself has room.
+        let left_out = MapFill {
+            left_out: 4,
+            ..fill(10, 100)
+        };
+        assert_eq!(left_out.level(Level::Normal), Level::Full);
     }
 
     #[test]

@@ -174,6 +174,23 @@ fn enrolled_value(mode: InboundMode, own: &[IpAddr], probes: &Probes) -> Enrolle
 
 type Locked<K, V> = Mutex<HashMap<MapData, K, V>>;
 
+/// Entries of a map, by walking its keys.
+fn counted<K: aya::Pod, V: aya::Pod>(map: &Locked<K, V>) -> u64 {
+    map.lock().unwrap_or_else(|p| p.into_inner()).keys().count() as u64
+}
+
+/// Entries of a map the agent alone writes: what it last wrote, or (before its
+/// first sync) by walking the keys.
+fn synced_or_counted<K: aya::Pod, V: aya::Pod>(
+    synced: &Mutex<Option<foldhash::HashMap<K, V>>>,
+    map: &Locked<K, V>,
+) -> u64 {
+    match &*synced.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some(s) => s.len() as u64,
+        None => counted(map),
+    }
+}
+
 pub struct MeshMaps {
     enrolled: Locked<u64, EnrolledNetns>,
     services: Locked<ServiceKey, ServiceValue>,
@@ -422,7 +439,7 @@ impl MeshMaps {
 
     /// Service ports and fail-open backends the last sync could not fit in the
     /// kernel's maps.
-    pub fn left_out(&self) -> (u64, u64) {
+    fn left_out(&self) -> (u64, u64) {
         (
             self.left_out[0].load(Ordering::Relaxed),
             self.left_out[1].load(Ordering::Relaxed),
@@ -521,69 +538,34 @@ impl MeshMaps {
             })
     }
 
-    /// How full each sized map is. The maps the agent writes are counted from what it
-    /// wrote; the ones the kernel writes (orig-dst, sockets) by walking their keys,
-    /// which costs a system call per entry: sampled every few seconds, not per
-    /// connection.
+    /// How full each sized map is, with what the last services sync left out. The
+    /// maps the agent writes are counted from what it wrote; the ones the kernel
+    /// writes (orig-dst, sockets) by walking their keys, which costs a system call per
+    /// entry: sampled every few seconds, not per connection.
     pub fn fill(&self) -> Vec<super::fill::MapFill> {
-        let sizes = &self.sizes;
         use super::sizes::Sized;
-        let count_keys = |n: usize| n as u64;
-        let services = match &*self
-            .services_synced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            Some(s) => count_keys(s.len()),
-            None => count_keys(
-                self.services
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .keys()
-                    .count(),
-            ),
-        };
-        let backends = match &*self
-            .backends_synced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            Some(s) => count_keys(s.len()),
-            None => count_keys(
-                self.backends
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .keys()
-                    .count(),
-            ),
-        };
-        let pods = count_keys(
-            self.enrolled
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .count(),
-        );
-        let orig_dst = count_keys(
-            self.peers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .count(),
-        );
-        let sockets = count_keys(self.sockets.keys().count());
+        let (services_left_out, backends_left_out) = self.left_out();
         [
-            (Sized::Services, services),
-            (Sized::Backends, backends),
-            (Sized::OrigDst, orig_dst),
-            (Sized::Sockets, sockets),
-            (Sized::Pods, pods),
+            (
+                Sized::Services,
+                synced_or_counted(&self.services_synced, &self.services),
+                services_left_out,
+            ),
+            (
+                Sized::Backends,
+                synced_or_counted(&self.backends_synced, &self.backends),
+                backends_left_out,
+            ),
+            (Sized::OrigDst, counted(&self.peers), 0),
+            (Sized::Sockets, self.sockets.keys().count() as u64, 0),
+            (Sized::Pods, counted(&self.enrolled), 0),
         ]
         .into_iter()
-        .map(|(map, entries)| super::fill::MapFill {
+        .map(|(map, entries, left_out)| super::fill::MapFill {
             map,
             entries,
-            capacity: u64::from(sizes.get(map)),
+            capacity: u64::from(self.sizes.get(map)),
+            left_out,
         })
         .collect()
     }

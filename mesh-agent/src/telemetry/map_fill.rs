@@ -15,24 +15,15 @@ pub async fn watch(maps: Arc<MeshMaps>, every: Duration) {
     let mut levels: HashMap<Sized, Level> = HashMap::new();
     loop {
         tokio::time::sleep(every).await;
-        let (services_left_out, backends_left_out) = maps.left_out();
         for f in maps.fill() {
             let before = levels.get(&f.map).copied().unwrap_or(Level::Normal);
-            let left_out = match f.map {
-                Sized::Services => services_left_out,
-                Sized::Backends => backends_left_out,
-                _ => 0,
-            };
-            let now = if left_out > 0 {
-                Level::Full
-            } else {
-                f.level(before)
-            };
+            let now = f.level(before);
             levels.insert(f.map, now);
             if !worth_logging(before, now) {
                 continue;
             }
-            let (map, entries, capacity) = (f.map.name(), f.entries, f.capacity);
+            let (map, entries, capacity, left_out) =
+                (f.map.name(), f.entries, f.capacity, f.left_out);
             match now {
                 Level::Full => error!(
                     map,

@@ -265,13 +265,36 @@ fn text(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// The commit a report is made from, with `-dirty` if tracked files changed.
+pub fn commit() -> String {
+    let mut commit = text("git", &["rev-parse", "--short", "HEAD"]);
+    if !text("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        commit.push_str("-dirty");
+    }
+    commit
+}
+
+/// Builds the agent, meshctl and the workload in release and returns where they are.
+pub fn build_release_bins() -> anyhow::Result<std::path::PathBuf> {
+    std::env::set_current_dir(root())?;
+    sh(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "mesh-agent",
+            "-p",
+            "mesh-tests",
+            "--bins",
+        ],
+    )?;
+    Ok(root().join("target/release"))
+}
+
 fn machine(report: &mut Report) {
     report.kernel = text("uname", &["-r"]);
-    report.commit = text("git", &["rev-parse", "--short", "HEAD"]);
-    let dirty = !text("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    if dirty {
-        report.commit.push_str("-dirty");
-    }
+    report.commit = commit();
     report.generated_at = text("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]);
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     report.cpu = cpuinfo
@@ -291,19 +314,7 @@ fn machine(report: &mut Report) {
 }
 
 pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> {
-    std::env::set_current_dir(root())?;
-    sh(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "-p",
-            "mesh-tests",
-            "--bins",
-        ],
-    )?;
+    let target = build_release_bins()?;
     let plan = Plan {
         only,
         profile,
@@ -312,7 +323,6 @@ pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> 
     let oha = Oha {
         bin: crate::setup::oha_path().context("oha is not installed (cargo xtask setup)")?,
     };
-    let target = root().join("target/release");
     let started = Instant::now();
     let mut report = Report {
         quick,

@@ -5,7 +5,10 @@ mod plot;
 
 use std::path::{Path, PathBuf};
 
-use crate::{root, sh};
+use crate::{
+    bench::{build_release_bins, commit},
+    root,
+};
 
 pub fn run(
     minutes: u64,
@@ -13,20 +16,7 @@ pub fn run(
     cert_ttl: String,
     out: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    std::env::set_current_dir(root())?;
-    sh(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "-p",
-            "mesh-tests",
-            "--bins",
-        ],
-    )?;
-    let target = root().join("target/release");
+    let target = build_release_bins()?;
     let out = out.unwrap_or_else(|| root().join("docs/benchmarks/soak"));
     std::fs::create_dir_all(&out)?;
     let plan = mesh_tests::soak::Plan {
@@ -53,21 +43,6 @@ pub fn run(
         report.failures.join("\n  ")
     );
     Ok(())
-}
-
-fn commit() -> String {
-    let text = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
-    let mut c = text(&["rev-parse", "--short", "HEAD"]);
-    if !text(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
-        c.push_str("-dirty");
-    }
-    c
 }
 
 fn print_summary(r: &mesh_tests::soak::Report, out: &Path) {
