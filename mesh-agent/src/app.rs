@@ -223,6 +223,9 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         datapath.inbound.clone(),
         args.host_proc.clone(),
         cni_netns.clone(),
+        // Taking over: the running agent accepts on the shared listeners until this
+        // one is ready.
+        !taking_over,
     );
     pods.inherit(pods_inherited);
     let cni_ctx = crate::inpod::cni::CniContext {
@@ -404,6 +407,8 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         if readiness.not_ready_reason().is_none()
             && let Some(p) = previous.take()
         {
+            // Both agents accept for a moment, then the previous one stops.
+            pods.start_serving();
             let maps = maps.clone();
             let pid = p.pid;
             let told = p.ready(previous_status.clone(), move || {

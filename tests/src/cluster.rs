@@ -68,6 +68,8 @@ pub struct Cluster {
     /// Agents a successor took over from (`upgrade_agent`), until they exit.
     previous_agents: Vec<(String, Child)>,
     ca: Option<Child>,
+    /// Stopped on purpose ([`Cluster::stop_ca`]): starting an agent leaves it down.
+    ca_stopped: bool,
     /// Lifetime of workload certificates (the CA's maximum); default 24h.
     pub cert_ttl: String,
     /// Extra arguments for every agent started from now on.
@@ -170,6 +172,7 @@ impl Cluster {
             agents: Vec::new(),
             previous_agents: Vec::new(),
             ca: None,
+            ca_stopped: false,
             cert_ttl: "24h".to_owned(),
             agent_args: Vec::new(),
             connect_timeout: "2s".to_owned(),
@@ -538,6 +541,7 @@ impl Cluster {
     /// Starts `mesh-agent ca` in the fabric namespace with a bootstrap token per node,
     /// and waits until it serves.
     pub fn start_ca(&mut self) -> anyhow::Result<()> {
+        self.ca_stopped = false;
         let dir = self.ca_dir();
         fs::create_dir_all(&dir)?;
         let mut tokens = String::from("# node token\n");
@@ -609,7 +613,9 @@ impl Cluster {
     }
 
     /// Stops the CA (SIGTERM); [`Cluster::start_ca`] brings it back with its state.
+    /// Agents started meanwhile find it down.
     pub fn stop_ca(&mut self) -> anyhow::Result<()> {
+        self.ca_stopped = true;
         if let Some(mut ca) = self.ca.take() {
             terminate(&mut ca, Duration::from_secs(10))?;
         }
@@ -642,7 +648,7 @@ impl Cluster {
 
     /// Starts the agent without waiting for it to be ready.
     pub fn launch_agent(&mut self, node: &str, config_dir: &Path) -> anyhow::Result<()> {
-        if self.ca.is_none() {
+        if self.ca.is_none() && !self.ca_stopped {
             self.start_ca()?;
         }
         let n = self.node(node).clone();

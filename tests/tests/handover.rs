@@ -323,3 +323,47 @@ fn a_successor_that_dies_before_it_is_ready_leaves_the_old_agent_serving_everyth
     c.upgrade_agent("node-2", SECS).unwrap();
     assert_eq!(who_answers(&mut c, &client, &sa(vip(80), 80)), "server");
 }
+
+#[test]
+fn a_successor_not_ready_yet_leaves_every_new_connection_to_the_old_agent() {
+    let _g = serial();
+    let Setup { mut c, client, .. } = setup();
+    // Without the CA the successor gets no certificates: it takes the listeners,
+    // loads the config and enrolls both pods of node-1, and stays not ready.
+    c.stop_ca().unwrap();
+    let dir = c.config_dir.clone();
+    c.launch_successor("node-1", &dir).unwrap();
+    poll("the successor to enroll both pods", SECS, || {
+        c.agent_log("node-1")
+            .matches("serving the listeners the previous agent handed over")
+            .count()
+            == 2
+    });
+    let status = c.meshctl_json("node-1", &["status"]).unwrap();
+    assert_eq!(status["ready"], false, "{status}");
+    assert_eq!(
+        status["previous_agent"]["state"], "handing over",
+        "{status}"
+    );
+    // Meanwhile every new connection is the running agent's, which has what the
+    // successor lacks (a certificate for the tunnel across nodes, the local pods).
+    let across = dialler(&mut c, &client, &sa(vip(80), 80), 3);
+    let near = dialler(&mut c, &client, &sa(vip(81), 81), 3);
+    for (what, d) in [("across nodes", across), ("on one node", near)] {
+        let r = result(d);
+        assert!(r["sent"].as_u64().unwrap() > 100, "{what}: {r}");
+        assert_eq!(r["answered"], r["sent"], "{what}: dials failed: {r}");
+    }
+    // With the CA back the successor becomes ready, serves, and the old one drains.
+    c.start_ca().unwrap();
+    poll("the successor to take over", SECS, || {
+        c.meshctl_json("node-1", &["status"])
+            .is_ok_and(|s| s["ready"] == true && s["previous_agent"]["state"] != "handing over")
+    });
+    let dial = dialler(&mut c, &client, &sa(vip(80), 80), 2);
+    let r = result(dial);
+    assert_eq!(r["answered"], r["sent"], "after the takeover: {r}");
+    let status = c.wait_previous_agent("node-1", SECS).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(who_answers(&mut c, &client, &sa(vip(81), 81)), "local");
+}

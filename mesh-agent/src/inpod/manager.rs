@@ -80,6 +80,11 @@ pub struct PodManager {
     inherited: Mutex<HashMap<u64, Vec<(PodListener, std::net::TcpListener)>>>,
     /// The pods were handed to a successor: their kernel state is its now.
     handed_over: bool,
+    /// Whether the pods' listeners are accepted on. Closed while this agent takes over
+    /// from a running one: that one serves the shared listeners until this one is
+    /// ready (certificates, config, every pod enrolled and published), so no
+    /// connection meets a half-started agent.
+    serving: watch::Sender<bool>,
 }
 
 /// The listeners of one pod, bound on its netns thread.
@@ -143,6 +148,7 @@ impl PodManager {
         hook: Arc<InboundHook>,
         proc_dir: PathBuf,
         cni: Arc<CniNetns>,
+        serving: bool,
     ) -> Self {
         PodManager {
             node,
@@ -157,7 +163,14 @@ impl PodManager {
             annotator: None,
             inherited: Mutex::new(HashMap::new()),
             handed_over: false,
+            serving: watch::Sender::new(serving),
         }
+    }
+
+    /// Starts accepting on every pod's listeners (see `serving`); idempotent.
+    pub fn start_serving(&self) {
+        self.serving
+            .send_if_modified(|open| !std::mem::replace(open, true));
     }
 
     /// Listeners the previous agent handed over: a pod whose netns they belong to
@@ -477,11 +490,21 @@ impl PodManager {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let span = info_span!("listener", kind, pod = %pod.id, addr = %addr);
             let (c, p) = (ctx.clone(), self.proxy.clone());
-            tasks.push(match kind {
-                "outbound" => tokio::spawn(proxy::serve_outbound(listener, c, p).instrument(span)),
-                "tunnel" => tokio::spawn(proxy::serve_tunnel(listener, c, p).instrument(span)),
-                _ => tokio::spawn(proxy::serve_plaintext(listener, c, p).instrument(span)),
-            });
+            let mut serving = self.serving.subscribe();
+            tasks.push(tokio::spawn(
+                async move {
+                    // The sender lives as long as the manager, which aborts this task.
+                    if serving.wait_for(|open| *open).await.is_err() {
+                        return;
+                    }
+                    match kind {
+                        "outbound" => proxy::serve_outbound(listener, c, p).await,
+                        "tunnel" => proxy::serve_tunnel(listener, c, p).await,
+                        _ => proxy::serve_plaintext(listener, c, p).await,
+                    }
+                }
+                .instrument(span),
+            ));
             Ok(())
         };
         let Listeners {
