@@ -43,6 +43,11 @@ fn build_ebpf() -> anyhow::Result<()> {
         [aya_build::Package {
             name: ebpf.name.as_str(),
             root_dir: &root_dir,
+            features: if std::env::var_os("CARGO_FEATURE_NO_KERNEL_LOG").is_some() {
+                &["no-kernel-log"]
+            } else {
+                &[]
+            },
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

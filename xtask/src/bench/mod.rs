@@ -14,7 +14,11 @@
 //!   haproxy-http   the same in HTTP mode (requests parsed, HTTP/2 between nodes)
 //! The L7 scenarios run with sockmap off only, and have no bulk figure (the bulk
 //! server does not speak HTTP).
+//!
+//! Then `kernel-log`: what the kernel programs' run-time log switch costs when off,
+//! against a build with the log compiled out (see `kernel_log`).
 mod haproxy;
+mod kernel_log;
 mod load;
 mod report;
 mod scale;
@@ -314,12 +318,16 @@ fn machine(report: &mut Report) {
 }
 
 pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> {
-    let target = build_release_bins()?;
     let plan = Plan {
         only,
         profile,
         ..Plan::new(quick)
     };
+    // Before the normal build, which overwrites the agent binary.
+    if plan.wants("kernel-log") {
+        kernel_log::build_reference()?;
+    }
+    let target = build_release_bins()?;
     let oha = Oha {
         bin: crate::setup::oha_path().context("oha is not installed (cargo xtask setup)")?,
     };
@@ -497,6 +505,22 @@ pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> 
         c.stop_agent("node-2")?;
     }
     c.agent_args.clear();
+
+    if plan.wants("kernel-log") {
+        progress("kernel log: compiled out, off, debug");
+        match kernel_log::run(
+            &mut c,
+            &oha,
+            &plan,
+            &client,
+            &format!("http://{local_vip}/"),
+        ) {
+            Ok(k) => report.kernel_log = Some(k),
+            Err(e) => report
+                .notes
+                .push(format!("kernel log measurement failed: {e:#}")),
+        }
+    }
 
     let haproxy = if ["haproxy", "haproxy-http"].iter().any(|n| plan.wants(n)) {
         progress("starting HAProxy on both nodes");

@@ -53,6 +53,7 @@ pub struct Report {
     pub quick: bool,
     pub scenarios: Vec<Scenario>,
     pub scale: Option<Scale>,
+    pub kernel_log: Option<super::kernel_log::KernelLog>,
     pub notes: Vec<String>,
 }
 
@@ -180,6 +181,9 @@ impl Report {
                 sc.agent_rss_mib,
                 sc.endpoint_change_secs
             );
+        }
+        if let Some(k) = &self.kernel_log {
+            kernel_log_table(&mut md, k);
         }
         if !self.notes.is_empty() {
             let _ = writeln!(md, "\n## Notes\n");
@@ -400,6 +404,50 @@ fn bar_chart(path: &Path, title: &str, items: &[(String, f64)]) -> anyhow::Resul
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// The kernel log section: each variant against the one with the log compiled out.
+fn kernel_log_table(md: &mut String, k: &super::kernel_log::KernelLog) {
+    let _ = writeln!(
+        md,
+        "\n## Kernel log cost\n\nNew connections through the node's agent (ClusterIP, same node, \
+         sockmap off) as fast as they go, {} rounds of {} s per variant in a rotating order; \
+         run time per program from the kernel's own accounting (`kernel.bpf_stats_enabled`). \
+         Ratios are to the programs built with the log compiled out.\n",
+        k.rounds, k.secs_per_round
+    );
+    let Some(reference) = k.variants.first() else {
+        return;
+    };
+    let programs: Vec<&String> = reference.programs.keys().collect();
+    let mut head = "| variant | new connections/s | ratio |".to_owned();
+    let mut rule = "|---|---|---|".to_owned();
+    for p in &programs {
+        let _ = write!(head, " `{p}` ns/run | ratio |");
+        rule.push_str("---|---|");
+    }
+    let _ = writeln!(md, "{head}\n{rule}");
+    for v in &k.variants {
+        let mut row = format!(
+            "| {} | {:.0} | {} |",
+            v.name,
+            v.new_connections_per_s,
+            ratio(v.new_connections_per_s, reference.new_connections_per_s)
+        );
+        for p in &programs {
+            let ns = v.programs.get(*p).map_or(f64::NAN, |c| c.ns_per_run);
+            let base = reference
+                .programs
+                .get(*p)
+                .map_or(f64::NAN, |c| c.ns_per_run);
+            let _ = write!(row, " {ns:.0} | {} |", ratio(ns, base));
+        }
+        let _ = writeln!(md, "{row}");
+    }
+    let _ = writeln!(md);
+    for v in &k.variants {
+        let _ = writeln!(md, "- `{}`: {}", v.name, v.description);
+    }
 }
 
 #[cfg(test)]

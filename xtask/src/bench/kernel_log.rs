@@ -1,0 +1,327 @@
+//! What the kernel programs' log costs. Their decisions are logged with aya-log when
+//! `meshctl log-level set --kernel debug` switches it on; off (the default), each
+//! decision pays one array lookup. This measures that claim against a build of the
+//! same programs with the log calls compiled out (the agent's `no-kernel-log`
+//! feature), side by side in one run: three variants, alternated over rounds, each
+//! driving new connections through the node's agent as fast as they go.
+//!
+//! Two figures per variant: new connections per second (end to end, noisy on a small
+//! machine) and the kernel's own accounting of each program's run time
+//! (`kernel.bpf_stats_enabled`, read with bpftool), which is what the log changes.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use mesh_tests::{Cluster, Pod};
+use serde::Serialize;
+
+use super::{Plan, load::Oha, progress};
+use crate::{root, sh};
+
+/// Rounds of the three variants, in a rotating order (drift hits each alike).
+const ROUNDS: usize = 3;
+
+/// Where the reference agent (log compiled out) is kept.
+fn reference_path(release: &Path) -> PathBuf {
+    release.join("mesh-agent-no-kernel-log")
+}
+
+/// Builds the agent with the log calls compiled out and sets it aside; the normal
+/// release build that follows overwrites `target/release/mesh-agent`.
+pub fn build_reference() -> anyhow::Result<()> {
+    std::env::set_current_dir(root())?;
+    sh(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "mesh-agent",
+            "--bin",
+            "mesh-agent",
+            "--features",
+            "no-kernel-log",
+        ],
+    )?;
+    let release = root().join("target/release");
+    std::fs::copy(release.join("mesh-agent"), reference_path(&release))
+        .context("setting the no-kernel-log agent aside")?;
+    Ok(())
+}
+
+/// One program's cost under one variant, over every round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProgramCost {
+    pub ns_per_run: f64,
+    pub runs_per_connection: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Variant {
+    pub name: String,
+    pub description: String,
+    /// Median over the rounds.
+    pub new_connections_per_s: f64,
+    /// Every round's figure, in round order.
+    pub new_connections_samples: Vec<f64>,
+    /// By program name (as the kernel truncates it).
+    pub programs: BTreeMap<String, ProgramCost>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KernelLog {
+    pub rounds: usize,
+    pub secs_per_round: u64,
+    /// The first is the reference (log compiled out).
+    pub variants: Vec<Variant>,
+}
+
+/// Cumulative run time and run count of every loaded `mesh_` program, by name.
+#[derive(Debug, Clone, Default)]
+struct Stats(BTreeMap<String, (u64, u64)>);
+
+impl Stats {
+    fn read() -> anyhow::Result<Stats> {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "prog", "show"])
+            .output()
+            .context("running bpftool")?;
+        anyhow::ensure!(out.status.success(), "bpftool prog show failed");
+        Ok(Stats::parse(&serde_json::from_slice(&out.stdout)?))
+    }
+
+    fn parse(progs: &serde_json::Value) -> Stats {
+        let mut m = BTreeMap::<String, (u64, u64)>::new();
+        for p in progs.as_array().into_iter().flatten() {
+            let Some(name) = p["name"].as_str().filter(|n| n.starts_with("mesh_")) else {
+                continue;
+            };
+            let e = m.entry(name.to_owned()).or_default();
+            e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
+            e.1 += p["run_cnt"].as_u64().unwrap_or(0);
+        }
+        Stats(m)
+    }
+
+    /// What ran between `before` and `self` (programs loaded meanwhile count whole).
+    fn since(&self, before: &Stats) -> Stats {
+        Stats(
+            self.0
+                .iter()
+                .map(|(name, (ns, n))| {
+                    let (ns0, n0) = before.0.get(name).copied().unwrap_or_default();
+                    (name.clone(), (ns.saturating_sub(ns0), n.saturating_sub(n0)))
+                })
+                .collect(),
+        )
+    }
+
+    fn add(&mut self, other: &Stats) {
+        for (name, (ns, n)) in &other.0 {
+            let e = self.0.entry(name.clone()).or_default();
+            e.0 += ns;
+            e.1 += n;
+        }
+    }
+}
+
+/// Switches the kernel's per-program run-time accounting on, and back as it was.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<BpfStats> {
+        let before = std::fs::read_to_string(BPF_STATS)?.trim().to_owned();
+        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.before);
+    }
+}
+
+struct Setup {
+    name: &'static str,
+    description: &'static str,
+    agent: PathBuf,
+    debug: bool,
+    samples: Vec<f64>,
+    connections: f64,
+    stats: Stats,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// Runs the three variants over `ROUNDS` rounds, new connections to `url` from
+/// `client` through the agent of `node-1` (and `node-2`'s, idle).
+pub fn run(
+    c: &mut Cluster,
+    oha: &Oha,
+    plan: &Plan,
+    client: &Pod,
+    url: &str,
+) -> anyhow::Result<KernelLog> {
+    let release = c
+        .agent_bin
+        .parent()
+        .context("agent binary has no directory")?
+        .to_owned();
+    let normal = c.agent_bin.clone();
+    let mut setups = [
+        Setup {
+            name: "log-compiled-out",
+            description: "the programs built without their log calls (the reference)",
+            agent: reference_path(&release),
+            debug: false,
+            samples: Vec::new(),
+            connections: 0.0,
+            stats: Stats::default(),
+        },
+        Setup {
+            name: "log-off",
+            description: "the shipped programs, kernel log off (the default)",
+            agent: normal.clone(),
+            debug: false,
+            samples: Vec::new(),
+            connections: 0.0,
+            stats: Stats::default(),
+        },
+        Setup {
+            name: "log-debug",
+            description: "the shipped programs, `meshctl log-level set --kernel debug` on both nodes",
+            agent: normal.clone(),
+            debug: true,
+            samples: Vec::new(),
+            connections: 0.0,
+            stats: Stats::default(),
+        },
+    ];
+    anyhow::ensure!(
+        setups[0].agent.exists(),
+        "no reference agent at {}",
+        setups[0].agent.display()
+    );
+    let _accounting = BpfStats::enable()?;
+    c.agent_args = vec!["--sockmap".into(), "off".into()];
+    let result = (|| -> anyhow::Result<()> {
+        for round in 0..ROUNDS {
+            for i in 0..setups.len() {
+                let s = &mut setups[(round + i) % 3];
+                progress(&format!(
+                    "kernel log, round {}: {} for {}s",
+                    round + 1,
+                    s.name,
+                    plan.max_secs
+                ));
+                c.agent_bin = s.agent.clone();
+                c.start_agent("node-1")?;
+                c.start_agent("node-2")?;
+                if s.debug {
+                    for node in ["node-1", "node-2"] {
+                        let out = c.meshctl(node, &["log-level", "set", "--kernel", "debug"])?;
+                        anyhow::ensure!(
+                            out.status.success(),
+                            "meshctl log-level set --kernel debug: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                }
+                // Warm-up: the first certificate use, the agent's caches.
+                let _ = oha.fixed_rate(c, client, url, 200, 4, 1);
+                let before = Stats::read()?;
+                let measured = oha.max_rate(c, client, url, plan.connections, plan.max_secs, true);
+                let after = Stats::read()?;
+                c.stop_agent("node-1")?;
+                c.stop_agent("node-2")?;
+                let (rps, ok) = measured?;
+                anyhow::ensure!(ok >= 0.99, "{}: success rate {ok:.4}", s.name);
+                s.samples.push(rps);
+                s.connections += rps * plan.max_secs as f64;
+                s.stats.add(&after.since(&before));
+            }
+        }
+        Ok(())
+    })();
+    c.agent_bin = normal;
+    c.agent_args.clear();
+    result?;
+    Ok(KernelLog {
+        rounds: ROUNDS,
+        secs_per_round: plan.max_secs,
+        variants: setups
+            .into_iter()
+            .map(|s| Variant {
+                name: s.name.into(),
+                description: s.description.into(),
+                new_connections_per_s: median(&s.samples),
+                new_connections_samples: s.samples,
+                programs: s
+                    .stats
+                    .0
+                    .iter()
+                    .filter(|(_, (_, n))| *n > 0)
+                    .map(|(name, (ns, n))| {
+                        (
+                            name.clone(),
+                            ProgramCost {
+                                ns_per_run: *ns as f64 / *n as f64,
+                                runs_per_connection: *n as f64 / s.connections.max(1.0),
+                            },
+                        )
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_stats_are_summed_by_name_and_differenced() {
+        let before = Stats::parse(&serde_json::json!([
+            {"name": "mesh_connect4", "run_time_ns": 100, "run_cnt": 2},
+            {"name": "mesh_connect4", "run_time_ns": 50, "run_cnt": 1},
+            {"name": "other", "run_time_ns": 9, "run_cnt": 9},
+        ]));
+        assert_eq!(before.0.len(), 1);
+        assert_eq!(before.0["mesh_connect4"], (150, 3));
+        let after = Stats::parse(&serde_json::json!([
+            {"name": "mesh_connect4", "run_time_ns": 400, "run_cnt": 6},
+            {"name": "mesh_connect4", "run_time_ns": 50, "run_cnt": 1},
+            {"name": "mesh_sock_ops", "run_time_ns": 30, "run_cnt": 3},
+        ]));
+        let d = after.since(&before);
+        assert_eq!(d.0["mesh_connect4"], (300, 4));
+        assert_eq!(d.0["mesh_sock_ops"], (30, 3));
+    }
+
+    #[test]
+    fn the_median_ignores_failed_samples() {
+        assert_eq!(median(&[3.0, f64::NAN, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0]), 2.5);
+        assert!(median(&[f64::NAN]).is_nan());
+    }
+}
