@@ -5,7 +5,6 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     process::Child,
     time::{Duration, Instant},
 };
@@ -14,37 +13,6 @@ use common::*;
 
 /// Streaming connections per path (across nodes, on one node).
 const STREAMS: usize = 100;
-
-/// Starts `count` echo streams from `pod` to `addr` and waits until all are open.
-fn streams(
-    c: &mut Cluster,
-    pod: &Pod,
-    addr: &str,
-    count: usize,
-) -> (Child, BufReader<std::process::ChildStdout>) {
-    let mut child = c
-        .spawn(
-            pod,
-            &["streams", "--addr", addr, "--count", &count.to_string()],
-        )
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(json(&line)["ready"], count, "{line}");
-    (child, out)
-}
-
-/// Ends the streams and returns each connection's result.
-fn finish(
-    (mut child, mut out): (Child, BufReader<std::process::ChildStdout>),
-) -> Vec<serde_json::Value> {
-    child.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let _ = child.wait();
-    json(&line)["streams"].as_array().unwrap().clone()
-}
 
 /// A client dialling `addr` every 10 ms for `secs`.
 fn dialler(c: &mut Cluster, pod: &Pod, addr: &str, secs: u64) -> Child {
@@ -107,18 +75,6 @@ fn setup() -> Setup {
     }
 }
 
-fn check_streams(results: &[serde_json::Value], what: &str) {
-    assert_eq!(results.len(), STREAMS, "{what}");
-    for r in results {
-        assert!(r["error"].is_null(), "{what}: a stream failed: {r}");
-        assert!(
-            r["bytes"].as_u64().unwrap() > 0,
-            "{what}: nothing streamed: {r}"
-        );
-        assert_eq!(r["sent_sha"], r["got_sha"], "{what}: {r}");
-    }
-}
-
 #[test]
 fn an_upgrade_under_load_drops_no_connection_refuses_none_and_strict_holds() {
     let _g = serial();
@@ -128,8 +84,8 @@ fn an_upgrade_under_load_drops_no_connection_refuses_none_and_strict_holds() {
         outsider,
         server,
     } = setup();
-    let across = streams(&mut c, &client, &sa(vip(80), 80), STREAMS);
-    let near = streams(&mut c, &client, &sa(vip(81), 81), STREAMS);
+    let across = Streams::open(&mut c, &client, &sa(vip(80), 80), STREAMS, &[]);
+    let near = Streams::open(&mut c, &client, &sa(vip(81), 81), STREAMS, &[]);
     let secs = 20;
     let dial_across = dialler(&mut c, &client, &sa(vip(80), 80), secs);
     let dial_near = dialler(&mut c, &client, &sa(vip(81), 81), secs);
@@ -167,8 +123,8 @@ fn an_upgrade_under_load_drops_no_connection_refuses_none_and_strict_holds() {
         assert_eq!(r["answered"], r["sent"], "{what}: dials failed: {r}");
     }
     // The streams carried by the previous agents went on, byte for byte.
-    check_streams(&finish(across), "across nodes");
-    check_streams(&finish(near), "on one node");
+    across.check("across nodes");
+    near.check("on one node");
     // With their connections ended, the previous agents exit on their own, cleanly,
     // and leave the kernel state to their successors.
     for node in ["node-1", "node-2"] {
@@ -206,8 +162,8 @@ fn a_sigkill_ends_the_agents_connections_and_a_restart_serves_again_with_strict_
         outsider,
         server,
     } = setup();
-    let across = streams(&mut c, &client, &sa(vip(80), 80), STREAMS);
-    let near = streams(&mut c, &client, &sa(vip(81), 81), STREAMS);
+    let across = Streams::open(&mut c, &client, &sa(vip(80), 80), STREAMS, &[]);
+    let near = Streams::open(&mut c, &client, &sa(vip(81), 81), STREAMS, &[]);
     let mut gap = Duration::ZERO;
     let plaintext = answered_while(&mut c, &outsider, &sa(server.ip, PORT), 8, |c| {
         c.crash_agent("node-2").unwrap();
@@ -244,9 +200,7 @@ fn a_sigkill_ends_the_agents_connections_and_a_restart_serves_again_with_strict_
     assert_eq!(plaintext["answered"], 0, "{plaintext}");
     // The killed agents' connections ended; none of them silently went on.
     for (what, s) in [("across nodes", across), ("on one node", near)] {
-        let results = finish(s);
-        assert_eq!(results.len(), STREAMS, "{what}");
-        for r in &results {
+        for r in &s.finish() {
             assert!(
                 !r["error"].is_null(),
                 "{what}: a stream outlived its agent: {r}"
@@ -267,7 +221,7 @@ fn a_successor_that_dies_before_it_is_ready_leaves_the_old_agent_serving_everyth
         outsider,
         server,
     } = setup();
-    let across = streams(&mut c, &client, &sa(vip(80), 80), STREAMS);
+    let across = Streams::open(&mut c, &client, &sa(vip(80), 80), STREAMS, &[]);
     let dial = dialler(&mut c, &client, &sa(vip(80), 80), 10);
     // A successor whose config never loads: it takes the listeners, the admin and
     // the CNI socket paths, and never becomes ready. Then it dies.
@@ -294,7 +248,7 @@ fn a_successor_that_dies_before_it_is_ready_leaves_the_old_agent_serving_everyth
     let r = result(dial);
     assert!(r["sent"].as_u64().unwrap() > 200, "{r}");
     assert_eq!(r["answered"], r["sent"], "dials failed: {r}");
-    check_streams(&finish(across), "across nodes");
+    across.check("across nodes");
     // The admin socket path is the old agent's again: meshctl reaches it, and its
     // own id is the agent's in the kernel, with no previous agent exempt.
     let status = c.meshctl_json("node-2", &["status"]).unwrap();

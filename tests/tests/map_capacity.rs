@@ -226,26 +226,13 @@ fn a_full_sockmap_keeps_new_connections_on_tcp_and_loses_no_byte() {
 
     // Four sockets per connection (app and agent at the outbound hop, agent and app
     // at the delivery): the fifth connection finds the map full.
-    let mut child = c
-        .spawn(
-            &client,
-            &[
-                "streams",
-                "--addr",
-                &sa(vip(90), 80),
-                "--count",
-                "12",
-                "--chunk",
-                "4096",
-                "--every-ms",
-                "20",
-            ],
-        )
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(json(&line)["ready"], 12, "{line}");
+    let streams = Streams::open(
+        &mut c,
+        &client,
+        &sa(vip(90), 80),
+        12,
+        &["--chunk", "4096", "--every-ms", "20"],
+    );
     poll("the sockets map to be reported full", SECS, || {
         map_fill(&c, "node-1", "sockets")["level"] == "full"
     });
@@ -255,13 +242,5 @@ fn a_full_sockmap_keeps_new_connections_on_tcp_and_loses_no_byte() {
     let failed = kernel_counters(&c, "node-1")["sockmap_add_failed"];
     assert!(failed > 0, "no socket was turned away");
     std::thread::sleep(std::time::Duration::from_secs(1));
-    child.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let _ = child.wait();
-    for r in json(&line)["streams"].as_array().unwrap() {
-        assert!(r["error"].is_null(), "a stream failed: {r}");
-        assert!(r["bytes"].as_u64().unwrap() > 0, "nothing streamed: {r}");
-        assert_eq!(r["sent_sha"], r["got_sha"], "{r}");
-    }
+    streams.check("through a full sockets map");
 }

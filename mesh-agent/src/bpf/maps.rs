@@ -521,13 +521,13 @@ impl MeshMaps {
     /// Says the agent serves the node (see `mesh_common::agent_down`): now, on the
     /// clock `bpf_ktime_get_ns` reads.
     pub fn beat(&self) -> Result<(), MapUpdateError> {
-        let mut ts = nix::libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
+        use nix::time::{ClockId, clock_gettime};
+        // CLOCK_MONOTONIC does not fail on Linux; if it ever did, this beat is skipped
+        // (the next one comes well within the kernel's staleness limit).
+        let Ok(ts) = clock_gettime(ClockId::CLOCK_MONOTONIC) else {
+            return Ok(());
         };
-        // SAFETY: clock_gettime writes the timespec it is given.
-        unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &mut ts) };
-        let now = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+        let now = (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64;
         self.heartbeat
             .lock()
             .unwrap_or_else(|p| p.into_inner())

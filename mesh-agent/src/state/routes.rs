@@ -38,6 +38,9 @@ impl Target {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     targets: foldhash::HashMap<SocketAddr, Arc<Target>>,
+    /// The endpoints of fail-open service ports, gathered on first use: a pod sending
+    /// plaintext over and over must not make the agent scan every Service each time.
+    fail_open_endpoints: std::sync::OnceLock<foldhash::HashSet<SocketAddr>>,
 }
 
 /// Past this many changed Services a rebuild is cheaper than a patch.
@@ -51,15 +54,24 @@ impl RouteTable {
         for svc in &config.services {
             targets.extend(targets_of(svc, slices.of_service(svc), &open));
         }
-        RouteTable { targets }
+        RouteTable {
+            targets,
+            fail_open_endpoints: Default::default(),
+        }
     }
 
-    /// Whether `endpoint` serves a fail-open service port. A scan: asked only for
-    /// plaintext from a meshed pod, which is otherwise refused.
+    /// Whether `endpoint` serves a fail-open service port (asked for plaintext from a
+    /// meshed pod, which is otherwise refused).
     pub fn is_fail_open_endpoint(&self, endpoint: SocketAddr) -> bool {
-        self.targets
-            .values()
-            .any(|t| t.fail_open && t.endpoints.contains(&endpoint))
+        self.fail_open_endpoints
+            .get_or_init(|| {
+                self.targets
+                    .values()
+                    .filter(|t| t.fail_open)
+                    .flat_map(|t| t.endpoints.iter().copied())
+                    .collect()
+            })
+            .contains(&endpoint)
     }
 
     /// Whether any service port fails open (its endpoints must be in the kernel).
@@ -117,7 +129,10 @@ impl RouteTable {
                 targets.extend(targets_of(svc, &slices, &open));
             }
         }
-        RouteTable { targets }
+        RouteTable {
+            targets,
+            fail_open_endpoints: Default::default(),
+        }
     }
 
     pub fn get(&self, dst: SocketAddr) -> Option<Arc<Target>> {

@@ -307,3 +307,56 @@ pub fn answered_while(
     let out = probe.wait_with_output().unwrap();
     json(&String::from_utf8_lossy(&out.stdout))
 }
+
+/// Long-lived echo streams from one pod (`mesh-testpod streams`), each checked end to
+/// end (SHA-256 of what was sent and what came back) when they are stopped.
+pub struct Streams {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+    count: usize,
+}
+
+impl Streams {
+    /// Opens `count` streams from `pod` to `addr` (`extra`: more `streams` options)
+    /// and waits until all are open.
+    pub fn open(c: &mut Cluster, pod: &Pod, addr: &str, count: usize, extra: &[&str]) -> Streams {
+        let count_arg = count.to_string();
+        let mut args = vec!["streams", "--addr", addr, "--count", &count_arg];
+        args.extend_from_slice(extra);
+        let mut child = c.spawn(pod, &args).unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(json(&line)["ready"], count, "{line}");
+        Streams { child, out, count }
+    }
+
+    /// Stops the streams and returns each one's result.
+    pub fn finish(mut self) -> Vec<serde_json::Value> {
+        use std::io::Write as _;
+        self.child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"stop\n")
+            .unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let _ = self.child.wait();
+        let streams = json(&line)["streams"].as_array().unwrap().clone();
+        assert_eq!(streams.len(), self.count, "{line}");
+        streams
+    }
+
+    /// Stops the streams and asserts every one carried bytes and lost none.
+    pub fn check(self, what: &str) {
+        for r in self.finish() {
+            assert!(r["error"].is_null(), "{what}: a stream failed: {r}");
+            assert!(
+                r["bytes"].as_u64().unwrap() > 0,
+                "{what}: nothing streamed: {r}"
+            );
+            assert_eq!(r["sent_sha"], r["got_sha"], "{what}: {r}");
+        }
+    }
+}

@@ -32,6 +32,8 @@ fn reference_path(release: &Path) -> PathBuf {
 /// release build that follows overwrites `target/release/mesh-agent`.
 pub fn build_reference() -> anyhow::Result<()> {
     std::env::set_current_dir(root())?;
+    // The same packages as the normal build, so that the dependencies' features
+    // unify alike and only the agent is built twice.
     sh(
         "cargo",
         &[
@@ -39,10 +41,11 @@ pub fn build_reference() -> anyhow::Result<()> {
             "--release",
             "-p",
             "mesh-agent",
-            "--bin",
-            "mesh-agent",
+            "-p",
+            "mesh-tests",
+            "--bins",
             "--features",
-            "no-kernel-log",
+            "mesh-agent/no-kernel-log",
         ],
     )?;
     let release = root().join("target/release");
@@ -54,7 +57,10 @@ pub fn build_reference() -> anyhow::Result<()> {
 /// One program's cost under one variant, over every round.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProgramCost {
+    /// Over every round.
     pub ns_per_run: f64,
+    /// Each round's, in round order: the spread a difference must beat.
+    pub ns_per_run_rounds: Vec<f64>,
     pub runs_per_connection: f64,
 }
 
@@ -155,7 +161,8 @@ struct Setup {
     debug: bool,
     samples: Vec<f64>,
     connections: f64,
-    stats: Stats,
+    /// Each round's program statistics.
+    rounds: Vec<Stats>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -195,7 +202,7 @@ pub fn run(
             debug: false,
             samples: Vec::new(),
             connections: 0.0,
-            stats: Stats::default(),
+            rounds: Vec::new(),
         },
         Setup {
             name: "log-off",
@@ -204,7 +211,7 @@ pub fn run(
             debug: false,
             samples: Vec::new(),
             connections: 0.0,
-            stats: Stats::default(),
+            rounds: Vec::new(),
         },
         Setup {
             name: "log-debug",
@@ -213,7 +220,7 @@ pub fn run(
             debug: true,
             samples: Vec::new(),
             connections: 0.0,
-            stats: Stats::default(),
+            rounds: Vec::new(),
         },
     ];
     anyhow::ensure!(
@@ -257,7 +264,7 @@ pub fn run(
                 anyhow::ensure!(ok >= 0.99, "{}: success rate {ok:.4}", s.name);
                 s.samples.push(rps);
                 s.connections += rps * plan.max_secs as f64;
-                s.stats.add(&after.since(&before));
+                s.rounds.push(after.since(&before));
             }
         }
         Ok(())
@@ -275,24 +282,33 @@ pub fn run(
                 description: s.description.into(),
                 new_connections_per_s: median(&s.samples),
                 new_connections_samples: s.samples,
-                programs: s
-                    .stats
-                    .0
-                    .iter()
-                    .filter(|(_, (_, n))| *n > 0)
-                    .map(|(name, (ns, n))| {
-                        (
-                            name.clone(),
-                            ProgramCost {
-                                ns_per_run: *ns as f64 / *n as f64,
-                                runs_per_connection: *n as f64 / s.connections.max(1.0),
-                            },
-                        )
-                    })
-                    .collect(),
+                programs: program_costs(&s.rounds, s.connections),
             })
             .collect(),
     })
+}
+
+/// Each program's cost over the rounds (programs that never ran are left out).
+fn program_costs(rounds: &[Stats], connections: f64) -> BTreeMap<String, ProgramCost> {
+    let mut total = Stats::default();
+    rounds.iter().for_each(|r| total.add(r));
+    let per_run = |(ns, n): (u64, u64)| ns as f64 / n.max(1) as f64;
+    total
+        .0
+        .iter()
+        .filter(|(_, (_, n))| *n > 0)
+        .map(|(name, &(ns, n))| {
+            let cost = ProgramCost {
+                ns_per_run: per_run((ns, n)),
+                ns_per_run_rounds: rounds
+                    .iter()
+                    .map(|r| r.0.get(name).copied().map_or(f64::NAN, per_run))
+                    .collect(),
+                runs_per_connection: n as f64 / connections.max(1.0),
+            };
+            (name.clone(), cost)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -316,6 +332,19 @@ mod tests {
         let d = after.since(&before);
         assert_eq!(d.0["mesh_connect4"], (300, 4));
         assert_eq!(d.0["mesh_sock_ops"], (30, 3));
+    }
+
+    #[test]
+    fn program_costs_pool_the_rounds_and_keep_each() {
+        let round = |ns, n| Stats([("mesh_connect4".to_owned(), (ns, n))].into());
+        let idle = Stats([("mesh_sk_msg".to_owned(), (0, 0))].into());
+        let costs = program_costs(&[round(100, 1), round(300, 1), idle], 2.0);
+        assert_eq!(costs.len(), 1, "a program that never ran is left out");
+        let c = &costs["mesh_connect4"];
+        assert_eq!(c.ns_per_run, 200.0);
+        assert_eq!(c.ns_per_run_rounds[..2], [100.0, 300.0]);
+        assert!(c.ns_per_run_rounds[2].is_nan());
+        assert_eq!(c.runs_per_connection, 1.0);
     }
 
     #[test]

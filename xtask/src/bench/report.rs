@@ -407,20 +407,36 @@ fn bar_chart(path: &Path, title: &str, items: &[(String, f64)]) -> anyhow::Resul
 }
 
 /// The kernel log section: each variant against the one with the log compiled out.
+/// ` [min..max]` of the finite values, or nothing.
+fn spread(values: &[f64]) -> String {
+    let (lo, hi) = values
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        });
+    if lo.is_finite() {
+        format!(" [{lo:.0}..{hi:.0}]")
+    } else {
+        String::new()
+    }
+}
+
 fn kernel_log_table(md: &mut String, k: &super::kernel_log::KernelLog) {
     let _ = writeln!(
         md,
         "\n## Kernel log cost\n\nNew connections through the node's agent (ClusterIP, same node, \
          sockmap off) as fast as they go, {} rounds of {} s per variant in a rotating order; \
          run time per program from the kernel's own accounting (`kernel.bpf_stats_enabled`). \
-         Ratios are to the programs built with the log compiled out.\n",
+         Ratios are to the programs built with the log compiled out; a program's ns/run is \
+         over all rounds, with the rounds' range in brackets.\n",
         k.rounds, k.secs_per_round
     );
     let Some(reference) = k.variants.first() else {
         return;
     };
     let programs: Vec<&String> = reference.programs.keys().collect();
-    let mut head = "| variant | new connections/s | ratio |".to_owned();
+    let mut head = "| variant | new connections/s [each round] | ratio |".to_owned();
     let mut rule = "|---|---|---|".to_owned();
     for p in &programs {
         let _ = write!(head, " `{p}` ns/run | ratio |");
@@ -428,19 +444,27 @@ fn kernel_log_table(md: &mut String, k: &super::kernel_log::KernelLog) {
     }
     let _ = writeln!(md, "{head}\n{rule}");
     for v in &k.variants {
+        let rounds: Vec<String> = v
+            .new_connections_samples
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect();
         let mut row = format!(
-            "| {} | {:.0} | {} |",
+            "| {} | {:.0} [{}] | {} |",
             v.name,
             v.new_connections_per_s,
+            rounds.join(", "),
             ratio(v.new_connections_per_s, reference.new_connections_per_s)
         );
         for p in &programs {
-            let ns = v.programs.get(*p).map_or(f64::NAN, |c| c.ns_per_run);
+            let cost = v.programs.get(*p);
+            let ns = cost.map_or(f64::NAN, |c| c.ns_per_run);
             let base = reference
                 .programs
                 .get(*p)
                 .map_or(f64::NAN, |c| c.ns_per_run);
-            let _ = write!(row, " {ns:.0} | {} |", ratio(ns, base));
+            let range = cost.map_or(String::new(), |c| spread(&c.ns_per_run_rounds));
+            let _ = write!(row, " {ns:.0}{range} | {} |", ratio(ns, base));
         }
         let _ = writeln!(md, "{row}");
     }
