@@ -38,6 +38,26 @@ fn result(child: Child) -> serde_json::Value {
     json(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// Every agent's warnings and errors (current and previous, both nodes): what a
+/// failed dial met.
+fn warnings(c: &Cluster) -> String {
+    let mut out = String::new();
+    for node in ["node-1", "node-2"] {
+        for (which, log) in [
+            ("agent", c.agent_log(node)),
+            ("previous agent", c.previous_agent_log(node)),
+        ] {
+            for line in log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            {
+                out.push_str(&format!("{node} {which}: {line}\n"));
+            }
+        }
+    }
+    out
+}
+
 struct Setup {
     c: Cluster,
     client: Pod,
@@ -120,7 +140,12 @@ fn an_upgrade_under_load_drops_no_connection_refuses_none_and_strict_holds() {
     for (what, d) in [("across nodes", dial_across), ("on one node", dial_near)] {
         let r = result(d);
         assert!(r["sent"].as_u64().unwrap() > 200, "{what}: {r}");
-        assert_eq!(r["answered"], r["sent"], "{what}: dials failed: {r}");
+        assert_eq!(
+            r["answered"],
+            r["sent"],
+            "{what}: dials failed: {r}\n{}",
+            warnings(&c)
+        );
     }
     // The streams carried by the previous agents went on, byte for byte.
     across.check("across nodes");
@@ -247,7 +272,12 @@ fn a_successor_that_dies_before_it_is_ready_leaves_the_old_agent_serving_everyth
     assert_eq!(plaintext["answered"], 0, "{plaintext}");
     let r = result(dial);
     assert!(r["sent"].as_u64().unwrap() > 200, "{r}");
-    assert_eq!(r["answered"], r["sent"], "dials failed: {r}");
+    assert_eq!(
+        r["answered"],
+        r["sent"],
+        "dials failed: {r}\n{}",
+        warnings(&c)
+    );
     across.check("across nodes");
     // The admin socket path is the old agent's again: meshctl reaches it, and its
     // own id is the agent's in the kernel, with no previous agent exempt.
@@ -306,7 +336,12 @@ fn a_successor_not_ready_yet_leaves_every_new_connection_to_the_old_agent() {
     for (what, d) in [("across nodes", across), ("on one node", near)] {
         let r = result(d);
         assert!(r["sent"].as_u64().unwrap() > 100, "{what}: {r}");
-        assert_eq!(r["answered"], r["sent"], "{what}: dials failed: {r}");
+        assert_eq!(
+            r["answered"],
+            r["sent"],
+            "{what}: dials failed: {r}\n{}",
+            warnings(&c)
+        );
     }
     // With the CA back the successor becomes ready, serves, and the old one drains.
     c.start_ca().unwrap();

@@ -102,10 +102,34 @@ async fn lease(
     ctx.pool.lease(&key, || dial(pod, ctx, dest, addr)).await
 }
 
+/// Whether the peer cannot have acted on a stream that failed with `e`, so that it may
+/// be opened again on another connection: the request never left this agent (the
+/// pooled connection closed first), or the peer's GOAWAY excluded it (RFC 9113 §6.8:
+/// streams above its last stream id were not processed), or the peer refused it
+/// (REFUSED_STREAM, §8.7). A peer agent that hands over to a successor sends GOAWAY
+/// on every tunnel connection, and the first stream opened on each after that fails
+/// this way; without a second try that stream's client would be reset.
+pub fn not_processed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// One HTTP request to `target` in the destination pod, as an HTTP/2 stream on the
 /// pooled tunnel connection (the same connection CONNECT streams use: no new TCP or
 /// TLS handshake per request). `req` is already in HTTP/2 form; `app` is what the
-/// destination agent speaks to the application.
+/// destination agent speaks to the application. A request the peer never processed
+/// (see [`not_processed`]) and that comes back whole is sent once more on another
+/// connection.
 pub async fn send_request(
     pod: &PodContext,
     ctx: &ProxyContext,
@@ -114,7 +138,6 @@ pub async fn send_request(
     app: Wire,
     mut req: Request<Body>,
 ) -> Result<Response<Incoming>, TunnelError> {
-    let lease = lease(pod, ctx, dest, target).await?;
     let h = req.headers_mut();
     h.insert(
         DST_HEADER,
@@ -128,53 +151,121 @@ pub async fn send_request(
             Wire::Http2 => "HTTP/2",
         }),
     );
-    let mut sender = lease.sender();
-    match tokio::time::timeout(ctx.connect_timeout, sender.ready()).await {
-        Ok(r) => r?,
-        Err(_) => {
-            lease.mark_dead();
-            return Err(TunnelError::StreamTimeout(ctx.connect_timeout));
+    let mut retried = false;
+    loop {
+        let lease = lease(pod, ctx, dest, target).await?;
+        let mut sender = lease.sender();
+        match tokio::time::timeout(ctx.connect_timeout, sender.ready()).await {
+            Ok(Ok(())) => {}
+            // Nothing was sent on a connection that is not ready: always safe to retry.
+            Ok(Err(_)) if !retried => {
+                lease.mark_dead();
+                retried = true;
+                continue;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                lease.mark_dead();
+                return Err(TunnelError::StreamTimeout(ctx.connect_timeout));
+            }
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(back) if !retried && not_processed(e.error()) => {
+                    debug!(error = %e.error(), "the peer did not take the request; sending it on another connection");
+                    lease.mark_dead();
+                    retried = true;
+                    req = back;
+                }
+                _ => return Err(e.into_error().into()),
+            },
         }
     }
-    Ok(sender.send_request(req).await?)
 }
 
+/// Opens a CONNECT stream to `target`, once more on another connection if the peer
+/// did not process the first (see [`not_processed`]).
 pub async fn open(
     pod: &PodContext,
     ctx: &ProxyContext,
     dest: &Identity,
     target: SocketAddr,
 ) -> Result<TunnelStream, TunnelError> {
-    let lease = lease(pod, ctx, dest, target).await?;
+    let mut retried = false;
+    loop {
+        let lease = lease(pod, ctx, dest, target).await?;
+        match open_on(&lease, target, ctx.connect_timeout).await {
+            Ok(upgraded) => {
+                return Ok(TunnelStream {
+                    io: TokioIo::new(upgraded),
+                    _lease: lease,
+                });
+            }
+            Err(Attempt { error, retry }) if retry && !retried => {
+                debug!(%error, "the peer did not take the stream; opening it on another connection");
+                // It takes no new streams; those it carries go on.
+                lease.mark_dead();
+                retried = true;
+            }
+            Err(Attempt { error, .. }) => return Err(error),
+        }
+    }
+}
+
+/// A failed attempt to open a stream, and whether another connection may be tried.
+struct Attempt {
+    error: TunnelError,
+    retry: bool,
+}
+
+/// One CONNECT stream on `lease`'s connection.
+async fn open_on(
+    lease: &Lease,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<Upgraded, Attempt> {
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
         .body(body::empty())
-        .map_err(TunnelError::Request)?;
+        .map_err(|e| Attempt {
+            error: TunnelError::Request(e),
+            retry: false,
+        })?;
     let mut sender = lease.sender();
     // A pooled connection to a peer that went silent would take the stream and never
     // answer: opening a stream has the connect timeout, and a connection that misses
     // it takes no more streams.
-    let opened = tokio::time::timeout(ctx.connect_timeout, async {
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(TunnelError::Status(resp.status()));
-        }
-        Ok(hyper::upgrade::on(resp).await?)
+    let opened = tokio::time::timeout(timeout, async {
+        // Nothing was sent when the connection is not ready: always safe to retry.
+        sender.ready().await.map_err(|e| Attempt {
+            error: e.into(),
+            retry: true,
+        })?;
+        let sent = async {
+            let resp = sender.send_request(req).await?;
+            if resp.status() != StatusCode::OK {
+                return Err(TunnelError::Status(resp.status()));
+            }
+            Ok(hyper::upgrade::on(resp).await?)
+        };
+        sent.await.map_err(|error| Attempt {
+            retry: matches!(&error, TunnelError::Http(e) if not_processed(e)),
+            error,
+        })
     })
     .await;
-    let upgraded = match opened {
-        Ok(r) => r?,
+    match opened {
+        Ok(r) => r,
         Err(_) => {
             lease.mark_dead();
-            return Err(TunnelError::StreamTimeout(ctx.connect_timeout));
+            Err(Attempt {
+                error: TunnelError::StreamTimeout(timeout),
+                retry: false,
+            })
         }
-    };
-    Ok(TunnelStream {
-        io: TokioIo::new(upgraded),
-        _lease: lease,
-    })
+    }
 }
 
 async fn dial(
@@ -243,5 +334,89 @@ fn readable(e: std::io::Error) -> std::io::Error {
     match words {
         Some(w) => std::io::Error::new(e.kind(), w),
         None => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::service::service_fn;
+    use tokio::sync::oneshot;
+
+    /// An HTTP/2 server on loopback for one connection: `/fail` makes its service fail
+    /// (the stream is reset after the server took it); a message on the returned
+    /// channel shuts it down gracefully (GOAWAY), as a draining agent does.
+    async fn server() -> (SocketAddr, oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let service = service_fn(|req: Request<Incoming>| async move {
+                if req.uri().path() == "/fail" {
+                    Err(std::io::Error::other("the service failed"))
+                } else {
+                    Ok(Response::new(body::empty()))
+                }
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = rx => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        (addr, tx)
+    }
+
+    async fn client(addr: SocketAddr) -> SendRequest<Body> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::builder()
+            .uri(format!("http://peer{path}"))
+            .body(body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_peer_took_is_processed_and_one_after_its_goaway_is_not() {
+        let (addr, shutdown) = server().await;
+        let mut sender = client(addr).await;
+        sender.ready().await.unwrap();
+        assert!(sender.send_request(get("/")).await.is_ok());
+        // The server took the stream and its service failed: not to be sent again.
+        let e = sender.send_request(get("/fail")).await.unwrap_err();
+        assert!(!not_processed(&e), "{e:?}");
+        // A long-lived stream (its request body never ends) keeps the connection open
+        // through the server's drain, as a relayed connection does.
+        let never: Body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::pending::<
+                Result<hyper::body::Frame<bytes::Bytes>, body::BodyError>,
+            >(),
+        ));
+        let held = Request::post("http://peer/hold").body(never).unwrap();
+        let _held = sender.send_request(held).await.unwrap();
+        // The server goes away (GOAWAY). Whether hyper has seen it when the next
+        // request comes (then it hands the request back unsent) or not (then the
+        // peer's GOAWAY refuses the stream), the request was not processed.
+        shutdown.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let e = sender
+            .try_send_request(get("/"))
+            .await
+            .expect_err("the peer went away");
+        assert!(not_processed(e.error()), "{:?}", e.error());
     }
 }
