@@ -211,6 +211,15 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
                 let maps = maps.clone();
                 Arc::new(move || maps.counters()[counters::EVENTS_DROPPED as usize])
             },
+            {
+                let maps = maps.clone();
+                Arc::new(move |on| {
+                    if let Err(e) = maps.set_setting(mesh_common::settings::FLOW_EVENTS, on.into())
+                    {
+                        warn!(error = %e, "cannot switch the kernel's flow events");
+                    }
+                })
+            },
         )));
     }
     // The CNI plugin's namespaces, and its way to wake the pod manager.

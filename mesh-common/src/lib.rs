@@ -125,7 +125,12 @@ pub mod settings {
     /// The programs' own log (aya-log, read by the agent): [`KERNEL_LOG_OFF`] or
     /// [`KERNEL_LOG_DEBUG`] (each decision: redirect, bypass, refusal and why).
     pub const KERNEL_LOG: u32 = 4;
-    pub const LEN: u32 = 5;
+    /// Whether the programs send flow events (`MESH_EVENTS`): only while someone
+    /// observes (`meshctl observe`). Each costs the connect() a ring buffer record and,
+    /// with the reader idle, a wake-up, which on a virtual machine is an interrupt
+    /// round trip through the hypervisor; nobody reads them otherwise.
+    pub const FLOW_EVENTS: u32 = 5;
+    pub const LEN: u32 = 6;
 
     pub const KERNEL_LOG_OFF: u32 = 0;
     pub const KERNEL_LOG_DEBUG: u32 = 1;

@@ -103,9 +103,13 @@ pub fn enabled(index: u32) -> bool {
 #[map]
 pub static MESH_EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
 
-/// Sends a flow event to the agent; a full buffer is counted, never silent.
+/// Sends a flow event to the agent while someone observes (`settings::FLOW_EVENTS`);
+/// a full buffer is counted, never silent.
 #[inline(always)]
 pub fn emit(event: &FlowEvent) {
+    if !enabled(settings::FLOW_EVENTS) {
+        return;
+    }
     if MESH_EVENTS.output::<FlowEvent>(event, 0).is_err() {
         count(counters::EVENTS_DROPPED);
     }

@@ -423,6 +423,9 @@ fn observe_streams_policy_denials_and_kernel_refusals() {
     let (client, server) = setup(&mut c, 72, &extra);
     c.start_agent("node-1").unwrap();
     c.start_agent("node-2").unwrap();
+    // Nobody observes: the programs send no flow events (each would cost a connect()
+    // a ring buffer record and a wake-up).
+    assert_eq!(flow_events(&c, "node-2"), "off");
 
     let (mut denied_watch, denied) = observe(&c, "node-2", &["--verdict", "denied"]);
     let (mut all_watch, all) = observe(&c, "node-2", &["--pod", "server"]);
@@ -431,6 +434,7 @@ fn observe_streams_policy_denials_and_kernel_refusals() {
         Duration::from_secs(10),
         || metric(&c.metrics("node-2").unwrap(), "mesh_flow_observers", &[]) == 2,
     );
+    assert_eq!(flow_events(&c, "node-2"), "on");
 
     let attempt = Instant::now();
     let refused = c.run_in(&client, &["who", "--addr", &sa(vip(72), 80)], SECS);
@@ -491,6 +495,29 @@ fn observe_streams_policy_denials_and_kernel_refusals() {
     poll("the observers to be gone", Duration::from_secs(5), || {
         metric(&c.metrics("node-2").unwrap(), "mesh_flow_observers", &[]) == 0
     });
+    // And the programs stop sending flow events.
+    poll(
+        "the kernel's flow events to go off",
+        Duration::from_secs(5),
+        || flow_events(&c, "node-2") == "off",
+    );
+    let plaintext = c.run_in(&outsider, &["who", "--addr", &sa(server.ip, PORT)], SECS);
+    assert!(plaintext.is_err(), "STRICT let plaintext through");
+}
+
+/// The `flow_events` switch in the node's `MESH_SETTINGS`.
+fn flow_events(c: &Cluster, node: &str) -> String {
+    let settings = c
+        .meshctl_json(node, &["bpf", "maps", "--dump", "MESH_SETTINGS"])
+        .unwrap();
+    settings["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "flow_events")
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("{settings}"))
+        .to_owned()
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::{pin::Pin, sync::Arc, time::UNIX_EPOCH};
 use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{AdminState, Core, views};
 use crate::{
@@ -184,6 +184,16 @@ impl Admin for AdminService {
             verdict: non_empty(r.verdict),
         };
         let mut rx = self.state.telemetry.flows.subscribe();
+        // The programs send their flow events only while someone observes; the flow
+        // reader switches them off after the last observer.
+        if let Some(c) = self.state.core.get()
+            && let Err(e) = c
+                .proxy
+                .maps
+                .set_setting(mesh_common::settings::FLOW_EVENTS, 1)
+        {
+            warn!(error = %e, "cannot switch the kernel's flow events on");
+        }
         let telemetry = self.state.telemetry.clone();
         let stream = async_stream(move |tx| async move {
             loop {

@@ -262,6 +262,10 @@ fn entries(name: &str, map: Map, rows: Option<&mut Rows>) -> Result<u64, MapErro
                     mesh_common::settings::KERNEL_LOG => {
                         ("kernel_log".to_owned(), kernel_log_name(v).to_owned())
                     }
+                    mesh_common::settings::FLOW_EVENTS => (
+                        "flow_events".to_owned(),
+                        if v != 0 { "on" } else { "off" }.to_owned(),
+                    ),
                     other => (format!("slot {other}"), v.to_string()),
                 };
                 out.push((name, value));

@@ -1,6 +1,9 @@
 //! Reads the kernel's flow event ring buffer and turns each event into a [`Flow`].
-//! The buffer is always drained, observed or not, so that an idle period never fills
-//! it; events nobody watches cost a read and nothing else.
+//! The programs send events only while someone observes (`settings::FLOW_EVENTS`,
+//! switched on by the admin API when an observer subscribes and kept in line with
+//! the observers here, every second): otherwise each connect() would pay a ring
+//! buffer record and a wake-up of this reader for events nobody reads. The buffer is
+//! always drained.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
@@ -65,6 +68,7 @@ pub async fn run(
     telemetry: Arc<Telemetry>,
     resolve: PodResolver,
     dropped_in_kernel: Arc<dyn Fn() -> u64 + Send + Sync>,
+    switch_events: Arc<dyn Fn(bool) + Send + Sync>,
 ) {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf,
     // and always reports that same fd.
@@ -99,6 +103,8 @@ pub async fn run(
                 guard.clear_ready();
             }
             _ = check.tick() => {
+                // Off once the last observer has gone (on at once when one comes).
+                switch_events(telemetry.flows.observers() > 0);
                 let now = dropped_in_kernel();
                 if now > reported {
                     let lost = now - reported;
