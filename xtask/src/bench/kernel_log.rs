@@ -1,9 +1,10 @@
-//! What the kernel programs' log costs. Their decisions are logged with aya-log when
-//! `meshctl log-level set --kernel debug` switches it on; off (the default), each
-//! decision pays one array lookup. This measures that claim against a build of the
-//! same programs with the log calls compiled out (the agent's `no-kernel-log`
-//! feature), side by side in one run: three variants, alternated over rounds, each
-//! driving new connections through the node's agent as fast as they go.
+//! What the kernel programs' log and flow events cost. Their decisions are logged with
+//! aya-log when `meshctl log-level set --kernel debug` switches it on; off (the
+//! default), each decision pays one array lookup. Flow events are written only while
+//! `meshctl observe` runs. This measures both against a build of the same programs
+//! with the log calls compiled out (the agent's `no-kernel-log` feature), side by
+//! side in one run: four variants, alternated over rounds, each driving new
+//! connections through the node's agent as fast as they go.
 //!
 //! Two figures per variant: new connections per second (end to end, noisy on a small
 //! machine) and the kernel's own accounting of each program's run time
@@ -159,6 +160,8 @@ struct Setup {
     description: &'static str,
     agent: PathBuf,
     debug: bool,
+    /// `meshctl observe` runs on both nodes (the programs write flow events).
+    observed: bool,
     samples: Vec<f64>,
     connections: f64,
     /// Each round's program statistics.
@@ -179,7 +182,19 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Runs the three variants over `ROUNDS` rounds, new connections to `url` from
+/// `meshctl observe` on `node`, its output discarded, until killed.
+fn observe(c: &Cluster, node: &str) -> anyhow::Result<std::process::Child> {
+    std::process::Command::new(c.meshctl_bin())
+        .arg("--socket")
+        .arg(c.admin_socket(node))
+        .args(["-o", "json", "observe"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting meshctl observe")
+}
+
+/// Runs the variants over `ROUNDS` rounds, new connections to `url` from
 /// `client` through the agent of `node-1` (and `node-2`'s, idle).
 pub fn run(
     c: &mut Cluster,
@@ -200,6 +215,7 @@ pub fn run(
             description: "the programs built without their log calls (the reference)",
             agent: reference_path(&release),
             debug: false,
+            observed: false,
             samples: Vec::new(),
             connections: 0.0,
             rounds: Vec::new(),
@@ -209,6 +225,7 @@ pub fn run(
             description: "the shipped programs, kernel log off (the default)",
             agent: normal.clone(),
             debug: false,
+            observed: false,
             samples: Vec::new(),
             connections: 0.0,
             rounds: Vec::new(),
@@ -218,6 +235,17 @@ pub fn run(
             description: "the shipped programs, `meshctl log-level set --kernel debug` on both nodes",
             agent: normal.clone(),
             debug: true,
+            observed: false,
+            samples: Vec::new(),
+            connections: 0.0,
+            rounds: Vec::new(),
+        },
+        Setup {
+            name: "observed",
+            description: "the shipped programs, kernel log off, `meshctl observe` running on both nodes (flow events on)",
+            agent: normal.clone(),
+            debug: false,
+            observed: true,
             samples: Vec::new(),
             connections: 0.0,
             rounds: Vec::new(),
@@ -233,7 +261,8 @@ pub fn run(
     let result = (|| -> anyhow::Result<()> {
         for round in 0..ROUNDS {
             for i in 0..setups.len() {
-                let s = &mut setups[(round + i) % 3];
+                let n = setups.len();
+                let s = &mut setups[(round + i) % n];
                 progress(&format!(
                     "kernel log, round {}: {} for {}s",
                     round + 1,
@@ -253,11 +282,23 @@ pub fn run(
                         );
                     }
                 }
+                let observers: Vec<std::process::Child> = if s.observed {
+                    ["node-1", "node-2"]
+                        .iter()
+                        .map(|node| observe(c, node))
+                        .collect::<anyhow::Result<_>>()?
+                } else {
+                    Vec::new()
+                };
                 // Warm-up: the first certificate use, the agent's caches.
                 let _ = oha.fixed_rate(c, client, url, 200, 4, 1);
                 let before = Stats::read()?;
                 let measured = oha.max_rate(c, client, url, plan.connections, plan.max_secs, true);
                 let after = Stats::read()?;
+                for mut o in observers {
+                    let _ = o.kill();
+                    let _ = o.wait();
+                }
                 c.stop_agent("node-1")?;
                 c.stop_agent("node-2")?;
                 let (rps, ok) = measured?;

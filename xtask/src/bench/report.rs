@@ -425,7 +425,7 @@ fn spread(values: &[f64]) -> String {
 fn kernel_log_table(md: &mut String, k: &super::kernel_log::KernelLog) {
     let _ = writeln!(
         md,
-        "\n## Kernel log cost\n\nNew connections through the node's agent (ClusterIP, same node, \
+        "\n## Kernel log and flow event cost\n\nNew connections through the node's agent (ClusterIP, same node, \
          sockmap off) as fast as they go, {} rounds of {} s per variant in a rotating order; \
          run time per program from the kernel's own accounting (`kernel.bpf_stats_enabled`). \
          Ratios are to the programs built with the log compiled out; a program's ns/run is \
