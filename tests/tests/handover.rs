@@ -58,6 +58,19 @@ fn warnings(c: &Cluster) -> String {
     out
 }
 
+/// Asserts the dialler `d` sent more than `min` dials and every one was answered; a
+/// failure shows every agent's warnings.
+fn all_answered(c: &Cluster, d: Child, min: u64, what: &str) {
+    let r = result(d);
+    assert!(r["sent"].as_u64().unwrap() > min, "{what}: {r}");
+    assert_eq!(
+        r["answered"],
+        r["sent"],
+        "{what}: dials failed: {r}\n{}",
+        warnings(c)
+    );
+}
+
 struct Setup {
     c: Cluster,
     client: Pod,
@@ -138,14 +151,7 @@ fn an_upgrade_under_load_drops_no_connection_refuses_none_and_strict_holds() {
     assert_eq!(plaintext["answered"], 0, "{plaintext}");
     // Every dial during both handovers was answered.
     for (what, d) in [("across nodes", dial_across), ("on one node", dial_near)] {
-        let r = result(d);
-        assert!(r["sent"].as_u64().unwrap() > 200, "{what}: {r}");
-        assert_eq!(
-            r["answered"],
-            r["sent"],
-            "{what}: dials failed: {r}\n{}",
-            warnings(&c)
-        );
+        all_answered(&c, d, 200, what);
     }
     // The streams carried by the previous agents went on, byte for byte.
     across.check("across nodes");
@@ -270,14 +276,7 @@ fn a_successor_that_dies_before_it_is_ready_leaves_the_old_agent_serving_everyth
         });
     });
     assert_eq!(plaintext["answered"], 0, "{plaintext}");
-    let r = result(dial);
-    assert!(r["sent"].as_u64().unwrap() > 200, "{r}");
-    assert_eq!(
-        r["answered"],
-        r["sent"],
-        "dials failed: {r}\n{}",
-        warnings(&c)
-    );
+    all_answered(&c, dial, 200, "across nodes");
     across.check("across nodes");
     // The admin socket path is the old agent's again: meshctl reaches it, and its
     // own id is the agent's in the kernel, with no previous agent exempt.
@@ -334,14 +333,7 @@ fn a_successor_not_ready_yet_leaves_every_new_connection_to_the_old_agent() {
     let across = dialler(&mut c, &client, &sa(vip(80), 80), 3);
     let near = dialler(&mut c, &client, &sa(vip(81), 81), 3);
     for (what, d) in [("across nodes", across), ("on one node", near)] {
-        let r = result(d);
-        assert!(r["sent"].as_u64().unwrap() > 100, "{what}: {r}");
-        assert_eq!(
-            r["answered"],
-            r["sent"],
-            "{what}: dials failed: {r}\n{}",
-            warnings(&c)
-        );
+        all_answered(&c, d, 100, what);
     }
     // With the CA back the successor becomes ready, serves, and the old one drains.
     c.start_ca().unwrap();

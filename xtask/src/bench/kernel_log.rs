@@ -19,7 +19,6 @@ use mesh_tests::{Cluster, Pod};
 use serde::Serialize;
 
 use super::{Plan, load::Oha, progress};
-use crate::{root, sh};
 
 /// Rounds of the three variants, in a rotating order (drift hits each alike).
 const ROUNDS: usize = 3;
@@ -32,24 +31,9 @@ fn reference_path(release: &Path) -> PathBuf {
 /// Builds the agent with the log calls compiled out and sets it aside; the normal
 /// release build that follows overwrites `target/release/mesh-agent`.
 pub fn build_reference() -> anyhow::Result<()> {
-    std::env::set_current_dir(root())?;
     // The same packages as the normal build, so that the dependencies' features
     // unify alike and only the agent is built twice.
-    sh(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "-p",
-            "mesh-tests",
-            "--bins",
-            "--features",
-            "mesh-agent/no-kernel-log",
-        ],
-    )?;
-    let release = root().join("target/release");
+    let release = super::build_release_bins_with(&["mesh-agent/no-kernel-log"])?;
     std::fs::copy(release.join("mesh-agent"), reference_path(&release))
         .context("setting the no-kernel-log agent aside")?;
     Ok(())
@@ -168,6 +152,22 @@ struct Setup {
     rounds: Vec<Stats>,
 }
 
+impl Setup {
+    /// A variant with the log off and nobody observing, not measured yet.
+    fn new(name: &'static str, description: &'static str, agent: PathBuf) -> Setup {
+        Setup {
+            name,
+            description,
+            agent,
+            debug: false,
+            observed: false,
+            samples: Vec::new(),
+            connections: 0.0,
+            rounds: Vec::new(),
+        }
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
@@ -210,45 +210,31 @@ pub fn run(
         .to_owned();
     let normal = c.agent_bin.clone();
     let mut setups = [
+        Setup::new(
+            "log-compiled-out",
+            "the programs built without their log calls (the reference)",
+            reference_path(&release),
+        ),
+        Setup::new(
+            "log-off",
+            "the shipped programs, kernel log off (the default)",
+            normal.clone(),
+        ),
         Setup {
-            name: "log-compiled-out",
-            description: "the programs built without their log calls (the reference)",
-            agent: reference_path(&release),
-            debug: false,
-            observed: false,
-            samples: Vec::new(),
-            connections: 0.0,
-            rounds: Vec::new(),
-        },
-        Setup {
-            name: "log-off",
-            description: "the shipped programs, kernel log off (the default)",
-            agent: normal.clone(),
-            debug: false,
-            observed: false,
-            samples: Vec::new(),
-            connections: 0.0,
-            rounds: Vec::new(),
-        },
-        Setup {
-            name: "log-debug",
-            description: "the shipped programs, `meshctl log-level set --kernel debug` on both nodes",
-            agent: normal.clone(),
             debug: true,
-            observed: false,
-            samples: Vec::new(),
-            connections: 0.0,
-            rounds: Vec::new(),
+            ..Setup::new(
+                "log-debug",
+                "the shipped programs, `meshctl log-level set --kernel debug` on both nodes",
+                normal.clone(),
+            )
         },
         Setup {
-            name: "observed",
-            description: "the shipped programs, kernel log off, `meshctl observe` running on both nodes (flow events on)",
-            agent: normal.clone(),
-            debug: false,
             observed: true,
-            samples: Vec::new(),
-            connections: 0.0,
-            rounds: Vec::new(),
+            ..Setup::new(
+                "observed",
+                "the shipped programs, kernel log off, `meshctl observe` running on both nodes (flow events on)",
+                normal.clone(),
+            )
         },
     ];
     anyhow::ensure!(

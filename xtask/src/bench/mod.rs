@@ -280,19 +280,26 @@ pub fn commit() -> String {
 
 /// Builds the agent, meshctl and the workload in release and returns where they are.
 pub fn build_release_bins() -> anyhow::Result<std::path::PathBuf> {
+    build_release_bins_with(&[])
+}
+
+/// As [`build_release_bins`], with these cargo features on.
+fn build_release_bins_with(features: &[&str]) -> anyhow::Result<std::path::PathBuf> {
     std::env::set_current_dir(root())?;
-    sh(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "-p",
-            "mesh-tests",
-            "--bins",
-        ],
-    )?;
+    let mut args = vec![
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ];
+    let features = features.join(",");
+    if !features.is_empty() {
+        args.extend(["--features", &features]);
+    }
+    sh("cargo", &args)?;
     Ok(root().join("target/release"))
 }
 
