@@ -439,6 +439,8 @@ pub fn render_metrics(state: &AdminState) -> String {
     let m = &state.telemetry.metrics;
     m.flow_observers
         .set(state.telemetry.flows.observers() as i64);
+    m.relay_buffers_grown
+        .set(crate::proxy::relay_buffers_grown() as i64);
     if let Some(core) = state.core.get() {
         if let Ok(maps) = inspect::summarize(&core.map_dir) {
             for map in maps {

@@ -17,6 +17,7 @@ use super::{
     relay::{RelayEnd, relay},
     tunnel::{
         CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW,
+        TLS_READ_BUFFER,
     },
 };
 use crate::{
@@ -81,6 +82,7 @@ async fn handle(
     ctx: Arc<ProxyContext>,
 ) {
     let _ = stream.set_nodelay(true);
+    let stream = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

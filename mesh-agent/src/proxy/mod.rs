@@ -13,6 +13,7 @@ pub mod plan;
 mod podhop;
 mod pool;
 mod relay;
+pub use relay::pipe::grown as relay_buffers_grown;
 pub mod shards;
 mod snapshot;
 mod tunnel;

@@ -1,13 +1,17 @@
 //! Copying bytes both ways until both sides are done, or until policy takes the
 //! connection back, counting them as they pass (live for `meshctl conns`, and into the
 //! Istio byte counters).
+pub mod pipe;
+
 use std::{
     pin::Pin,
     task::{Context, Poll, ready},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
+
+use self::pipe::Pipe;
 
 use crate::telemetry::{ConnHandle, conns::Tally};
 
@@ -87,9 +91,66 @@ where
         tallies: down,
     };
     tokio::select! {
-        r = copy_bidirectional(&mut client, &mut server) => Ok(r?),
+        r = bidirectional(&mut client, &mut server) => Ok(r?),
         _ = revoked.cancelled() => Err(RelayEnd::Revoked),
     }
+}
+
+/// One direction's progress: copying, then shutting the writer down (FIN), then done.
+enum Half {
+    Copying(Pipe),
+    ShuttingDown(u64),
+    Done(u64),
+}
+
+impl Half {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<std::io::Result<u64>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            match self {
+                Half::Copying(pipe) => {
+                    let n = ready!(pipe.poll_copy(cx, Pin::new(&mut *r), Pin::new(&mut *w)))?;
+                    *self = Half::ShuttingDown(n);
+                }
+                Half::ShuttingDown(n) => {
+                    let n = *n;
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                    *self = Half::Done(n);
+                }
+                Half::Done(n) => return Poll::Ready(Ok(*n)),
+            }
+        }
+    }
+}
+
+/// Copies both ways until both sides have ended (each end's FIN passed on as a
+/// shutdown of the other), as tokio's `copy_bidirectional` does, through [`Pipe`]s.
+pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (mut up, mut down) = (
+        Half::Copying(Pipe::default()),
+        Half::Copying(Pipe::default()),
+    );
+    std::future::poll_fn(|cx| {
+        let up = up.poll(cx, a, b)?;
+        let down = down.poll(cx, b, a)?;
+        let (Poll::Ready(up), Poll::Ready(down)) = (up, down) else {
+            return Poll::Pending;
+        };
+        Poll::Ready(Ok((up, down)))
+    })
+    .await
 }
 
 /// Closes with RST rather than FIN, so the peer sees a failed connection, not an

@@ -50,6 +50,10 @@ pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// bound per tunnel connection: a peer can never have more than it sent and unread.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// A read buffer under TLS on every tunnel socket: rustls asks its transport for at
+/// most 4 KiB at a time, so without it a 16 KiB record costs four `read` calls. One
+/// buffer per tunnel connection (they are pooled and few), not per stream.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
 /// An open CONNECT stream; holds its pool lease for as long as it lives.
 pub struct TunnelStream {
@@ -296,7 +300,10 @@ async fn dial(
     let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
     let tls = tokio::time::timeout(
         ctx.connect_timeout,
-        TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        TlsConnector::from(config).connect(
+            ServerName::IpAddress(addr.ip().into()),
+            tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp),
+        ),
     )
     .await
     .map_err(|_| TunnelError::Handshake(std::io::ErrorKind::TimedOut.into()))?

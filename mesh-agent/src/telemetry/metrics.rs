@@ -139,6 +139,7 @@ pub struct Metrics {
     pub tunnel_connections: Gauge,
     pub live_connections: Gauge,
     pub flow_observers: Gauge,
+    pub relay_buffers_grown: Gauge,
 }
 
 impl Default for Metrics {
@@ -264,9 +265,16 @@ impl Default for Metrics {
             "Clients streaming flow events (meshctl observe)",
             flow_observers.clone(),
         );
+        let relay_buffers_grown = Gauge::default();
+        registry.register(
+            "mesh_relay_buffer_grown_bytes",
+            "Bytes the relay buffers of busy connections hold above their base size (bounded by an agent-wide budget)",
+            relay_buffers_grown.clone(),
+        );
         Metrics {
             registry,
             flow_observers,
+            relay_buffers_grown,
             tcp_opened,
             tcp_closed,
             tcp_sent_bytes,

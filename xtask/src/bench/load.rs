@@ -80,20 +80,47 @@ impl Oha {
         connections: u32,
         secs: u64,
     ) -> anyhow::Result<Latency> {
-        let v = self.run(
-            c,
-            pod,
-            url,
-            &[
-                "-q".into(),
-                rate.to_string(),
-                "--latency-correction".into(),
-                "-c".into(),
-                connections.to_string(),
-                "-z".into(),
-                format!("{secs}s"),
-            ],
-        )?;
+        self.paced(c, pod, url, rate, connections, secs, true)
+    }
+
+    /// A fixed rate of new connections, one request on each (`--disable-keepalive`):
+    /// connection churn, with each connection's setup in the request's latency.
+    pub fn churn(
+        &self,
+        c: &Cluster,
+        pod: &Pod,
+        url: &str,
+        rate: u32,
+        connections: u32,
+        secs: u64,
+    ) -> anyhow::Result<Latency> {
+        self.paced(c, pod, url, rate, connections, secs, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn paced(
+        &self,
+        c: &Cluster,
+        pod: &Pod,
+        url: &str,
+        rate: u32,
+        connections: u32,
+        secs: u64,
+        keepalive: bool,
+    ) -> anyhow::Result<Latency> {
+        let mut args = vec![
+            "-q".into(),
+            rate.to_string(),
+            "--latency-correction".into(),
+            "-c".into(),
+            connections.to_string(),
+            "-z".into(),
+            format!("{secs}s"),
+        ];
+        if !keepalive {
+            args.push("--disable-keepalive".into());
+        }
+        let v = self.run(c, pod, url, &args)?;
         let p = &v["latencyPercentiles"];
         Ok(Latency {
             rate,

@@ -26,13 +26,13 @@ mod work;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use load::{Oha, anon_rss_mib, bulk, cpu_seconds, peak_rss_mib};
 use mesh_tests::{Cluster, Pod, yaml};
-use report::{Report, Scenario};
+use report::{Cost, Report, Scenario};
 
 use crate::{root, sh};
 
@@ -46,10 +46,17 @@ const REMOTE_BULK_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 203);
 const L7_LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 204);
 const L7_REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 205);
 
+/// New connections per second in the churn run: below every path's connection rate
+/// on this machine (HAProxy's mTLS handshakes top out near 600/s), so each path's
+/// latency is compared at a load it sustains.
+const CHURN_RATE: u32 = 300;
+
 /// How long and how hard each measurement runs.
 struct Plan {
     rates: Vec<u32>,
     rate_secs: u64,
+    /// New connections per second in the churn run.
+    churn_rate: u32,
     connections: u32,
     max_secs: u64,
     bulk_bytes: u64,
@@ -78,11 +85,23 @@ impl Plan {
         !self.only.is_empty() || self.profile
     }
 
+    /// How long the proxies' idle cost is measured.
+    fn idle_secs(&self) -> u64 {
+        self.rate_secs.min(5)
+    }
+
+    /// How long to profile a bulk transfer: about as long as it takes through the
+    /// mesh (perf's recording length is fixed when it starts).
+    fn bulk_profile_secs(&self) -> u64 {
+        (self.bulk_bytes >> 28).max(1)
+    }
+
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
-                rates: vec![1000, 4000],
+                rates: vec![1000, 4000, 10_000],
                 rate_secs: 5,
+                churn_rate: CHURN_RATE,
                 connections: 16,
                 max_secs: 4,
                 bulk_bytes: 256 << 20,
@@ -93,8 +112,9 @@ impl Plan {
             }
         } else {
             Plan {
-                rates: vec![1000, 4000],
+                rates: vec![1000, 4000, 10_000],
                 rate_secs: 20,
+                churn_rate: CHURN_RATE,
                 connections: 16,
                 max_secs: 10,
                 bulk_bytes: 1 << 30,
@@ -148,6 +168,19 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
     };
     // A short warm-up: pooled tunnels, caches, the first certificate use.
     let _ = oha.fixed_rate(c, client, &url, 200, 4, 1);
+    if !proxies.is_empty() {
+        // What the proxies cost with no traffic at all (timers, health, config).
+        let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(plan.idle_secs()));
+        let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+        s.proxy_cost.push(Cost {
+            rate: 0,
+            achieved_rps: 0.0,
+            vcpu: cpu / t0.elapsed().as_secs_f64(),
+            anon_rss_mib: proxies.iter().map(|p| anon_rss_mib(*p)).sum(),
+        });
+    }
     for (i, rate) in plan.rates.iter().enumerate() {
         progress(&format!("{name}: {rate} req/s for {}s", plan.rate_secs));
         let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
@@ -157,10 +190,18 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             .flatten();
         match oha.fixed_rate(c, client, &url, *rate, plan.connections, plan.rate_secs) {
             Ok(l) => {
-                if i == 0 && !proxies.is_empty() {
+                if !proxies.is_empty() {
                     let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
                     let vcpu = cpu / t0.elapsed().as_secs_f64();
-                    s.proxy_vcpu_per_1k_rps = Some(vcpu * 1000.0 / l.achieved_rps.max(1.0));
+                    s.proxy_cost.push(Cost {
+                        rate: *rate,
+                        achieved_rps: l.achieved_rps,
+                        vcpu,
+                        anon_rss_mib: proxies.iter().map(|p| anon_rss_mib(*p)).sum(),
+                    });
+                }
+                if i == 0 && !proxies.is_empty() {
+                    s.proxy_vcpu_per_1k_rps = Some(vcpu_per_1k(&s.proxy_cost, *rate));
                     if let Some(w) = counting.and_then(work::Counting::finish) {
                         let requests = l.achieved_rps * plan.rate_secs as f64;
                         s.proxy_syscalls_per_request = Some(w.syscalls / requests.max(1.0));
@@ -212,6 +253,31 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             .errors
             .push(format!("new connections: {}", first_line(&e))),
     }
+    progress(&format!(
+        "{name}: {} new connections/s for {}s",
+        plan.churn_rate, plan.rate_secs
+    ));
+    match oha.churn(
+        c,
+        client,
+        &url,
+        plan.churn_rate,
+        plan.connections,
+        plan.rate_secs,
+    ) {
+        Ok(mut l) => {
+            if l.success_rate < 1.0 {
+                s.errors
+                    .push(format!("churn: success rate {:.4}", l.success_rate));
+            }
+            if l.success_rate < 0.99 {
+                (l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms) =
+                    (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+            }
+            s.churn = Some(l);
+        }
+        Err(e) => s.errors.push(format!("churn: {}", first_line(&e))),
+    }
     if bulk_addr.is_some() {
         progress(&format!(
             "{name}: bulk {} MiB on one connection",
@@ -220,8 +286,30 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
     }
     s.bulk_gbit_s = f64::NAN;
     if let Some(bulk_addr) = bulk_addr {
-        match bulk(c, client, bulk_addr, plan.bulk_bytes) {
-            Ok(g) => s.bulk_gbit_s = g,
+        let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
+        let counting = (!proxies.is_empty())
+            .then(|| work::count_until_stopped(proxies))
+            .flatten();
+        let recording = (plan.profile && !proxies.is_empty())
+            .then(|| profile(&format!("{name}-bulk"), proxies, plan.bulk_profile_secs()))
+            .flatten();
+        let result = bulk(c, client, bulk_addr, plan.bulk_bytes);
+        let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+        let work = counting.and_then(work::Counting::stop);
+        if let Some(mut perf) = recording {
+            let _ = perf.wait();
+        }
+        match result {
+            Ok(g) => {
+                s.bulk_gbit_s = g;
+                let gib = plan.bulk_bytes as f64 / f64::from(1u32 << 30);
+                if !proxies.is_empty() {
+                    s.bulk_proxy_cpu_s_per_gib = Some(cpu / gib);
+                }
+                if let Some(w) = work {
+                    s.bulk_proxy_syscalls_per_mib = Some(w.syscalls / (gib * 1024.0));
+                }
+            }
             Err(e) => s.errors.push(format!("bulk: {}", first_line(&e))),
         }
     }
@@ -230,6 +318,14 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         s.proxy_anon_rss_mib = Some(proxies.iter().map(|p| anon_rss_mib(*p)).sum());
     }
     s
+}
+
+/// The proxies' vCPU per 1,000 req/s at `rate`, from the costs measured.
+fn vcpu_per_1k(costs: &[Cost], rate: u32) -> f64 {
+    costs
+        .iter()
+        .find(|c| c.rate == rate)
+        .map_or(f64::NAN, |c| c.vcpu * 1000.0 / c.achieved_rps.max(1.0))
 }
 
 /// Starts `perf record` on the proxies for `secs`; the data goes to
@@ -322,6 +418,31 @@ fn machine(report: &mut Report) {
         .find(|l| l.starts_with("MemTotal:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1048576.0);
+    report.kernel_tls = kernel_tls();
+}
+
+/// Whether this kernel can take over the TLS record layer (`TCP_ULP` "tls"): the ULP
+/// is listed once its module is loaded; otherwise the kernel's config says whether it
+/// exists at all.
+fn kernel_tls() -> String {
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    if ulps.split_whitespace().any(|u| u == "tls") {
+        return "available (the tls ULP is loaded)".into();
+    }
+    let config = text(
+        "sh",
+        &[
+            "-c",
+            "zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?CONFIG_TLS[ =]'",
+        ],
+    );
+    match config.as_str() {
+        "" => format!(
+            "not loaded (ULPs: {}); the kernel config is not readable",
+            ulps.trim()
+        ),
+        line => format!("not available (ULPs: {}; {line})", ulps.trim()),
+    }
 }
 
 pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> {

@@ -17,16 +17,36 @@ pub struct Scenario {
     pub saturation_rps: f64,
     pub new_connections_per_s: f64,
     pub bulk_gbit_s: f64,
+    /// A fixed rate of new connections, one request each.
+    pub churn: Option<Latency>,
+    /// The proxies' CPU and memory with no traffic (rate 0) and at each fixed rate.
+    pub proxy_cost: Vec<Cost>,
     /// Proxy CPU (agents or HAProxies) during the lowest fixed rate, per 1,000 req/s.
     pub proxy_vcpu_per_1k_rps: Option<f64>,
     /// The proxies' system calls and context switches per request during the lowest
     /// fixed rate (`perf stat`): work counts, which the machine's noise does not move.
     pub proxy_syscalls_per_request: Option<f64>,
     pub proxy_switches_per_request: Option<f64>,
+    /// The proxies' CPU time (user + system, every proxy on the path) per GiB of the
+    /// bulk transfer.
+    pub bulk_proxy_cpu_s_per_gib: Option<f64>,
+    /// The proxies' system calls per MiB of the bulk transfer.
+    pub bulk_proxy_syscalls_per_mib: Option<f64>,
     pub proxy_peak_rss_mib: Option<f64>,
     /// Anonymous resident memory at the end of the scenario (no shared code pages).
     pub proxy_anon_rss_mib: Option<f64>,
     pub errors: Vec<String>,
+}
+
+/// What the proxies on a path cost at one offered rate.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cost {
+    /// The offered rate in req/s; 0 is idle.
+    pub rate: u32,
+    pub achieved_rps: f64,
+    /// User plus system CPU of every proxy on the path, in cores.
+    pub vcpu: f64,
+    pub anon_rss_mib: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -51,6 +71,9 @@ pub struct Report {
     pub cores: usize,
     pub memory_gib: f64,
     pub quick: bool,
+    /// Whether the kernel offers TLS offload (`TCP_ULP` "tls"), which the kTLS
+    /// exploration needs.
+    pub kernel_tls: String,
     pub scenarios: Vec<Scenario>,
     pub scale: Option<Scale>,
     pub kernel_log: Option<super::kernel_log::KernelLog>,
@@ -84,14 +107,16 @@ impl Report {
              run, on the same simulated cluster (network namespaces, veth, a bridge), with \
              the client load generator (oha) in the client pod. Ratios are to the no-mesh \
              baseline of the same path (`direct-local` for same-node, `direct` across \
-             nodes). The machine is small and shared: expect a few percent of noise.\n",
+             nodes). The machine is small and shared: expect a few percent of noise. \
+             Kernel TLS: {}.\n",
             if self.quick { " --quick" } else { "" },
             self.generated_at,
             self.commit,
             self.cpu,
             self.cores,
             self.memory_gib,
-            self.kernel
+            self.kernel,
+            self.kernel_tls
         );
         let rates: Vec<u32> = self
             .scenarios
@@ -99,36 +124,22 @@ impl Report {
             .map(|s| s.latency.iter().map(|l| l.rate).collect())
             .unwrap_or_default();
         for rate in &rates {
-            let _ = writeln!(
-                md,
-                "## Latency at {rate} req/s (1 KiB request and response, keep-alive, coordinated omission corrected)\n"
+            let heading = format!(
+                "## Latency at {rate} req/s (1 KiB request and response, keep-alive, coordinated omission corrected)"
             );
-            let _ = writeln!(
-                md,
-                "| scenario | p50 ms | p90 ms | p99 ms | p99.9 ms | p99 vs baseline | p99 added ms | achieved req/s |\n|---|---|---|---|---|---|---|---|"
-            );
-            for s in &self.scenarios {
-                let Some(l) = s.latency.iter().find(|l| l.rate == *rate) else {
-                    continue;
-                };
-                let base = self
-                    .scenario(&s.baseline)
-                    .and_then(|b| b.latency.iter().find(|l| l.rate == *rate));
-                let _ = writeln!(
-                    md,
-                    "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.0} |",
-                    s.name,
-                    l.p50_ms,
-                    l.p90_ms,
-                    l.p99_ms,
-                    l.p999_ms,
-                    base.map_or("-".into(), |b| ratio(l.p99_ms, b.p99_ms)),
-                    base.map_or("-".into(), |b| format!("{:+.3}", l.p99_ms - b.p99_ms)),
-                    l.achieved_rps
-                );
-            }
-            md.push('\n');
+            self.latency_table(&mut md, &heading, "achieved req/s", |s| {
+                s.latency.iter().find(|l| l.rate == *rate)
+            });
         }
+        let heading = format!(
+            "## Connection churn at {} new connections/s (one 1 KiB request per connection, coordinated omission corrected)",
+            self.scenarios
+                .iter()
+                .find_map(|s| s.churn.as_ref().map(|l| l.rate))
+                .unwrap_or_default()
+        );
+        self.latency_table(&mut md, &heading, "achieved conn/s", |s| s.churn.as_ref());
+        self.cost_table(&mut md);
         let _ = writeln!(md, "## Throughput and cost\n");
         let _ = writeln!(
             md,
@@ -198,6 +209,88 @@ impl Report {
         md
     }
 
+    /// One latency row per scenario that has the figure `pick` chooses, with its ratio
+    /// to the scenario's baseline.
+    fn latency_table(
+        &self,
+        md: &mut String,
+        heading: &str,
+        achieved: &str,
+        pick: impl Fn(&Scenario) -> Option<&Latency>,
+    ) {
+        if !self.scenarios.iter().any(|s| pick(s).is_some()) {
+            return;
+        }
+        let _ = writeln!(md, "{heading}\n");
+        let _ = writeln!(
+            md,
+            "| scenario | p50 ms | p90 ms | p99 ms | p99.9 ms | p99 vs baseline | p99 added ms | {achieved} |\n|---|---|---|---|---|---|---|---|"
+        );
+        for s in &self.scenarios {
+            let Some(l) = pick(s) else {
+                continue;
+            };
+            let base = self.scenario(&s.baseline).and_then(&pick);
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.0} |",
+                s.name,
+                l.p50_ms,
+                l.p90_ms,
+                l.p99_ms,
+                l.p999_ms,
+                base.map_or("-".into(), |b| ratio(l.p99_ms, b.p99_ms)),
+                base.map_or("-".into(), |b| format!("{:+.3}", l.p99_ms - b.p99_ms)),
+                l.achieved_rps
+            );
+        }
+        md.push('\n');
+    }
+
+    /// The proxies' CPU and anonymous memory idle and at each fixed rate.
+    fn cost_table(&self, md: &mut String) {
+        let rows: Vec<_> = self
+            .scenarios
+            .iter()
+            .filter(|s| !s.proxy_cost.is_empty())
+            .collect();
+        let Some(first) = rows.first() else {
+            return;
+        };
+        let rates: Vec<u32> = first.proxy_cost.iter().map(|c| c.rate).collect();
+        let _ = writeln!(
+            md,
+            "## Proxy cost by load\n\nCPU (cores, user plus system) and anonymous resident memory (MiB) of every proxy on the path, idle and at each fixed rate (keep-alive, 16 connections). A rate above a path's saturation is reported at what it achieved.\n"
+        );
+        let mut head = "| scenario |".to_owned();
+        let mut rule = "|---|".to_owned();
+        for r in &rates {
+            let _ = write!(head, " vCPU at {r} | MiB at {r} |");
+            rule += "---|---|";
+        }
+        let _ = writeln!(md, "{head}\n{rule}");
+        for s in rows {
+            let mut row = format!("| {} |", s.name);
+            for r in &rates {
+                match s.proxy_cost.iter().find(|c| c.rate == *r) {
+                    Some(c) if c.rate > 0 && c.achieved_rps < f64::from(c.rate) * 0.95 => {
+                        let _ = write!(
+                            row,
+                            " {:.3} ({:.0} req/s) | {:.1} |",
+                            c.vcpu, c.achieved_rps, c.anon_rss_mib
+                        );
+                    }
+                    Some(c) => {
+                        let _ = write!(row, " {:.3} | {:.1} |", c.vcpu, c.anon_rss_mib);
+                    }
+                    None => row += " - | - |",
+                }
+            }
+            let _ = writeln!(md, "{row}");
+        }
+        md.push('\n');
+    }
+
     /// Per-request kernel work of the proxies: counts, not times, so two runs on a noisy
     /// machine agree where latencies do not.
     fn work_table(&self, md: &mut String) {
@@ -215,16 +308,18 @@ impl Report {
             .find_map(|s| s.latency.first().map(|l| l.rate));
         let _ = writeln!(
             md,
-            "## Work per request\n\nThe proxies' system calls and context switches (all threads of every proxy process on the path, both nodes) per request, counted with `perf stat` during the {} req/s run.\n\n| scenario | syscalls per request | context switches per request |\n|---|---|---|",
+            "## Work per request and per byte\n\nThe proxies' system calls and context switches (all threads of every proxy process on the path, both nodes) per request, counted with `perf stat` during the {} req/s run; and for the bulk transfer, the proxies' CPU time per GiB and system calls per MiB.\n\n| scenario | syscalls per request | context switches per request | bulk: proxy CPU s per GiB | bulk: syscalls per MiB |\n|---|---|---|---|---|",
             rate.unwrap_or_default()
         );
         for s in rows {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 s.name,
                 opt(s.proxy_syscalls_per_request, 1),
-                opt(s.proxy_switches_per_request, 1)
+                opt(s.proxy_switches_per_request, 1),
+                opt(s.bulk_proxy_cpu_s_per_gib, 2),
+                opt(s.bulk_proxy_syscalls_per_mib, 1),
             );
         }
         md.push('\n');

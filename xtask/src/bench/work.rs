@@ -33,13 +33,25 @@ const KINDS: [&str; 10] = [
 
 /// Starts counting on the proxies for `secs`; `None` when perf cannot start.
 pub fn count(proxies: &[u32], secs: u64) -> Option<Counting> {
+    start(proxies, Some(secs))
+}
+
+/// Starts counting on the proxies until [`Counting::stop`]: for a measurement whose
+/// length is not known in advance (a bulk transfer).
+pub fn count_until_stopped(proxies: &[u32]) -> Option<Counting> {
+    start(proxies, None)
+}
+
+fn start(proxies: &[u32], secs: Option<u64>) -> Option<Counting> {
     let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
-    Command::new("perf")
-        .args(["stat", "-x", ",", "-e"])
+    let mut cmd = Command::new("perf");
+    cmd.args(["stat", "-x", ",", "-e"])
         .arg(format!("{SYSCALLS},{SWITCHES},{}", KINDS.join(",")))
-        .args(["-p", &pids.join(",")])
-        .args(["--", "sleep", &secs.to_string()])
-        .stdout(Stdio::null())
+        .args(["-p", &pids.join(",")]);
+    if let Some(secs) = secs {
+        cmd.args(["--", "sleep", &secs.to_string()]);
+    }
+    cmd.stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| progress(&format!("perf stat did not start: {e}")))
@@ -48,6 +60,15 @@ pub fn count(proxies: &[u32], secs: u64) -> Option<Counting> {
 }
 
 impl Counting {
+    /// Ends a count started with [`count_until_stopped`] (perf prints its counts on
+    /// SIGINT) and reads it.
+    pub fn stop(self) -> Option<Work> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        self.finish()
+    }
+
     /// Waits for the count; `None` if perf failed or printed no count.
     pub fn finish(self) -> Option<Work> {
         let out = self.0.wait_with_output().ok()?;

@@ -169,7 +169,7 @@ pub async fn send(
                     }
                 };
                 let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-                match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                match crate::proxy::relay::bidirectional(&mut client, &mut server).await {
                     Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
                     Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
                 }

@@ -1,0 +1,236 @@
+//! One direction of a relay. It reads into a buffer that grows while the source keeps
+//! filling it and shrinks back when reads come in small, so a bulk transfer moves in
+//! few large reads and writes (fewer system calls, TLS records and HTTP/2 frames per
+//! byte) while an idle or chatty connection holds a small buffer. What the buffers
+//! grow beyond their first size comes from one budget for the whole agent, so ten
+//! thousand connections that all send at full speed cannot make the agent hold more
+//! than the budget on top of their base buffers.
+use std::{
+    io,
+    pin::Pin,
+    sync::atomic::{AtomicUsize, Ordering},
+    task::{Context, Poll, ready},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Every connection's first buffer, per direction (tokio's default for a copy).
+pub const BASE: usize = 8 * 1024;
+/// The largest a buffer grows: a read this large takes what a fast sender put in a
+/// socket's receive queue at once.
+pub const MAX: usize = 256 * 1024;
+/// What all buffers together may hold above their base size.
+pub const BUDGET: usize = 64 * 1024 * 1024;
+
+/// The growth above [`BASE`] that the agent's buffers hold now.
+static GROWN: AtomicUsize = AtomicUsize::new(0);
+
+/// The bytes all relay buffers hold above their base size (a gauge on `/metrics`).
+pub fn grown() -> usize {
+    GROWN.load(Ordering::Relaxed)
+}
+
+/// The size for the next read, from the current size and what the last read got:
+/// a read that filled the buffer doubles it, one that got under a quarter of it
+/// halves it, anything between keeps it.
+pub fn next_size(current: usize, last_read: usize) -> usize {
+    if last_read >= current {
+        (current * 2).min(MAX)
+    } else if last_read < current / 4 {
+        (current / 2).max(BASE)
+    } else {
+        current
+    }
+}
+
+/// Takes `extra` bytes from the budget `used` (bounded by `budget`); false if it
+/// would go over.
+fn reserve(used: &AtomicUsize, budget: usize, extra: usize) -> bool {
+    used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+        u.checked_add(extra).filter(|t| *t <= budget)
+    })
+    .is_ok()
+}
+
+/// A copy from one stream to another, in the manner of tokio's `copy`, with a
+/// buffer that changes size between reads (never while it holds data).
+pub struct Pipe {
+    buf: Vec<u8>,
+    /// Unwritten data is `buf[pos..end]`.
+    pos: usize,
+    end: usize,
+    /// What the last read got: decides the next buffer size.
+    last_read: usize,
+    read_done: bool,
+    need_flush: bool,
+    copied: u64,
+}
+
+impl Default for Pipe {
+    fn default() -> Self {
+        Pipe {
+            buf: vec![0; BASE],
+            pos: 0,
+            end: 0,
+            last_read: 0,
+            read_done: false,
+            need_flush: false,
+            copied: 0,
+        }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        GROWN.fetch_sub(self.buf.len() - BASE, Ordering::Relaxed);
+    }
+}
+
+impl Pipe {
+    /// The buffer's size now.
+    #[cfg(test)]
+    fn size(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Resizes the (empty) buffer for the next read.
+    fn resize(&mut self) {
+        let (now, want) = (self.buf.len(), next_size(self.buf.len(), self.last_read));
+        if want > now {
+            if reserve(&GROWN, BUDGET, want - now) {
+                self.buf.resize(want, 0);
+            }
+        } else if want < now {
+            self.buf.truncate(want);
+            self.buf.shrink_to_fit();
+            GROWN.fetch_sub(now - want, Ordering::Relaxed);
+        }
+    }
+
+    /// Copies until the reader ends and everything read is written and flushed;
+    /// returns the bytes copied.
+    pub fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.end && !self.read_done {
+                self.pos = 0;
+                self.end = 0;
+                self.resize();
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        self.last_read = n;
+                        self.end = n;
+                        self.read_done = n == 0;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Nothing more to read now: what was written must leave
+                        // before this side waits (a TLS or HTTP/2 writer buffers).
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.end {
+                let n = ready!(
+                    writer
+                        .as_mut()
+                        .poll_write(cx, &self.buf[self.pos..self.end])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.copied += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(writer.as_mut().poll_flush(cx))?;
+                return Poll::Ready(Ok(self.copied));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_read_doubles_the_buffer_up_to_the_maximum() {
+        assert_eq!(next_size(BASE, BASE), 2 * BASE);
+        assert_eq!(next_size(MAX / 2, MAX / 2), MAX);
+        assert_eq!(next_size(MAX, MAX), MAX);
+    }
+
+    #[test]
+    fn a_small_read_halves_it_down_to_the_base() {
+        assert_eq!(next_size(MAX, 100), MAX / 2);
+        assert_eq!(next_size(2 * BASE, 100), BASE);
+        assert_eq!(next_size(BASE, 1), BASE);
+        assert_eq!(next_size(BASE, 0), BASE);
+    }
+
+    #[test]
+    fn a_read_between_a_quarter_and_full_keeps_it() {
+        assert_eq!(next_size(MAX, MAX / 4), MAX);
+        assert_eq!(next_size(MAX, MAX - 1), MAX);
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded() {
+        let used = AtomicUsize::new(0);
+        assert!(reserve(&used, 100, 60));
+        assert!(!reserve(&used, 100, 41));
+        assert!(reserve(&used, 100, 40));
+        assert_eq!(used.load(Ordering::Relaxed), 100);
+        assert!(!reserve(&used, usize::MAX, usize::MAX));
+    }
+
+    /// A bulk copy through in-memory streams grows the buffer, and every byte
+    /// arrives in order.
+    #[tokio::test]
+    async fn a_bulk_copy_grows_the_buffer_and_loses_nothing() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let (mut c, mut d) = tokio::io::duplex(1 << 20);
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await?;
+            a.shutdown().await
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            d.read_to_end(&mut got).await.map(|_| got)
+        });
+        let mut pipe = Pipe::default();
+        let mut biggest = 0;
+        let copied = std::future::poll_fn(|cx| {
+            let r = pipe.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut c));
+            biggest = biggest.max(pipe.size());
+            r
+        })
+        .await
+        .expect("copy");
+        drop(c);
+        writer.await.expect("join").expect("write");
+        let got = reader.await.expect("join").expect("read");
+        assert_eq!(copied, data.len() as u64);
+        assert!(got == data, "the copy changed or lost bytes");
+        assert!(biggest > BASE, "a bulk copy never grew the buffer");
+    }
+}
