@@ -16,8 +16,8 @@ use super::{
     http::body::{self, Body},
     relay::{RelayEnd, relay},
     tunnel::{
-        CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW,
-        TLS_READ_BUFFER,
+        CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+        MAX_FRAME_SIZE, STREAM_WINDOW, TLS_READ_BUFFER,
     },
 };
 use crate::{
@@ -133,6 +133,7 @@ async fn handle(
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(served);
     // Draining (a successor took over): GOAWAY, so the peer agent opens its next

@@ -50,6 +50,11 @@ pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// bound per tunnel connection: a peer can never have more than it sent and unread.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// The largest HTTP/2 frame each side accepts (RFC 9113 §6.5.2; the default is
+/// 16 KiB): a relay that read 256 KiB sends it in one DATA frame, and the receiving
+/// agent hands it to the application in one write, not sixteen. A frame is held whole
+/// before it is passed on, so this is also the most a frame makes a side buffer.
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// A read buffer under TLS on every tunnel socket: rustls asks its transport for at
 /// most 4 KiB at a time, so without it a 16 KiB record costs four `read` calls. One
 /// buffer per tunnel connection (they are pooled and few), not per stream.
@@ -315,6 +320,7 @@ async fn dial(
         .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
         .handshake(TokioIo::new(tls))
         .await?;
     let span = debug_span!("tunnel_out", dest = %dest, %addr);

@@ -22,12 +22,45 @@ pub const MAX: usize = 256 * 1024;
 /// What all buffers together may hold above their base size.
 pub const BUDGET: usize = 64 * 1024 * 1024;
 
-/// The growth above [`BASE`] that the agent's buffers hold now.
-static GROWN: AtomicUsize = AtomicUsize::new(0);
+/// What relay buffers may hold above their base size, together.
+pub struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub const fn new(limit: usize) -> Budget {
+        Budget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// The bytes held above base size now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `extra` bytes; false (and nothing taken) if that would pass the limit.
+    fn take(&self, extra: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                u.checked_add(extra).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The agent's one budget for every relay.
+pub static AGENT_BUDGET: Budget = Budget::new(BUDGET);
 
 /// The bytes all relay buffers hold above their base size (a gauge on `/metrics`).
 pub fn grown() -> usize {
-    GROWN.load(Ordering::Relaxed)
+    AGENT_BUDGET.used()
 }
 
 /// The size for the next read, from the current size and what the last read got:
@@ -43,18 +76,10 @@ pub fn next_size(current: usize, last_read: usize) -> usize {
     }
 }
 
-/// Takes `extra` bytes from the budget `used` (bounded by `budget`); false if it
-/// would go over.
-fn reserve(used: &AtomicUsize, budget: usize, extra: usize) -> bool {
-    used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-        u.checked_add(extra).filter(|t| *t <= budget)
-    })
-    .is_ok()
-}
-
 /// A copy from one stream to another, in the manner of tokio's `copy`, with a
 /// buffer that changes size between reads (never while it holds data).
 pub struct Pipe {
+    budget: &'static Budget,
     buf: Vec<u8>,
     /// Unwritten data is `buf[pos..end]`.
     pos: usize,
@@ -66,9 +91,11 @@ pub struct Pipe {
     copied: u64,
 }
 
-impl Default for Pipe {
-    fn default() -> Self {
+impl Pipe {
+    /// A pipe whose growth comes from `budget`.
+    pub fn new(budget: &'static Budget) -> Pipe {
         Pipe {
+            budget,
             buf: vec![0; BASE],
             pos: 0,
             end: 0,
@@ -80,9 +107,15 @@ impl Default for Pipe {
     }
 }
 
+impl Default for Pipe {
+    fn default() -> Self {
+        Pipe::new(&AGENT_BUDGET)
+    }
+}
+
 impl Drop for Pipe {
     fn drop(&mut self) {
-        GROWN.fetch_sub(self.buf.len() - BASE, Ordering::Relaxed);
+        self.budget.give_back(self.buf.len() - BASE);
     }
 }
 
@@ -97,13 +130,13 @@ impl Pipe {
     fn resize(&mut self) {
         let (now, want) = (self.buf.len(), next_size(self.buf.len(), self.last_read));
         if want > now {
-            if reserve(&GROWN, BUDGET, want - now) {
+            if self.budget.take(want - now) {
                 self.buf.resize(want, 0);
             }
         } else if want < now {
             self.buf.truncate(want);
             self.buf.shrink_to_fit();
-            GROWN.fetch_sub(now - want, Ordering::Relaxed);
+            self.budget.give_back(now - want);
         }
     }
 
@@ -192,12 +225,14 @@ mod tests {
 
     #[test]
     fn the_budget_is_never_exceeded() {
-        let used = AtomicUsize::new(0);
-        assert!(reserve(&used, 100, 60));
-        assert!(!reserve(&used, 100, 41));
-        assert!(reserve(&used, 100, 40));
-        assert_eq!(used.load(Ordering::Relaxed), 100);
-        assert!(!reserve(&used, usize::MAX, usize::MAX));
+        let budget = Budget::new(100);
+        assert!(budget.take(60));
+        assert!(!budget.take(41));
+        assert!(budget.take(40));
+        assert_eq!(budget.used(), 100);
+        budget.give_back(100);
+        assert!(!budget.take(usize::MAX));
+        assert_eq!(budget.used(), 0);
     }
 
     /// A bulk copy through in-memory streams grows the buffer, and every byte
@@ -217,7 +252,8 @@ mod tests {
             let mut got = Vec::new();
             d.read_to_end(&mut got).await.map(|_| got)
         });
-        let mut pipe = Pipe::default();
+        static BUDGET: Budget = Budget::new(3 * BASE);
+        let mut pipe = Pipe::new(&BUDGET);
         let mut biggest = 0;
         let copied = std::future::poll_fn(|cx| {
             let r = pipe.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut c));
@@ -232,5 +268,38 @@ mod tests {
         assert_eq!(copied, data.len() as u64);
         assert!(got == data, "the copy changed or lost bytes");
         assert!(biggest > BASE, "a bulk copy never grew the buffer");
+        assert!(BUDGET.used() <= 3 * BASE);
+        drop(pipe);
+        assert_eq!(BUDGET.used(), 0, "a pipe kept its growth after it ended");
+    }
+
+    /// With the budget spent, a busy pipe keeps its size and still copies.
+    #[tokio::test]
+    async fn a_spent_budget_leaves_pipes_at_their_size() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        static SPENT: Budget = Budget::new(0);
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let (mut c, mut d) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(async move {
+            a.write_all(&[7u8; 1 << 20]).await?;
+            a.shutdown().await
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            d.read_to_end(&mut got).await.map(|_| got.len())
+        });
+        let mut pipe = Pipe::new(&SPENT);
+        let mut biggest = 0;
+        std::future::poll_fn(|cx| {
+            let r = pipe.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut c));
+            biggest = biggest.max(pipe.size());
+            r
+        })
+        .await
+        .expect("copy");
+        drop(c);
+        writer.await.expect("join").expect("write");
+        assert_eq!(reader.await.expect("join").expect("read"), 1 << 20);
+        assert_eq!(biggest, BASE);
     }
 }
