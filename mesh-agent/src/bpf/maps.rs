@@ -212,6 +212,8 @@ pub struct MeshMaps {
     /// Read only, to see whether a receiver the agent sends to has caught up.
     sock_ids: HashMap<MapData, SockKey, u64>,
     sock_unread: HashMap<MapData, u64, SockFlow>,
+    /// Written only to send one of the agent's own sockets by TCP for good.
+    sock_fallback: Locked<SockKey, u8>,
     /// The unread limit when sockmap acceleration is on.
     sockmap_limit: Option<u32>,
     /// The bounded maps' sizes.
@@ -304,6 +306,7 @@ impl MeshMaps {
             counters: take(ebpf, maps::COUNTERS)?,
             sock_ids: take(ebpf, maps::SOCK_IDS)?,
             sock_unread: take(ebpf, maps::SOCK_UNREAD)?,
+            sock_fallback: Mutex::new(take(ebpf, maps::SOCK_FALLBACK)?),
             sockmap_limit,
             sizes,
             left_out: Default::default(),
@@ -617,6 +620,16 @@ impl MeshMaps {
     /// The unread limit, when sockmap acceleration is on.
     pub fn sockmap_limit(&self) -> Option<u32> {
         self.sockmap_limit
+    }
+
+    /// Sends every later message of the agent's socket `own` by TCP (the `sk_msg`
+    /// program passes a socket in `MESH_SOCK_FALLBACK` on at once). False if the map
+    /// refused the entry.
+    pub fn send_by_tcp(&self, own: &SockKey) -> bool {
+        self.sock_fallback
+            .lock()
+            .map(|mut m| m.insert(own, 1, 0).is_ok())
+            .unwrap_or(false)
     }
 
     /// Bytes the other end of the hop `own` (one of the agent's sockets) has not read

@@ -17,7 +17,7 @@ use super::{
     relay::{RelayEnd, relay},
     tunnel::{
         CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
-        MAX_FRAME_SIZE, STREAM_WINDOW, TLS_READ_BUFFER,
+        MAX_FRAME_SIZE, STREAM_WINDOW, ServedStream, TLS_READ_BUFFER,
     },
 };
 use crate::{
@@ -257,7 +257,7 @@ async fn connect(
         async move {
             let mut app = delivered.app;
             let mut stream = match on_upgrade.await {
-                Ok(u) => TokioIo::new(u),
+                Ok(u) => ServedStream(TokioIo::new(u)),
                 Err(e) => {
                     warn!(error = %e, "CONNECT stream was not upgraded");
                     conn.close(Outcome::failed(

@@ -43,24 +43,36 @@ use tokio::{
     time::Sleep,
 };
 
-use crate::bpf::{MeshMaps, ip16};
+use crate::{
+    bpf::{MeshMaps, ip16},
+    limits::Throttle,
+};
 
 /// Where the agent learns how far behind the other end of one of its hops is: the
 /// kernel's unread counts (`MeshMaps`), or a stand-in in tests.
 pub trait UnreadGauge: Send + Sync {
     /// Bytes the other end of `own` has not read, if it is in the sockmap.
     fn unread_by_peer(&self, own: &SockKey) -> Option<i64>;
+    /// Sends `own`'s later messages by TCP; false if that could not be arranged.
+    fn send_by_tcp(&self, own: &SockKey) -> bool;
 }
 
 impl UnreadGauge for MeshMaps {
     fn unread_by_peer(&self, own: &SockKey) -> Option<i64> {
         MeshMaps::unread_by_peer(self, own)
     }
+
+    fn send_by_tcp(&self, own: &SockKey) -> bool {
+        MeshMaps::send_by_tcp(self, own)
+    }
 }
 
 /// How long the first wait for a lagging receiver is; it doubles up to [`MAX_WAIT`].
 const FIRST_WAIT: Duration = Duration::from_millis(1);
 const MAX_WAIT: Duration = Duration::from_millis(16);
+/// Hops sent to TCP because their receiver's count stopped coming down.
+static COUNT_DISTRUSTED: Throttle = Throttle::new(Duration::from_secs(10));
+
 /// How long the agent waits, before its FIN goes, for an application that reads
 /// nothing more of what the agent sent (a reader that keeps up drains in
 /// microseconds; one that is reading is waited for as long as it reads).
@@ -84,6 +96,10 @@ struct Pacing {
     next_wait: Duration,
     /// The wait before the FIN (set on its first look).
     drain: Option<DrainWatch>,
+    /// The receiver's progress while the agent waits for credit.
+    stall: Option<DrainWatch>,
+    /// The agent stopped pacing by the receiver's count and sends by TCP.
+    on_tcp: bool,
 }
 
 impl PodHop {
@@ -108,6 +124,8 @@ impl PodHop {
             wait: None,
             next_wait: FIRST_WAIT,
             drain: None,
+            stall: None,
+            on_tcp: false,
         });
         PodHop { io, pacing }
     }
@@ -184,13 +202,40 @@ impl Pacing {
     /// Looks at the receiver once the credit is used up: new credit, or a wait while
     /// it is more than half the limit behind. A receiver that is not in the maps
     /// (it closed, or its socket is not accelerated) gets a full credit.
+    ///
+    /// A count that does not come down for [`DRAIN_STALL`] while the agent waits is
+    /// not trusted further: the agent's sends on this hop go by TCP from then on, where
+    /// the receive window holds it back as it would without the mesh. The kernel's
+    /// counts can be wrong: under connection churn, a receiver's reads have been seen
+    /// taken off a different count than its senders charged, which left a count
+    /// that never comes down and, before this rule, a bulk transfer that waited for
+    /// ever after its first 4 MiB (reproduced with and without the relay's large
+    /// buffers). A receiver that really stopped reading loses nothing by the switch:
+    /// TCP bounds what it is sent.
     fn refill(&mut self, io: &TcpStream) -> io::Result<()> {
         let key = self.key_of(io)?;
         let unread = self.gauge.unread_by_peer(&key).unwrap_or(0);
         if unread > self.limit / 2 {
+            let now = tokio::time::Instant::now();
+            let watch = self
+                .stall
+                .get_or_insert_with(|| DrainWatch::new(unread, now));
+            if watch.step(unread, now) == Drain::GiveUp && self.gauge.send_by_tcp(&key) {
+                if let Some(n) = COUNT_DISTRUSTED.hit() {
+                    tracing::warn!(
+                        unread,
+                        times = n,
+                        "an application's unread count did not come down while the agent waited; its hop goes by TCP"
+                    );
+                }
+                self.on_tcp = true;
+                self.stall = None;
+                return Ok(());
+            }
             self.wait = Some(Box::pin(tokio::time::sleep(self.next_wait)));
             self.next_wait = (self.next_wait * 2).min(MAX_WAIT);
         } else {
+            self.stall = None;
             self.credit = self.limit - unread;
             self.next_wait = FIRST_WAIT;
         }
@@ -231,9 +276,12 @@ impl Pacing {
         }
     }
 
-    /// Ready once there is credit to send with.
+    /// Ready once there is credit to send with (at once when the hop went to TCP).
     fn poll_credit(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
+            if self.on_tcp {
+                return Poll::Ready(Ok(()));
+            }
             if let Some(wait) = self.wait.as_mut() {
                 ready!(wait.as_mut().poll(cx));
                 self.wait = None;
@@ -319,6 +367,7 @@ mod tests {
         unread: AtomicI64,
         looks: AtomicUsize,
         keys: Mutex<Vec<SockKey>>,
+        to_tcp: AtomicUsize,
     }
 
     impl UnreadGauge for FakeGauge {
@@ -328,6 +377,11 @@ mod tests {
                 keys.push(*own);
             }
             Some(self.unread.load(Ordering::SeqCst))
+        }
+
+        fn send_by_tcp(&self, _own: &SockKey) -> bool {
+            self.to_tcp.fetch_add(1, Ordering::SeqCst);
+            true
         }
     }
 
@@ -395,6 +449,58 @@ mod tests {
         assert_eq!(n, 512);
         let credit = hop.pacing.as_ref().map(|p| p.credit);
         assert_eq!(credit, Some(i64::from(LIMIT - LIMIT / 4) - 512));
+    }
+
+    #[tokio::test]
+    async fn a_count_that_never_comes_down_sends_the_hop_to_tcp_instead_of_waiting_for_ever() {
+        let gauge = Arc::new(FakeGauge::default());
+        let (mut hop, mut peer, _) = pair(gauge.clone(), Some(LIMIT)).await;
+        let reader = tokio::spawn(async move {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            while got < 3 * LIMIT as usize {
+                match peer.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            got
+        });
+        hop.write_all(&vec![0u8; LIMIT as usize]).await.unwrap();
+        // The receiver reads everything, but its count says a limit behind for ever.
+        gauge.unread.store(i64::from(LIMIT), Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        tokio::time::timeout(
+            DRAIN_STALL * 4,
+            hop.write_all(&vec![0u8; 2 * LIMIT as usize]),
+        )
+        .await
+        .expect("the agent waited for ever on a count that never came down")
+        .unwrap();
+        assert!(started.elapsed() >= DRAIN_STALL, "{:?}", started.elapsed());
+        assert_eq!(gauge.to_tcp.load(Ordering::SeqCst), 1);
+        assert_eq!(reader.await.unwrap(), 3 * LIMIT as usize);
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_is_reading_is_waited_for_without_leaving_the_sockmap() {
+        let gauge = Arc::new(FakeGauge::default());
+        let (mut hop, _peer, _) = pair(gauge.clone(), Some(LIMIT)).await;
+        hop.write_all(&vec![0u8; LIMIT as usize]).await.unwrap();
+        gauge.unread.store(i64::from(LIMIT), Ordering::SeqCst);
+        // The count comes down slowly, never stalling a full DRAIN_STALL.
+        let g = gauge.clone();
+        let draining = tokio::spawn(async move {
+            for i in 1..=6 {
+                tokio::time::sleep(DRAIN_STALL / 3).await;
+                g.unread
+                    .store(i64::from(LIMIT) - i * 1024, Ordering::SeqCst);
+            }
+            g.unread.store(0, Ordering::SeqCst);
+        });
+        hop.write_all(&[0u8; 512]).await.unwrap();
+        draining.await.unwrap();
+        assert_eq!(gauge.to_tcp.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -51,10 +51,15 @@ pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// The largest HTTP/2 frame each side accepts (RFC 9113 §6.5.2; the default is
-/// 16 KiB): a relay that read 256 KiB sends it in one DATA frame, and the receiving
-/// agent hands it to the application in one write, not sixteen. A frame is held whole
-/// before it is passed on, so this is also the most a frame makes a side buffer.
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// 16 KiB): a relay's 64 KiB write crosses as one DATA frame, not four. A frame is
+/// held whole before it is passed on, so this is also the most one frame makes a
+/// side buffer.
+pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
+/// The most one write hands to an HTTP/2 stream. hyper copies each write into one
+/// allocation; at 128 KiB and more glibc maps and unmaps each one (the threshold is
+/// fixed in `memory.rs`), and a bulk transfer then spent a tenth of its agents' CPU
+/// in page faults. A larger write is taken in several, with no system call between.
+pub const MAX_STREAM_WRITE: usize = 64 * 1024;
 /// A read buffer under TLS on every tunnel socket: rustls asks its transport for at
 /// most 4 KiB at a time, so without it a 16 KiB record costs four `read` calls. One
 /// buffer per tunnel connection (they are pooled and few), not per stream.
@@ -82,7 +87,7 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, capped(buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -91,6 +96,42 @@ impl AsyncWrite for TunnelStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// At most [`MAX_STREAM_WRITE`] of `buf`.
+fn capped(buf: &[u8]) -> &[u8] {
+    &buf[..buf.len().min(MAX_STREAM_WRITE)]
+}
+
+/// The server side of a CONNECT stream, with writes capped as [`TunnelStream`]'s are.
+pub struct ServedStream(pub TokioIo<Upgraded>);
+
+impl AsyncRead for ServedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ServedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, capped(buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 

@@ -16,7 +16,9 @@ pub struct Scenario {
     pub latency: Vec<Latency>,
     pub saturation_rps: f64,
     pub new_connections_per_s: f64,
+    /// The median of the scenario's bulk transfers, and their range.
     pub bulk_gbit_s: f64,
+    pub bulk_gbit_s_range: Option<(f64, f64)>,
     /// A fixed rate of new connections, one request each.
     pub churn: Option<Latency>,
     /// The proxies' CPU and memory with no traffic (rate 0) and at each fixed rate.
@@ -143,7 +145,7 @@ impl Report {
         let _ = writeln!(md, "## Throughput and cost\n");
         let _ = writeln!(
             md,
-            "| scenario | saturation req/s | vs baseline | new conn/s | vs baseline | bulk Gbit/s (1 conn) | vs baseline | proxy vCPU per 1k req/s | proxy peak RSS MiB | proxy anon RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| scenario | saturation req/s | vs baseline | new conn/s | vs baseline | bulk Gbit/s (1 conn, median [range]) | vs baseline | proxy vCPU per 1k req/s | proxy peak RSS MiB | proxy anon RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.scenarios {
             let b = self.scenario(&s.baseline);
@@ -158,7 +160,9 @@ impl Report {
                     s.new_connections_per_s,
                     b.new_connections_per_s
                 )),
-                if s.bulk_gbit_s.is_finite() {
+                if let (true, Some((lo, hi))) = (s.bulk_gbit_s.is_finite(), s.bulk_gbit_s_range) {
+                    format!("{:.2} [{lo:.2}..{hi:.2}]", s.bulk_gbit_s)
+                } else if s.bulk_gbit_s.is_finite() {
                     format!("{:.2}", s.bulk_gbit_s)
                 } else {
                     "-".into()

@@ -157,25 +157,39 @@ impl Pipe {
                 self.pos = 0;
                 self.end = 0;
                 self.resize();
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        self.last_read = n;
-                        self.end = n;
-                        self.read_done = n == 0;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        // Nothing more to read now: what was written must leave
-                        // before this side waits (a TLS or HTTP/2 writer buffers).
-                        if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
-                            self.need_flush = false;
+                // Read while the source has data at hand, until the buffer is full: a
+                // source that yields small pieces (an HTTP/2 stream gives one DATA
+                // frame per read) is still written on in large writes. A socket that
+                // returned a short read answers the next one from tokio's readiness
+                // state, without a system call.
+                loop {
+                    let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+                    match reader.as_mut().poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) => {
+                            let n = rb.filled().len();
+                            self.end += n;
+                            if n == 0 {
+                                self.read_done = true;
+                                break;
+                            }
+                            if self.end == self.buf.len() {
+                                break;
+                            }
                         }
-                        return Poll::Pending;
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending if self.end > 0 => break,
+                        Poll::Pending => {
+                            // Nothing more to read now: what was written must leave
+                            // before this side waits (a TLS or HTTP/2 writer buffers).
+                            if self.need_flush {
+                                ready!(writer.as_mut().poll_flush(cx))?;
+                                self.need_flush = false;
+                            }
+                            return Poll::Pending;
+                        }
                     }
                 }
+                self.last_read = self.end;
             }
             while self.pos < self.end {
                 let n = ready!(
@@ -301,5 +315,69 @@ mod tests {
         writer.await.expect("join").expect("write");
         assert_eq!(reader.await.expect("join").expect("read"), 1 << 20);
         assert_eq!(biggest, BASE);
+    }
+
+    /// A source that yields 1 KiB per read (as an HTTP/2 stream yields a frame).
+    struct Trickle {
+        left: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self.left.min(1024).min(buf.remaining());
+            buf.put_slice(&vec![1; n]);
+            self.left -= n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A sink that records the size of every write.
+    #[derive(Default)]
+    struct Sizes(Vec<usize>);
+
+    impl AsyncWrite for Sizes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn small_pieces_at_hand_leave_in_large_writes() {
+        static OWN: Budget = Budget::new(BUDGET);
+        let mut source = Trickle { left: 1 << 20 };
+        let mut sink = Sizes::default();
+        let mut pipe = Pipe::new(&OWN);
+        let copied = std::future::poll_fn(|cx| {
+            pipe.poll_copy(cx, Pin::new(&mut source), Pin::new(&mut sink))
+        })
+        .await
+        .expect("copy");
+        assert_eq!(copied, 1 << 20);
+        assert_eq!(sink.0.iter().sum::<usize>(), 1 << 20);
+        assert_eq!(
+            sink.0.first(),
+            Some(&BASE),
+            "the first write is one full buffer"
+        );
+        assert_eq!(
+            sink.0.iter().max(),
+            Some(&MAX),
+            "the buffer grew to its maximum"
+        );
     }
 }
