@@ -15,15 +15,25 @@
 /// per request or per connection.
 const MMAP_THRESHOLD: i32 = 128 * 1024;
 
-/// Caps the number of malloc arenas and fixes the mmap threshold. Call before any
-/// thread starts.
+/// Free memory at the top of a heap that glibc keeps instead of handing it back at
+/// once. Fixing the mmap threshold also fixes this at its default (128 KiB), and a
+/// bulk transfer's 64 KiB stream buffers, freed and allocated again for every write,
+/// then made the heap shrink and grow under them: the agents spent a twentieth of
+/// their CPU in page faults (docs/benchmarks.md, "Where the bulk path's time goes").
+/// At most this much per arena (two) stays resident; the trims after a load peak
+/// (`release_free_heap`) still return it.
+const TRIM_THRESHOLD: i32 = 2 * 1024 * 1024;
+
+/// Caps the number of malloc arenas and fixes the mmap and trim thresholds. Call
+/// before any thread starts.
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator tuning; M_ARENA_MAX and M_MMAP_THRESHOLD
-    // are valid parameters with valid values.
+    // SAFETY: mallopt only changes allocator tuning; M_ARENA_MAX, M_MMAP_THRESHOLD
+    // and M_TRIM_THRESHOLD are valid parameters with valid values.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
 }
 
