@@ -79,6 +79,7 @@ fn capture_transfer(c: &mut Cluster, pod: &Pod, addr: &str, seed: u64, len: usiz
             "-s",
             "0",
             "-U",
+            "--immediate-mode",
             "-w",
         ])
         .arg(&file)

@@ -60,7 +60,11 @@ fn sockmap_carries_the_pod_hops_only_when_switched_on() {
     let mut tcpdump = c
         .command_in_pod(&client, "tcpdump".as_ref())
         .unwrap()
-        .args(["-i", "lo", "-n", "-s", "96", "-U", "-w"])
+        // --immediate-mode: libpcap otherwise hands packets over a block at a time
+        // (or after its block timeout), and a transfer that ends within it left the
+        // file empty when tcpdump was stopped ("0 packets captured, 1506 received by
+        // filter").
+        .args(["-i", "lo", "-n", "-s", "96", "-U", "--immediate-mode", "-w"])
         .arg(&capture)
         .arg(format!("tcp port {}", mesh_common::OUTBOUND_PORT))
         .stdout(Stdio::null())
