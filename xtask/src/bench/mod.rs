@@ -230,17 +230,8 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
                         s.proxy_switches_per_request = Some(w.switches / requests.max(1.0));
                     }
                 }
-                let mut l = l;
-                if l.success_rate < 1.0 {
-                    s.errors
-                        .push(format!("{rate} req/s: success rate {:.4}", l.success_rate));
-                }
-                if l.success_rate < 0.99 {
-                    // Latencies of failures mean nothing; do not report them as ours.
-                    (l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms) =
-                        (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
-                }
-                s.latency.push(l);
+                s.latency
+                    .push(judged(l, &format!("{rate} req/s"), &mut s.errors));
             }
             Err(e) => s.errors.push(format!("{rate} req/s: {}", first_line(&e))),
         }
@@ -287,17 +278,7 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         plan.connections,
         plan.rate_secs,
     ) {
-        Ok(mut l) => {
-            if l.success_rate < 1.0 {
-                s.errors
-                    .push(format!("churn: success rate {:.4}", l.success_rate));
-            }
-            if l.success_rate < 0.99 {
-                (l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms) =
-                    (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
-            }
-            s.churn = Some(l);
-        }
+        Ok(l) => s.churn = Some(judged(l, "churn", &mut s.errors)),
         Err(e) => s.errors.push(format!("churn: {}", first_line(&e))),
     }
     s.bulk_gbit_s = f64::NAN;
@@ -347,6 +328,19 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         s.proxy_anon_rss_mib = Some(proxies.iter().map(|p| anon_rss_mib(*p)).sum());
     }
     s
+}
+
+/// A fixed-rate run's latencies as reported: a success rate under 1 is named in
+/// `errors` as a problem of `what`, and under 0.99 the latencies become NaN (the
+/// latencies of failures mean nothing; they are not reported as the path's).
+fn judged(mut l: load::Latency, what: &str, errors: &mut Vec<String>) -> load::Latency {
+    if l.success_rate < 1.0 {
+        errors.push(format!("{what}: success rate {:.4}", l.success_rate));
+    }
+    if l.success_rate < 0.99 {
+        (l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms) = (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+    }
+    l
 }
 
 /// The proxies' vCPU per 1,000 req/s at `rate`, from the costs measured.

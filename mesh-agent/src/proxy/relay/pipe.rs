@@ -249,29 +249,35 @@ mod tests {
         assert_eq!(budget.used(), 0);
     }
 
-    /// A bulk copy through in-memory streams grows the buffer, and every byte
-    /// arrives in order.
-    #[tokio::test]
-    async fn a_bulk_copy_grows_the_buffer_and_loses_nothing() {
+    /// What [`copy_through`] saw.
+    struct Copied {
+        copied: u64,
+        got: Vec<u8>,
+        /// The largest the pipe's buffer was, and the most its budget lent at once.
+        biggest: usize,
+        peak_lent: usize,
+    }
+
+    /// Copies `data` through a pipe on `budget` between two in-memory streams, then
+    /// drops the pipe.
+    async fn copy_through(budget: &'static Budget, data: Vec<u8>) -> Copied {
+        let mut pipe = Pipe::new(budget);
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
         let (mut c, mut d) = tokio::io::duplex(1 << 20);
-        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
-        let sent = data.clone();
         let writer = tokio::spawn(async move {
-            a.write_all(&sent).await?;
+            a.write_all(&data).await?;
             a.shutdown().await
         });
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             d.read_to_end(&mut got).await.map(|_| got)
         });
-        static BUDGET: Budget = Budget::new(3 * BASE);
-        let mut pipe = Pipe::new(&BUDGET);
-        let mut biggest = 0;
+        let (mut biggest, mut peak_lent) = (0, 0);
         let copied = std::future::poll_fn(|cx| {
             let r = pipe.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut c));
             biggest = biggest.max(pipe.size());
+            peak_lent = peak_lent.max(budget.used());
             r
         })
         .await
@@ -279,42 +285,37 @@ mod tests {
         drop(c);
         writer.await.expect("join").expect("write");
         let got = reader.await.expect("join").expect("read");
-        assert_eq!(copied, data.len() as u64);
-        assert!(got == data, "the copy changed or lost bytes");
-        assert!(biggest > BASE, "a bulk copy never grew the buffer");
-        assert!(BUDGET.used() <= 3 * BASE);
-        drop(pipe);
+        Copied {
+            copied,
+            got,
+            biggest,
+            peak_lent,
+        }
+    }
+
+    /// A bulk copy through in-memory streams grows the buffer, and every byte
+    /// arrives in order; the pipe gives its growth back when it ends.
+    #[tokio::test]
+    async fn a_bulk_copy_grows_the_buffer_and_loses_nothing() {
+        static BUDGET: Budget = Budget::new(3 * BASE);
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let out = copy_through(&BUDGET, data.clone()).await;
+        assert_eq!(out.copied, data.len() as u64);
+        assert!(out.got == data, "the copy changed or lost bytes");
+        assert!(out.biggest > BASE, "a bulk copy never grew the buffer");
+        assert!(out.peak_lent <= 3 * BASE);
+        // `copy_through` dropped the pipe.
         assert_eq!(BUDGET.used(), 0, "a pipe kept its growth after it ended");
     }
 
     /// With the budget spent, a busy pipe keeps its size and still copies.
     #[tokio::test]
     async fn a_spent_budget_leaves_pipes_at_their_size() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         static SPENT: Budget = Budget::new(0);
-        let (mut a, mut b) = tokio::io::duplex(1 << 20);
-        let (mut c, mut d) = tokio::io::duplex(1 << 20);
-        let writer = tokio::spawn(async move {
-            a.write_all(&[7u8; 1 << 20]).await?;
-            a.shutdown().await
-        });
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            d.read_to_end(&mut got).await.map(|_| got.len())
-        });
-        let mut pipe = Pipe::new(&SPENT);
-        let mut biggest = 0;
-        std::future::poll_fn(|cx| {
-            let r = pipe.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut c));
-            biggest = biggest.max(pipe.size());
-            r
-        })
-        .await
-        .expect("copy");
-        drop(c);
-        writer.await.expect("join").expect("write");
-        assert_eq!(reader.await.expect("join").expect("read"), 1 << 20);
-        assert_eq!(biggest, BASE);
+        let out = copy_through(&SPENT, vec![7u8; 1 << 20]).await;
+        assert_eq!(out.copied, 1 << 20);
+        assert_eq!(out.got.len(), 1 << 20);
+        assert_eq!(out.biggest, BASE);
     }
 
     /// A source that yields 1 KiB per read (as an HTTP/2 stream yields a frame).
