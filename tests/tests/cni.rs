@@ -11,6 +11,15 @@ use std::{
 
 use common::*;
 
+/// How long the agent waits for a pod it does not know yet (`--cni-timeout`). With the
+/// Kubernetes source a new pod reaches the agent through the API's watch, which on a
+/// loaded two-core machine has taken over 2 s: the wait leaves room for that.
+const AGENT_WAIT: Duration = Duration::from_secs(6);
+/// The plugin's own read timeout, longer than the agent's wait as the chart sets them
+/// (30 s against 20 s), so the agent's answer, success or "does not know the pod",
+/// always arrives before the plugin gives up on the socket.
+const PLUGIN_TIMEOUT_SECS: u64 = 12;
+
 /// The plugin binary beside the agent's.
 fn cni_bin() -> std::path::PathBuf {
     agent_bin().with_file_name("mesh-cni")
@@ -27,7 +36,7 @@ struct Run {
 fn plugin(command: &str, socket: &str, name: &str, netns: &str, ip: std::net::IpAddr) -> Run {
     let conf = serde_json::json!({
         "cniVersion": "1.0.0", "name": "pods", "type": "mesh-cni",
-        "agent_socket": socket, "timeout_seconds": 3,
+        "agent_socket": socket, "timeout_seconds": PLUGIN_TIMEOUT_SECS,
         "prevResult": {
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": netns}],
@@ -99,7 +108,7 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
         "--cni-socket".into(),
         socket.clone(),
         "--cni-timeout".into(),
-        "3s".into(),
+        format!("{}s", AGENT_WAIT.as_secs()),
     ];
     // With no agent, ADD fails at once (the kubelet retries) and DEL still succeeds.
     let r = for_pod("ADD", &socket, &app);
@@ -168,7 +177,7 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
     // A pod the config never gets: waited for, then failed.
     let r = for_pod("ADD", &socket, &ghost);
     assert!(
-        !r.ok && r.took >= Duration::from_secs(3),
+        !r.ok && r.took >= AGENT_WAIT,
         "{} in {:?}",
         r.out,
         r.took
