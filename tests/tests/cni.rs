@@ -176,12 +176,7 @@ fn add_answers_only_once_the_pod_is_enrolled_and_fails_closed() {
 
     // A pod the config never gets: waited for, then failed.
     let r = for_pod("ADD", &socket, &ghost);
-    assert!(
-        !r.ok && r.took >= AGENT_WAIT,
-        "{} in {:?}",
-        r.out,
-        r.took
-    );
+    assert!(!r.ok && r.took >= AGENT_WAIT, "{} in {:?}", r.out, r.took);
     assert!(
         r.out["details"]
             .as_str()

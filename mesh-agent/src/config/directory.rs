@@ -1,26 +1,30 @@
 //! The directory source: every `*.yaml`/`*.yml` file of a directory, watched. inotify
 //! (through `notify`) gives sub-second reaction to writes, renames and removals (never
 //! to reads: the agent's own reads must not wake it); a slow poll of file sizes and
-//! mtimes is the safety net for filesystems whose changes inotify misses. Files are
-//! read only when that fingerprint changed, so an idle agent reads no config file, and
-//! they are parsed on a blocking thread, off the runtime that carries traffic.
+//! mtimes is the safety net for filesystems whose changes inotify misses. Only the
+//! files whose size or mtime changed are read again (`files`), so an idle agent reads
+//! no config file and one edited file costs its own parse, not the directory's; they
+//! are parsed on a blocking thread, off the runtime that carries traffic.
 //!
-//! The directory is one unit: either every file loads and the whole set replaces the
-//! last one, or the first error is reported and the last good config keeps serving
-//! (an operator editing files expects an edit to apply whole or not at all).
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, SystemTime},
-};
+//! The directory is one unit: either every changed file loads and the whole set
+//! replaces the last one, or the first error is reported and the last good config
+//! keeps serving (an operator editing files expects an edit to apply whole or not at
+//! all).
+use std::{path::PathBuf, time::Duration};
 
 use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tracing::{error, warn};
 
-use super::{enrollment, load, publish::Publisher, store::Store, watch::ConfigSource};
+use super::{files::DirFiles, publish::Publisher, watch::ConfigSource};
 
-/// How long to wait for a burst of file events to settle before reloading.
+/// The longest wait for a write in progress to finish before the files are read.
 const SETTLE: Duration = Duration::from_millis(100);
+/// After an event that completes a write (a close after writing, a rename, a
+/// removal), how long the events must be quiet before reading: a burst (a
+/// Kubernetes ConfigMap update swaps a directory link and removes the old one) is
+/// read once.
+const QUIET: Duration = Duration::from_millis(5);
 /// The safety-net poll while inotify watches.
 const POLL: Duration = Duration::from_secs(30);
 /// The poll when inotify cannot watch the directory.
@@ -46,8 +50,10 @@ impl ConfigSource for Directory {
         let (events_tx, mut events) = mpsc::unbounded_channel();
         // The watcher lives in this task so it stops with it.
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok_and(|e| is_change(&e.kind)) {
-                let _ = events_tx.send(());
+            if let Ok(e) = res
+                && let Some(step) = step_of(&e.kind)
+            {
+                let _ = events_tx.send(step);
             }
         })
         .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
@@ -60,94 +66,168 @@ impl ConfigSource for Directory {
         };
         let mut watching = watcher.is_some();
         let mut poll = tokio::time::interval(if watching { POLL } else { POLL_UNWATCHED });
-        let mut store = Store::default();
-        let mut fingerprint = None;
+        let mut files = DirFiles::default();
         let mut loaded_once = false;
+        // When the change being read reached the agent (the first event of it).
+        let mut since = Instant::now();
         loop {
-            let now = fingerprint_of(&dir);
-            if now != fingerprint || !loaded_once {
-                fingerprint = now;
-                let d = dir.clone();
-                match tokio::task::spawn_blocking(move || load::load_dir(&d)).await {
-                    Ok(Ok(objects)) => {
-                        store.replace(objects);
-                        publisher.publish(store.config(enrollment::Default::Enrolled));
-                        loaded_once = true;
+            let d = dir.clone();
+            let mut f = std::mem::take(&mut files);
+            match tokio::task::spawn_blocking(move || {
+                let r = f.refresh(&d);
+                (f, r)
+            })
+            .await
+            {
+                Ok((f, result)) => {
+                    files = f;
+                    match result {
+                        Ok(changed) if changed || !loaded_once => {
+                            publisher.publish_since(files.config(), Some(since.into_std()));
+                            loaded_once = true;
+                        }
+                        Ok(_) => {}
+                        Err(e) => publisher.reject(e.to_string()),
                     }
-                    Ok(Err(e)) => publisher.reject(e.to_string()),
-                    Err(e) => error!(error = %e, "config loader task failed"),
                 }
+                // What was loaded is lost with the task: the next round reads all.
+                Err(e) => error!(error = %e, "config loader task failed"),
             }
             if publisher.is_closed() {
                 return;
             }
             tokio::select! {
                 ev = events.recv(), if watching => {
-                    if ev.is_none() {
+                    let Some(step) = ev else {
                         watching = false; // the watcher is gone: poll only
                         continue;
+                    };
+                    since = Instant::now();
+                    if !settle(&mut events, step, since + SETTLE).await {
+                        watching = false;
                     }
-                    tokio::time::sleep(SETTLE).await;
-                    while events.try_recv().is_ok() {}
                 }
-                _ = poll.tick() => {}
+                _ = poll.tick() => since = Instant::now(),
             }
         }
     }
 }
 
-/// Writes, renames and removals; not opens, reads or attribute changes.
-fn is_change(kind: &notify::EventKind) -> bool {
-    use notify::{EventKind, event::ModifyKind};
+/// What a file event says about the write it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// More may follow (a file created, data written): wait for its end.
+    InProgress,
+    /// A write is complete (closed after writing, renamed in, removed).
+    Complete,
+}
+
+/// Writes, renames, removals and closes after writing; not opens, reads or attribute
+/// changes (the agent's own reads must not wake it).
+fn step_of(kind: &notify::EventKind) -> Option<Step> {
+    use notify::{
+        EventKind,
+        event::{AccessKind, AccessMode, ModifyKind},
+    };
     match kind {
-        EventKind::Create(_) | EventKind::Remove(_) => true,
-        EventKind::Modify(ModifyKind::Metadata(_)) => false,
-        EventKind::Modify(_) => true,
-        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Step::Complete),
+        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => Some(Step::Complete),
+        EventKind::Create(_) => Some(Step::InProgress),
+        EventKind::Modify(ModifyKind::Metadata(_)) => None,
+        EventKind::Modify(_) => Some(Step::InProgress),
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => None,
     }
 }
 
-/// Names, sizes and mtimes of the config files: cheap to compute, and it changes
-/// whenever a file is written, renamed in or removed.
-fn fingerprint_of(dir: &Path) -> Option<Vec<(PathBuf, u64, Option<SystemTime>)>> {
-    let files = load::config_files(dir).ok()?;
-    Some(
-        files
-            .into_iter()
-            .map(|p| {
-                let meta = std::fs::metadata(&p).ok();
-                let len = meta.as_ref().map_or(0, |m| m.len());
-                let mtime = meta.and_then(|m| m.modified().ok());
-                (p, len, mtime)
-            })
-            .collect(),
-    )
+/// Waits for a burst of events to end: [`QUIET`] after the last event when that one
+/// completed a write, else until `deadline`. False when the watcher is gone.
+async fn settle(
+    events: &mut mpsc::UnboundedReceiver<Step>,
+    mut last: Step,
+    deadline: Instant,
+) -> bool {
+    loop {
+        let until = match last {
+            Step::Complete => (Instant::now() + QUIET).min(deadline),
+            Step::InProgress => deadline,
+        };
+        match tokio::time::timeout_at(until, events.recv()).await {
+            Ok(Some(step)) => last = step,
+            Ok(None) => return false,
+            Err(_) => return true,
+        }
+    }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::ConfigWatch;
     use notify::{
         EventKind,
-        event::{AccessKind, CreateKind, DataChange, MetadataKind, ModifyKind, RenameMode},
+        event::{
+            AccessKind, AccessMode, CreateKind, DataChange, MetadataKind, ModifyKind, RenameMode,
+        },
     };
 
     #[test]
-    fn only_writes_renames_and_removals_wake_the_watcher() {
-        assert!(is_change(&EventKind::Create(CreateKind::File)));
-        assert!(is_change(&EventKind::Modify(ModifyKind::Data(
-            DataChange::Content
-        ))));
-        assert!(is_change(&EventKind::Modify(ModifyKind::Name(
-            RenameMode::To
-        ))));
-        assert!(is_change(&EventKind::Remove(
-            notify::event::RemoveKind::File
-        )));
-        assert!(!is_change(&EventKind::Access(AccessKind::Read)));
-        assert!(!is_change(&EventKind::Modify(ModifyKind::Metadata(
-            MetadataKind::AccessTime
-        ))));
+    fn writes_renames_and_removals_wake_the_watcher_and_only_their_ends_end_a_burst() {
+        use Step::*;
+        let step = |k| step_of(&k);
+        assert_eq!(step(EventKind::Create(CreateKind::File)), Some(InProgress));
+        assert_eq!(
+            step(EventKind::Modify(ModifyKind::Data(DataChange::Content))),
+            Some(InProgress)
+        );
+        assert_eq!(
+            step(EventKind::Access(AccessKind::Close(AccessMode::Write))),
+            Some(Complete)
+        );
+        assert_eq!(
+            step(EventKind::Modify(ModifyKind::Name(RenameMode::To))),
+            Some(Complete)
+        );
+        assert_eq!(
+            step(EventKind::Remove(notify::event::RemoveKind::File)),
+            Some(Complete)
+        );
+        // The agent's own reads never wake it.
+        assert_eq!(step(EventKind::Access(AccessKind::Read)), None);
+        assert_eq!(
+            step(EventKind::Access(AccessKind::Close(AccessMode::Read))),
+            None
+        );
+        assert_eq!(
+            step(EventKind::Modify(ModifyKind::Metadata(
+                MetadataKind::AccessTime
+            ))),
+            None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_read_once_quiet_after_a_complete_write_and_at_the_deadline_otherwise() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // A completed write with nothing after it: read after QUIET.
+        let start = Instant::now();
+        assert!(settle(&mut rx, Step::Complete, start + SETTLE).await);
+        assert_eq!(start.elapsed(), QUIET);
+        // A write in progress that never completes: read at the deadline.
+        let start = Instant::now();
+        assert!(settle(&mut rx, Step::InProgress, start + SETTLE).await);
+        assert_eq!(start.elapsed(), SETTLE);
+        // In progress, then completed: read QUIET after the completion.
+        let start = Instant::now();
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            tx.send(Step::Complete).unwrap();
+            tx
+        });
+        assert!(settle(&mut rx, Step::InProgress, start + SETTLE).await);
+        assert_eq!(start.elapsed(), Duration::from_millis(30) + QUIET);
+        // The watcher gone.
+        drop(feeder.await.unwrap());
+        assert!(!settle(&mut rx, Step::InProgress, Instant::now() + SETTLE).await);
     }
 
     #[tokio::test]
@@ -165,10 +245,11 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
-        // A valid change and a broken file land together: the last good generation
-        // keeps serving, the valid change is not applied on its own.
-        std::fs::write(dir.path().join("a.yaml"), svc("two")).unwrap();
+        // A broken file, then a valid change beside it: the last good generation keeps
+        // serving, the valid change is not applied on its own (however the two writes
+        // fall into the agent's reads).
         std::fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: [").unwrap();
+        std::fs::write(dir.path().join("a.yaml"), svc("two")).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while w.stats.last_error().is_none() {
             assert!(
@@ -207,9 +288,9 @@ mod order_tests {
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        let mut store = Store::default();
-        store.replace(load::load_dir(dir.path()).unwrap());
-        store.config(enrollment::Default::Enrolled)
+        let mut files = DirFiles::default();
+        files.refresh(dir.path()).unwrap();
+        files.config()
     }
 
     #[test]

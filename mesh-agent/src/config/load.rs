@@ -1,7 +1,6 @@
 //! Reading a config directory: every `*.yaml` / `*.yml` file, each holding one or more
-//! YAML documents, each document one Kubernetes object. Either the whole directory is
-//! valid and its objects replace the last set, or the first error is returned and the
-//! caller keeps the config it had.
+//! YAML documents, each document one Kubernetes object. What was loaded before, and
+//! which files to read again, is `files`' business.
 use std::{
     collections::HashMap,
     fs,
@@ -47,49 +46,44 @@ pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// ... and so is a directory holding more than this in all.
 pub const MAX_DIR_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Every object of the directory's files, or the first error.
+/// Every object of the directory's files, or the first error (the directory source's
+/// own way, from nothing loaded).
+#[cfg(test)]
 pub fn load_dir(dir: &Path) -> Result<Vec<Object>, ConfigError> {
-    let mut objects = Vec::new();
-    let mut seen: HashMap<ObjectKey, PathBuf> = HashMap::new();
-    let mut total = 0u64;
-    for path in config_files(dir)? {
-        let read_err = |source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        };
-        let size = fs::metadata(&path).map_err(read_err)?.len();
-        if size > MAX_FILE_BYTES {
-            return Err(ConfigError::FileTooLarge {
-                path,
-                size,
-                limit: MAX_FILE_BYTES,
-            });
-        }
-        total += size;
-        if total > MAX_DIR_BYTES {
-            return Err(ConfigError::DirTooLarge {
-                path: dir.to_owned(),
-                size: total,
-                limit: MAX_DIR_BYTES,
-            });
-        }
-        // Read at most the limit: a file that grows between the two steps is refused.
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut std::io::Read::take(fs::File::open(&path).map_err(read_err)?, MAX_FILE_BYTES + 1),
-            &mut text,
-        )
-        .map_err(read_err)?;
-        if text.len() as u64 > MAX_FILE_BYTES {
-            return Err(ConfigError::FileTooLarge {
-                path,
-                size: text.len() as u64,
-                limit: MAX_FILE_BYTES,
-            });
-        }
-        parse_text(&path, &text, &mut objects, &mut seen)?;
+    let mut files = super::files::DirFiles::default();
+    files.refresh(dir)?;
+    Ok(files.objects())
+}
+
+/// A config file's text, refused unread over [`MAX_FILE_BYTES`].
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let size = fs::metadata(path).map_err(read_err)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(ConfigError::FileTooLarge {
+            path: path.to_owned(),
+            size,
+            limit: MAX_FILE_BYTES,
+        });
     }
-    Ok(objects)
+    // Read at most the limit: a file that grows between the two steps is refused.
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(fs::File::open(path).map_err(read_err)?, MAX_FILE_BYTES + 1),
+        &mut text,
+    )
+    .map_err(read_err)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigError::FileTooLarge {
+            path: path.to_owned(),
+            size: text.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    Ok(text)
 }
 
 /// Refuses anchors and aliases before anything expands them: a few KB of aliases

@@ -7,6 +7,7 @@ mod api;
 mod directory;
 mod enrollment;
 mod error;
+mod files;
 #[doc(hidden)]
 pub mod fuzz;
 mod gateway;

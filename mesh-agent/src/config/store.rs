@@ -46,7 +46,12 @@ impl Store {
             Change::Apply { key, object } => match *object {
                 Ok(object) => {
                     self.rejected.remove(&key);
-                    self.objects.insert(key, object.clone()) != Some(object)
+                    // An equal object keeps the allocation the configs already share.
+                    if self.objects.get(&key) == Some(&object) {
+                        return false;
+                    }
+                    self.objects.insert(key, object);
+                    true
                 }
                 Err(error) => {
                     self.rejected.insert(key, error);
@@ -108,6 +113,11 @@ impl Store {
     /// The source holds the object, accepted or refused.
     pub fn contains(&self, key: &ObjectKey) -> bool {
         self.objects.contains_key(key) || self.rejected.contains_key(key)
+    }
+
+    /// Every accepted object, in key order.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values()
     }
 
     /// The accepted version of an object.

@@ -60,8 +60,16 @@ pub struct Scale {
     pub apply_secs: f64,
     pub services_in_kernel_map: u64,
     pub agent_rss_mib: f64,
-    /// One endpoint changed: until the new generation was applied.
+    /// One endpoint changed: until the new generation was applied, as the bench saw
+    /// it (its polling of the agent's log included); median and slowest of the changes.
     pub endpoint_change_secs: f64,
+    pub endpoint_change_max_secs: f64,
+    /// The same as the agent counted it: from the first file event to the kernel map
+    /// and the agent's tables updated (the wait for the write to settle included).
+    pub endpoint_change_agent_secs: f64,
+    pub endpoint_change_agent_max_secs: f64,
+    /// The agent's work once the new config is built (tables and kernel map), median.
+    pub endpoint_change_apply_secs: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -187,14 +195,18 @@ impl Report {
         if let Some(sc) = &self.scale {
             let _ = writeln!(
                 md,
-                "\n## Scale\n\n| services | endpoints | config size | applied after | services in kernel map | agent RSS | one endpoint change |\n|---|---|---|---|---|---|---|\n| {} | {} | {:.1} MiB | {:.2} s | {} | {:.1} MiB | {:.2} s |",
+                "\n## Scale\n\n| services | endpoints | config size | applied after | services in kernel map | agent RSS | one endpoint change, agent: file event to applied, median / max | of it, applying the built config | as the bench saw it, median / max |\n|---|---|---|---|---|---|---|---|---|\n| {} | {} | {:.1} MiB | {:.2} s | {} | {:.1} MiB | {:.1} / {:.1} ms | {:.1} ms | {:.0} / {:.0} ms |",
                 sc.services,
                 sc.endpoints,
                 sc.config_bytes as f64 / 1048576.0,
                 sc.apply_secs,
                 sc.services_in_kernel_map,
                 sc.agent_rss_mib,
-                sc.endpoint_change_secs
+                sc.endpoint_change_agent_secs * 1e3,
+                sc.endpoint_change_agent_max_secs * 1e3,
+                sc.endpoint_change_apply_secs * 1e3,
+                sc.endpoint_change_secs * 1e3,
+                sc.endpoint_change_max_secs * 1e3,
             );
         }
         if let Some(k) = &self.kernel_log {
