@@ -122,8 +122,8 @@ enum Step {
     Complete,
 }
 
-/// Writes, renames, removals and closes after writing; not opens, reads or attribute
-/// changes (the agent's own reads must not wake it).
+/// Writes, renames, removals, closes after writing and lost events; not opens, reads
+/// or attribute changes (the agent's own reads must not wake it).
 fn step_of(kind: &notify::EventKind) -> Option<Step> {
     use notify::{
         EventKind,
@@ -135,7 +135,9 @@ fn step_of(kind: &notify::EventKind) -> Option<Step> {
         EventKind::Create(_) => Some(Step::InProgress),
         EventKind::Modify(ModifyKind::Metadata(_)) => None,
         EventKind::Modify(_) => Some(Step::InProgress),
-        EventKind::Access(_) | EventKind::Any | EventKind::Other => None,
+        // inotify's queue overflowed: events were lost, so read as after a write.
+        EventKind::Other => Some(Step::Complete),
+        EventKind::Access(_) | EventKind::Any => None,
     }
 }
 
@@ -191,6 +193,7 @@ mod tests {
             step(EventKind::Remove(notify::event::RemoveKind::File)),
             Some(Complete)
         );
+        assert_eq!(step(EventKind::Other), Some(Complete), "a queue overflow");
         // The agent's own reads never wake it.
         assert_eq!(step(EventKind::Access(AccessKind::Read)), None);
         assert_eq!(
@@ -272,6 +275,54 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(w.updates.borrow().config.services[0].id.name, "two");
+    }
+
+    /// A Kubernetes ConfigMap volume: each file a symlink through `..data` to a hidden
+    /// timestamped directory; an update writes a new directory and swaps `..data` in
+    /// one rename. The swap alone must be seen, and applied whole.
+    #[tokio::test]
+    async fn a_configmap_style_symlink_swap_applies_both_files_at_once() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let svc = |name: &str, port: u16| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+                 spec: {{ports: [{{port: {port}}}]}}\n"
+            )
+        };
+        let version = |v: &str, port: u16| {
+            std::fs::create_dir(d.join(v)).unwrap();
+            std::fs::write(d.join(v).join("a.yaml"), svc("a", port)).unwrap();
+            std::fs::write(d.join(v).join("b.yaml"), svc("b", port)).unwrap();
+        };
+        version("..v1", 80);
+        symlink("..v1", d.join("..data")).unwrap();
+        symlink("..data/a.yaml", d.join("a.yaml")).unwrap();
+        symlink("..data/b.yaml", d.join("b.yaml")).unwrap();
+        let mut w = ConfigWatch::start(Directory::new(d.to_owned()));
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            w.updates.wait_for(|g| g.number == 1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(w.updates.borrow().config.services.len(), 2);
+        version("..v2", 81);
+        symlink("..v2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        std::fs::remove_dir_all(d.join("..v1")).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            w.updates.wait_for(|g| g.number == 2),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let g = w.updates.borrow().clone();
+        let ports: Vec<u16> = g.config.services.iter().map(|s| s.ports[0].port).collect();
+        assert_eq!(ports, [81, 81], "both files of the swap, in one generation");
     }
 }
 
