@@ -418,3 +418,75 @@ mod tests {
         assert!(e.contains("d.yaml") && e.contains("c.yaml"), "{e}");
     }
 }
+
+/// Where an endpoint change's time goes at 10,000 Services with 10 endpoints each, on
+/// the source's side (run by hand: `cargo test -p mesh-agent --release --lib
+/// config::files::scale -- --ignored --nocapture`).
+#[cfg(test)]
+mod scale {
+    use super::*;
+    use std::{fmt::Write as _, time::Instant};
+
+    fn slice(i: usize, salt: usize) -> String {
+        let mut s = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: scale, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+        );
+        for e in 0..10 {
+            let n = i * 10 + e + salt;
+            let _ = writeln!(
+                s,
+                "- addresses: [\"10.{}.{}.{}\"]",
+                200 + (n >> 16) % 50,
+                (n >> 8) % 256,
+                n % 256
+            );
+        }
+        s + "---\n"
+    }
+
+    #[test]
+    #[ignore]
+    fn scale() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut big = String::new();
+        for i in 0..10_000 {
+            let _ = write!(
+                big,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: scale}}\nspec:\n  clusterIP: 10.{}.{}.{}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n",
+                100 + i / 65536,
+                (i / 256) % 256,
+                i % 256
+            );
+            if i > 0 {
+                big.push_str(&slice(i, 0));
+            }
+        }
+        std::fs::write(dir.path().join("big.yaml"), big).unwrap();
+        std::fs::write(dir.path().join("change.yaml"), slice(0, 0)).unwrap();
+        let mut files = DirFiles::default();
+        let t = Instant::now();
+        files.refresh(dir.path()).unwrap();
+        let read = t.elapsed();
+        let c = files.config();
+        println!("whole: refresh {read:?}, config {:?}", t.elapsed() - read);
+        let mut keep = vec![c];
+        std::thread::sleep(Duration::from_millis(100));
+        for n in 1..=5 {
+            std::fs::write(dir.path().join("change.yaml"), slice(0, n)).unwrap();
+            let t = Instant::now();
+            assert!(files.refresh(dir.path()).unwrap());
+            let read = t.elapsed();
+            let c = files.config();
+            let built = t.elapsed() - read;
+            let same = *keep.last().unwrap() == c;
+            let compared = t.elapsed() - read - built;
+            println!("change: refresh {read:?}, config {built:?}, compare {compared:?} ({same})");
+            keep.push(c);
+            if keep.len() > 2 {
+                let t = Instant::now();
+                drop(keep.remove(0));
+                println!("  drop {:?}", t.elapsed());
+            }
+        }
+    }
+}
