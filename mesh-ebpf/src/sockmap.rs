@@ -8,7 +8,10 @@
 //! Both ends of one connection share a network namespace, so `sk_msg` finds the peer
 //! by swapping the ends of the key.
 use aya_ebpf::{
-    EbpfContext, bindings::BPF_ANY, helpers::bpf_get_netns_cookie, programs::SockOpsContext,
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE},
+    helpers::bpf_get_netns_cookie,
+    programs::SockOpsContext,
 };
 use core::ptr::addr_of_mut;
 use mesh_common::{
@@ -51,6 +54,17 @@ pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {
     // counts left by an earlier socket at the same address start over.
     let id = sk as u64;
     let _ = MESH_SOCK_UNREAD.remove(&id);
+    // Its records must die with it (`forget`): the guards run on every socket of the
+    // node, and a socket that is not a mesh hop, allocated later at this address,
+    // would otherwise charge a stale receiver with all it sends, or drain a stale count
+    // with all it reads.
+    if ctx
+        .set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32)
+        .is_err()
+    {
+        count(counters::SOCKMAP_ADD_FAILED);
+        return None;
+    }
     let sending = SockSending {
         charged: 0,
         receiver: 0,
@@ -70,6 +84,36 @@ pub fn offer(ctx: &SockOpsContext, active: bool) -> Option<()> {
     match MESH_SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY)) {
         Ok(()) => count(counters::SOCKMAP_ADDED),
         Err(_) => count(counters::SOCKMAP_ADD_FAILED),
+    }
+    Some(())
+}
+
+/// A socket that joined the sockmap closes (state callback, asked for by `offer`):
+/// its sending and unread records, and its key's id and fallback mark, go with it.
+/// Before this, they outlived it, and the node-wide send and receive guards applied
+/// them to whatever socket the kernel allocated at the same address next: a bulk
+/// sender there charged a live receiver with every byte it sent (an unread count of
+/// +2^29 that never came down, and the agent waiting on it), a reader drained a count
+/// it was never charged (-2^28).
+#[inline(always)]
+pub fn forget(ctx: &SockOpsContext) -> Option<()> {
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return None;
+    }
+    // SAFETY: `sk` is a (nullable) socket pointer field of bpf_sock_ops.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let id = sk as u64;
+    let _ = MESH_SOCK_SENDING.remove(&id);
+    let _ = MESH_SOCK_UNREAD.remove(&id);
+    let key = key_of(ctx)?;
+    // A newer socket with the same four-tuple keeps its own entry.
+    // SAFETY: read-only lookup; the value is copied out.
+    if unsafe { MESH_SOCK_IDS.get(&key) }.copied() == Some(id) {
+        let _ = MESH_SOCK_IDS.remove(&key);
+        let _ = MESH_SOCK_FALLBACK.remove(&key);
     }
     Some(())
 }

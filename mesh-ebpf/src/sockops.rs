@@ -8,7 +8,10 @@
 //!
 //! Both ESTABLISHED callbacks also offer the socket to the sockmap (see `sockmap`).
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB,
+    },
     helpers::generated::bpf_sk_storage_get,
     macros::sock_ops,
     programs::SockOpsContext,
@@ -30,6 +33,10 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             crate::sockmap::offer(&ctx, false);
+        }
+        // Only sockets `offer` took ask for state callbacks.
+        BPF_SOCK_OPS_STATE_CB => {
+            crate::sockmap::forget(&ctx);
         }
         _ => {}
     }

@@ -105,6 +105,35 @@ fn sockmap_carries_the_pod_hops_only_when_switched_on() {
         assert_eq!(delta(0, "sockmap_backpressure"), 0, "{:?}", after[0]);
         // 16 MiB crossed the hop; none of it as TCP segments on lo.
         assert_eq!(payload, 0, "TCP payload on the client's lo with sockmap on");
+        // Every hop is closed now: no socket's records outlive it. The send and receive
+        // guards run on every socket of the node, so a record left behind is applied
+        // to whatever socket the kernel allocates at that address next (a bulk sender
+        // there charged a live receiver with all it sent, which then never looked
+        // caught up).
+        for node in ["node-1", "node-2"] {
+            let left = || {
+                let maps = c.meshctl_json(node, &["bpf", "maps"]).unwrap();
+                ["MESH_SOCK_SENDING", "MESH_SOCK_IDS"].map(|name| {
+                    let entries = maps["maps"]
+                        .as_array()
+                        .and_then(|m| m.iter().find(|m| m["name"] == name))
+                        .and_then(|m| m["entries"].as_u64());
+                    (name, entries)
+                })
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let now = left();
+                if now.iter().all(|(_, n)| *n == Some(0)) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{node}: records of closed sockets left: {now:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     } else {
         for counters in &after {
             for name in [
