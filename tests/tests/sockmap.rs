@@ -249,3 +249,62 @@ fn a_receiver_that_stops_reading_pushes_back_through_the_mesh() {
         assert!(k["sockmap_redirected"] > 0, "{k:?}");
     }
 }
+
+/// The send and receive guards run on every socket of the node. Hundreds of hop
+/// sockets open and close, then applications outside the mesh move bulk data on the
+/// same node, in sockets the kernel allocates where the hop sockets were: none of
+/// those bytes may be counted against any receiver. Records of the closed hops that
+/// stayed behind made such a sender charge a receiver with everything it sent (counts
+/// of +2^29 that never came down, and the agent waiting on them).
+#[test]
+fn sockets_outside_the_mesh_never_move_a_hops_unread_count() {
+    if !sockmap_on() {
+        return;
+    }
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let client = c.add_pod("node-1", "client").unwrap();
+    let local = c.add_pod("node-1", "local").unwrap();
+    let plain_a = c.add_pod("node-1", "plain-a").unwrap();
+    let plain_b = c.add_pod("node-1", "plain-b").unwrap();
+    serve(&mut c, &local);
+    serve(&mut c, &plain_b);
+    let mut cfg = c.pod_yaml(&client, true) + &c.pod_yaml(&local, true);
+    cfg += &c.pod_yaml(&plain_a, false);
+    cfg += &c.pod_yaml(&plain_b, false);
+    cfg += &yaml::service("local-svc", vip(10), 80, PORT);
+    cfg += &yaml::endpoint_slice("local-svc", PORT, &[local.ip]);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    const BULK: u64 = 32 * 1024 * 1024;
+    for _ in 0..3 {
+        // 200 connections through the agent, each used: 800 hop sockets, then closed.
+        let out = c
+            .run_in(
+                &client,
+                &["hold", "--addr", &sa(vip(10), 80), "--count", "200"],
+                SECS,
+            )
+            .unwrap();
+        assert!(json(&out)["failed"] == 0, "{out}");
+        // Bulk between two pods out of the mesh, on fresh sockets.
+        for _ in 0..4 {
+            sink_verified(&mut c, &plain_a, &sa(plain_b.ip, PORT), BULK, SECS * 2);
+        }
+    }
+    let dump = c
+        .meshctl_json("node-1", &["bpf", "maps", "--dump", "MESH_SOCK_UNREAD"])
+        .unwrap();
+    for e in dump["entries"].as_array().into_iter().flatten() {
+        let value = e["value"].as_str().unwrap_or_default();
+        let unread: i64 = value
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unreadable entry {e}"));
+        assert!(
+            unread.abs() < BULK as i64 / 2,
+            "a receiver was charged with bytes sent outside the mesh: {value}\n{dump}"
+        );
+    }
+}
