@@ -205,13 +205,13 @@ impl Pacing {
     ///
     /// A count that does not come down for [`DRAIN_STALL`] while the agent waits is
     /// not trusted further: the agent's sends on this hop go by TCP from then on, where
-    /// the receive window holds it back as it would without the mesh. The kernel's
-    /// counts can be wrong: under connection churn, a receiver's reads have been seen
-    /// taken off a different count than its senders charged, which left a count
-    /// that never comes down and, before this rule, a bulk transfer that waited for
-    /// ever after its first 4 MiB (reproduced with and without the relay's large
-    /// buffers). A receiver that really stopped reading loses nothing by the switch:
-    /// TCP bounds what it is sent.
+    /// the receive window holds it back as it would without the mesh. A safety net:
+    /// the kernel's counts were once wrong (records of closed sockets applied to the
+    /// next socket at their address, fixed in the kernel programs), which left counts
+    /// that never came down and a bulk transfer that waited for ever after its first
+    /// 4 MiB; a count wrong for a reason not yet known must not hang a connection
+    /// either. A receiver that really stopped reading loses nothing by the switch: TCP
+    /// bounds what it is sent.
     fn refill(&mut self, io: &TcpStream) -> io::Result<()> {
         let key = self.key_of(io)?;
         let unread = self.gauge.unread_by_peer(&key).unwrap_or(0);
