@@ -105,6 +105,12 @@ impl Plan {
         !self.only.is_empty() || self.profile
     }
 
+    /// How long each of the [`RATE_RUNS`] saturation and new-connection runs lasts:
+    /// together as long as one run used to be, so a full run takes no longer.
+    fn rate_run_secs(&self) -> u64 {
+        (self.max_secs / RATE_RUNS as u64).max(1)
+    }
+
     /// How long the proxies' idle cost is measured.
     fn idle_secs(&self) -> u64 {
         self.rate_secs.min(5)
@@ -236,31 +242,47 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             Err(e) => s.errors.push(format!("{rate} req/s: {}", first_line(&e))),
         }
     }
-    progress(&format!("{name}: saturation for {}s", plan.max_secs));
+    progress(&format!(
+        "{name}: saturation, {RATE_RUNS} runs of {}s",
+        plan.rate_run_secs()
+    ));
     let recording = (plan.profile && !proxies.is_empty())
         .then(|| profile(name, proxies, plan.max_secs))
         .flatten();
-    let saturation = oha.max_rate(c, client, &url, plan.connections * 2, plan.max_secs, false);
+    let saturation = repeated(|| {
+        oha.max_rate(
+            c,
+            client,
+            &url,
+            plan.connections * 2,
+            plan.rate_run_secs(),
+            false,
+        )
+    });
     if let Some(mut perf) = recording {
         let _ = perf.wait();
     }
     match saturation {
-        Ok((rps, ok)) => {
-            s.saturation_rps = if ok < 0.99 { f64::NAN } else { rps };
-            if ok < 1.0 {
-                s.errors.push(format!("saturation: success rate {ok:.4}"));
-            }
-        }
+        Ok(r) => (s.saturation_rps, s.saturation_rps_range) = r.judged("saturation", &mut s.errors),
         Err(e) => s.errors.push(format!("saturation: {}", first_line(&e))),
     }
-    progress(&format!("{name}: new connections for {}s", plan.max_secs));
-    match oha.max_rate(c, client, &url, plan.connections, plan.max_secs, true) {
-        Ok((rps, ok)) => {
-            s.new_connections_per_s = if ok < 0.99 { f64::NAN } else { rps };
-            if ok < 1.0 {
-                s.errors
-                    .push(format!("new connections: success rate {ok:.4}"));
-            }
+    progress(&format!(
+        "{name}: new connections, {RATE_RUNS} runs of {}s",
+        plan.rate_run_secs()
+    ));
+    match repeated(|| {
+        oha.max_rate(
+            c,
+            client,
+            &url,
+            plan.connections,
+            plan.rate_run_secs(),
+            true,
+        )
+    }) {
+        Ok(r) => {
+            (s.new_connections_per_s, s.new_connections_per_s_range) =
+                r.judged("new connections", &mut s.errors)
         }
         Err(e) => s
             .errors
@@ -748,4 +770,55 @@ pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> 
         dir.display()
     ));
     Ok(())
+}
+
+/// Saturation and new connections per second are each measured this many times, for a
+/// median and a spread (this machine's run-to-run noise is tens of percent).
+const RATE_RUNS: usize = 3;
+
+/// The runs of one throughput figure: requests per second and success rate of each.
+struct Repeated(Vec<(f64, f64)>);
+
+/// Runs `f` [`RATE_RUNS`] times; the first error ends it.
+fn repeated(mut f: impl FnMut() -> anyhow::Result<(f64, f64)>) -> anyhow::Result<Repeated> {
+    (0..RATE_RUNS)
+        .map(|_| f())
+        .collect::<anyhow::Result<_>>()
+        .map(Repeated)
+}
+
+impl Repeated {
+    /// The median rate and the runs' range; NaN when any run's success rate was under
+    /// 99% (a failing path's rate is not a throughput), with the worst rate noted in
+    /// `errors` whenever a run was not clean.
+    fn judged(&self, what: &str, errors: &mut Vec<String>) -> (f64, Option<(f64, f64)>) {
+        let worst = self.0.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+        if worst < 1.0 {
+            errors.push(format!("{what}: success rate {worst:.4} in the worst run"));
+        }
+        let mut rates: Vec<f64> = self.0.iter().map(|r| r.0).collect();
+        rates.sort_by(f64::total_cmp);
+        if worst < 0.99 || rates.is_empty() {
+            return (f64::NAN, None);
+        }
+        let range = (rates[0], rates[rates.len() - 1]);
+        (rates[rates.len() / 2], Some(range))
+    }
+}
+
+#[cfg(test)]
+mod repeated_tests {
+    use super::*;
+
+    #[test]
+    fn the_median_and_range_of_clean_runs_and_nan_for_a_failing_one() {
+        let mut errors = Vec::new();
+        let r = Repeated(vec![(300.0, 1.0), (100.0, 1.0), (200.0, 1.0)]);
+        assert_eq!(r.judged("x", &mut errors), (200.0, Some((100.0, 300.0))));
+        assert!(errors.is_empty());
+        let r = Repeated(vec![(300.0, 1.0), (100.0, 0.98), (200.0, 1.0)]);
+        let (rate, range) = r.judged("saturation", &mut errors);
+        assert!(rate.is_nan() && range.is_none());
+        assert_eq!(errors, ["saturation: success rate 0.9800 in the worst run"]);
+    }
 }

@@ -14,8 +14,11 @@ pub struct Scenario {
     /// The no-mesh scenario with the same path (same node or across nodes).
     pub baseline: String,
     pub latency: Vec<Latency>,
+    /// Median of the runs, and their range.
     pub saturation_rps: f64,
+    pub saturation_rps_range: Option<(f64, f64)>,
     pub new_connections_per_s: f64,
+    pub new_connections_per_s_range: Option<(f64, f64)>,
     /// The median of the scenario's bulk transfers, and their range.
     pub bulk_gbit_s: f64,
     pub bulk_gbit_s_range: Option<(f64, f64)>,
@@ -101,6 +104,15 @@ fn ratio(v: f64, base: f64) -> String {
     }
 }
 
+/// `median [min..max]`, the median alone without a range, `-` when not measured.
+fn median_range(median: f64, range: Option<(f64, f64)>, digits: usize) -> String {
+    match (median.is_finite(), range) {
+        (true, Some((lo, hi))) => format!("{median:.digits$} [{lo:.digits$}..{hi:.digits$}]"),
+        (true, None) => format!("{median:.digits$}"),
+        (false, _) => "-".into(),
+    }
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
@@ -156,28 +168,22 @@ impl Report {
         let _ = writeln!(md, "## Throughput and cost\n");
         let _ = writeln!(
             md,
-            "| scenario | saturation req/s | vs baseline | new conn/s | vs baseline | bulk Gbit/s (1 conn, median [range]) | vs baseline | proxy vCPU per 1k req/s | proxy peak RSS MiB | proxy anon RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| scenario | saturation req/s (median [range]) | vs baseline | new conn/s (median [range]) | vs baseline | bulk Gbit/s (1 conn, median [range]) | vs baseline | proxy vCPU per 1k req/s | proxy peak RSS MiB | proxy anon RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.scenarios {
             let b = self.scenario(&s.baseline);
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.name,
-                s.saturation_rps,
+                median_range(s.saturation_rps, s.saturation_rps_range, 0),
                 b.map_or("-".into(), |b| ratio(s.saturation_rps, b.saturation_rps)),
-                s.new_connections_per_s,
+                median_range(s.new_connections_per_s, s.new_connections_per_s_range, 0),
                 b.map_or("-".into(), |b| ratio(
                     s.new_connections_per_s,
                     b.new_connections_per_s
                 )),
-                if let (true, Some((lo, hi))) = (s.bulk_gbit_s.is_finite(), s.bulk_gbit_s_range) {
-                    format!("{:.2} [{lo:.2}..{hi:.2}]", s.bulk_gbit_s)
-                } else if s.bulk_gbit_s.is_finite() {
-                    format!("{:.2}", s.bulk_gbit_s)
-                } else {
-                    "-".into()
-                },
+                median_range(s.bulk_gbit_s, s.bulk_gbit_s_range, 2),
                 b.map_or("-".into(), |b| ratio(s.bulk_gbit_s, b.bulk_gbit_s)),
                 opt(s.proxy_vcpu_per_1k_rps, 3),
                 opt(s.proxy_peak_rss_mib, 1),
