@@ -173,6 +173,17 @@ mod tests {
         },
     };
 
+    /// Waits up to 5 s for generation `n` to be published.
+    async fn generation(w: &mut ConfigWatch, n: u64) {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            w.updates.wait_for(|g| g.number == n),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+
     #[test]
     fn writes_renames_and_removals_wake_the_watcher_and_only_their_ends_end_a_burst() {
         use Step::*;
@@ -242,13 +253,7 @@ mod tests {
         };
         std::fs::write(dir.path().join("a.yaml"), svc("one")).unwrap();
         let mut w = ConfigWatch::start(Directory::new(dir.path().to_owned()));
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            w.updates.wait_for(|g| g.number == 1),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        generation(&mut w, 1).await;
         // A broken file, then a valid change beside it: the last good generation keeps
         // serving, the valid change is not applied on its own (however the two writes
         // fall into the agent's reads).
@@ -268,13 +273,7 @@ mod tests {
         assert!(w.stats.last_error().unwrap().contains("b.yaml"));
         // Fixed: both apply as one new generation.
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            w.updates.wait_for(|g| g.number == 2),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        generation(&mut w, 2).await;
         assert_eq!(w.updates.borrow().config.services[0].id.name, "two");
     }
 
@@ -302,25 +301,13 @@ mod tests {
         symlink("..data/a.yaml", d.join("a.yaml")).unwrap();
         symlink("..data/b.yaml", d.join("b.yaml")).unwrap();
         let mut w = ConfigWatch::start(Directory::new(d.to_owned()));
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            w.updates.wait_for(|g| g.number == 1),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        generation(&mut w, 1).await;
         assert_eq!(w.updates.borrow().config.services.len(), 2);
         version("..v2", 81);
         symlink("..v2", d.join("..data_tmp")).unwrap();
         std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
         std::fs::remove_dir_all(d.join("..v1")).unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            w.updates.wait_for(|g| g.number == 2),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        generation(&mut w, 2).await;
         let g = w.updates.borrow().clone();
         let ports: Vec<u16> = g.config.services.iter().map(|s| s.ports[0].port).collect();
         assert_eq!(ports, [81, 81], "both files of the swap, in one generation");

@@ -253,23 +253,23 @@ mod tests {
     }
 
     /// Writes `text` as `name` in `dir` with a new mtime even within one clock tick
-    /// (size and mtime are the fingerprint).
+    /// (size and mtime are the fingerprint): each write a second later than the last.
     fn write(dir: &Path, name: &str, text: &str) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static WRITES: AtomicU64 = AtomicU64::new(1);
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        let later = SystemTime::now() + std::time::Duration::from_secs(rand_secs());
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
+        let later = Duration::from_secs(WRITES.fetch_add(1, Ordering::Relaxed));
+        set_mtime(&path, SystemTime::now() + later);
     }
 
-    fn rand_secs() -> u64 {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(1);
-        N.fetch_add(1, Ordering::Relaxed)
+    fn set_mtime(path: &Path, mtime: SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
     }
 
     #[test]
@@ -298,12 +298,7 @@ mod tests {
         let b = dir.path().join("b.yaml");
         let meta = std::fs::metadata(&b).unwrap();
         std::fs::write(&b, "[".repeat(meta.len() as usize)).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&b)
-            .unwrap()
-            .set_modified(meta.modified().unwrap())
-            .unwrap();
+        set_mtime(&b, meta.modified().unwrap());
         assert!(files.refresh(dir.path()).unwrap());
         let second = files.config();
         let by_name =
@@ -338,12 +333,7 @@ mod tests {
         files.refresh(dir.path()).unwrap();
         let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
         std::fs::write(&path, service("web", 81)).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        set_mtime(&path, mtime);
         assert!(files.refresh(dir.path()).unwrap());
         assert_eq!(ports(&files), [("web".into(), 81)]);
     }

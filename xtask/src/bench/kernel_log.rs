@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use mesh_tests::{Cluster, Pod};
 use serde::Serialize;
 
-use super::{Plan, load::Oha, progress};
+use super::{Plan, load::Oha, median, progress};
 
 /// Rounds of the three variants, in a rotating order (drift hits each alike).
 const ROUNDS: usize = 3;
@@ -165,20 +165,6 @@ impl Setup {
             connections: 0.0,
             rounds: Vec::new(),
         }
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
     }
 }
 

@@ -806,6 +806,22 @@ impl Repeated {
     }
 }
 
+/// The median of the finite values (the mean of the middle two for an even count), or
+/// NaN when there are none.
+fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
 #[cfg(test)]
 mod repeated_tests {
     use super::*;

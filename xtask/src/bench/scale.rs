@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use mesh_tests::Cluster;
 
-use super::{load::peak_rss_mib, report::Scale};
+use super::{load::peak_rss_mib, median, report::Scale};
 
 fn service(i: usize) -> String {
     format!(
@@ -56,10 +56,9 @@ fn field(line: &str, name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Sorts `v` and returns its median.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+/// The largest of the values, NaN when there are none.
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().reduce(f64::max).unwrap_or(f64::NAN)
 }
 
 /// The agent's log line for `generation` once applied. Read straight from the file,
@@ -147,10 +146,10 @@ pub fn run(target: &Path, services: usize, per: usize) -> anyhow::Result<Scale> 
         apply_agent_secs,
         services_in_kernel_map: in_kernel,
         agent_rss_mib,
-        endpoint_change_secs: median(&mut seen),
-        endpoint_change_max_secs: seen.last().copied().unwrap_or(f64::NAN),
-        endpoint_change_agent_secs: median(&mut latency),
-        endpoint_change_agent_max_secs: latency.last().copied().unwrap_or(f64::NAN),
-        endpoint_change_apply_secs: median(&mut work),
+        endpoint_change_secs: median(&seen),
+        endpoint_change_max_secs: max(&seen),
+        endpoint_change_agent_secs: median(&latency),
+        endpoint_change_agent_max_secs: max(&latency),
+        endpoint_change_apply_secs: median(&work),
     })
 }
