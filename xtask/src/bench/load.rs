@@ -191,6 +191,28 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / clock_ticks()
 }
 
+/// CPU time the whole machine spent busy (every core: user, system, interrupts), in
+/// seconds: a path's cost wherever it is paid, in the proxies, in the applications'
+/// system calls or in the kernel's softirqs and workers.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    busy_ticks(&stat) / clock_ticks()
+}
+
+/// The busy ticks of /proc/stat's `cpu` line: everything but idle and iowait.
+fn busy_ticks(stat: &str) -> f64 {
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return f64::NAN;
+    };
+    line.split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
 /// USER_HZ, the unit of /proc CPU times.
 fn clock_ticks() -> f64 {
     static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -222,4 +244,17 @@ fn status_mib(pid: u32, field: &str) -> f64 {
         .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::busy_ticks;
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 2 30 5000 40 6 7 8 9 10\ncpu0 50 1 15 2500 20 3 3 4 4 5\n";
+        assert_eq!(busy_ticks(stat), 100.0 + 2.0 + 30.0 + 6.0 + 7.0 + 8.0);
+        assert!(busy_ticks("intr 1 2 3\n").is_nan());
+    }
 }

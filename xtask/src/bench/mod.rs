@@ -35,9 +35,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use load::{Oha, anon_rss_mib, bulk, cpu_seconds, peak_rss_mib};
+use load::{Oha, anon_rss_mib, bulk, cpu_seconds, machine_busy_seconds, peak_rss_mib};
 use mesh_tests::{Cluster, Pod, yaml};
-use report::{Cost, Report, Scenario};
+use report::{ConnWork, Cost, Report, Scenario};
 
 use crate::{root, sh};
 
@@ -212,12 +212,18 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
     for (i, rate) in plan.rates.iter().enumerate() {
         progress(&format!("{name}: {rate} req/s for {}s", plan.rate_secs));
         let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
+        let busy0 = machine_busy_seconds();
         let t0 = Instant::now();
         let counting = (i == 0 && !proxies.is_empty())
             .then(|| work::count(proxies, plan.rate_secs))
             .flatten();
         match oha.fixed_rate(c, client, &url, *rate, plan.connections, plan.rate_secs) {
             Ok(l) => {
+                if i == 0 {
+                    let requests = l.achieved_rps * plan.rate_secs as f64;
+                    s.machine_cpu_us_per_request =
+                        Some((machine_busy_seconds() - busy0) * 1e6 / requests.max(1.0));
+                }
                 if !proxies.is_empty() {
                     let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
                     let vcpu = cpu / t0.elapsed().as_secs_f64();
@@ -292,6 +298,11 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         "{name}: {} new connections/s for {}s",
         plan.churn_rate, plan.rate_secs
     ));
+    let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
+    let busy0 = machine_busy_seconds();
+    let counting = (!proxies.is_empty())
+        .then(|| work::count(proxies, plan.rate_secs))
+        .flatten();
     match oha.churn(
         c,
         client,
@@ -300,7 +311,19 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         plan.connections,
         plan.rate_secs,
     ) {
-        Ok(l) => s.churn = Some(judged(l, "churn", &mut s.errors)),
+        Ok(l) => {
+            let conns = (l.achieved_rps * plan.rate_secs as f64).max(1.0);
+            let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+            let busy = machine_busy_seconds() - busy0;
+            let work = counting.and_then(work::Counting::finish);
+            s.churn_work = Some(ConnWork {
+                proxy_cpu_us: (!proxies.is_empty()).then_some(cpu * 1e6 / conns),
+                machine_cpu_us: busy * 1e6 / conns,
+                proxy_syscalls: work.as_ref().map(|w| w.syscalls / conns),
+                proxy_switches: work.as_ref().map(|w| w.switches / conns),
+            });
+            s.churn = Some(judged(l, "churn", &mut s.errors));
+        }
         Err(e) => s.errors.push(format!("churn: {}", first_line(&e))),
     }
     s.bulk_gbit_s = f64::NAN;

@@ -24,6 +24,13 @@ pub struct Scenario {
     pub bulk_gbit_s_range: Option<(f64, f64)>,
     /// A fixed rate of new connections, one request each.
     pub churn: Option<Latency>,
+    /// What each connection of the churn run cost.
+    pub churn_work: Option<ConnWork>,
+    /// The whole machine's busy CPU time per request during the lowest fixed rate, in
+    /// microseconds: the client, the servers, the proxies and the kernel's work for
+    /// them, wherever it runs (so a cost moved out of the proxies into the
+    /// applications' system calls or the kernel's workers still shows).
+    pub machine_cpu_us_per_request: Option<f64>,
     /// The proxies' CPU and memory with no traffic (rate 0) and at each fixed rate.
     pub proxy_cost: Vec<Cost>,
     /// Proxy CPU (agents or HAProxies) during the lowest fixed rate, per 1,000 req/s.
@@ -41,6 +48,19 @@ pub struct Scenario {
     /// Anonymous resident memory at the end of the scenario (no shared code pages).
     pub proxy_anon_rss_mib: Option<f64>,
     pub errors: Vec<String>,
+}
+
+/// The cost of one new connection (with its one request) in the churn run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnWork {
+    /// The proxies' CPU time, microseconds (none on a path without proxies).
+    pub proxy_cpu_us: Option<f64>,
+    /// The whole machine's busy CPU time, microseconds (see
+    /// [`Scenario::machine_cpu_us_per_request`]).
+    pub machine_cpu_us: f64,
+    /// The proxies' system calls and context switches (`perf stat`).
+    pub proxy_syscalls: Option<f64>,
+    pub proxy_switches: Option<f64>,
 }
 
 /// What the proxies on a path cost at one offered rate.
@@ -323,7 +343,7 @@ impl Report {
         let rows: Vec<_> = self
             .scenarios
             .iter()
-            .filter(|s| s.proxy_syscalls_per_request.is_some())
+            .filter(|s| s.machine_cpu_us_per_request.is_some())
             .collect();
         if rows.is_empty() {
             return;
@@ -334,16 +354,22 @@ impl Report {
             .find_map(|s| s.latency.first().map(|l| l.rate));
         let _ = writeln!(
             md,
-            "## Work per request and per byte\n\nThe proxies' system calls and context switches (all threads of every proxy process on the path, both nodes) per request, counted with `perf stat` during the {} req/s run; and for the bulk transfer, the proxies' CPU time per GiB and system calls per MiB.\n\n| scenario | syscalls per request | context switches per request | bulk: proxy CPU s per GiB | bulk: syscalls per MiB |\n|---|---|---|---|---|",
+            "## Work per request, per connection and per byte\n\nPer request, during the {} req/s run: the whole machine's busy CPU time (client, servers, proxies and the kernel's work for all of them), and the proxies' system calls and context switches (all threads of every proxy process on the path, both nodes, counted with `perf stat`). Per connection, during the churn run (one request on each): the proxies' and the machine's CPU time, the proxies' system calls and context switches. For the bulk transfer, the proxies' CPU time per GiB and system calls per MiB.\n\n| scenario | machine CPU µs per request | syscalls per request | context switches per request | churn: machine CPU µs per connection | churn: proxy CPU µs per connection | churn: syscalls per connection | churn: context switches per connection | bulk: proxy CPU s per GiB | bulk: syscalls per MiB |\n|---|---|---|---|---|---|---|---|---|---|",
             rate.unwrap_or_default()
         );
         for s in rows {
+            let churn = s.churn_work.as_ref();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.name,
+                opt(s.machine_cpu_us_per_request, 0),
                 opt(s.proxy_syscalls_per_request, 1),
                 opt(s.proxy_switches_per_request, 1),
+                opt(churn.map(|w| w.machine_cpu_us), 0),
+                opt(churn.and_then(|w| w.proxy_cpu_us), 0),
+                opt(churn.and_then(|w| w.proxy_syscalls), 1),
+                opt(churn.and_then(|w| w.proxy_switches), 1),
                 opt(s.bulk_proxy_cpu_s_per_gib, 2),
                 opt(s.bulk_proxy_syscalls_per_mib, 1),
             );

@@ -18,7 +18,7 @@ pub struct Work {
 const SYSCALLS: &str = "raw_syscalls:sys_enter";
 const SWITCHES: &str = "context-switches";
 /// Also counted, for the breakdown in the progress output.
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 19] = [
     "syscalls:sys_enter_read",
     "syscalls:sys_enter_write",
     "syscalls:sys_enter_writev",
@@ -29,6 +29,16 @@ const KINDS: [&str; 10] = [
     "syscalls:sys_enter_futex",
     "syscalls:sys_enter_sched_yield",
     "syscalls:sys_enter_epoll_ctl",
+    // What each new connection costs.
+    "syscalls:sys_enter_accept4",
+    "syscalls:sys_enter_connect",
+    "syscalls:sys_enter_socket",
+    "syscalls:sys_enter_close",
+    "syscalls:sys_enter_shutdown",
+    "syscalls:sys_enter_setsockopt",
+    "syscalls:sys_enter_getsockname",
+    "syscalls:sys_enter_getpeername",
+    "syscalls:sys_enter_bpf",
 ];
 
 /// Starts counting on the proxies for `secs`; `None` when perf cannot start.
