@@ -55,7 +55,8 @@ pub async fn deliver(
             DialError::Io(source) => InboundError::Connect { addr, source },
             DialError::Timeout(_) => InboundError::ConnectTimeout { addr },
         })?;
-    let app = PodHop::new(app, pod.netns_cookie, &ctx.maps);
+    // Its own address (an ephemeral port) is asked for only if needed.
+    let app = PodHop::new(app, pod.netns_cookie, &ctx.maps).with_addrs(None, Some(addr));
     Ok(Delivered {
         app,
         guard,

@@ -35,6 +35,8 @@ use crate::{
 };
 
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    // Bound to one loopback address: every accepted connection's own address.
+    let local = listener.local_addr().ok();
     loop {
         let (stream, client, permit) = super::accept::accept(&listener, &pod, &ctx, |peer| {
             let _ = ctx.maps.take_orig_dst(pod.netns_cookie, peer);
@@ -47,7 +49,7 @@ pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Ar
         shards.serve(stream, move |stream| {
             async move {
                 let _permit = permit;
-                handle(id, stream, client, pod, ctx).await
+                handle(id, stream, (local, client), pod, ctx).await
             }
             .instrument(span)
         });
@@ -65,10 +67,11 @@ enum Upstream {
     Passthrough(TcpStream),
 }
 
+/// `addrs`: the accepted connection's own address (when known) and its peer's.
 async fn handle(
     id: u64,
     client: TcpStream,
-    peer: SocketAddr,
+    (local, peer): (Option<SocketAddr>, SocketAddr),
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
 ) {
@@ -101,7 +104,7 @@ async fn handle(
         Err(e) => return refuse(&ctx, &info, None, client, e),
     };
     let _ = client.set_nodelay(true);
-    let mut client = PodHop::new(client, pod.netns_cookie, &ctx.maps);
+    let mut client = PodHop::new(client, pod.netns_cookie, &ctx.maps).with_addrs(local, Some(peer));
     let (tcp, prefix) = match planned {
         Plan::Tcp(t) => (t, Bytes::new()),
         Plan::Http(h) => {

@@ -30,6 +30,7 @@
 //! With sockmap acceleration off this is a plain `TcpStream`.
 use std::{
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
@@ -80,8 +81,8 @@ const DRAIN_STALL: Duration = Duration::from_secs(1);
 
 pub struct PodHop {
     io: TcpStream,
-    /// Present when sockmap acceleration is on.
-    pacing: Option<Pacing>,
+    /// Present when sockmap acceleration is on (boxed: the plain hop stays small).
+    pacing: Option<Box<Pacing>>,
 }
 
 struct Pacing {
@@ -92,6 +93,11 @@ struct Pacing {
     credit: i64,
     /// This socket's key, worked out on the first look.
     key: Option<SockKey>,
+    /// Its addresses where the caller already knew them (the accepted peer, the
+    /// listener's address, the address dialled): each one known is a system call the
+    /// first look does not make. Most connections look once, before their FIN.
+    local: Option<SocketAddr>,
+    peer: Option<SocketAddr>,
     wait: Option<Pin<Box<Sleep>>>,
     next_wait: Duration,
     /// The wait before the FIN (set on its first look).
@@ -115,19 +121,32 @@ impl PodHop {
         limit: Option<u32>,
         gauge: Arc<dyn UnreadGauge>,
     ) -> Self {
-        let pacing = limit.map(|limit| Pacing {
-            gauge,
-            netns_cookie,
-            limit: i64::from(limit),
-            credit: i64::from(limit),
-            key: None,
-            wait: None,
-            next_wait: FIRST_WAIT,
-            drain: None,
-            stall: None,
-            on_tcp: false,
+        let pacing = limit.map(|limit| {
+            Box::new(Pacing {
+                gauge,
+                netns_cookie,
+                limit: i64::from(limit),
+                credit: i64::from(limit),
+                key: None,
+                local: None,
+                peer: None,
+                wait: None,
+                next_wait: FIRST_WAIT,
+                drain: None,
+                stall: None,
+                on_tcp: false,
+            })
         });
         PodHop { io, pacing }
+    }
+
+    /// The socket's own address and its peer's, where the caller knows them; what it
+    /// does not know is asked of the kernel when (if ever) it is needed.
+    pub fn with_addrs(mut self, local: Option<SocketAddr>, peer: Option<SocketAddr>) -> Self {
+        if let Some(p) = self.pacing.as_mut() {
+            (p.local, p.peer) = (local, peer);
+        }
+        self
     }
 }
 
@@ -186,7 +205,14 @@ impl Pacing {
         if let Some(k) = self.key {
             return Ok(k);
         }
-        let (local, peer) = (io.local_addr()?, io.peer_addr()?);
+        let local = match self.local {
+            Some(a) => a,
+            None => io.local_addr()?,
+        };
+        let peer = match self.peer {
+            Some(a) => a,
+            None => io.peer_addr()?,
+        };
         let key = SockKey {
             netns_cookie: self.netns_cookie,
             local_addr: ip16(local.ip()),
@@ -396,6 +422,50 @@ mod tests {
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         let hop = PodHop::with_gauge(client.unwrap(), 7, limit, gauge);
         (hop, accepted.unwrap().0, addr)
+    }
+
+    /// The key of the one look a hop makes before its FIN (nothing unread).
+    async fn key_at_shutdown(hop: PodHop, gauge: &FakeGauge) -> SockKey {
+        let mut hop = hop;
+        hop.shutdown().await.unwrap();
+        let keys = gauge.keys.lock().unwrap();
+        assert_eq!(keys.len(), 1, "one look before the FIN");
+        keys[0]
+    }
+
+    #[tokio::test]
+    async fn addresses_the_caller_knows_are_used_and_the_others_asked_for() {
+        let gauge = Arc::new(FakeGauge::default());
+        let (hop, _peer, addr) = pair(gauge.clone(), Some(LIMIT)).await;
+        let local = hop.io.local_addr().unwrap();
+        let looked_up = key_at_shutdown(hop, &gauge).await;
+        assert_eq!(looked_up.local_port, local.port());
+        assert_eq!(looked_up.remote_port, addr.port());
+
+        // Both known: the same key as the kernel's addresses give.
+        let gauge = Arc::new(FakeGauge::default());
+        let (hop, _peer, addr) = pair(gauge.clone(), Some(LIMIT)).await;
+        let local = hop.io.local_addr().unwrap();
+        let hop = hop.with_addrs(Some(local), Some(addr));
+        let known = key_at_shutdown(hop, &gauge).await;
+        assert_eq!(
+            (known.local_port, known.remote_port),
+            (local.port(), addr.port())
+        );
+        assert_eq!(
+            (known.local_addr, known.remote_addr),
+            (looked_up.local_addr, looked_up.remote_addr)
+        );
+
+        // Only the peer known: it is taken as given (not asked for), the own address
+        // is asked for.
+        let gauge = Arc::new(FakeGauge::default());
+        let (hop, _peer, _) = pair(gauge.clone(), Some(LIMIT)).await;
+        let local = hop.io.local_addr().unwrap();
+        let given: SocketAddr = "127.0.0.9:4242".parse().unwrap();
+        let key = key_at_shutdown(hop.with_addrs(None, Some(given)), &gauge).await;
+        assert_eq!((key.remote_addr, key.remote_port), (ip16(given.ip()), 4242));
+        assert_eq!(key.local_port, local.port());
     }
 
     #[tokio::test]
