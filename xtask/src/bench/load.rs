@@ -20,6 +20,45 @@ pub struct Latency {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub success_rate: f64,
+    /// How many runs the figures combine, and the range of their p50 and p99 (none
+    /// for a single run).
+    pub runs: usize,
+    pub p50_range: Option<(f64, f64)>,
+    pub p99_range: Option<(f64, f64)>,
+}
+
+impl Latency {
+    /// Runs at the same rate as one figure: each percentile and the achieved rate the
+    /// median of the runs', with the range of p50 and p99 across them, and the worst
+    /// run's success rate (a run that failed must not hide behind two that did not).
+    pub fn combined(runs: &[Latency]) -> Option<Latency> {
+        let first = runs.first()?;
+        let med = |f: fn(&Latency) -> f64| super::median(&runs.iter().map(f).collect::<Vec<_>>());
+        let range = |f: fn(&Latency) -> f64| {
+            (runs.len() > 1).then(|| {
+                runs.iter()
+                    .map(f)
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                        (lo.min(v), hi.max(v))
+                    })
+            })
+        };
+        Some(Latency {
+            rate: first.rate,
+            achieved_rps: med(|l| l.achieved_rps),
+            p50_ms: med(|l| l.p50_ms),
+            p90_ms: med(|l| l.p90_ms),
+            p99_ms: med(|l| l.p99_ms),
+            p999_ms: med(|l| l.p999_ms),
+            success_rate: runs
+                .iter()
+                .map(|l| l.success_rate)
+                .fold(f64::INFINITY, f64::min),
+            runs: runs.len(),
+            p50_range: range(|l| l.p50_ms),
+            p99_range: range(|l| l.p99_ms),
+        })
+    }
 }
 
 /// A 1 KiB request body: the server answers each request with 1 KiB too.
@@ -130,6 +169,9 @@ impl Oha {
             p99_ms: seconds(&p["p99"]) * 1e3,
             p999_ms: seconds(&p["p99.9"]) * 1e3,
             success_rate: seconds(&v["summary"]["successRate"]),
+            runs: 1,
+            p50_range: None,
+            p99_range: None,
         })
     }
 
@@ -199,7 +241,8 @@ pub fn machine_busy_seconds() -> f64 {
     busy_ticks(&stat) / clock_ticks()
 }
 
-/// The busy ticks of /proc/stat's `cpu` line: everything but idle and iowait.
+/// The busy ticks of /proc/stat's `cpu` line: everything but idle, iowait and steal
+/// (time the hypervisor gave to someone else is not work done here).
 fn busy_ticks(stat: &str) -> f64 {
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
         return f64::NAN;
@@ -208,7 +251,7 @@ fn busy_ticks(stat: &str) -> f64 {
         .skip(1)
         .take(8)
         .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter(|(i, _)| ![3, 4, 7].contains(i))
         .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
@@ -248,13 +291,46 @@ fn status_mib(pid: u32, field: &str) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::busy_ticks;
+    use super::{Latency, busy_ticks};
+
+    fn run(p50: f64, p99: f64, success_rate: f64) -> Latency {
+        Latency {
+            rate: 1000,
+            achieved_rps: 1000.0 - p50,
+            p50_ms: p50,
+            p90_ms: p50 * 2.0,
+            p99_ms: p99,
+            p999_ms: p99 * 2.0,
+            success_rate,
+            runs: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runs_combine_into_medians_with_ranges_and_the_worst_success_rate() {
+        let l = Latency::combined(&[run(0.3, 1.0, 1.0), run(0.1, 3.0, 0.98), run(0.2, 2.0, 1.0)])
+            .expect("three runs");
+        assert_eq!(
+            (l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms),
+            (0.2, 0.4, 2.0, 4.0)
+        );
+        assert_eq!(l.achieved_rps, 999.8);
+        assert_eq!(
+            (l.p50_range, l.p99_range),
+            (Some((0.1, 0.3)), Some((1.0, 3.0)))
+        );
+        assert_eq!((l.runs, l.success_rate), (3, 0.98));
+        let one = Latency::combined(&[run(0.3, 1.0, 1.0)]).expect("one run");
+        assert_eq!((one.p99_ms, one.p99_range, one.runs), (1.0, None, 1));
+        assert!(Latency::combined(&[]).is_none());
+    }
 
     #[test]
     fn busy_ticks_leave_out_idle_and_iowait() {
         // user nice system idle iowait irq softirq steal guest guest_nice
         let stat = "cpu  100 2 30 5000 40 6 7 8 9 10\ncpu0 50 1 15 2500 20 3 3 4 4 5\n";
-        assert_eq!(busy_ticks(stat), 100.0 + 2.0 + 30.0 + 6.0 + 7.0 + 8.0);
+        assert_eq!(busy_ticks(stat), 100.0 + 2.0 + 30.0 + 6.0 + 7.0);
         assert!(busy_ticks("intr 1 2 3\n").is_nan());
     }
 }

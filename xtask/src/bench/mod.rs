@@ -26,6 +26,7 @@ mod haproxy;
 mod kernel_log;
 mod load;
 mod report;
+mod rounds;
 mod scale;
 mod work;
 
@@ -35,9 +36,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use load::{Oha, anon_rss_mib, bulk, cpu_seconds, machine_busy_seconds, peak_rss_mib};
+use load::{Oha, anon_rss_mib, bulk, cpu_seconds, peak_rss_mib};
 use mesh_tests::{Cluster, Pod, yaml};
 use report::{ConnWork, Cost, Report, Scenario};
+use rounds::Tally;
 
 use crate::{root, sh};
 
@@ -109,6 +111,12 @@ impl Plan {
     /// together as long as one run used to be, so a full run takes no longer.
     fn rate_run_secs(&self) -> u64 {
         (self.max_secs / RATE_RUNS as u64).max(1)
+    }
+
+    /// How long each of the [`rounds::RUNS`] runs of a fixed-rate figure lasts:
+    /// together as long as one run used to be.
+    fn paced_run_secs(&self) -> u64 {
+        (self.rate_secs / rounds::RUNS).max(1)
     }
 
     /// How long the proxies' idle cost is measured.
@@ -209,44 +217,46 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             anon_rss_mib: proxies.iter().map(|p| anon_rss_mib(*p)).sum(),
         });
     }
-    for (i, rate) in plan.rates.iter().enumerate() {
-        progress(&format!("{name}: {rate} req/s for {}s", plan.rate_secs));
-        let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
-        let busy0 = machine_busy_seconds();
-        let t0 = Instant::now();
-        let counting = (i == 0 && !proxies.is_empty())
-            .then(|| work::count(proxies, plan.rate_secs))
-            .flatten();
-        match oha.fixed_rate(c, client, &url, *rate, plan.connections, plan.rate_secs) {
-            Ok(l) => {
-                if i == 0 {
-                    let requests = l.achieved_rps * plan.rate_secs as f64;
-                    s.machine_cpu_us_per_request =
-                        Some((machine_busy_seconds() - busy0) * 1e6 / requests.max(1.0));
-                }
-                if !proxies.is_empty() {
-                    let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
-                    let vcpu = cpu / t0.elapsed().as_secs_f64();
-                    s.proxy_cost.push(Cost {
-                        rate: *rate,
-                        achieved_rps: l.achieved_rps,
-                        vcpu,
-                        anon_rss_mib: proxies.iter().map(|p| anon_rss_mib(*p)).sum(),
-                    });
-                }
-                if i == 0 && !proxies.is_empty() {
-                    s.proxy_vcpu_per_1k_rps = Some(vcpu_per_1k(&s.proxy_cost, *rate));
-                    if let Some(w) = counting.and_then(work::Counting::finish) {
-                        let requests = l.achieved_rps * plan.rate_secs as f64;
-                        s.proxy_syscalls_per_request = Some(w.syscalls / requests.max(1.0));
-                        s.proxy_switches_per_request = Some(w.switches / requests.max(1.0));
-                    }
-                }
-                s.latency
-                    .push(judged(l, &format!("{rate} req/s"), &mut s.errors));
-            }
-            Err(e) => s.errors.push(format!("{rate} req/s: {}", first_line(&e))),
+    let secs = plan.paced_run_secs();
+    let mut tallies: Vec<Tally> = plan.rates.iter().map(|_| Tally::default()).collect();
+    for round in 1..=rounds::RUNS {
+        for (i, (rate, tally)) in plan.rates.iter().zip(&mut tallies).enumerate() {
+            progress(&format!(
+                "{name}: {rate} req/s for {secs}s (round {round} of {})",
+                rounds::RUNS
+            ));
+            tally.run(proxies, i == 0, secs, || {
+                oha.fixed_rate(c, client, &url, *rate, plan.connections, secs)
+            });
         }
+    }
+    for (i, (rate, tally)) in plan.rates.iter().zip(tallies).enumerate() {
+        for e in &tally.errors {
+            s.errors.push(format!("{rate} req/s: {e}"));
+        }
+        let Some(l) = tally.latency() else {
+            continue;
+        };
+        if !proxies.is_empty() {
+            s.proxy_cost.push(Cost {
+                rate: *rate,
+                achieved_rps: l.achieved_rps,
+                vcpu: tally.proxy_cpu_s / tally.secs,
+                anon_rss_mib: tally.anon_rss_mib,
+            });
+        }
+        if i == 0 {
+            s.machine_cpu_us_per_request = Some(tally.per_request(tally.machine_busy_s) * 1e6);
+            if !proxies.is_empty() {
+                s.proxy_vcpu_per_1k_rps = Some(vcpu_per_1k(&s.proxy_cost, *rate));
+            }
+            if let Some(w) = &tally.work {
+                s.proxy_syscalls_per_request = Some(tally.per_request(w.syscalls));
+                s.proxy_switches_per_request = Some(tally.per_request(w.switches));
+            }
+        }
+        s.latency
+            .push(judged(l, &format!("{rate} req/s"), &mut s.errors));
     }
     progress(&format!(
         "{name}: saturation, {RATE_RUNS} runs of {}s",
@@ -295,36 +305,27 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             .push(format!("new connections: {}", first_line(&e))),
     }
     progress(&format!(
-        "{name}: {} new connections/s for {}s",
-        plan.churn_rate, plan.rate_secs
-    ));
-    let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
-    let busy0 = machine_busy_seconds();
-    let counting = (!proxies.is_empty())
-        .then(|| work::count(proxies, plan.rate_secs))
-        .flatten();
-    match oha.churn(
-        c,
-        client,
-        &url,
+        "{name}: {} new connections/s, {} runs of {secs}s",
         plan.churn_rate,
-        plan.connections,
-        plan.rate_secs,
-    ) {
-        Ok(l) => {
-            let conns = (l.achieved_rps * plan.rate_secs as f64).max(1.0);
-            let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
-            let busy = machine_busy_seconds() - busy0;
-            let work = counting.and_then(work::Counting::finish);
-            s.churn_work = Some(ConnWork {
-                proxy_cpu_us: (!proxies.is_empty()).then_some(cpu * 1e6 / conns),
-                machine_cpu_us: busy * 1e6 / conns,
-                proxy_syscalls: work.as_ref().map(|w| w.syscalls / conns),
-                proxy_switches: work.as_ref().map(|w| w.switches / conns),
-            });
-            s.churn = Some(judged(l, "churn", &mut s.errors));
-        }
-        Err(e) => s.errors.push(format!("churn: {}", first_line(&e))),
+        rounds::RUNS
+    ));
+    let mut churn = Tally::default();
+    for _ in 0..rounds::RUNS {
+        churn.run(proxies, true, secs, || {
+            oha.churn(c, client, &url, plan.churn_rate, plan.connections, secs)
+        });
+    }
+    for e in &churn.errors {
+        s.errors.push(format!("churn: {e}"));
+    }
+    if let Some(l) = churn.latency() {
+        s.churn_work = Some(ConnWork {
+            proxy_cpu_us: (!proxies.is_empty()).then(|| churn.per_request(churn.proxy_cpu_s) * 1e6),
+            machine_cpu_us: churn.per_request(churn.machine_busy_s) * 1e6,
+            proxy_syscalls: churn.work.as_ref().map(|w| churn.per_request(w.syscalls)),
+            proxy_switches: churn.work.as_ref().map(|w| churn.per_request(w.switches)),
+        });
+        s.churn = Some(judged(l, "churn", &mut s.errors));
     }
     s.bulk_gbit_s = f64::NAN;
     if let Some(bulk_addr) = bulk_addr {

@@ -268,6 +268,19 @@ impl Report {
             return;
         }
         let _ = writeln!(md, "{heading}\n");
+        let runs = self
+            .scenarios
+            .iter()
+            .filter_map(&pick)
+            .map(|l| l.runs)
+            .max()
+            .unwrap_or(1);
+        if runs > 1 {
+            let _ = writeln!(
+                md,
+                "Each figure is the median of {runs} runs (in rounds over the rates); p50 and p99 give the runs' range in brackets.\n"
+            );
+        }
         let _ = writeln!(
             md,
             "| scenario | p50 ms | p90 ms | p99 ms | p99.9 ms | p99 vs baseline | p99 added ms | {achieved} |\n|---|---|---|---|---|---|---|---|"
@@ -279,11 +292,11 @@ impl Report {
             let base = self.scenario(&s.baseline).and_then(&pick);
             let _ = writeln!(
                 md,
-                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.0} |",
+                "| {} | {} | {:.3} | {} | {:.3} | {} | {} | {:.0} |",
                 s.name,
-                l.p50_ms,
+                median_range(l.p50_ms, l.p50_range, 3),
                 l.p90_ms,
-                l.p99_ms,
+                median_range(l.p99_ms, l.p99_range, 3),
                 l.p999_ms,
                 base.map_or("-".into(), |b| ratio(l.p99_ms, b.p99_ms)),
                 base.map_or("-".into(), |b| format!("{:+.3}", l.p99_ms - b.p99_ms)),
@@ -671,5 +684,31 @@ mod tests {
         }
         .sockmap_table(&mut none);
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn latency_rows_give_the_runs_range_beside_the_median() {
+        let mut mesh = scenario("mesh-l4-local", 0.4, 500.0);
+        mesh.latency[0].runs = 3;
+        mesh.latency[0].p50_range = Some((0.15, 0.25));
+        mesh.latency[0].p99_range = Some((0.3, 0.9));
+        let report = Report {
+            scenarios: vec![scenario("direct-local", 0.1, 1000.0), mesh],
+            ..Default::default()
+        };
+        let mut md = String::new();
+        report.latency_table(&mut md, "## Latency", "achieved", |s| s.latency.first());
+        assert!(md.contains("median of 3 runs"), "{md}");
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| mesh-l4-local |"))
+            .unwrap_or_else(|| panic!("no row in {md}"));
+        assert!(
+            row.starts_with(
+                "| mesh-l4-local | 0.200 [0.150..0.250] | 0.000 | 0.400 [0.300..0.900] |"
+            ),
+            "{row}"
+        );
+        assert!(row.contains("| 4.00× | +0.300 |"), "{row}");
     }
 }
