@@ -80,7 +80,9 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         only: Vec<String>,
         /// Record the proxies' CPU profile with perf during each saturation run
-        /// (target/bench/perf-SCENARIO.data); the report goes to target/bench.
+        /// (target/bench/perf-SCENARIO.data) and bulk transfer, and the whole
+        /// machine's during the new-connection runs (perf-SCENARIO-newconn.data); the
+        /// report goes to target/bench.
         #[arg(long)]
         profile: bool,
     },

@@ -286,7 +286,13 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         "{name}: new connections, {RATE_RUNS} runs of {}s",
         plan.rate_run_secs()
     ));
-    match repeated(|| {
+    // New connections cost the kernel as much as the proxies (sockets, and with
+    // sockmap each socket's psock set up and torn down, partly in kernel workers), so
+    // this profile is of the whole machine.
+    let recording = (plan.profile && !proxies.is_empty())
+        .then(|| profile(&format!("{name}-newconn"), &[], plan.max_secs))
+        .flatten();
+    let new_connections = repeated(|| {
         oha.max_rate(
             c,
             client,
@@ -295,7 +301,11 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             plan.rate_run_secs(),
             true,
         )
-    }) {
+    });
+    if let Some(mut perf) = recording {
+        let _ = perf.wait();
+    }
+    match new_connections {
         Ok(r) => {
             (s.new_connections_per_s, s.new_connections_per_s_range) =
                 r.judged("new connections", &mut s.errors)
@@ -397,12 +407,17 @@ fn vcpu_per_1k(costs: &[Cost], rate: u32) -> f64 {
         .map_or(f64::NAN, |c| c.vcpu * 1000.0 / c.achieved_rps.max(1.0))
 }
 
-/// Starts `perf record` on the proxies for `secs`; the data goes to
-/// target/bench/perf-NAME.data (`perf report -i` reads it).
+/// Starts `perf record` on the proxies (no proxies: on the whole machine) for `secs`;
+/// the data goes to target/bench/perf-NAME.data (`perf report -i` reads it).
 fn profile(name: &str, proxies: &[u32], secs: u64) -> Option<std::process::Child> {
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir).ok()?;
     let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
+    let target = if pids.is_empty() {
+        vec!["-a".to_string()]
+    } else {
+        vec!["-p".to_string(), pids.join(",")]
+    };
     let out = dir.join(format!("perf-{name}.data"));
     progress(&format!("{name}: profiling into {}", out.display()));
     std::process::Command::new("perf")
@@ -418,7 +433,7 @@ fn profile(name: &str, proxies: &[u32], secs: u64) -> Option<std::process::Child
             "-o",
         ])
         .arg(&out)
-        .args(["-p", &pids.join(",")])
+        .args(&target)
         .args(["--", "sleep", &secs.to_string()])
         .stdout(std::process::Stdio::null())
         .spawn()
