@@ -80,6 +80,12 @@ fn capture_transfer(c: &mut Cluster, pod: &Pod, addr: &str, seed: u64, len: usiz
             "0",
             "-U",
             "--immediate-mode",
+            // A 64 MiB capture buffer holds the whole transfer (4 MiB and its
+            // headers) even when tcpdump gets no CPU until it ends: with the
+            // default 2 MiB, a loaded machine dropped most of it (919,755 bytes
+            // captured of 4 MiB once, in a full suite run).
+            "-B",
+            "65536",
             "-w",
         ])
         .arg(&file)
