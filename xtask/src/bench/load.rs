@@ -35,13 +35,9 @@ impl Latency {
         let first = runs.first()?;
         let med = |f: fn(&Latency) -> f64| super::median(&runs.iter().map(f).collect::<Vec<_>>());
         let range = |f: fn(&Latency) -> f64| {
-            (runs.len() > 1).then(|| {
-                runs.iter()
-                    .map(f)
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                        (lo.min(v), hi.max(v))
-                    })
-            })
+            (runs.len() > 1)
+                .then(|| super::range(&runs.iter().map(f).collect::<Vec<_>>()))
+                .flatten()
         };
         Some(Latency {
             rate: first.rate,

@@ -367,9 +367,8 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             let _ = perf.wait();
         }
         if rates.len() == BULK_RUNS {
-            rates.sort_by(f64::total_cmp);
-            s.bulk_gbit_s = rates[BULK_RUNS / 2];
-            s.bulk_gbit_s_range = Some((rates[0], rates[BULK_RUNS - 1]));
+            s.bulk_gbit_s = median(&rates);
+            s.bulk_gbit_s_range = range(&rates);
             let gib = (BULK_RUNS as u64 * plan.bulk_bytes) as f64 / f64::from(1u32 << 30);
             if !proxies.is_empty() {
                 s.bulk_proxy_cpu_s_per_gib = Some(cpu / gib);
@@ -835,14 +834,23 @@ impl Repeated {
         if worst < 1.0 {
             errors.push(format!("{what}: success rate {worst:.4} in the worst run"));
         }
-        let mut rates: Vec<f64> = self.0.iter().map(|r| r.0).collect();
-        rates.sort_by(f64::total_cmp);
+        let rates: Vec<f64> = self.0.iter().map(|r| r.0).collect();
         if worst < 0.99 || rates.is_empty() {
             return (f64::NAN, None);
         }
-        let range = (rates[0], rates[rates.len() - 1]);
-        (rates[rates.len() / 2], Some(range))
+        (median(&rates), range(&rates))
     }
+}
+
+/// The smallest and largest of the finite values, none when there are none.
+fn range(v: &[f64]) -> Option<(f64, f64)> {
+    v.iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(None, |r, x| match r {
+            None => Some((x, x)),
+            Some((lo, hi)) => Some((f64::min(lo, x), f64::max(hi, x))),
+        })
 }
 
 /// The median of the finite values (the mean of the middle two for an even count), or
@@ -875,5 +883,12 @@ mod repeated_tests {
         let (rate, range) = r.judged("saturation", &mut errors);
         assert!(rate.is_nan() && range.is_none());
         assert_eq!(errors, ["saturation: success rate 0.9800 in the worst run"]);
+    }
+
+    #[test]
+    fn the_range_is_of_the_finite_values() {
+        assert_eq!(range(&[2.0, f64::NAN, 1.0, 3.0]), Some((1.0, 3.0)));
+        assert_eq!(range(&[f64::NAN]), None);
+        assert_eq!(range(&[]), None);
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use mesh_tests::Cluster;
 
-use super::{load::peak_rss_mib, median, report::Scale};
+use super::{load::peak_rss_mib, median, range, report::Scale};
 
 fn service(i: usize) -> String {
     format!(
@@ -58,7 +58,7 @@ fn field(line: &str, name: &str) -> f64 {
 
 /// The largest of the values, NaN when there are none.
 fn max(v: &[f64]) -> f64 {
-    v.iter().copied().reduce(f64::max).unwrap_or(f64::NAN)
+    range(v).map_or(f64::NAN, |(_, hi)| hi)
 }
 
 /// The agent's log line for `generation` once applied. Read straight from the file,
