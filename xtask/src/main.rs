@@ -80,7 +80,8 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         only: Vec<String>,
         /// Record the proxies' CPU profile with perf during each saturation run
-        /// (target/bench/perf-SCENARIO.data) and bulk transfer, and the whole
+        /// (target/bench/perf-SCENARIO.data), the first run at the lowest fixed rate
+        /// (perf-SCENARIO-RATE.data) and bulk transfer, and the whole
         /// machine's during the new-connection runs (perf-SCENARIO-newconn.data); the
         /// report goes to target/bench.
         #[arg(long)]

@@ -2,6 +2,7 @@
 //! through the mTLS tunnel to another node, or passed through to a workload outside the
 //! mesh. Inbound: the tunnel's server side (:15008) and plaintext capture (:15006).
 mod accept;
+mod coalesce;
 mod deliver;
 mod dial;
 mod error;

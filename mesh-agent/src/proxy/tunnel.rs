@@ -362,7 +362,8 @@ async fn dial(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .handshake(TokioIo::new(tls))
+        // A request's HEADERS and its body's DATA leave in one write (see `coalesce`).
+        .handshake(TokioIo::new(super::coalesce::Coalesced::new(tls)))
         .await?;
     let span = debug_span!("tunnel_out", dest = %dest, %addr);
     tokio::spawn(

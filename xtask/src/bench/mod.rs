@@ -225,9 +225,17 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
                 "{name}: {rate} req/s for {secs}s (round {round} of {})",
                 rounds::RUNS
             ));
+            // At the lowest rate each request pays its wake-ups alone: where that
+            // time goes is not where it goes at saturation, so it is profiled too.
+            let recording = (plan.profile && i == 0 && round == 1 && !proxies.is_empty())
+                .then(|| profile(&format!("{name}-{rate}"), proxies, secs, FINE_HZ))
+                .flatten();
             tally.run(proxies, i == 0, secs, || {
                 oha.fixed_rate(c, client, &url, *rate, plan.connections, secs)
             });
+            if let Some(mut perf) = recording {
+                let _ = perf.wait();
+            }
         }
     }
     for (i, (rate, tally)) in plan.rates.iter().zip(tallies).enumerate() {
@@ -263,7 +271,7 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
         plan.rate_run_secs()
     ));
     let recording = (plan.profile && !proxies.is_empty())
-        .then(|| profile(name, proxies, plan.max_secs))
+        .then(|| profile(name, proxies, plan.max_secs, COARSE_HZ))
         .flatten();
     let saturation = repeated(|| {
         oha.max_rate(
@@ -290,7 +298,7 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
     // sockmap each socket's psock set up and torn down, partly in kernel workers), so
     // this profile is of the whole machine.
     let recording = (plan.profile && !proxies.is_empty())
-        .then(|| profile(&format!("{name}-newconn"), &[], plan.max_secs))
+        .then(|| profile(&format!("{name}-newconn"), &[], plan.max_secs, COARSE_HZ))
         .flatten();
     let new_connections = repeated(|| {
         oha.max_rate(
@@ -349,7 +357,14 @@ fn measure(c: &mut Cluster, oha: &Oha, plan: &Plan, client: &Pod, t: Target<'_>)
             .then(|| work::count_until_stopped(proxies))
             .flatten();
         let recording = (plan.profile && !proxies.is_empty())
-            .then(|| profile(&format!("{name}-bulk"), proxies, plan.bulk_profile_secs()))
+            .then(|| {
+                profile(
+                    &format!("{name}-bulk"),
+                    proxies,
+                    plan.bulk_profile_secs(),
+                    COARSE_HZ,
+                )
+            })
             .flatten();
         let mut rates = Vec::new();
         for _ in 0..BULK_RUNS {
@@ -406,9 +421,16 @@ fn vcpu_per_1k(costs: &[Cost], rate: u32) -> f64 {
         .map_or(f64::NAN, |c| c.vcpu * 1000.0 / c.achieved_rps.max(1.0))
 }
 
-/// Starts `perf record` on the proxies (no proxies: on the whole machine) for `secs`;
-/// the data goes to target/bench/perf-NAME.data (`perf report -i` reads it).
-fn profile(name: &str, proxies: &[u32], secs: u64) -> Option<std::process::Child> {
+/// Samples per second where the proxies are busy (saturation, bulk, new connections).
+const COARSE_HZ: u32 = 499;
+/// Samples per second at the lowest fixed rate, where the proxies are mostly idle: a
+/// 4-s run at the coarse rate gives too few samples to tell the costs of a request apart.
+const FINE_HZ: u32 = 3997;
+
+/// Starts `perf record` on the proxies (no proxies: on the whole machine) for `secs`,
+/// `hz` samples per second; the data goes to target/bench/perf-NAME.data
+/// (`perf report -i` reads it).
+fn profile(name: &str, proxies: &[u32], secs: u64, hz: u32) -> Option<std::process::Child> {
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir).ok()?;
     let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
@@ -425,7 +447,7 @@ fn profile(name: &str, proxies: &[u32], secs: u64) -> Option<std::process::Child
             "-e",
             "cpu-clock",
             "-F",
-            "499",
+            &hz.to_string(),
             "--call-graph",
             "dwarf,8192",
             "-q",
