@@ -6,20 +6,25 @@ use http::{HeaderMap, HeaderValue};
 
 pub const HEADER: &str = "x-request-id";
 
-/// A random (version 4) UUID in its text form.
-pub fn uuid_v4(bytes: [u8; 16]) -> String {
+/// A random (version 4) UUID in its text form, written into a fixed buffer: every
+/// request without an id gets one, so this is on the per-request path.
+pub fn uuid_v4(bytes: [u8; 16]) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b = bytes;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, x) in b.iter().enumerate() {
+        // Dashes after the 4th, 6th, 8th and 10th bytes: 8-4-4-4-12 digits.
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        out[at] = HEX[usize::from(x >> 4)];
+        out[at + 1] = HEX[usize::from(x & 0x0f)];
+        at += 2;
+    }
+    out
 }
 
 /// Adds an `x-request-id` when the request has none (or an empty one).
@@ -30,7 +35,7 @@ pub fn ensure(headers: &mut HeaderMap) {
     if present {
         return;
     }
-    if let Ok(v) = HeaderValue::from_str(&uuid_v4(rand::random())) {
+    if let Ok(v) = HeaderValue::from_bytes(&uuid_v4(rand::random())) {
         headers.insert(HEADER, v);
     }
 }
@@ -63,7 +68,13 @@ mod tests {
 
     #[test]
     fn the_uuid_has_the_version_and_variant_bits() {
-        assert_eq!(uuid_v4([0xff; 16]), "ffffffff-ffff-4fff-bfff-ffffffffffff");
-        assert_eq!(uuid_v4([0; 16]), "00000000-0000-4000-8000-000000000000");
+        let text = |b| String::from_utf8_lossy(&uuid_v4(b)).into_owned();
+        assert_eq!(text([0xff; 16]), "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(text([0; 16]), "00000000-0000-4000-8000-000000000000");
+        let mut counting = [0u8; 16];
+        for (i, b) in counting.iter_mut().enumerate() {
+            *b = i as u8 * 0x11;
+        }
+        assert_eq!(text(counting), "00112233-4455-4677-8899-aabbccddeeff");
     }
 }
