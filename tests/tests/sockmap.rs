@@ -250,6 +250,53 @@ fn a_receiver_that_stops_reading_pushes_back_through_the_mesh() {
     }
 }
 
+/// The same the other way round: a client that stops reading while its server writes
+/// as fast as it can. The path (the agent's hops, its relay, and with sockmap the
+/// redirect into the client's socket) must push back on the server rather than hold
+/// what the client does not read, lose nothing, and carry the server's last writes at
+/// once when the client reads again.
+#[test]
+fn a_client_that_stops_reading_pushes_back_on_its_server() {
+    let _g = serial();
+    let mut c = cluster(&["node-1"]);
+    let client = c.add_pod("node-1", "client").unwrap();
+    let local = c.add_pod("node-1", "local").unwrap();
+    serve(&mut c, &local);
+    let mut cfg = c.pod_yaml(&client, true) + &c.pod_yaml(&local, true);
+    cfg += &yaml::service("local-svc", vip(10), 80, PORT);
+    cfg += &yaml::endpoint_slice("local-svc", PORT, &[local.ip]);
+    c.write_config("cluster.yaml", &cfg).unwrap();
+    c.start_agent("node-1").unwrap();
+    let out = c.run_in(
+        &client,
+        &["sulk", "--addr", &sa(vip(10), 80), "--secs", "3"],
+        SECS,
+    );
+    let out = json(&out.unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log("node-1"))));
+    let accepted = out["accepted"].as_u64().unwrap_or_else(|| panic!("{out}"));
+    eprintln!(
+        "sockmap {}: {accepted} bytes accepted from the server while the client stalled: {out}",
+        sockmap_on()
+    );
+    assert_eq!(out["received"].as_u64(), Some(accepted), "{out}");
+    assert!(
+        accepted < 64 * 1024 * 1024,
+        "{accepted} bytes accepted while the client did not read"
+    );
+    let last_write_ms = out["last_write_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(last_write_ms < 150, "the server's last write waited: {out}");
+    if sockmap_on() {
+        // The unread guard held the redirect into the client's socket back, the agent
+        // paced its own writes to the client until it read again, and the hop came
+        // back to the sockmap afterwards.
+        let k = kernel_counters(&c, "node-1");
+        assert!(k["sockmap_backpressure"] > 0, "{k:?}");
+        assert!(k["sockmap_paced"] > 0, "{k:?}");
+        assert!(k["sockmap_resumed"] > 0, "{k:?}");
+        assert!(k["sockmap_redirected"] > 0, "{k:?}");
+    }
+}
+
 /// The send and receive guards run on every socket of the node. Hundreds of hop
 /// sockets open and close, then applications outside the mesh move bulk data on the
 /// same node, in sockets the kernel allocates where the hop sockets were: none of

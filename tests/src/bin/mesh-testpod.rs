@@ -208,6 +208,15 @@ enum Cmd {
         #[arg(long)]
         secs: u64,
     },
+    /// The mirror of `flood`: ask the server to write as fast as it can (FLOOD) for
+    /// `secs` while this client reads nothing for a second longer, then read it all.
+    /// Prints what arrived beside what the server says the path accepted from it.
+    Sulk {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+    },
     /// `count` long-lived echo connections streaming at once: each sends `chunk`
     /// pseudo-random bytes every `every_ms` and checks that the echo is the same bytes
     /// in the same order. Prints `{"ready": N}` once all are open, streams until a
@@ -721,6 +730,30 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Sulk { addr, secs } => {
+            let mut c = connect(addr, None).await?;
+            // As in `flood`: the handshake settles before any data moves.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c.write_all(format!("FLOOD {secs}\n").as_bytes()).await?;
+            tokio::time::sleep(Duration::from_secs(secs + 1)).await;
+            // Everything the server wrote is FLOOD_BYTE, then one line that says what
+            // it counted.
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await?;
+            let received = got.iter().take_while(|b| **b == FLOOD_BYTE).count();
+            let tail = String::from_utf8_lossy(&got[received..]).trim().to_owned();
+            let mut words = tail.split_whitespace();
+            let field = |w: Option<&str>| w.and_then(|v| v.parse::<u64>().ok());
+            let (accepted, last_write_ms) = match (words.next(), words.next(), words.next()) {
+                (Some("END"), a, l) => (field(a), field(l)),
+                _ => (None, None),
+            };
+            println!(
+                "{}",
+                json!({ "received": received, "accepted": accepted, "last_write_ms": last_write_ms, "tail": tail })
+            );
+            Ok(())
+        }
         Cmd::Source { addr, bytes, then } => {
             let mut c = connect(addr, None).await?;
             c.write_all(format!("SOURCE {bytes}\n").as_bytes()).await?;
@@ -912,6 +945,9 @@ async fn send_pattern(c: &mut TcpStream, bytes: u64, seed: u64) -> anyhow::Resul
     Ok((hex(&h.finalize()), bytes))
 }
 
+/// What FLOOD writes: never a newline, so the line after it stands out.
+const FLOOD_BYTE: u8 = 0x5a;
+
 async fn drain<R: AsyncReadExt + Unpin>(r: &mut R) -> anyhow::Result<(u64, String)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -984,6 +1020,30 @@ async fn handle(
             tokio::time::sleep(Duration::from_secs(secs)).await;
             let (n, _) = drain(&mut r).await?;
             r.get_mut().write_all(format!("{n}\n").as_bytes()).await?;
+        }
+        Some("FLOOD") => {
+            let secs: u64 = words.next().context("FLOOD needs seconds")?.parse()?;
+            let w = r.get_mut();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+            let chunk = vec![FLOOD_BYTE; 64 * 1024];
+            let mut accepted = 0u64;
+            while let Ok(n) = tokio::time::timeout_at(deadline, w.write(&chunk)).await {
+                accepted += n? as u64;
+            }
+            // The client reads again a second after the deadline; two more seconds on,
+            // the path is empty and the last writes must go straight through.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut last_write_ms = 0u64;
+            for _ in 0..8 {
+                let t = std::time::Instant::now();
+                w.write_all(&chunk[..8 * 1024]).await?;
+                last_write_ms = last_write_ms.max(t.elapsed().as_millis() as u64);
+                accepted += 8 * 1024;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            w.write_all(format!("\nEND {accepted} {last_write_ms}\n").as_bytes())
+                .await?;
+            w.shutdown().await?;
         }
         Some("SINK") => {
             let (n, sha) = drain(&mut r).await?;
