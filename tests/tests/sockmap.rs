@@ -201,21 +201,7 @@ fn tcp_payload_bytes(bytes: &[u8]) -> u64 {
 #[test]
 fn a_receiver_that_stops_reading_pushes_back_through_the_mesh() {
     let _g = serial();
-    let mut c = cluster(&["node-1", "node-2"]);
-    let client = c.add_pod("node-1", "client").unwrap();
-    let local = c.add_pod("node-1", "local").unwrap();
-    serve(&mut c, &local);
-    let mut cfg = c.pod_yaml(&client, true) + &c.pod_yaml(&local, true);
-    cfg += &yaml::service("local-svc", vip(10), 80, PORT);
-    cfg += &yaml::endpoint_slice("local-svc", PORT, &[local.ip]);
-    c.write_config("cluster.yaml", &cfg).unwrap();
-    c.start_agent("node-1").unwrap();
-    let out = c.run_in(
-        &client,
-        &["flood", "--addr", &sa(vip(10), 80), "--secs", "3"],
-        SECS,
-    );
-    let out = json(&out.unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log("node-1"))));
+    let (c, out) = stall_through_the_mesh(&["node-1", "node-2"], "flood");
     let accepted = out["accepted"].as_u64().unwrap();
     eprintln!(
         "sockmap {}: {accepted} bytes accepted while the receiver stalled: {out}",
@@ -237,28 +223,15 @@ fn a_receiver_that_stops_reading_pushes_back_through_the_mesh() {
         // application's by moving it to TCP, the agent's by its own pacing until the
         // server caught up), and once the agent had caught up, the client's last
         // writes came back to the sockmap.
-        let k = kernel_counters(&c, "node-1");
-        let unread = || {
-            c.meshctl_json("node-1", &["bpf", "maps", "--dump", "MESH_SOCK_UNREAD"])
-                .map(|d| d.to_string())
-                .unwrap_or_default()
-        };
-        assert!(k["sockmap_backpressure"] > 0, "{k:?}");
-        assert!(k["sockmap_paced"] > 0, "{k:?}");
-        assert!(k["sockmap_resumed"] > 0, "{k:?}\n{}", unread());
-        assert!(k["sockmap_redirected"] > 0, "{k:?}");
+        assert_the_unread_guard_held_and_let_go(&c);
     }
 }
 
-/// The same the other way round: a client that stops reading while its server writes
-/// as fast as it can. The path (the agent's hops, its relay, and with sockmap the
-/// redirect into the client's socket) must push back on the server rather than hold
-/// what the client does not read, lose nothing, and carry the server's last writes at
-/// once when the client reads again.
-#[test]
-fn a_client_that_stops_reading_pushes_back_on_its_server() {
-    let _g = serial();
-    let mut c = cluster(&["node-1"]);
+/// node-1's client pod and a server pod behind a ClusterIP, the agent started, and
+/// the test pod's `tool` (`flood` or `sulk`) run for 3 s against the ClusterIP: the
+/// cluster and what the tool printed.
+fn stall_through_the_mesh(nodes: &[&str], tool: &str) -> (Cluster, serde_json::Value) {
+    let mut c = cluster(nodes);
     let client = c.add_pod("node-1", "client").unwrap();
     let local = c.add_pod("node-1", "local").unwrap();
     serve(&mut c, &local);
@@ -269,10 +242,37 @@ fn a_client_that_stops_reading_pushes_back_on_its_server() {
     c.start_agent("node-1").unwrap();
     let out = c.run_in(
         &client,
-        &["sulk", "--addr", &sa(vip(10), 80), "--secs", "3"],
+        &[tool, "--addr", &sa(vip(10), 80), "--secs", "3"],
         SECS,
     );
     let out = json(&out.unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log("node-1"))));
+    (c, out)
+}
+
+/// With sockmap on: the unread guard held the writers back, the agent paced its own
+/// writes, the hop came back to the sockmap afterwards, and the sockmap carried bytes.
+fn assert_the_unread_guard_held_and_let_go(c: &Cluster) {
+    let k = kernel_counters(c, "node-1");
+    let unread = || {
+        c.meshctl_json("node-1", &["bpf", "maps", "--dump", "MESH_SOCK_UNREAD"])
+            .map(|d| d.to_string())
+            .unwrap_or_default()
+    };
+    assert!(k["sockmap_backpressure"] > 0, "{k:?}");
+    assert!(k["sockmap_paced"] > 0, "{k:?}");
+    assert!(k["sockmap_resumed"] > 0, "{k:?}\n{}", unread());
+    assert!(k["sockmap_redirected"] > 0, "{k:?}");
+}
+
+/// The same the other way round: a client that stops reading while its server writes
+/// as fast as it can. The path (the agent's hops, its relay, and with sockmap the
+/// redirect into the client's socket) must push back on the server rather than hold
+/// what the client does not read, lose nothing, and carry the server's last writes at
+/// once when the client reads again.
+#[test]
+fn a_client_that_stops_reading_pushes_back_on_its_server() {
+    let _g = serial();
+    let (c, out) = stall_through_the_mesh(&["node-1"], "sulk");
     let accepted = out["accepted"].as_u64().unwrap_or_else(|| panic!("{out}"));
     eprintln!(
         "sockmap {}: {accepted} bytes accepted from the server while the client stalled: {out}",
@@ -289,11 +289,7 @@ fn a_client_that_stops_reading_pushes_back_on_its_server() {
         // The unread guard held the redirect into the client's socket back, the agent
         // paced its own writes to the client until it read again, and the hop came
         // back to the sockmap afterwards.
-        let k = kernel_counters(&c, "node-1");
-        assert!(k["sockmap_backpressure"] > 0, "{k:?}");
-        assert!(k["sockmap_paced"] > 0, "{k:?}");
-        assert!(k["sockmap_resumed"] > 0, "{k:?}");
-        assert!(k["sockmap_redirected"] > 0, "{k:?}");
+        assert_the_unread_guard_held_and_let_go(&c);
     }
 }
 

@@ -689,36 +689,19 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             c.write_all(format!("STALL {}\n", secs + 1).as_bytes())
                 .await?;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-            let chunk = vec![0x5au8; 64 * 1024];
-            let mut accepted = 0u64;
-            loop {
-                match tokio::time::timeout_at(deadline, c.write(&chunk)).await {
-                    Ok(Ok(n)) => accepted += n as u64,
-                    Ok(Err(e)) => {
-                        println!(
-                            "{}",
-                            json!({ "accepted": accepted, "error": e.to_string() })
-                        );
-                        std::process::exit(1);
-                    }
-                    Err(_) => break,
-                }
+            let (mut accepted, flooded) = flood_for(&mut c, secs).await;
+            if let Err(e) = flooded {
+                println!(
+                    "{}",
+                    json!({ "accepted": accepted, "error": e.to_string() })
+                );
+                std::process::exit(1);
             }
             // Once the server has caught up, a few last writes: the path must carry
             // them in order after everything else, without waiting, and return to the
-            // fast path. (The kernel skips the sk_msg program for the first send after
-            // a TCP push that failed part-way, so one write may not be enough.)
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let mut last_write_ms = 0u64;
-            let last = &chunk[..8 * 1024];
-            for _ in 0..8 {
-                let t = std::time::Instant::now();
-                c.write_all(last).await?;
-                last_write_ms = last_write_ms.max(t.elapsed().as_millis() as u64);
-                accepted += last.len() as u64;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // fast path.
+            let (last, last_write_ms) = last_writes(&mut c).await?;
+            accepted += last;
             let t = std::time::Instant::now();
             c.shutdown().await?;
             let mut reply = String::new();
@@ -945,8 +928,44 @@ async fn send_pattern(c: &mut TcpStream, bytes: u64, seed: u64) -> anyhow::Resul
     Ok((hex(&h.finalize()), bytes))
 }
 
-/// What FLOOD writes: never a newline, so the line after it stands out.
+/// What a flood writes: never a newline, so the line after it stands out.
 const FLOOD_BYTE: u8 = 0x5a;
+
+/// Writes as fast as `w` takes it for `secs`: the bytes it accepted, and the write
+/// error that ended it early, if one did.
+async fn flood_for<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    secs: u64,
+) -> (u64, std::io::Result<()>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let chunk = vec![FLOOD_BYTE; 64 * 1024];
+    let mut accepted = 0u64;
+    while let Ok(written) = tokio::time::timeout_at(deadline, w.write(&chunk)).await {
+        match written {
+            Ok(n) => accepted += n as u64,
+            Err(e) => return (accepted, Err(e)),
+        }
+    }
+    (accepted, Ok(()))
+}
+
+/// Three seconds after a flood, when the reader has caught up: eight 8 KiB writes,
+/// 20 ms apart (the kernel skips the sk_msg program for the first send after a TCP
+/// push that failed part-way, so one write may not be enough). The bytes written and
+/// the slowest write in ms.
+async fn last_writes<W: tokio::io::AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<(u64, u64)> {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let last = [FLOOD_BYTE; 8 * 1024];
+    let (mut written, mut slowest_ms) = (0u64, 0u64);
+    for _ in 0..8 {
+        let t = std::time::Instant::now();
+        w.write_all(&last).await?;
+        slowest_ms = slowest_ms.max(t.elapsed().as_millis() as u64);
+        written += last.len() as u64;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((written, slowest_ms))
+}
 
 async fn drain<R: AsyncReadExt + Unpin>(r: &mut R) -> anyhow::Result<(u64, String)> {
     let mut h = Sha256::new();
@@ -1024,23 +1043,12 @@ async fn handle(
         Some("FLOOD") => {
             let secs: u64 = words.next().context("FLOOD needs seconds")?.parse()?;
             let w = r.get_mut();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-            let chunk = vec![FLOOD_BYTE; 64 * 1024];
-            let mut accepted = 0u64;
-            while let Ok(n) = tokio::time::timeout_at(deadline, w.write(&chunk)).await {
-                accepted += n? as u64;
-            }
+            let (mut accepted, flooded) = flood_for(w, secs).await;
+            flooded?;
             // The client reads again a second after the deadline; two more seconds on,
             // the path is empty and the last writes must go straight through.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let mut last_write_ms = 0u64;
-            for _ in 0..8 {
-                let t = std::time::Instant::now();
-                w.write_all(&chunk[..8 * 1024]).await?;
-                last_write_ms = last_write_ms.max(t.elapsed().as_millis() as u64);
-                accepted += 8 * 1024;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let (last, last_write_ms) = last_writes(w).await?;
+            accepted += last;
             w.write_all(format!("\nEND {accepted} {last_write_ms}\n").as_bytes())
                 .await?;
             w.shutdown().await?;
