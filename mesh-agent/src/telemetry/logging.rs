@@ -3,6 +3,7 @@
 //! and formatted on its own so that turning diagnostics down never hides traffic.
 use std::sync::{Arc, Mutex};
 
+use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{
     EnvFilter, Layer, Registry, filter::filter_fn, fmt, layer::SubscriberExt as _, reload,
     util::SubscriberInitExt as _,
@@ -140,9 +141,6 @@ pub fn init_logging(
         .ok()
         .filter(|v| diagnostics_filter(v).is_ok())
         .unwrap_or_else(|| default_level.to_owned());
-    let filter = diagnostics_filter(&directives)
-        .unwrap_or_else(|_| EnvFilter::new(format!("info,{}=off", access::TARGET)));
-    let (filter, handle) = reload::Layer::new(filter);
     // Lines are written in batches by a thread of their own (`log_writer`): a request
     // or connection never waits for stderr, and lines past the buffer are dropped,
     // never the traffic.
@@ -153,20 +151,7 @@ pub fn init_logging(
             (log_writer::Batched::discarding(), None)
         }
     };
-    let mut layers: Vec<BoxedLayer> = vec![boxed(format, filter, writer.clone())];
-    let access_format = match access_log {
-        AccessLog::Off => None,
-        AccessLog::On => Some(format),
-        AccessLog::Text => Some(LogFormat::Text),
-        AccessLog::Json => Some(LogFormat::Json),
-    };
-    if let Some(f) = access_format {
-        layers.push(boxed(
-            f,
-            filter_fn(|m| m.target() == access::TARGET),
-            writer.clone(),
-        ));
-    }
+    let (layers, handle) = layers(format, &directives, access_log, writer);
     // A second init (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry().with(layers).try_init();
     Arc::new(LogControl {
@@ -176,9 +161,87 @@ pub fn init_logging(
     })
 }
 
+/// The diagnostics layer (filtered by `directives`, changeable through the handle) and
+/// the access log layer, if it is on.
+fn layers(
+    format: LogFormat,
+    directives: &str,
+    access_log: AccessLog,
+    writer: Batched,
+) -> (Vec<BoxedLayer>, reload::Handle<EnvFilter, Registry>) {
+    let filter = diagnostics_filter(directives)
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{}=off", access::TARGET)));
+    let (filter, handle) = reload::Layer::new(filter);
+    let mut layers: Vec<BoxedLayer> = vec![boxed(format, filter, writer.clone())];
+    let access_format = match access_log {
+        AccessLog::Off => None,
+        AccessLog::On => Some(format),
+        AccessLog::Text => Some(LogFormat::Text),
+        AccessLog::Json => Some(LogFormat::Json),
+    };
+    if let Some(f) = access_format {
+        // The hint matters: without one the subscriber as a whole has none, tracing's
+        // global level stays at TRACE, and every disabled `trace!` and `debug!` in
+        // h2 and hyper (dozens per request) asks its callsite's interest at run time
+        // instead of being skipped by one comparison. Access lines are `info`.
+        let only_access =
+            filter_fn(|m| m.target() == access::TARGET).with_max_level_hint(LevelFilter::INFO);
+        layers.push(boxed(f, only_access, writer));
+    }
+    (layers, handle)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::check_filter;
+    use super::*;
+    use tracing::Subscriber as _;
+
+    /// The level below which tracing skips a callsite with one comparison: the
+    /// composed subscriber's hint, as `try_init` makes it global.
+    fn hint(directives: &str, access_log: AccessLog) -> Option<LevelFilter> {
+        let (layers, _) = layers(
+            LogFormat::Text,
+            directives,
+            access_log,
+            Batched::discarding(),
+        );
+        tracing_subscriber::registry().with(layers).max_level_hint()
+    }
+
+    #[test]
+    fn the_global_level_follows_the_diagnostics_filter_with_the_access_log_on() {
+        for access in [AccessLog::Off, AccessLog::On, AccessLog::Json] {
+            assert_eq!(hint("info", access), Some(LevelFilter::INFO), "{access:?}");
+            // Access lines are `info`: with the access log on, that is the floor.
+            let quiet = if access == AccessLog::Off {
+                LevelFilter::WARN
+            } else {
+                LevelFilter::INFO
+            };
+            assert_eq!(hint("warn", access), Some(quiet), "{access:?}");
+            assert_eq!(
+                hint("info,mesh_agent::proxy=debug", access),
+                Some(LevelFilter::DEBUG),
+                "{access:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_level_set_at_run_time_moves_the_global_level() {
+        let (layers, handle) = layers(
+            LogFormat::Text,
+            "info",
+            AccessLog::On,
+            Batched::discarding(),
+        );
+        let subscriber = tracing_subscriber::registry().with(layers);
+        assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::INFO));
+        handle
+            .reload(diagnostics_filter("trace").expect("filter"))
+            .expect("reload");
+        assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::TRACE));
+    }
 
     #[test]
     fn a_filter_with_a_multibyte_character_is_refused_not_a_panic() {
