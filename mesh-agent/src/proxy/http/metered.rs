@@ -80,8 +80,23 @@ struct Metered {
     report: Option<Report>,
 }
 
+/// The most a gRPC status can be (UNAUTHENTICATED); the gRPC spec reserves the rest.
+const LAST_GRPC_STATUS: u32 = 16;
+/// What a client makes of a status it does not know (the gRPC spec): UNKNOWN.
+const GRPC_UNKNOWN: u32 = 2;
+
+/// The response's gRPC status. It becomes a metric label, and the value comes from the
+/// application (or a peer): a server that answered with a new number each time would
+/// otherwise make four new metric series per request, without bound. A status outside
+/// 0-16, or one that is not a number, is UNKNOWN, as gRPC clients read it.
 fn grpc_status(h: &HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+    let raw = h.get("grpc-status")?;
+    let known = raw
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|s| *s <= LAST_GRPC_STATUS);
+    Some(known.unwrap_or(GRPC_UNKNOWN))
 }
 
 impl Metered {
@@ -218,6 +233,49 @@ mod tests {
             text.contains("istio_response_bytes_sum{") && text.contains("} 3.0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_grpc_status_outside_the_spec_is_unknown() {
+        let status = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", http::HeaderValue::from_static(v));
+            grpc_status(&h)
+        };
+        assert_eq!(status("0"), Some(0));
+        assert_eq!(status(" 16 "), Some(16));
+        for odd in ["17", "4000000000", "99999999999", "-1", "x", ""] {
+            assert_eq!(status(odd), Some(GRPC_UNKNOWN), "{odd:?}");
+        }
+        assert_eq!(grpc_status(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn a_server_cannot_grow_the_metrics_with_made_up_grpc_statuses() {
+        let t = Telemetry::new("cluster.local");
+        let requested = Arc::new(AtomicU64::new(0));
+        for status in 0..1_000u32 {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from(status));
+            let frames: Vec<Result<Frame<Bytes>, BodyError>> = vec![Ok(Frame::trailers(trailers))];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            let resp = report(Response::new(body.boxed()), a_report(&t, &requested));
+            let _ = resp.into_body().collect().await;
+        }
+        let text = t.metrics.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .count();
+        // 0-16, and everything else as UNKNOWN (2).
+        assert_eq!(series, 17, "{text}");
+        let unknown = text
+            .lines()
+            .find(|l| {
+                l.starts_with("istio_requests_total{") && l.contains("grpc_response_status=\"2\"")
+            })
+            .unwrap_or_default();
+        assert!(unknown.ends_with(" 984"), "{unknown}");
     }
 
     #[tokio::test]
