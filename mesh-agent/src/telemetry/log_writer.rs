@@ -71,6 +71,18 @@ impl Batched {
     pub fn discarding() -> Self {
         Batched(Arc::new(Shared::new(0)))
     }
+
+    /// A writer that keeps up to 1 MiB for a test to read, with no thread.
+    #[cfg(test)]
+    pub fn capturing() -> Self {
+        Batched(Arc::new(Shared::new(1 << 20)))
+    }
+
+    /// What a capturing writer kept.
+    #[cfg(test)]
+    pub fn captured(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().buf).into_owned()
+    }
 }
 
 /// One event's bytes, added to the batch whole when the event is formatted.

@@ -3,14 +3,15 @@
 //! and formatted on its own so that turning diagnostics down never hides traffic.
 use std::sync::{Arc, Mutex};
 
-use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry, filter::filter_fn, fmt, layer::SubscriberExt as _, reload,
+    EnvFilter, Layer, Registry, fmt,
+    layer::{Layered, SubscriberExt as _},
     util::SubscriberInitExt as _,
 };
 
 use super::{
     access,
+    log_gate::{Gate, GateState, Only, Stream},
     log_writer::{self, Batched, FlushGuard},
 };
 
@@ -34,7 +35,7 @@ pub enum AccessLog {
 
 /// Changes the diagnostics filter of a running agent.
 pub struct LogControl {
-    handle: reload::Handle<EnvFilter, Registry>,
+    gate: Arc<GateState>,
     /// Flushes the lines still buffered when the agent exits.
     _flush: Option<FlushGuard>,
     current: Mutex<String>,
@@ -102,18 +103,17 @@ impl LogControl {
     pub fn set(&self, directives: &str) -> Result<(), String> {
         check_filter(directives)?;
         let filter = diagnostics_filter(directives)?;
-        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        self.gate.set(filter, filters_spans(directives));
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = directives.to_owned();
         Ok(())
     }
 }
 
-type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+/// The subscriber the formatting layers sit on: the registry behind the one filter.
+type Gated = Layered<Gate, Registry>;
+type BoxedLayer = Box<dyn Layer<Gated> + Send + Sync>;
 
-fn boxed<F>(format: LogFormat, filter: F, writer: Batched) -> BoxedLayer
-where
-    F: tracing_subscriber::layer::Filter<Registry> + Send + Sync + 'static,
-{
+fn boxed(format: LogFormat, stream: Stream, writer: Batched) -> BoxedLayer {
     // Colour only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = fmt::layer()
@@ -121,14 +121,18 @@ where
         .with_target(false)
         .with_ansi(ansi);
     match format {
-        LogFormat::Text => layer.with_filter(filter).boxed(),
-        LogFormat::Json => layer
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Text => Only { stream, layer }.boxed(),
+        LogFormat::Json => Only {
+            stream,
+            layer: layer.json().flatten_event(true).with_current_span(true),
+        }
+        .boxed(),
     }
+}
+
+/// Whether a diagnostics filter selects by span (`[conn]=debug`).
+fn filters_spans(directives: &str) -> bool {
+    directives.contains('[')
 }
 
 /// `RUST_LOG` overrides `default_level` (for example `mesh_agent=debug`).
@@ -151,28 +155,35 @@ pub fn init_logging(
             (log_writer::Batched::discarding(), None)
         }
     };
-    let (layers, handle) = layers(format, &directives, access_log, writer);
+    let (gate, layers) = layers(format, &directives, access_log, writer);
     // A second init (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(layers).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(Gate(gate.clone()))
+        .with(layers)
+        .try_init();
     Arc::new(LogControl {
-        handle,
+        gate,
         current: Mutex::new(directives),
         _flush: guard,
     })
 }
 
-/// The diagnostics layer (filtered by `directives`, changeable through the handle) and
-/// the access log layer, if it is on.
+/// The filter's state (the diagnostics filter from `directives`, changeable later, and
+/// whether the access log is on) and the formatting layers of the two streams.
 fn layers(
     format: LogFormat,
     directives: &str,
     access_log: AccessLog,
     writer: Batched,
-) -> (Vec<BoxedLayer>, reload::Handle<EnvFilter, Registry>) {
-    let filter = diagnostics_filter(directives)
-        .unwrap_or_else(|_| EnvFilter::new(format!("info,{}=off", access::TARGET)));
-    let (filter, handle) = reload::Layer::new(filter);
-    let mut layers: Vec<BoxedLayer> = vec![boxed(format, filter, writer.clone())];
+) -> (Arc<GateState>, Vec<BoxedLayer>) {
+    let (filter, by_span) = match diagnostics_filter(directives) {
+        Ok(f) => (f, filters_spans(directives)),
+        Err(_) => (
+            EnvFilter::new(format!("info,{}=off", access::TARGET)),
+            false,
+        ),
+    };
+    let mut layers = vec![boxed(format, Stream::Diagnostics, writer.clone())];
     let access_format = match access_log {
         AccessLog::Off => None,
         AccessLog::On => Some(format),
@@ -180,32 +191,40 @@ fn layers(
         AccessLog::Json => Some(LogFormat::Json),
     };
     if let Some(f) = access_format {
-        // The hint matters: without one the subscriber as a whole has none, tracing's
-        // global level stays at TRACE, and every disabled `trace!` and `debug!` in
-        // h2 and hyper (dozens per request) asks its callsite's interest at run time
-        // instead of being skipped by one comparison. Access lines are `info`.
-        let only_access =
-            filter_fn(|m| m.target() == access::TARGET).with_max_level_hint(LevelFilter::INFO);
-        layers.push(boxed(f, only_access, writer));
+        layers.push(boxed(f, Stream::Access, writer));
     }
-    (layers, handle)
+    (
+        GateState::new(filter, by_span, access_format.is_some()),
+        layers,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracing::Subscriber as _;
+    use tracing::{Subscriber as _, level_filters::LevelFilter};
 
-    /// The level below which tracing skips a callsite with one comparison: the
-    /// composed subscriber's hint, as `try_init` makes it global.
-    fn hint(directives: &str, access_log: AccessLog) -> Option<LevelFilter> {
-        let (layers, _) = layers(
+    /// The subscriber `init_logging` makes global, with its filter's state.
+    fn subscriber(
+        directives: &str,
+        access_log: AccessLog,
+    ) -> (Arc<GateState>, impl tracing::Subscriber) {
+        let (gate, layers) = layers(
             LogFormat::Text,
             directives,
             access_log,
             Batched::discarding(),
         );
-        tracing_subscriber::registry().with(layers).max_level_hint()
+        let s = tracing_subscriber::registry()
+            .with(Gate(gate.clone()))
+            .with(layers);
+        (gate, s)
+    }
+
+    /// The level below which tracing skips a callsite with one comparison: the
+    /// composed subscriber's hint, as `try_init` makes it global.
+    fn hint(directives: &str, access_log: AccessLog) -> Option<LevelFilter> {
+        subscriber(directives, access_log).1.max_level_hint()
     }
 
     #[test]
@@ -229,18 +248,70 @@ mod tests {
 
     #[test]
     fn a_level_set_at_run_time_moves_the_global_level() {
-        let (layers, handle) = layers(
-            LogFormat::Text,
-            "info",
-            AccessLog::On,
-            Batched::discarding(),
-        );
-        let subscriber = tracing_subscriber::registry().with(layers);
+        let (gate, subscriber) = subscriber("info", AccessLog::On);
         assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::INFO));
-        handle
-            .reload(diagnostics_filter("trace").expect("filter"))
-            .expect("reload");
+        gate.set(diagnostics_filter("trace").expect("filter"), false);
         assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::TRACE));
+    }
+
+    /// What each stream writes for an `info` diagnostic, a `debug` one, an access
+    /// line, and a `debug` event inside a span `conn`.
+    fn written(directives: &str, access_log: AccessLog) -> (String, String) {
+        let diagnostics = Batched::capturing();
+        let access = Batched::capturing();
+        let (by_span, access_format) = (filters_spans(directives), access_log != AccessLog::Off);
+        let env = diagnostics_filter(directives).expect("filter");
+        let gate = GateState::new(env, by_span, access_format);
+        let mut layers = vec![boxed(
+            LogFormat::Text,
+            Stream::Diagnostics,
+            diagnostics.clone(),
+        )];
+        if access_format {
+            layers.push(boxed(LogFormat::Text, Stream::Access, access.clone()));
+        }
+        let s = tracing_subscriber::registry().with(Gate(gate)).with(layers);
+        tracing::subscriber::with_default(s, || {
+            tracing::info!("plain info");
+            tracing::debug!("plain debug");
+            tracing::info!(target: access::TARGET, id = 7, "request");
+            let span = tracing::info_span!("conn", id = 9);
+            let _in = span.enter();
+            tracing::debug!("inside conn");
+        });
+        (diagnostics.captured(), access.captured())
+    }
+
+    #[test]
+    fn each_stream_writes_its_own_events_and_span_filters_still_work() {
+        let (diag, access) = written("info", AccessLog::On);
+        assert!(diag.contains("plain info"), "{diag}");
+        assert!(!diag.contains("plain debug"), "{diag}");
+        assert!(
+            !diag.contains("request"),
+            "the access line in diagnostics: {diag}"
+        );
+        assert!(!diag.contains("inside conn"), "{diag}");
+        assert!(
+            access.contains("request") && access.contains("id=7"),
+            "{access}"
+        );
+        assert!(!access.contains("plain info"), "{access}");
+
+        let (diag, access) = written("info", AccessLog::Off);
+        assert!(
+            diag.contains("plain info") && !diag.contains("request"),
+            "{diag}"
+        );
+        assert!(access.is_empty(), "{access}");
+
+        // A span filter: debug inside `conn` only.
+        let (diag, _) = written("info,[conn]=debug", AccessLog::On);
+        assert!(
+            diag.contains("inside conn") && diag.contains("conn{id=9}"),
+            "{diag}"
+        );
+        assert!(!diag.contains("plain debug"), "{diag}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod flows;
 mod http;
 pub mod kernel_flows;
 pub mod kernel_log;
+mod log_gate;
 mod log_writer;
 mod logging;
 pub mod map_fill;
