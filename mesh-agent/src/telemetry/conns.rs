@@ -279,6 +279,8 @@ pub struct Telemetry {
     live: Mutex<HashMap<u64, Arc<LiveConn>>>,
     /// Requests per route rule (`meshctl routes`).
     pub(super) routes: Mutex<super::requests::RouteTable>,
+    /// The request metrics' series by label set (`request_series`).
+    pub(super) request_series: Mutex<super::request_series::SeriesTable>,
 }
 
 fn or_unknown(v: Option<String>) -> String {
@@ -293,6 +295,7 @@ impl Telemetry {
             cluster_domain: cluster_domain.to_owned(),
             live: Mutex::new(HashMap::new()),
             routes: Mutex::new(Default::default()),
+            request_series: Mutex::new(Default::default()),
         })
     }
 

@@ -2,7 +2,9 @@
 //! labels, so dashboards built for Istio work unchanged; the agent's own families are
 //! prefixed `mesh_`. Every label takes values from a bounded set: workloads, services
 //! and identities of the config (never pod names, ports or addresses), policies, map
-//! names, and small enums. See docs/operations.md.
+//! names, and small enums; the request metrics' labels also carry statuses and the
+//! Service a peer names, so their label sets are capped (`request_series`). See
+//! docs/observability.md.
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},

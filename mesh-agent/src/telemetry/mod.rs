@@ -12,6 +12,7 @@ mod logging;
 pub mod map_fill;
 pub mod metrics;
 mod readiness;
+mod request_series;
 pub mod requests;
 
 pub use conns::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, Telemetry, WorkloadRef};

@@ -11,6 +11,7 @@ use super::{
     conns::{Mode, Peer, Reporter, agent_flow},
     flows::Flow,
     metrics::ResponseFlag,
+    request_series::MAX_REQUEST_SERIES,
 };
 use crate::config::NamespacedName;
 
@@ -146,17 +147,10 @@ impl Telemetry {
     /// Records one finished request.
     pub fn request(&self, facts: &RequestFacts, end: &RequestEnd) {
         let labels = self.http_labels(facts, end);
-        let m = &self.metrics;
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration
-            .get_or_create(&labels)
-            .observe(end.duration.as_secs_f64() * 1000.0);
-        m.request_bytes
-            .get_or_create(&labels)
-            .observe(end.request_bytes as f64);
-        m.response_bytes
-            .get_or_create(&labels)
-            .observe(end.response_bytes as f64);
+        self.request_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&self.metrics, labels, end, MAX_REQUEST_SERIES);
         let (_, error) = classify(end, facts.grpc);
         if let Some(route) = &facts.route {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
