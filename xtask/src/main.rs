@@ -86,6 +86,11 @@ enum Cmd {
         /// report goes to target/bench.
         #[arg(long)]
         profile: bool,
+        /// Also measure the agent built from this git revision (B), in alternating
+        /// rounds with this build's (A), and report each figure's ratio B/A per round;
+        /// the report goes to target/bench. Use with --only.
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
     },
 }
 
@@ -148,7 +153,8 @@ fn main() -> std::process::ExitCode {
             quick,
             only,
             profile,
-        } => setup::bench().and_then(|()| bench::run(quick, only, profile)),
+            against,
+        } => setup::bench().and_then(|()| bench::run(quick, only, profile, against)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

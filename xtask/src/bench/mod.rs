@@ -22,6 +22,7 @@
 //! Then `kernel-log` (full runs, or `--only kernel-log`): what the kernel programs'
 //! run-time log switch costs when off, against a build with the log compiled out (see
 //! `kernel_log`).
+mod against;
 mod haproxy;
 mod kernel_log;
 mod load;
@@ -76,6 +77,9 @@ struct Plan {
     /// Only the scenarios whose name contains one of these (and the baselines);
     /// empty: all of them.
     only: Vec<String>,
+    /// A git revision whose agent is measured beside this build's, in alternating
+    /// rounds (`against`).
+    against: Option<String>,
     /// Record the proxies' CPU profile (`perf record -e cpu-clock`, DWARF call graphs) during each
     /// saturation run and each scenario's bulk transfers.
     profile: bool,
@@ -91,6 +95,11 @@ impl Plan {
             || self.only.iter().any(|o| name.contains(o.as_str()))
     }
 
+    /// Whether any of `names` is measured.
+    fn wants_any(&self, names: &[String]) -> bool {
+        names.iter().any(|n| self.wants(n))
+    }
+
     /// Whether to measure the kernel log's cost: it builds the agent a second time, so
     /// a quick run does it only when asked (`--only kernel-log`).
     fn wants_kernel_log(&self) -> bool {
@@ -104,7 +113,7 @@ impl Plan {
     /// A partial run (some scenarios) is a developer's measurement: it does not
     /// replace the committed report.
     fn partial(&self) -> bool {
-        !self.only.is_empty() || self.profile
+        !self.only.is_empty() || self.profile || self.against.is_some()
     }
 
     /// How long each of the [`RATE_RUNS`] saturation and new-connection runs lasts:
@@ -142,6 +151,7 @@ impl Plan {
                 scale_services: 10_000,
                 scale_endpoints_per_service: 10,
                 only: Vec::new(),
+                against: None,
                 profile: false,
                 quick,
             }
@@ -156,6 +166,7 @@ impl Plan {
                 scale_services: 10_000,
                 scale_endpoints_per_service: 10,
                 only: Vec::new(),
+                against: None,
                 profile: false,
                 quick,
             }
@@ -183,6 +194,85 @@ struct Target<'a> {
     bulk: Option<&'a str>,
     /// Whose CPU and memory count as the mesh's (empty for the baselines).
     proxies: &'a [u32],
+}
+
+/// Where the mesh scenarios send their traffic.
+struct MeshAddrs {
+    local_vip: String,
+    remote_vip: String,
+    local_vip_bulk: String,
+    remote_vip_bulk: String,
+    remote_addr: String,
+    remote_bulk: String,
+    l7_local_vip: String,
+    l7_remote_vip: String,
+}
+
+/// What the L4 mesh scenarios are, with `how` (the sockmap mode) added.
+fn l4_descriptions(how: &str) -> [String; 3] {
+    [
+        format!(
+            "ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted); {how}"
+        ),
+        format!(
+            "ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node; {how}"
+        ),
+        format!(
+            "the server's pod IP (no ClusterIP), captured and carried through both agents and the mTLS tunnel; {how}"
+        ),
+    ]
+}
+
+/// The mesh scenarios, named by `names` (L4 local, mTLS, mTLS by pod IP, L7 local,
+/// L7 mTLS), through the running agents `agents`.
+fn mesh_targets<'a>(
+    names: &'a [String; 5],
+    l4: &'a [String; 3],
+    agents: &'a [u32],
+    a: &'a MeshAddrs,
+) -> Vec<Target<'a>> {
+    vec![
+        Target {
+            name: &names[0],
+            description: &l4[0],
+            baseline: "direct-local",
+            addr: &a.local_vip,
+            bulk: Some(&a.local_vip_bulk),
+            proxies: &agents[..1],
+        },
+        Target {
+            name: &names[1],
+            description: &l4[1],
+            baseline: "direct",
+            addr: &a.remote_vip,
+            bulk: Some(&a.remote_vip_bulk),
+            proxies: agents,
+        },
+        Target {
+            name: &names[2],
+            description: &l4[2],
+            baseline: "direct",
+            addr: &a.remote_addr,
+            bulk: Some(&a.remote_bulk),
+            proxies: agents,
+        },
+        Target {
+            name: &names[3],
+            description: "ClusterIP with an HTTPRoute: each request parsed, routed and balanced by the node's agent to a pod on the same node",
+            baseline: "direct-local",
+            addr: &a.l7_local_vip,
+            bulk: None,
+            proxies: &agents[..1],
+        },
+        Target {
+            name: &names[4],
+            description: "ClusterIP with an HTTPRoute: each request routed by the client's agent and sent as HTTP/2 on the pooled mTLS tunnel to the other node's agent",
+            baseline: "direct",
+            addr: &a.l7_remote_vip,
+            bulk: None,
+            proxies: agents,
+        },
+    ]
 }
 
 /// Everything one scenario measures.
@@ -550,16 +640,26 @@ fn kernel_tls() -> String {
     }
 }
 
-pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> {
+pub fn run(
+    quick: bool,
+    only: Vec<String>,
+    profile: bool,
+    against: Option<String>,
+) -> anyhow::Result<()> {
     let plan = Plan {
         only,
         profile,
+        against,
         ..Plan::new(quick)
     };
     // Before the normal build, which overwrites the agent binary.
     if plan.wants_kernel_log() {
         kernel_log::build_reference()?;
     }
+    let other = match &plan.against {
+        Some(rev) => Some(against::build(rev)?),
+        None => None,
+    };
     let target = build_release_bins()?;
     let oha = Oha {
         bin: crate::setup::oha_path().context("oha is not installed (cargo xtask setup)")?,
@@ -651,92 +751,75 @@ pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> 
     );
 
     let (local_vip, remote_vip) = (format!("{LOCAL_VIP}:80"), format!("{REMOTE_VIP}:80"));
-    let (l7_local_vip, l7_remote_vip) =
-        (format!("{L7_LOCAL_VIP}:80"), format!("{L7_REMOTE_VIP}:80"));
+    let addrs = MeshAddrs {
+        local_vip: local_vip.clone(),
+        remote_vip: remote_vip.clone(),
+        local_vip_bulk: local_vip_bulk.clone(),
+        remote_vip_bulk: remote_vip_bulk.clone(),
+        remote_addr: remote_addr.clone(),
+        remote_bulk: remote_bulk.clone(),
+        l7_local_vip: format!("{L7_LOCAL_VIP}:80"),
+        l7_remote_vip: format!("{L7_REMOTE_VIP}:80"),
+    };
+    // This build's agent, and the other revision's with `--against`: then each
+    // scenario is measured in alternating rounds, named `NAME#ROUND` and
+    // `NAME@REV#ROUND`.
+    let mut builds = vec![(String::new(), target.join("mesh-agent"))];
+    if let Some((rev, bin)) = &other {
+        builds.push((against::tag(rev), bin.clone()));
+    }
+    let rounds = if other.is_some() { against::ROUNDS } else { 1 };
     for sockmap in [false, true] {
         let (suffix, how) = if sockmap {
             ("-sockmap", "sockmap on: the pod-agent hops skip TCP/IP")
         } else {
             ("", "sockmap off: every hop is TCP")
         };
-        progress(&format!("starting the agents, {how}"));
-        c.agent_args = vec![
-            "--sockmap".into(),
-            if sockmap { "on" } else { "off" }.into(),
-        ];
-        c.start_agent("node-1")?;
-        c.start_agent("node-2")?;
-        let agents: Vec<u32> = ["node-1", "node-2"]
-            .iter()
-            .filter_map(|n| c.agent_pid(n))
-            .collect();
-        let names = [
-            format!("mesh-l4-local{suffix}"),
-            format!("mesh-mtls{suffix}"),
-            format!("mesh-mtls-podip{suffix}"),
-        ];
-        let descriptions = [
-            format!(
-                "ClusterIP through the node's agent to a pod on the same node (policy checked, not encrypted); {how}"
-            ),
-            format!(
-                "ClusterIP through both agents and the mTLS (HBONE) tunnel to a pod on the other node; {how}"
-            ),
-            format!(
-                "the server's pod IP (no ClusterIP), captured and carried through both agents and the mTLS tunnel; {how}"
-            ),
-        ];
-        let mut targets = vec![
-            Target {
-                name: &names[0],
-                description: &descriptions[0],
-                baseline: "direct-local",
-                addr: &local_vip,
-                bulk: Some(&local_vip_bulk),
-                proxies: &agents[..1],
-            },
-            Target {
-                name: &names[1],
-                description: &descriptions[1],
-                baseline: "direct",
-                addr: &remote_vip,
-                bulk: Some(&remote_vip_bulk),
-                proxies: &agents,
-            },
-            Target {
-                name: &names[2],
-                description: &descriptions[2],
-                baseline: "direct",
-                addr: &remote_addr,
-                bulk: Some(&remote_bulk),
-                proxies: &agents,
-            },
-        ];
-        // L7 does not use sockmap (the agent reads every request): measured once.
-        if !sockmap {
-            targets.extend([
-                Target {
-                    name: "mesh-l7-local",
-                    description: "ClusterIP with an HTTPRoute: each request parsed, routed and balanced by the node's agent to a pod on the same node",
-                    baseline: "direct-local",
-                    addr: &l7_local_vip,
-                    bulk: None,
-                    proxies: &agents[..1],
-                },
-                Target {
-                    name: "mesh-l7-mtls",
-                    description: "ClusterIP with an HTTPRoute: each request routed by the client's agent and sent as HTTP/2 on the pooled mTLS tunnel to the other node's agent",
-                    baseline: "direct",
-                    addr: &l7_remote_vip,
-                    bulk: None,
-                    proxies: &agents,
-                },
-            ]);
+        for round in 1..=rounds {
+            for k in 0..builds.len() {
+                // A B, then B A, ...: neither build always goes first.
+                let (tag, bin) = &builds[(k + round - 1) % builds.len()];
+                let named = |base: String| {
+                    let name = format!("{base}{tag}");
+                    if other.is_some() {
+                        against::round_name(&name, round)
+                    } else {
+                        name
+                    }
+                };
+                let names = [
+                    named(format!("mesh-l4-local{suffix}")),
+                    named(format!("mesh-mtls{suffix}")),
+                    named(format!("mesh-mtls-podip{suffix}")),
+                    named("mesh-l7-local".to_owned()),
+                    named("mesh-l7-mtls".to_owned()),
+                ];
+                // L7 does not use sockmap (the agent reads every request): measured once.
+                let measured = if sockmap { &names[..3] } else { &names[..] };
+                if !plan.wants_any(measured) {
+                    continue;
+                }
+                progress(&format!("starting the agents{tag}, {how}"));
+                c.agent_bin = bin.clone();
+                c.agent_args = vec![
+                    "--sockmap".into(),
+                    if sockmap { "on" } else { "off" }.into(),
+                ];
+                c.start_agent("node-1")?;
+                c.start_agent("node-2")?;
+                let agents: Vec<u32> = ["node-1", "node-2"]
+                    .iter()
+                    .filter_map(|n| c.agent_pid(n))
+                    .collect();
+                let descriptions = l4_descriptions(how);
+                let targets = mesh_targets(&names, &descriptions, &agents, &addrs);
+                run(&mut c, &mut report, &targets[..measured.len()]);
+                c.stop_agent("node-1")?;
+                c.stop_agent("node-2")?;
+            }
         }
-        run(&mut c, &mut report, &targets);
-        c.stop_agent("node-1")?;
-        c.stop_agent("node-2")?;
     }
+    c.agent_bin = target.join("mesh-agent");
     c.agent_args.clear();
 
     if plan.wants_kernel_log() {
@@ -810,6 +893,9 @@ pub fn run(quick: bool, only: Vec<String>, profile: bool) -> anyhow::Result<()> 
         }
     }
 
+    if let Some((rev, _)) = &other {
+        report.comparison = Some(against::section(&report.scenarios, rev, &report.commit));
+    }
     let dir = if plan.partial() {
         root().join("target/bench")
     } else {

@@ -113,6 +113,8 @@ pub struct Report {
     pub scenarios: Vec<Scenario>,
     pub scale: Option<Scale>,
     pub kernel_log: Option<super::kernel_log::KernelLog>,
+    /// With `--against`: the A/B section (`against::section`).
+    pub comparison: Option<String>,
     pub notes: Vec<String>,
 }
 
@@ -241,6 +243,9 @@ impl Report {
         }
         if let Some(k) = &self.kernel_log {
             kernel_log_table(&mut md, k);
+        }
+        if let Some(ab) = &self.comparison {
+            md.push_str(ab);
         }
         if !self.notes.is_empty() {
             let _ = writeln!(md, "\n## Notes\n");
