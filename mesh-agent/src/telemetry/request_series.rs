@@ -2,9 +2,12 @@
 //! bounded number of them.
 //!
 //! A request updates four families (its count, duration, request and response bytes)
-//! under the same 17 labels. Asked one by one, each family hashes and compares the
-//! labels again; here the four handles are kept together under their labels, so a
-//! request pays one hash and one comparison.
+//! under the same 17 labels. Asked one by one, each family would hash and compare the
+//! labels again, and the labels themselves are 15 strings built per request (two
+//! SPIFFE ids and a Service FQDN formatted among them). Here the four handles are kept
+//! together under what the labels are made of, borrowed from the request's facts:
+//! a request hashes and compares those, and the labels are built only for a label set
+//! not seen before.
 //!
 //! The number of label sets is capped. The labels come from the config (workloads,
 //! Services, identities) and from the traffic (a status, a gRPC status, the Service
@@ -13,14 +16,18 @@
 //! memory without end. Past the cap, a request with a new label set is counted in an
 //! overflow series (every label `overflow` but the reporter and the protocol), and
 //! the agent says so once in its log.
-use foldhash::HashMap;
+use std::hash::BuildHasher as _;
+
+use hashbrown::HashTable;
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tracing::warn;
 
 use super::{
+    conns::Peer,
     metrics::Metrics,
-    requests::{HttpLabels, RequestEnd},
+    requests::{HttpLabels, RequestEnd, RequestFacts},
 };
+use crate::identity::Identity;
 
 /// Request label sets kept, per agent. At about 4 KiB a set (the labels, held by
 /// each family, and three histograms) this is at most about 20 MiB.
@@ -55,11 +62,16 @@ impl Series {
     }
 }
 
+/// The `request_protocol` label.
+pub fn protocol(grpc: bool) -> &'static str {
+    if grpc { "grpc" } else { "http" }
+}
+
 /// The label set a request is counted under once the table is full.
-fn overflow(labels: &HttpLabels) -> HttpLabels {
+fn overflow(reporter: &'static str, request_protocol: &'static str) -> HttpLabels {
     let o = || OVERFLOW.to_owned();
     HttpLabels {
-        reporter: labels.reporter,
+        reporter,
         source_workload: o(),
         source_workload_namespace: o(),
         source_principal: o(),
@@ -71,7 +83,7 @@ fn overflow(labels: &HttpLabels) -> HttpLabels {
         destination_service: o(),
         destination_service_name: o(),
         destination_service_namespace: o(),
-        request_protocol: labels.request_protocol,
+        request_protocol,
         response_code: o(),
         grpc_response_status: o(),
         response_flags: OVERFLOW,
@@ -79,36 +91,176 @@ fn overflow(labels: &HttpLabels) -> HttpLabels {
     }
 }
 
+/// What one end of a request contributes to its labels.
+#[derive(Hash, PartialEq, Eq)]
+struct PeerInputs<'a> {
+    /// The workload's metrics name and namespace.
+    workload: Option<(&'a str, &'a str)>,
+    identity: Option<&'a Identity>,
+}
+
+impl<'a> PeerInputs<'a> {
+    fn of(p: &'a Peer) -> Self {
+        PeerInputs {
+            workload: p
+                .workload
+                .as_ref()
+                .map(|w| (w.workload.as_str(), w.namespace.as_str())),
+            identity: p.identity.as_ref(),
+        }
+    }
+}
+
+/// Everything a request's labels are made of (`Telemetry::http_labels`), borrowed:
+/// two requests with equal inputs have equal labels.
+#[derive(Hash, PartialEq, Eq)]
+struct Inputs<'a> {
+    reporter: &'static str,
+    security: &'static str,
+    source: PeerInputs<'a>,
+    destination: PeerInputs<'a>,
+    /// Name and namespace.
+    service: Option<(&'a str, &'a str)>,
+    grpc: bool,
+    status: u16,
+    grpc_status: Option<u32>,
+    flag: &'static str,
+}
+
+impl<'a> Inputs<'a> {
+    fn of(facts: &'a RequestFacts, end: &RequestEnd) -> Self {
+        Inputs {
+            reporter: facts.reporter.as_str(),
+            security: facts.mode.security(),
+            source: PeerInputs::of(&facts.source),
+            destination: PeerInputs::of(&facts.destination),
+            service: facts
+                .service
+                .as_ref()
+                .map(|s| (s.name.as_str(), s.namespace.as_str())),
+            grpc: facts.grpc,
+            status: end.status,
+            grpc_status: end.grpc_status,
+            flag: end.flag.as_str(),
+        }
+    }
+}
+
+/// [`Inputs`], owned, as the table keeps them.
+struct OwnedPeer {
+    workload: Option<(String, String)>,
+    identity: Option<Identity>,
+}
+
+struct Key {
+    reporter: &'static str,
+    security: &'static str,
+    source: OwnedPeer,
+    destination: OwnedPeer,
+    service: Option<(String, String)>,
+    grpc: bool,
+    status: u16,
+    grpc_status: Option<u32>,
+    flag: &'static str,
+}
+
+fn owned_peer(p: &PeerInputs<'_>) -> OwnedPeer {
+    OwnedPeer {
+        workload: p.workload.map(|(w, n)| (w.to_owned(), n.to_owned())),
+        identity: p.identity.cloned(),
+    }
+}
+
+fn peer_view(p: &OwnedPeer) -> PeerInputs<'_> {
+    PeerInputs {
+        workload: p.workload.as_ref().map(|(w, n)| (w.as_str(), n.as_str())),
+        identity: p.identity.as_ref(),
+    }
+}
+
+impl Key {
+    fn of(i: &Inputs<'_>) -> Key {
+        Key {
+            reporter: i.reporter,
+            security: i.security,
+            source: owned_peer(&i.source),
+            destination: owned_peer(&i.destination),
+            service: i.service.map(|(n, ns)| (n.to_owned(), ns.to_owned())),
+            grpc: i.grpc,
+            status: i.status,
+            grpc_status: i.grpc_status,
+            flag: i.flag,
+        }
+    }
+
+    fn view(&self) -> Inputs<'_> {
+        Inputs {
+            reporter: self.reporter,
+            security: self.security,
+            source: peer_view(&self.source),
+            destination: peer_view(&self.destination),
+            service: self
+                .service
+                .as_ref()
+                .map(|(n, ns)| (n.as_str(), ns.as_str())),
+            grpc: self.grpc,
+            status: self.status,
+            grpc_status: self.grpc_status,
+            flag: self.flag,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct SeriesTable {
-    by_labels: HashMap<HttpLabels, Series>,
-    overflowed: bool,
+    by_inputs: HashTable<(Key, Series)>,
+    /// Randomly seeded: some inputs come from peers (the Service a peer agent names),
+    /// and the table's cap bounds what colliding keys could cost a lookup.
+    hasher: foldhash::fast::RandomState,
+    /// The overflow series, by reporter and protocol.
+    overflow: Vec<((&'static str, &'static str), Series)>,
 }
 
 impl SeriesTable {
-    /// Records a finished request under `labels`, or in the overflow series when
-    /// `limit` label sets are kept already and these are new.
-    pub fn record(&mut self, m: &Metrics, labels: HttpLabels, end: &RequestEnd, limit: usize) {
-        if let Some(s) = self.by_labels.get(&labels) {
+    /// Records a finished request under its labels (`labels` builds them, for a label
+    /// set not seen before), or in the overflow series when `limit` label sets are
+    /// kept already and these are new.
+    pub fn record(
+        &mut self,
+        m: &Metrics,
+        facts: &RequestFacts,
+        end: &RequestEnd,
+        limit: usize,
+        labels: impl FnOnce() -> HttpLabels,
+    ) {
+        let inputs = Inputs::of(facts, end);
+        let hash = self.hasher.hash_one(&inputs);
+        if let Some((_, s)) = self.by_inputs.find(hash, |(k, _)| k.view() == inputs) {
             s.record(end);
             return;
         }
-        let labels = if self.by_labels.len() < limit {
-            labels
-        } else {
-            if !self.overflowed {
-                self.overflowed = true;
-                warn!(
-                    limit,
-                    "request metrics: too many label sets; new ones are counted with the labels \"{OVERFLOW}\""
-                );
-            }
-            overflow(&labels)
-        };
-        self.by_labels
-            .entry(labels)
-            .or_insert_with_key(|l| Series::of(m, l))
-            .record(end);
+        if self.by_inputs.len() < limit {
+            let series = Series::of(m, &labels());
+            series.record(end);
+            let hasher = &self.hasher;
+            self.by_inputs
+                .insert_unique(hash, (Key::of(&inputs), series), |(k, _)| {
+                    hasher.hash_one(k.view())
+                });
+            return;
+        }
+        let which = (facts.reporter.as_str(), protocol(facts.grpc));
+        if let Some((_, s)) = self.overflow.iter().find(|(w, _)| *w == which) {
+            s.record(end);
+            return;
+        }
+        warn!(
+            limit,
+            "request metrics: too many label sets; new ones are counted with the labels \"{OVERFLOW}\""
+        );
+        let series = Series::of(m, &overflow(which.0, which.1));
+        series.record(end);
+        self.overflow.push((which, series));
     }
 }
 
@@ -117,28 +269,38 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::telemetry::ResponseFlag;
+    use crate::{
+        config::NamespacedName,
+        telemetry::{Mode, Reporter, ResponseFlag, Telemetry, WorkloadRef},
+    };
 
-    fn labels(service: &str) -> HttpLabels {
-        let s = |v: &str| v.to_owned();
-        HttpLabels {
-            reporter: "source",
-            source_workload: s("client"),
-            source_workload_namespace: s("default"),
-            source_principal: s("spiffe://cluster.local/ns/default/sa/client"),
-            source_canonical_service: s("client"),
-            destination_workload: s("web"),
-            destination_workload_namespace: s("default"),
-            destination_principal: s("spiffe://cluster.local/ns/default/sa/web"),
-            destination_canonical_service: s("web"),
-            destination_service: format!("{service}.default.svc.cluster.local"),
-            destination_service_name: s(service),
-            destination_service_namespace: s("default"),
-            request_protocol: "http",
-            response_code: s("200"),
-            grpc_response_status: String::new(),
-            response_flags: "-",
-            connection_security_policy: "mutual_tls",
+    fn peer(workload: &str) -> Peer {
+        Peer {
+            workload: Some(WorkloadRef {
+                namespace: "default".into(),
+                workload: workload.into(),
+                pod: format!("{workload}-1"),
+            }),
+            addr: None,
+            identity: Some(Identity::new("cluster.local", "default", workload)),
+        }
+    }
+
+    fn facts(service: &str) -> RequestFacts {
+        RequestFacts {
+            reporter: Reporter::Source,
+            mode: Mode::Hbone,
+            source: peer("client"),
+            destination: peer("web"),
+            service: Some(NamespacedName {
+                namespace: "default".into(),
+                name: service.into(),
+            }),
+            grpc: false,
+            route: None,
+            method: "GET".into(),
+            authority: "web".into(),
+            path: "/".into(),
         }
     }
 
@@ -159,14 +321,25 @@ mod tests {
             .collect()
     }
 
+    /// Records through a table with room for `limit` label sets.
+    fn record(
+        t: &Telemetry,
+        table: &mut SeriesTable,
+        f: &RequestFacts,
+        e: &RequestEnd,
+        limit: usize,
+    ) {
+        table.record(&t.metrics, f, e, limit, || t.http_labels(f, e));
+    }
+
     #[test]
     fn requests_under_one_label_set_share_its_four_series() {
-        let m = Metrics::default();
-        let mut t = SeriesTable::default();
+        let t = Telemetry::new("cluster.local");
+        let mut table = SeriesTable::default();
         for _ in 0..3 {
-            t.record(&m, labels("web"), &end(), 10);
+            record(&t, &mut table, &facts("web"), &end(), 10);
         }
-        let text = m.encode();
+        let text = t.metrics.encode();
         let counts = count_lines(&text);
         assert_eq!(counts.len(), 1, "{text}");
         assert!(counts[0].ends_with(" 3"), "{text}");
@@ -185,16 +358,93 @@ mod tests {
     }
 
     #[test]
+    fn every_input_of_the_labels_tells_series_apart_and_nothing_else_does() {
+        let t = Telemetry::new("cluster.local");
+        let mut table = SeriesTable::default();
+        let base = facts("web");
+        // What the labels do not show: the pod, the address, the request line.
+        let mut same = base.clone();
+        if let Some(w) = same.source.workload.as_mut() {
+            w.pod = "client-2".into();
+        }
+        same.destination.addr = Some("10.0.0.9:80".parse().expect("addr"));
+        same.method = "POST".into();
+        same.path = "/other".into();
+        // What they do show, one at a time.
+        let mut variants = Vec::new();
+        let mut f = base.clone();
+        f.reporter = Reporter::Destination;
+        variants.push((f, end()));
+        let mut f = base.clone();
+        f.mode = Mode::Local;
+        variants.push((f, end()));
+        let mut f = base.clone();
+        f.source = peer("other");
+        variants.push((f, end()));
+        let mut f = base.clone();
+        f.source.identity = None;
+        variants.push((f, end()));
+        let mut f = base.clone();
+        if let Some(w) = f.destination.workload.as_mut() {
+            w.namespace = "prod".into();
+        }
+        variants.push((f, end()));
+        let mut f = base.clone();
+        f.destination.identity = Some(Identity::new("cluster.local", "default", "x"));
+        variants.push((f, end()));
+        variants.push((facts("api"), end()));
+        let mut f = base.clone();
+        f.service = None;
+        variants.push((f, end()));
+        let mut f = base.clone();
+        f.grpc = true;
+        variants.push((f, end()));
+        let mut e = end();
+        e.status = 503;
+        variants.push((base.clone(), e));
+        let mut f = base.clone();
+        f.grpc = true;
+        let mut e = end();
+        e.grpc_status = Some(14);
+        variants.push((f, e));
+        let mut e = end();
+        e.flag = ResponseFlag::DownstreamTermination;
+        variants.push((base.clone(), e));
+
+        record(&t, &mut table, &base, &end(), 100);
+        record(&t, &mut table, &same, &end(), 100);
+        assert_eq!(count_lines(&t.metrics.encode()).len(), 1);
+        for (n, (f, e)) in variants.iter().enumerate() {
+            record(&t, &mut table, f, e, 100);
+            let text = t.metrics.encode();
+            assert_eq!(count_lines(&text).len(), n + 2, "variant {n}: {text}");
+        }
+        // Each series got its own count: the base two, every variant one.
+        let text = t.metrics.encode();
+        let counts = count_lines(&text);
+        assert_eq!(
+            counts.iter().filter(|l| l.ends_with(" 2")).count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            counts.iter().filter(|l| l.ends_with(" 1")).count(),
+            variants.len(),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn past_the_limit_new_label_sets_go_to_one_overflow_series() {
-        let m = Metrics::default();
-        let mut t = SeriesTable::default();
+        let t = Telemetry::new("cluster.local");
+        let mut table = SeriesTable::default();
         // A peer naming a new Service with every request.
         for i in 0..100 {
-            t.record(&m, labels(&format!("svc-{i}")), &end(), 10);
+            record(&t, &mut table, &facts(&format!("svc-{i}")), &end(), 10);
         }
         // A label set kept before the limit still counts under its own labels.
-        t.record(&m, labels("svc-0"), &end(), 10);
-        let text = m.encode();
+        record(&t, &mut table, &facts("svc-0"), &end(), 10);
+        let text = t.metrics.encode();
         let counts = count_lines(&text);
         // Ten label sets and the overflow series.
         assert_eq!(counts.len(), 11, "{text}");

@@ -11,7 +11,7 @@ use super::{
     conns::{Mode, Peer, Reporter, agent_flow},
     flows::Flow,
     metrics::ResponseFlag,
-    request_series::MAX_REQUEST_SERIES,
+    request_series::{MAX_REQUEST_SERIES, protocol},
 };
 use crate::config::NamespacedName;
 
@@ -136,7 +136,7 @@ impl Telemetry {
             ),
             destination_service_name: or_unknown(svc.map(|s| s.name.clone())),
             destination_service_namespace: or_unknown(svc.map(|s| s.namespace.clone())),
-            request_protocol: if facts.grpc { "grpc" } else { "http" },
+            request_protocol: protocol(facts.grpc),
             response_code: end.status.to_string(),
             grpc_response_status: classify(end, facts.grpc).0,
             response_flags: end.flag.as_str(),
@@ -146,11 +146,12 @@ impl Telemetry {
 
     /// Records one finished request.
     pub fn request(&self, facts: &RequestFacts, end: &RequestEnd) {
-        let labels = self.http_labels(facts, end);
         self.request_series
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .record(&self.metrics, labels, end, MAX_REQUEST_SERIES);
+            .record(&self.metrics, facts, end, MAX_REQUEST_SERIES, || {
+                self.http_labels(facts, end)
+            });
         let (_, error) = classify(end, facts.grpc);
         if let Some(route) = &facts.route {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
