@@ -155,12 +155,9 @@ pub fn init_logging(
             (log_writer::Batched::discarding(), None)
         }
     };
-    let (gate, layers) = layers(format, &directives, access_log, writer);
+    let (gate, layers) = layers(format, &directives, access_log, writer.clone(), writer);
     // A second init (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
-        .with(Gate(gate.clone()))
-        .with(layers)
-        .try_init();
+    let _ = subscriber(gate.clone(), layers).try_init();
     Arc::new(LogControl {
         gate,
         current: Mutex::new(directives),
@@ -168,13 +165,20 @@ pub fn init_logging(
     })
 }
 
+/// The registry behind the one filter, and the formatting layers after it.
+fn subscriber(gate: Arc<GateState>, layers: Vec<BoxedLayer>) -> impl tracing::Subscriber {
+    tracing_subscriber::registry().with(Gate(gate)).with(layers)
+}
+
 /// The filter's state (the diagnostics filter from `directives`, changeable later, and
-/// whether the access log is on) and the formatting layers of the two streams.
+/// whether the access log is on) and the formatting layers of the two streams, each
+/// with its writer (the agent gives both the same one).
 fn layers(
     format: LogFormat,
     directives: &str,
     access_log: AccessLog,
-    writer: Batched,
+    diagnostics: Batched,
+    access: Batched,
 ) -> (Arc<GateState>, Vec<BoxedLayer>) {
     let (filter, by_span) = match diagnostics_filter(directives) {
         Ok(f) => (f, filters_spans(directives)),
@@ -183,7 +187,7 @@ fn layers(
             false,
         ),
     };
-    let mut layers = vec![boxed(format, Stream::Diagnostics, writer.clone())];
+    let mut layers = vec![boxed(format, Stream::Diagnostics, diagnostics)];
     let access_format = match access_log {
         AccessLog::Off => None,
         AccessLog::On => Some(format),
@@ -191,7 +195,7 @@ fn layers(
         AccessLog::Json => Some(LogFormat::Json),
     };
     if let Some(f) = access_format {
-        layers.push(boxed(f, Stream::Access, writer));
+        layers.push(boxed(f, Stream::Access, access));
     }
     (
         GateState::new(filter, by_span, access_format.is_some()),
@@ -204,27 +208,26 @@ mod tests {
     use super::*;
     use tracing::{Subscriber as _, level_filters::LevelFilter};
 
-    /// The subscriber `init_logging` makes global, with its filter's state.
-    fn subscriber(
+    /// The subscriber `init_logging` makes global, with its filter's state, writing
+    /// the two streams to `diagnostics` and `access`.
+    fn composed(
         directives: &str,
         access_log: AccessLog,
+        diagnostics: Batched,
+        access: Batched,
     ) -> (Arc<GateState>, impl tracing::Subscriber) {
-        let (gate, layers) = layers(
-            LogFormat::Text,
-            directives,
-            access_log,
-            Batched::discarding(),
-        );
-        let s = tracing_subscriber::registry()
-            .with(Gate(gate.clone()))
-            .with(layers);
+        let (gate, layers) = layers(LogFormat::Text, directives, access_log, diagnostics, access);
+        let s = subscriber(gate.clone(), layers);
         (gate, s)
     }
 
     /// The level below which tracing skips a callsite with one comparison: the
     /// composed subscriber's hint, as `try_init` makes it global.
     fn hint(directives: &str, access_log: AccessLog) -> Option<LevelFilter> {
-        subscriber(directives, access_log).1.max_level_hint()
+        let quiet = Batched::discarding;
+        composed(directives, access_log, quiet(), quiet())
+            .1
+            .max_level_hint()
     }
 
     #[test]
@@ -248,7 +251,8 @@ mod tests {
 
     #[test]
     fn a_level_set_at_run_time_moves_the_global_level() {
-        let (gate, subscriber) = subscriber("info", AccessLog::On);
+        let quiet = Batched::discarding;
+        let (gate, subscriber) = composed("info", AccessLog::On, quiet(), quiet());
         assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::INFO));
         gate.set(diagnostics_filter("trace").expect("filter"), false);
         assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::TRACE));
@@ -259,18 +263,7 @@ mod tests {
     fn written(directives: &str, access_log: AccessLog) -> (String, String) {
         let diagnostics = Batched::capturing();
         let access = Batched::capturing();
-        let (by_span, access_format) = (filters_spans(directives), access_log != AccessLog::Off);
-        let env = diagnostics_filter(directives).expect("filter");
-        let gate = GateState::new(env, by_span, access_format);
-        let mut layers = vec![boxed(
-            LogFormat::Text,
-            Stream::Diagnostics,
-            diagnostics.clone(),
-        )];
-        if access_format {
-            layers.push(boxed(LogFormat::Text, Stream::Access, access.clone()));
-        }
-        let s = tracing_subscriber::registry().with(Gate(gate)).with(layers);
+        let (_, s) = composed(directives, access_log, diagnostics.clone(), access.clone());
         tracing::subscriber::with_default(s, || {
             tracing::info!("plain info");
             tracing::debug!("plain debug");
