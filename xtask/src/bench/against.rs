@@ -174,13 +174,12 @@ fn cell(v: &[f64], digits: usize) -> String {
 /// figure's rounds under A and under B and the per-round ratio B/A.
 pub fn section(scenarios: &[Scenario], rev: &str, this: &str) -> String {
     let tag = tag(rev);
-    let mut names: Vec<String> = scenarios
+    let names: Vec<String> = scenarios
         .iter()
         .filter_map(|s| s.name.strip_suffix("#1"))
         .filter(|n| !n.ends_with(&tag))
         .map(str::to_owned)
         .collect();
-    names.dedup();
     let mut md = String::new();
     let _ = writeln!(
         md,

@@ -752,12 +752,12 @@ pub fn run(
 
     let (local_vip, remote_vip) = (format!("{LOCAL_VIP}:80"), format!("{REMOTE_VIP}:80"));
     let addrs = MeshAddrs {
-        local_vip: local_vip.clone(),
-        remote_vip: remote_vip.clone(),
-        local_vip_bulk: local_vip_bulk.clone(),
-        remote_vip_bulk: remote_vip_bulk.clone(),
-        remote_addr: remote_addr.clone(),
-        remote_bulk: remote_bulk.clone(),
+        local_vip,
+        remote_vip,
+        local_vip_bulk,
+        remote_vip_bulk,
+        remote_addr,
+        remote_bulk,
         l7_local_vip: format!("{L7_LOCAL_VIP}:80"),
         l7_remote_vip: format!("{L7_REMOTE_VIP}:80"),
     };
@@ -829,7 +829,7 @@ pub fn run(
             &oha,
             &plan,
             &client,
-            &format!("http://{local_vip}/"),
+            &format!("http://{}/", addrs.local_vip),
         ) {
             Ok(k) => report.kernel_log = Some(k),
             Err(e) => report
