@@ -44,7 +44,7 @@ pub struct Hop {
     pub endpoint: SocketAddr,
     pub way: Way,
     /// What the config says is at the endpoint (for telemetry), if anything.
-    pub workload: Option<WorkloadInfo>,
+    pub workload: Option<Arc<WorkloadInfo>>,
 }
 
 impl Hop {

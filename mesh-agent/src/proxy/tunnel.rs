@@ -26,7 +26,7 @@ use super::{
         DST_HEADER, PROTO_HEADER, Wire,
         body::{self, Body},
     },
-    pool::{Lease, PoolKey},
+    pool::{KeyRef, Lease},
 };
 use crate::identity::{Identity, client_config};
 
@@ -142,14 +142,19 @@ async fn lease(
     target: SocketAddr,
 ) -> Result<Lease, TunnelError> {
     let addr = SocketAddr::new(target.ip(), INBOUND_TUNNEL_PORT);
-    let key = PoolKey {
+    let key = KeyRef {
         source_pod: pod.netns_cookie,
-        source: pod.identity.clone(),
-        dest: dest.clone(),
+        source: &pod.identity,
+        dest,
         addr,
         shard: super::shards::current(),
     };
-    ctx.pool.lease(&key, || dial(pod, ctx, dest, addr)).await
+    // The handshake's future is boxed: it is large (TLS and HTTP/2 setup) and rarely
+    // needed, and held inline it would make every request's and every connection's
+    // future that much larger, which each spawn and move copies.
+    ctx.pool
+        .lease(key, || Box::pin(dial(pod, ctx, dest, addr)))
+        .await
 }
 
 /// Whether the peer cannot have acted on a stream that failed with `e`, so that it may

@@ -103,7 +103,7 @@ impl AppConns {
                 let mut sender = match existing {
                     Some(s) => s,
                     None => {
-                        let s = dial_h2(netns, addr, connect_timeout).await?;
+                        let s = Box::pin(dial_h2(netns, addr, connect_timeout)).await?;
                         self.h2
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -117,7 +117,9 @@ impl AppConns {
             Wire::Http1 => {
                 let mut sender = match self.take_idle(&key) {
                     Some(s) => s,
-                    None => dial_h1(netns, addr, connect_timeout).await?,
+                    // Boxed: a dial is rare, and its future held inline would
+                    // grow every request's.
+                    None => Box::pin(dial_h1(netns, addr, connect_timeout)).await?,
                 };
                 let resp = sender.send_request(req).await?;
                 // Pooled at once, and taken again only once it is ready (this
@@ -131,27 +133,30 @@ impl AppConns {
     /// A pooled connection with no request in flight. Those still reading a response
     /// stay pooled for later; closed and stale ones are dropped.
     fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
-        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        list.retain(|(s, since)| usable(s, *since, now));
         let ready = list.iter().rposition(|(s, _)| s.is_ready())?;
         Some(list.swap_remove(ready).0)
     }
 
     fn put_idle(&self, key: Key, sender: http1::SendRequest<Body>) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
-        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        list.retain(|(s, since)| usable(s, *since, now));
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push((sender, Instant::now()));
+            list.push((sender, now));
         }
     }
 
     /// Drops idle and closed connections; called periodically.
     pub fn reap(&self) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|_, list| {
-            list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+            list.retain(|(s, since)| usable(s, *since, now));
             !list.is_empty()
         });
         drop(idle);
@@ -160,6 +165,12 @@ impl AppConns {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, s| !s.is_closed());
     }
+}
+
+/// An idle connection that may still be reused at `now` (one clock read per pool
+/// visit, not one per pooled connection).
+fn usable(s: &http1::SendRequest<Body>, since: Instant, now: Instant) -> bool {
+    !s.is_closed() && now.saturating_duration_since(since) < IDLE_TIMEOUT
 }
 
 async fn connect(

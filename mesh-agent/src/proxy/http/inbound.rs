@@ -80,13 +80,19 @@ pub async fn deliver(
         let (b, n) = metered::count(b);
         (Request::from_parts(parts, b), n)
     };
+    let attrs = ConnAttrs {
+        principal: Some(from.identity.principal()),
+        namespace: Some(from.identity.namespace.clone()),
+        source_ip: from.addr.ip(),
+        dest_port: into.target.port(),
+    };
     let facts = RequestFacts {
         reporter: Reporter::Destination,
         mode: from.mode,
         source: Peer {
             workload: from.workload,
             addr: Some(from.addr),
-            identity: Some(from.identity.clone()),
+            identity: Some(from.identity),
         },
         destination: Peer {
             workload: Some(into.pod.workload_ref()),
@@ -99,12 +105,6 @@ pub async fn deliver(
         method: req.method().to_string(),
         authority: into.authority.to_owned(),
         path: req.uri().path().to_owned(),
-    };
-    let attrs = ConnAttrs {
-        principal: Some(from.identity.principal()),
-        namespace: Some(from.identity.namespace.clone()),
-        source_ip: from.addr.ip(),
-        dest_port: into.target.port(),
     };
     let request = RequestAttrs::new(
         req.method().as_str(),
@@ -136,7 +136,8 @@ pub async fn deliver(
             (resp, ResponseFlag::None)
         }
         Err(f) => {
-            warn!(error = %f, source = %from.identity, "routed request refused");
+            let source = facts.source.identity.as_ref().map(tracing::field::display);
+            warn!(error = %f, source, "routed request refused");
             (f.response(grpc), f.flag())
         }
     };

@@ -376,8 +376,8 @@ impl RequestLog<'_> {
         self.rule = rule.name.clone();
     }
 
-    /// The source reporter's facts.
-    fn facts(&self, grpc: bool) -> RequestFacts {
+    /// The source reporter's facts; the log's own are moved in, not copied.
+    fn facts(self, grpc: bool) -> RequestFacts {
         RequestFacts {
             reporter: Reporter::Source,
             mode: self.mode,
@@ -386,10 +386,10 @@ impl RequestLog<'_> {
                 addr: Some(self.conn.client),
                 identity: Some(self.conn.pod.identity.clone()),
             },
-            destination: self.destination.clone(),
-            service: Some(self.service.clone()),
+            destination: self.destination,
+            service: Some(self.service),
             grpc,
-            route: (!self.route.is_empty()).then(|| (self.route.clone(), self.rule.clone())),
+            route: (!self.route.is_empty()).then_some((self.route, self.rule)),
             method: self.method.to_owned(),
             authority: self.authority.to_owned(),
             path: self.path.to_owned(),

@@ -65,7 +65,8 @@ pub async fn forward(
                 authority: &f.authority,
                 path_and_query: &f.path_and_query,
             };
-            return super::upgrade::send(conn, snap, endpoints, req, up, log).await;
+            // Boxed: upgrades are rare and their future is large (see `tunnel::lease`).
+            return Box::pin(super::upgrade::send(conn, snap, endpoints, req, up, log)).await;
         }
         let mirrors: Vec<&CompiledMirror> = rule
             .mirrors
