@@ -6,6 +6,8 @@ mod coalesce;
 mod deliver;
 mod dial;
 mod error;
+#[cfg(test)]
+mod future_size;
 pub mod http;
 mod inbound;
 mod outbound;

@@ -400,6 +400,19 @@ fn readable(e: std::io::Error) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every tunnelled request and connection awaits a lease; the handshake it may
+    /// need is rare and large, and held inline it grew each of them by its size.
+    #[test]
+    fn a_lease_does_not_hold_the_handshake_inline() {
+        let lease = crate::proxy::future_size::of4(&lease);
+        let dial = crate::proxy::future_size::of4(&dial);
+        // 480 and 5,784 bytes when the handshake was boxed.
+        assert!(
+            lease <= 1024 && lease * 4 < dial,
+            "a lease's future is {lease} bytes, a handshake's {dial}"
+        );
+    }
     use hyper::service::service_fn;
     use tokio::sync::oneshot;
 
