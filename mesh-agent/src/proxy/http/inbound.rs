@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Checks the destination pod's policy, L4 and L7, for one request; audit policies
-/// are logged.
+/// are logged. The pod's workload (its labels as of now) is borrowed, not copied.
 fn authorize(
     snap: &Snapshot,
     dest: &PodContext,
@@ -40,7 +40,7 @@ fn authorize(
     req: &RequestAttrs<'_>,
 ) -> Result<(), Failure> {
     snap.policy
-        .check_request(&dest.workload(), attrs, Some(req))
+        .check_request(&dest.meta.load().workload, attrs, Some(req))
         .map_err(|d| Failure::Denied(deciding_policy(&d)))
 }
 

@@ -90,7 +90,7 @@ async fn connect(
                 req.headers(),
             );
             snap.policy
-                .check_request(&dest.workload(), &attrs, Some(&request))
+                .check_request(&dest.meta.load().workload, &attrs, Some(&request))
                 .map_err(|d| Failure::Denied(deciding_policy(&d)))?;
             dial_from(&dest.netns, endpoint, ctx.connect_timeout)
                 .await
