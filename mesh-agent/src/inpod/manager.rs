@@ -487,7 +487,7 @@ impl PodManager {
                      listener: std::net::TcpListener|
          -> anyhow::Result<()> {
             let addr = listener.local_addr()?;
-            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let listener = proxy::Listener::new(listener)?;
             let span = info_span!("listener", kind, pod = %pod.id, addr = %addr);
             let (c, p) = (ctx.clone(), self.proxy.clone());
             let mut serving = self.serving.subscribe();

@@ -6,7 +6,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::Orderin
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::MESH_PORTS;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -39,7 +39,11 @@ static PER_SOURCE_REFUSED: crate::limits::Throttle =
 static HANDSHAKE_TIMED_OUT: crate::limits::Throttle =
     crate::limits::Throttle::new(std::time::Duration::from_secs(10));
 
-pub async fn serve_tunnel(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+pub async fn serve_tunnel(
+    listener: super::accept::Listener,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
     loop {
         let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx, |_| {}).await;
         let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);

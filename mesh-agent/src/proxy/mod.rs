@@ -29,6 +29,7 @@ use std::{
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+pub use accept::Listener;
 pub use error::{InboundError, OutboundError, TunnelError};
 pub use inbound::{
     ConnectRefusal, MAX_STREAMS as TUNNEL_MAX_STREAMS, connect_target, serve_tunnel,

@@ -14,7 +14,7 @@
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use bytes::Bytes;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -34,7 +34,11 @@ use crate::{
     telemetry::{ConnHandle, ConnInfo, Mode, Outcome, Peer, Reporter, ResponseFlag},
 };
 
-pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+pub async fn serve_outbound(
+    listener: super::accept::Listener,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
     // Bound to one loopback address: every accepted connection's own address.
     let local = listener.local_addr().ok();
     loop {

@@ -3,7 +3,7 @@
 //! same authorization as tunnelled traffic, without a principal.
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{Instrument, info_span, warn};
 
 use super::{
@@ -16,7 +16,11 @@ use crate::{
     telemetry::{ConnInfo, Mode, Outcome, Peer, Reporter, ResponseFlag},
 };
 
-pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+pub async fn serve_plaintext(
+    listener: super::accept::Listener,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
     loop {
         let (stream, peer, permit) = super::accept::accept(&listener, &pod, &ctx, |_| {}).await;
         let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);

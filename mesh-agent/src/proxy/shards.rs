@@ -90,21 +90,15 @@ impl Shards {
         self.handles.len()
     }
 
-    /// Runs `serve` on the connection on the next shard, round-robin. The socket moves
-    /// to that shard's reactor; if it cannot, the connection is closed (and logged), as
-    /// any connection the agent cannot serve.
-    pub fn serve<F, Fut>(&self, stream: TcpStream, serve: F)
+    /// Runs `serve` on the connection on the next shard, round-robin. The socket (not
+    /// registered with any reactor yet, and non-blocking) is registered with that
+    /// shard's; if it cannot be, the connection is closed (and logged), as any
+    /// connection the agent cannot serve.
+    pub fn serve<F, Fut>(&self, std: StdTcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let std: StdTcpStream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot hand the connection to a shard; closing it");
-                return;
-            }
-        };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.handles[i].spawn(async move {
             // Registered with the reactor of the runtime this runs on: the shard's.
@@ -132,6 +126,7 @@ mod tests {
         for _ in 0..4 {
             let mut client = TcpStream::connect(addr).await.expect("connect");
             let (stream, _) = listener.accept().await.expect("accept");
+            let stream = stream.into_std().expect("std");
             shards.serve(stream, |mut s| async move {
                 let name = std::thread::current().name().unwrap_or("").to_owned();
                 assert_eq!(name, format!("mesh-shard-{}", current()));
