@@ -405,7 +405,7 @@ impl PodManager {
     /// pods switch between STRICT and PERMISSIVE in place.
     fn update_modes(&mut self, policy: &PolicySet) {
         for pod in self.running.values_mut() {
-            let mode = mode_of(policy.mtls_mode(&pod.ctx.workload()));
+            let mode = mode_of(policy.mtls_mode(&pod.ctx.meta.load().workload));
             if mode != pod.mode {
                 match self.proxy.maps.set_mode(pod.ctx.netns_cookie, mode) {
                     Ok(()) => {

@@ -40,7 +40,8 @@ pub async fn deliver(
         .conns
         .try_admit(pod.netns_cookie)
         .map_err(InboundError::Limited)?;
-    let workload = pod.workload();
+    // Owned: the live-connection registry keeps it for re-checks.
+    let workload = pod.meta.load().workload.clone();
     // Registered before the check: a policy change racing with this connection either
     // is seen by the check or re-checks the registered connection.
     let guard = ctx.live.register(workload.clone(), attrs.clone());

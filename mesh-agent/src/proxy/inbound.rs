@@ -296,6 +296,7 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     /// hyper spawns this future for every stream the tunnel server accepts: every
     /// routed request and every tunnelled connection.
@@ -306,7 +307,6 @@ mod tests {
         // budget, not a target.
         assert!(size <= 5 * 1024, "a tunnel stream's future is {size} bytes");
     }
-    use std::net::IpAddr;
 
     #[test]
     fn a_connect_reaches_only_this_pods_addresses_and_never_a_mesh_port() {

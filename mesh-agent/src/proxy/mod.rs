@@ -111,11 +111,6 @@ pub struct PodMeta {
 }
 
 impl PodContext {
-    /// The workload as policy sees it (its labels as of now).
-    pub fn workload(&self) -> Workload {
-        self.meta.load().workload.clone()
-    }
-
     pub fn workload_ref(&self) -> WorkloadRef {
         WorkloadRef {
             namespace: self.id.namespace.clone(),

@@ -124,22 +124,18 @@ struct Slots {
 }
 
 impl Slots {
-    fn hash(&self, key: KeyRef<'_>) -> u64 {
-        self.hasher.hash_one(key)
-    }
-
-    /// The slot of `key`, made when there is none.
+    /// The slot of `key`, made when there is none. An owned key hashes as its
+    /// borrowed form, so both find the same entry.
     fn get_or_insert(&mut self, key: KeyRef<'_>) -> Slot {
-        let hash = self.hash(key);
-        if let Some((_, slot)) = self.table.find(hash, |(k, _)| k.as_ref() == key) {
+        let Slots { table, hasher } = self;
+        let hash = hasher.hash_one(key);
+        if let Some((_, slot)) = table.find(hash, |(k, _)| k.as_ref() == key) {
             return slot.clone();
         }
         let slot = Slot::default();
-        let hasher = self.hasher.clone();
-        self.table
-            .insert_unique(hash, (key.to_owned(), slot.clone()), |(k, _)| {
-                hasher.hash_one(k.as_ref())
-            });
+        table.insert_unique(hash, (key.to_owned(), slot.clone()), |(k, _)| {
+            hasher.hash_one(k.as_ref())
+        });
         slot
     }
 }

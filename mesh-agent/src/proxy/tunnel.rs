@@ -400,6 +400,8 @@ fn readable(e: std::io::Error) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::service::service_fn;
+    use tokio::sync::oneshot;
 
     /// Every tunnelled request and connection awaits a lease; the handshake it may
     /// need is rare and large, and held inline it grew each of them by its size.
@@ -413,8 +415,6 @@ mod tests {
             "a lease's future is {lease} bytes, a handshake's {dial}"
         );
     }
-    use hyper::service::service_fn;
-    use tokio::sync::oneshot;
 
     /// An HTTP/2 server on loopback for one connection: `/fail` makes its service fail
     /// (the stream is reset after the server took it); a message on the returned
