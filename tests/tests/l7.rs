@@ -824,6 +824,89 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
     });
 }
 
+/// The way around an L7 policy that an application opens: a path it resolves to the
+/// denied one. Each spelling below reaches `/admin/users` in common servers (dot
+/// segments, encoded dots and letters: every server; `//` and `%2F`: nginx and others
+/// that merge or decode slashes; `;v=1`: Tomcat and Spring's path parameters). Before
+/// the mesh normalized paths, every one of them got a 200 from the application.
+#[test]
+fn l7_policy_sees_the_path_the_application_gets() {
+    let _g = serial();
+    let (mut c, client) = l7_cluster(L7_POLICY);
+    // Across nodes (enforced by node-2's agent) and on one node.
+    for prefix in ["", "/local"] {
+        let spellings = [
+            "/public/../admin/users",
+            "/public/%2e%2e/admin/users",
+            "/%61dmin/users",
+            "//admin/users",
+            "/admin%2Fusers",
+            "/admin;v=1/users",
+        ];
+        let then: Vec<String> = spellings
+            .iter()
+            .map(|p| format!("POST {prefix}{p}"))
+            .collect();
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                method: "POST",
+                path: &format!("{prefix}/public/page"),
+                then: &then,
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["200"], 1, "{out}");
+        assert_eq!(
+            out["then"],
+            serde_json::json!([403, 403, 403, 403, 403, 403]),
+            "{prefix}: {out}"
+        );
+        // The application gets the path the policy saw, the query as sent; an encoded
+        // slash that crosses no policy boundary is delivered as sent.
+        for (sent, delivered) in [
+            ("/public/./a/../%7Eb?next=/../x", "/public/~b?next=/../x"),
+            ("/public/group%2fname", "/public/group%2Fname"),
+        ] {
+            let out = get(
+                &mut c,
+                &client,
+                Get {
+                    method: "POST",
+                    path: &format!("{prefix}{sent}"),
+                    ..Get::default()
+                },
+            );
+            assert_eq!(out["statuses"]["200"], 1, "{prefix}{sent}: {out}");
+            assert_eq!(out["last"]["path"], format!("{prefix}{delivered}"), "{out}");
+        }
+        // What cannot be read one way is refused: a malformed escape, a NUL, a method
+        // a policy's upper-case name would not match.
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: &format!("{prefix}/public/%zz"),
+                then: &[
+                    format!("GET {prefix}/public/%00"),
+                    format!("post {prefix}/admin/users"),
+                ],
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["400"], 1, "{out}");
+        assert_eq!(
+            out["then"],
+            serde_json::json!([400, 400]),
+            "{prefix}: {out}"
+        );
+    }
+    // gRPC paths are normal already and pass unchanged (v2 allows only Get).
+    let ok = grpc_call(&mut c, &client, "get", 1, 1, &[]);
+    assert_eq!(ok["codes"]["0"], 1, "{ok}");
+}
+
 const RESILIENT: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute

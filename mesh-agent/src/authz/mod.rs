@@ -3,6 +3,7 @@
 //! Istio's order, plus the registry of open connections that a policy change
 //! re-checks.
 mod live;
+pub mod path;
 mod rules;
 
 use std::sync::Arc;
@@ -171,11 +172,22 @@ impl PolicySet {
                 "policy audit"
             );
         }
-        if verdict.decision.allowed() {
-            Ok(())
-        } else {
-            Err(verdict.decision)
+        if !verdict.decision.allowed() {
+            return Err(verdict.decision);
         }
+        // The other reading of the path (see `path`): a request is allowed only if
+        // an application reading its path either way would be allowed too.
+        if let Some(r) = req
+            && let Some(other) = path::lenient(r.path)
+        {
+            let read = RequestAttrs { path: &other, ..*r };
+            let second = self.evaluate_request(w, c, Some(&read)).decision;
+            if !second.allowed() {
+                tracing::debug!(path = r.path, read = %other, decision = %second, "denied on the path's other reading");
+                return Err(second);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -323,6 +323,54 @@ fn an_l7_deny_takes_the_request_it_names_and_no_other() {
     ));
 }
 
+/// The path a DENY names is denied however it is spelled for an application that
+/// merges slashes, decodes `%2F` or drops `;` parameters, and an ALLOW grants a path
+/// only if both readings are granted; a `%2F` that crosses no policy boundary passes.
+#[test]
+fn a_request_is_allowed_only_if_both_readings_of_its_path_are() {
+    let h = http::HeaderMap::new();
+    let c = conn(Some(CLIENT), "10.0.0.1", 8080);
+    let deny = policy(L7_DENY);
+    let check = |p: &PolicySet, m, path| p.check_request(&web(), &c, Some(&request(m, path, &h)));
+    for path in [
+        "//admin/users",
+        "/admin%2Fusers",
+        "/admin;v=1/users",
+        "/x/..%2Fadmin/users",
+    ] {
+        assert!(
+            matches!(check(&deny, "POST", path), Err(Decision::Denied(_))),
+            "{path}"
+        );
+        // The first reading alone does not match the DENY: the second one decides.
+        assert!(
+            deny.evaluate_request(&web(), &c, Some(&request("POST", path, &h)))
+                .decision
+                .allowed(),
+            "{path}"
+        );
+    }
+    assert!(check(&deny, "POST", "/projects/group%2Fname").is_ok());
+    assert!(check(&deny, "GET", "//admin/users").is_ok());
+    let allow = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: public-only, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - to: [{operation: {paths: ["/public/*"]}}]
+"#,
+    );
+    assert!(check(&allow, "GET", "/public/page").is_ok());
+    assert!(check(&allow, "GET", "/public/a%2Fb").is_ok());
+    assert!(matches!(
+        check(&allow, "GET", "/public/..%2Fadmin"),
+        Err(Decision::NotAllowed)
+    ));
+}
+
 #[test]
 fn an_l7_allow_grants_nothing_to_a_connection_that_is_not_http() {
     let p = policy(

@@ -99,6 +99,9 @@ pub enum ResponseFlag {
     NoCluster,
     /// HTTP: the client went away before the response ended.
     DownstreamTermination,
+    /// HTTP: the request cannot be served as sent (a malformed path, a lower-case
+    /// method).
+    DownstreamProtocolError,
 }
 
 impl ResponseFlag {
@@ -113,6 +116,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamTimeout => "UT",
             ResponseFlag::NoCluster => "NC",
             ResponseFlag::DownstreamTermination => "DC",
+            ResponseFlag::DownstreamProtocolError => "DPE",
         }
     }
 }

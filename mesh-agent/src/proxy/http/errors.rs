@@ -8,6 +8,8 @@ use crate::telemetry::ResponseFlag;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
+    #[error("bad request: {0}")]
+    BadRequest(String),
     #[error("no route rule matches the request")]
     NotFound,
     #[error("the redirect's Location is not a valid header value")]
@@ -39,6 +41,7 @@ pub const ERROR_HEADER: &str = "x-mesh-error";
 impl Failure {
     pub fn status(&self) -> StatusCode {
         match self {
+            Failure::BadRequest(_) => StatusCode::BAD_REQUEST,
             Failure::NotFound => StatusCode::NOT_FOUND,
             Failure::BadRedirect | Failure::NoBackend | Failure::InvalidBackend => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -53,6 +56,7 @@ impl Failure {
     /// Envoy's response flag for the failure, as Istio's metrics report it.
     pub fn flag(&self) -> ResponseFlag {
         match self {
+            Failure::BadRequest(_) => ResponseFlag::DownstreamProtocolError,
             Failure::NotFound => ResponseFlag::NoRoute,
             Failure::BadRedirect => ResponseFlag::None,
             Failure::NoBackend | Failure::InvalidBackend => ResponseFlag::NoCluster,
@@ -66,10 +70,10 @@ impl Failure {
     /// The gRPC status code for the same failure.
     pub fn grpc_status(&self) -> u16 {
         match self {
-            Failure::NotFound => 12,    // UNIMPLEMENTED
-            Failure::Denied(_) => 7,    // PERMISSION_DENIED
-            Failure::Timeout => 4,      // DEADLINE_EXCEEDED
-            Failure::BadRedirect => 13, // INTERNAL
+            Failure::NotFound => 12,                             // UNIMPLEMENTED
+            Failure::Denied(_) => 7,                             // PERMISSION_DENIED
+            Failure::Timeout => 4,                               // DEADLINE_EXCEEDED
+            Failure::BadRedirect | Failure::BadRequest(_) => 13, // INTERNAL
             Failure::NoBackend
             | Failure::InvalidBackend
             | Failure::NoEndpoint

@@ -20,7 +20,7 @@ use super::{
     errors::Failure,
     is_grpc,
     metered::{self, Report},
-    strip_headers,
+    request_target, strip_headers,
     upstream::shape,
 };
 use crate::{
@@ -106,14 +106,20 @@ pub async fn deliver(
         authority: into.authority.to_owned(),
         path: req.uri().path().to_owned(),
     };
-    let request = RequestAttrs::new(
-        req.method().as_str(),
-        into.path_and_query,
-        into.authority,
-        req.headers(),
-    );
-    let allowed = authorize(snap, into.pod, &attrs, &request);
-    shape(&mut req, into.wire, into.authority, into.path_and_query);
+    // Whatever the sender did, the path is normalized here, where the policy is
+    // checked, and the application gets the path the policy saw.
+    let target = request_target::check_method(req.method())
+        .and_then(|()| request_target::normalize(into.path_and_query));
+    let allowed = match target {
+        Ok(pq) => {
+            let request =
+                RequestAttrs::new(req.method().as_str(), &pq, into.authority, req.headers());
+            let allowed = authorize(snap, into.pod, &attrs, &request);
+            shape(&mut req, into.wire, into.authority, &pq);
+            allowed
+        }
+        Err(f) => Err(f),
+    };
     let sent = match allowed {
         Ok(()) => ctx
             .app_conns

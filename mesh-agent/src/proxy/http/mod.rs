@@ -23,6 +23,7 @@ pub mod inbound;
 mod metered;
 mod replay;
 mod request_id;
+mod request_target;
 mod route;
 mod upgrade;
 mod upstream;
@@ -194,6 +195,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
     let (mut parts, body) = req.into_parts();
     strip_headers(&mut parts.headers);
     request_id::ensure(&mut parts.headers);
+    // Routed, logged and forwarded with the path the destination's policy will see.
+    let malformed = request_target::normalize_parts(&mut parts).err();
     let (body, request_bytes) = metered::count(body::incoming(body));
     let grpc = is_grpc(&parts.headers);
     let authority =
@@ -236,62 +239,65 @@ async fn handle(conn: Arc<Conn>, mut req: Request<hyper::body::Incoming>) -> Res
         service: conn.service.clone(),
         retries: 0,
     };
-    let response = match decision {
-        Decision::NotFound if routes.is_none() => {
-            let wire = upstream_wire(conn.protocol, client_wire);
-            let req = Request::from_parts(parts, body);
-            upstream::to_service(&conn, &snap, req, wire, &authority, &mut log).await
-        }
-        Decision::NotFound => Err(Failure::NotFound),
-        Decision::Redirect {
-            rule,
-            status,
-            location,
-        } => {
-            log.rule_of(&rule);
-            let mut r = Response::new(body::empty());
-            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
-            match HeaderValue::from_str(&location) {
-                Ok(v) => {
-                    r.headers_mut().insert(header::LOCATION, v);
-                    response_filters(&rule.filters, &mut r);
-                    Ok(r)
-                }
-                Err(_) => Err(Failure::BadRedirect),
+    let response = match malformed {
+        Some(f) => Err(f),
+        None => match decision {
+            Decision::NotFound if routes.is_none() => {
+                let wire = upstream_wire(conn.protocol, client_wire);
+                let req = Request::from_parts(parts, body);
+                upstream::to_service(&conn, &snap, req, wire, &authority, &mut log).await
             }
-        }
-        Decision::NoBackend { rule } => {
-            log.rule_of(&rule);
-            Err(Failure::NoBackend)
-        }
-        Decision::Forward(f) => {
-            log.rule_of(&f.rule);
-            let cors = f.rule.filters.iter().find_map(|x| match x {
-                Filter::Cors(c) => Some(cors::evaluate(c, &parts.method, &parts.headers)),
-                _ => None,
-            });
-            match cors {
-                // A preflight is the route's answer, not the backend's.
-                Some(cors::Step::Preflight(headers)) => {
-                    let mut r = Response::new(body::empty());
-                    r.headers_mut().extend(headers);
-                    Ok(r)
+            Decision::NotFound => Err(Failure::NotFound),
+            Decision::Redirect {
+                rule,
+                status,
+                location,
+            } => {
+                log.rule_of(&rule);
+                let mut r = Response::new(body::empty());
+                *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+                match HeaderValue::from_str(&location) {
+                    Ok(v) => {
+                        r.headers_mut().insert(header::LOCATION, v);
+                        response_filters(&rule.filters, &mut r);
+                        Ok(r)
+                    }
+                    Err(_) => Err(Failure::BadRedirect),
                 }
-                cors => {
-                    let wire = upstream_wire(conn.protocol, client_wire);
-                    let req = Request::from_parts(parts, body);
-                    let resp =
-                        upstream::forward(&conn, &snap, f, req, wire, upgrade, &mut log).await;
-                    match (resp, cors) {
-                        (Ok(mut r), Some(cors::Step::Actual(headers))) => {
-                            r.headers_mut().extend(headers);
-                            Ok(r)
+            }
+            Decision::NoBackend { rule } => {
+                log.rule_of(&rule);
+                Err(Failure::NoBackend)
+            }
+            Decision::Forward(f) => {
+                log.rule_of(&f.rule);
+                let cors = f.rule.filters.iter().find_map(|x| match x {
+                    Filter::Cors(c) => Some(cors::evaluate(c, &parts.method, &parts.headers)),
+                    _ => None,
+                });
+                match cors {
+                    // A preflight is the route's answer, not the backend's.
+                    Some(cors::Step::Preflight(headers)) => {
+                        let mut r = Response::new(body::empty());
+                        r.headers_mut().extend(headers);
+                        Ok(r)
+                    }
+                    cors => {
+                        let wire = upstream_wire(conn.protocol, client_wire);
+                        let req = Request::from_parts(parts, body);
+                        let resp =
+                            upstream::forward(&conn, &snap, f, req, wire, upgrade, &mut log).await;
+                        match (resp, cors) {
+                            (Ok(mut r), Some(cors::Step::Actual(headers))) => {
+                                r.headers_mut().extend(headers);
+                                Ok(r)
+                            }
+                            (resp, _) => resp,
                         }
-                        (resp, _) => resp,
                     }
                 }
             }
-        }
+        },
     };
     let (response, flag) = match response {
         Ok(r) => (r, ResponseFlag::None),
