@@ -174,6 +174,44 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// A request path from a client: normalizing never panics, is a fixed point (the
+/// destination normalizes again what the source sent), leaves no dot segment and no
+/// escape of an unreserved character, and the lenient reading is normal too (policy
+/// checks it as it checks the first).
+pub fn request_path(data: &[u8]) {
+    use crate::authz::path::{lenient, normalize};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(once) = normalize(text) else {
+        return;
+    };
+    assert_eq!(
+        normalize(&once).ok().as_deref(),
+        Some(&*once),
+        "normalizing {text:?} twice changed it"
+    );
+    if !once.starts_with('/') {
+        return;
+    }
+    assert!(
+        !once.split('/').any(|s| s == "." || s == ".."),
+        "{text:?} kept a dot segment: {once:?}"
+    );
+    let other = lenient(&once);
+    if let Some(other) = other {
+        assert!(
+            !other.split('/').any(|s| s == "." || s == ".."),
+            "the other reading of {text:?} kept a dot segment: {other:?}"
+        );
+        assert!(
+            !other.contains("//"),
+            "the other reading kept //: {other:?}"
+        );
+        assert_eq!(lenient(&other), None, "{other:?} is not a fixed point");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Writes the seed inputs of `hbone_connect` and `admin_request` (what a real
@@ -247,12 +285,13 @@ mod tests {
     fn the_fuzz_corpora_and_reproducers_replay_clean() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 5] = [
+        let targets: [(&str, Target); 6] = [
             ("config_yaml", super::config_yaml),
             ("api_object", super::api_object),
             ("detect", super::detect),
             ("hbone_connect", super::hbone_connect),
             ("admin_request", super::admin_request),
+            ("request_path", super::request_path),
         ];
         let mut replayed = 0;
         for (name, target) in targets {

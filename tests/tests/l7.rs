@@ -730,6 +730,7 @@ spec:
   action: DENY
   rules:
   - to: [{operation: {methods: ["POST"], paths: ["/admin/*", "/local/admin/{**}"]}}]
+  - when: [{key: "request.headers[x-debug]", values: ["on"]}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -901,6 +902,20 @@ fn l7_policy_sees_the_path_the_application_gets() {
             serde_json::json!([400, 400]),
             "{prefix}: {out}"
         );
+    }
+    // A header the DENY names, sent a second time behind a harmless first value: the
+    // application may read either (before, the first alone was checked: 200).
+    for headers in [&["x-debug: on"][..], &["x-debug: off", "x-debug: on"]] {
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                path: "/public/page",
+                headers,
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["403"], 1, "{headers:?}: {out}");
     }
     // gRPC paths are normal already and pass unchanged (v2 allows only Get).
     let ok = grpc_call(&mut c, &client, "get", 1, 1, &[]);

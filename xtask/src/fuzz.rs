@@ -10,12 +10,13 @@ use anyhow::Context as _;
 use crate::root;
 
 /// Every target, as named in `fuzz/Cargo.toml`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "config_yaml",
     "api_object",
     "detect",
     "hbone_connect",
     "admin_request",
+    "request_path",
 ];
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

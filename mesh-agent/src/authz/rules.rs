@@ -131,6 +131,34 @@ fn strip_port(h: &str) -> Option<&str> {
     (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())).then_some(name)
 }
 
+/// A `request.headers[...]` condition on a request that may carry the header several
+/// times. An application may read any of the values (the first, the last, all of
+/// them joined), so the condition is read the way that fails closed, as undecidable
+/// fields are: in a DENY policy it holds if it holds for any value, in an ALLOW (or
+/// AUDIT) policy only if it holds for every one. A value that is not text is read
+/// with its bytes replaced, not as absent: an absent header must not be the way past
+/// a DENY on its presence.
+fn header_condition(
+    headers: &HeaderMap,
+    name: &str,
+    matches: impl Fn(Option<&str>) -> bool,
+    deny: bool,
+) -> bool {
+    let mut all = headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()));
+    let Some(first) = all.next() else {
+        return matches(None);
+    };
+    let first = matches(Some(&first));
+    if deny {
+        first || all.any(|v| matches(Some(&v)))
+    } else {
+        first && all.all(|v| matches(Some(&v)))
+    }
+}
+
 fn any_match(patterns: &[String], value: Option<&str>) -> bool {
     patterns.iter().any(|p| string_match(p, value))
 }
@@ -201,10 +229,12 @@ impl Condition {
                 values,
                 not_values,
             } => match req {
-                Some(r) => {
-                    let value = r.headers.get(name.as_str()).and_then(|v| v.to_str().ok());
-                    field(values, not_values, value)
-                }
+                Some(r) => header_condition(
+                    r.headers,
+                    name,
+                    |v| field(values, not_values, v),
+                    undecidable,
+                ),
                 None => undecidable,
             },
             Condition::SourceIp { values, not_values } => {
@@ -285,5 +315,22 @@ mod tests {
         assert!(host_match("web:80", "web:80"));
         assert!(!host_match("web:81", "web:80"));
         assert!(host_match("[::1]", "[::1]:80"));
+    }
+
+    #[test]
+    fn a_repeated_header_holds_for_a_deny_if_any_value_does_and_for_an_allow_if_all_do() {
+        let is = |want: &'static str| move |v: Option<&str>| v == Some(want);
+        let mut h = HeaderMap::new();
+        assert!(!header_condition(&h, "x-role", is("admin"), true));
+        h.append("x-role", http::HeaderValue::from_static("guest"));
+        assert!(header_condition(&h, "X-Role", is("guest"), false));
+        h.append("x-role", http::HeaderValue::from_static("admin"));
+        // A DENY on `admin` sees the second value; an ALLOW on `guest` needs both.
+        assert!(header_condition(&h, "x-role", is("admin"), true));
+        assert!(!header_condition(&h, "x-role", is("guest"), false));
+        // A value that is not text still counts as present.
+        let mut h = HeaderMap::new();
+        h.append("x-debug", http::HeaderValue::from_bytes(b"\xff").unwrap());
+        assert!(header_condition(&h, "x-debug", |v| v.is_some(), true));
     }
 }
