@@ -811,27 +811,53 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
     assert_eq!(only_pod(&ok), "v2", "{ok}");
     let denied = grpc_call(&mut c, &client, "delete", 1, 1, &[]);
     assert_eq!(denied["codes"]["7"], 1, "{denied}");
-    // The way around an L7 policy: the pod IP, where no route applies and the agents
-    // carry bytes, not requests. The policy fails closed there: the DENY's L7 parts
-    // count as matching, so the connection is refused.
-    let v1 = sa(c.pod_ip("v1"), ECHO_PORT);
-    let out = try_get(
-        &mut c,
-        &client,
-        Get {
-            addr: Some(v1),
-            host: None,
-            path: "/public",
-            ..Get::default()
-        },
-    );
-    assert!(out.is_err(), "a pod-IP connection got through: {out:?}");
-    poll("the destination to log the refusal", SECS, || {
-        c.agent_log("node-2").lines().any(|l| {
-            l.contains("inbound connection refused")
-                && l.contains("DENY policy default/no-admin-writes")
-        })
-    });
+    // The way around an L7 policy: the pod IP, where no route applies and the source
+    // agent carries bytes, not requests. Only the DENY's L7 parts stand against such a
+    // connection, so the destination's agent, seeing HTTP, checks each request of it:
+    // across nodes (v1) and on one node (local). (Before, it refused the whole
+    // connection, and with it every client of the pod that used its IP.)
+    for (pod, prefix, node) in [("v1", "", "node-2"), ("local", "/local", "node-1")] {
+        let addr = sa(c.pod_ip(pod), ECHO_PORT);
+        let before = c.agent_log(node).matches("routed request refused").count();
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                addr: Some(addr.clone()),
+                host: None,
+                method: "POST",
+                path: &format!("{prefix}/public"),
+                then: &[
+                    format!("POST {prefix}/admin/users"),
+                    format!("GET {prefix}/admin/users"),
+                    format!("POST {prefix}/public/../admin/users"),
+                    format!("CONNECT {prefix}/public"),
+                ],
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["200"], 1, "{pod}: {out}");
+        assert_eq!(only_pod(&out), pod, "{out}");
+        assert_eq!(
+            out["then"],
+            serde_json::json!([403, 200, 403, 400]),
+            "{pod}: {out}"
+        );
+        let after = c.agent_log(node).matches("routed request refused").count();
+        assert!(after >= before + 2, "{node} logged no refusal");
+        // A connection that is not HTTP cannot be checked request by request: it is
+        // refused, and the application never sees its bytes.
+        let who = c.run_in(&client, &["who", "--addr", &addr], SECS);
+        assert!(
+            who.as_ref().map_or(true, |o| !o.contains("HTTP/1.1")),
+            "{pod}: the application answered a connection that is not HTTP: {who:?}"
+        );
+        poll("the destination to log the refusal", SECS, || {
+            c.agent_log(node)
+                .lines()
+                .any(|l| l.contains("connection refused") && l.contains("is not HTTP"))
+        });
+    }
 }
 
 /// The way around an L7 policy that an application opens: a path it resolves to the

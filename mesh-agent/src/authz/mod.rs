@@ -9,7 +9,7 @@ mod rules;
 use std::sync::Arc;
 
 pub use live::{LiveConns, LiveGuard};
-pub use rules::{ConnAttrs, RequestAttrs, valid_template};
+pub use rules::{ConnAttrs, Reading, RequestAttrs, valid_template};
 
 use crate::config::{
     AuthorizationPolicy, AuthzAction, Config, MtlsMode, NamespacedName, PeerAuthentication,
@@ -120,16 +120,38 @@ impl PolicySet {
         c: &ConnAttrs,
         req: Option<&RequestAttrs<'_>>,
     ) -> Verdict {
+        self.evaluate_reading(w, c, req, Reading::FailClosed)
+    }
+
+    /// Whether a connection that `check` refuses could have some of its requests
+    /// allowed: its refusal comes only from L7 fields, read the way that fails closed,
+    /// and reading them the other way allows it. Such a connection, when it speaks
+    /// HTTP, is served with the policy checked for each request instead of refused.
+    pub fn decided_per_request(&self, w: &Workload, c: &ConnAttrs) -> bool {
+        self.evaluate_reading(w, c, None, Reading::Lenient)
+            .decision
+            .allowed()
+    }
+
+    fn evaluate_reading(
+        &self,
+        w: &Workload,
+        c: &ConnAttrs,
+        req: Option<&RequestAttrs<'_>>,
+        reading: Reading,
+    ) -> Verdict {
         let applicable = || {
             self.policies
                 .iter()
                 .filter(|p| self.covers(&p.id.namespace, p.selector.as_ref(), w))
         };
         let audited = applicable()
-            .filter(|p| p.action == AuthzAction::Audit && p.matches(c, req))
+            .filter(|p| p.action == AuthzAction::Audit && p.matches_reading(c, req, reading))
             .map(|p| p.id.clone())
             .collect();
-        if let Some(p) = applicable().find(|p| p.action == AuthzAction::Deny && p.matches(c, req)) {
+        if let Some(p) = applicable()
+            .find(|p| p.action == AuthzAction::Deny && p.matches_reading(c, req, reading))
+        {
             return Verdict {
                 decision: Decision::Denied(p.id.clone()),
                 audited,
@@ -138,11 +160,12 @@ impl PolicySet {
         let mut allows = applicable()
             .filter(|p| p.action == AuthzAction::Allow)
             .peekable();
-        let decision = if allows.peek().is_none() || allows.any(|p| p.matches(c, req)) {
-            Decision::Allow
-        } else {
-            Decision::NotAllowed
-        };
+        let decision =
+            if allows.peek().is_none() || allows.any(|p| p.matches_reading(c, req, reading)) {
+                Decision::Allow
+            } else {
+                Decision::NotAllowed
+            };
         Verdict { decision, audited }
     }
 

@@ -14,6 +14,15 @@ use crate::config::{
     AuthorizationPolicy, AuthzAction, Condition, OperationMatch, Rule, SourceMatch,
 };
 
+/// How L7 fields are read on a connection, where there is no request to read them
+/// from: the way that fails closed (the decision for the connection), or the other
+/// way (could any of its requests be allowed?).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    FailClosed,
+    Lenient,
+}
+
 /// What authorization knows about a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnAttrs {
@@ -271,7 +280,21 @@ impl AuthorizationPolicy {
     /// Whether the policy matches a connection (`req` is `None`) or a request.
     pub fn matches(&self, c: &ConnAttrs, req: Option<&RequestAttrs<'_>>) -> bool {
         // Fail closed on what cannot be decided: see the module comment.
-        let undecidable = self.action == AuthzAction::Deny;
+        self.matches_reading(c, req, Reading::FailClosed)
+    }
+
+    /// `matches`, with the L7 fields of a connection read as `reading` says.
+    pub fn matches_reading(
+        &self,
+        c: &ConnAttrs,
+        req: Option<&RequestAttrs<'_>>,
+        reading: Reading,
+    ) -> bool {
+        let fail_closed = self.action == AuthzAction::Deny;
+        let undecidable = match reading {
+            Reading::FailClosed => fail_closed,
+            Reading::Lenient => !fail_closed,
+        };
         self.rules.iter().any(|r| r.matches(c, req, undecidable))
     }
 

@@ -371,6 +371,48 @@ spec:
     ));
 }
 
+/// A connection refused only for L7 fields it cannot show is one whose requests may
+/// be checked one by one; one refused for who it is (or for an L4 field) is not.
+#[test]
+fn only_a_refusal_that_rests_on_l7_fields_is_decided_per_request() {
+    let c = conn(Some(CLIENT), "10.0.0.1", 8080);
+    let deny = policy(L7_DENY);
+    assert!(deny.check(&web(), &c).is_err());
+    assert!(deny.decided_per_request(&web(), &c));
+    let allow_l7 = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reads-only, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {namespaces: ["shop"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+"#,
+    );
+    assert!(allow_l7.check(&web(), &c).is_err());
+    assert!(allow_l7.decided_per_request(&web(), &c));
+    // The same ALLOW, from a namespace it does not name: no request can pass.
+    let other = ConnAttrs {
+        namespace: Some("elsewhere".to_owned()),
+        ..c.clone()
+    };
+    assert!(!allow_l7.decided_per_request(&web(), &other));
+    let deny_l4 = policy(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-8080, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {ports: ["8080"]}}]
+"#,
+    );
+    assert!(!deny_l4.decided_per_request(&web(), &c));
+}
+
 #[test]
 fn an_l7_allow_grants_nothing_to_a_connection_that_is_not_http() {
     let p = policy(

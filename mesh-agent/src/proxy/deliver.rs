@@ -28,7 +28,7 @@ pub struct Delivered {
 pub async fn deliver(
     pod: &PodContext,
     ctx: &ProxyContext,
-    attrs: ConnAttrs,
+    attrs: &ConnAttrs,
     addr: Option<SocketAddr>,
 ) -> Result<Delivered, InboundError> {
     let addr = match addr {
@@ -48,7 +48,7 @@ pub async fn deliver(
     ctx.snapshot
         .load()
         .policy
-        .check(&workload, &attrs)
+        .check(&workload, attrs)
         .map_err(InboundError::Denied)?;
     let app = dial_from(&pod.netns, addr, ctx.connect_timeout)
         .await
@@ -63,6 +63,29 @@ pub async fn deliver(
         guard,
         _permit: permit,
     })
+}
+
+/// After `deliver` refused a connection: whether its requests may be checked one by
+/// one instead (`http::gate`: the refusal rests only on L7 fields), and if so the
+/// connection's slot under the pod's cap.
+pub fn per_request(
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    attrs: &ConnAttrs,
+    refused: &InboundError,
+) -> Option<crate::limits::ConnPermit<u64>> {
+    if !matches!(refused, InboundError::Denied(_)) {
+        return None;
+    }
+    let decided = ctx
+        .snapshot
+        .load()
+        .policy
+        .decided_per_request(&pod.meta.load().workload, attrs);
+    if !decided {
+        return None;
+    }
+    ctx.conns.try_admit(pod.netns_cookie).ok()
 }
 
 /// How a refusal on the destination side is reported.

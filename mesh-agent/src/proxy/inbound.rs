@@ -12,8 +12,12 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
     PodContext, ProxyContext,
-    deliver::deliver,
-    http::body::{self, Body},
+    deliver::{deliver, per_request},
+    http::{
+        body::{self, Body},
+        gate,
+        inbound::Sender,
+    },
     relay::{RelayEnd, relay},
     tunnel::{
         CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
@@ -243,11 +247,36 @@ async fn connect(
         service: None,
         original_dst: None,
     };
-    let delivered = match deliver(&pod, &ctx, attrs, Some(target))
+    let delivered = match deliver(&pod, &ctx, &attrs, Some(target))
         .instrument(span.clone())
         .await
     {
         Ok(d) => d,
+        Err(e) if let Some(permit) = per_request(&pod, &ctx, &attrs, &e) => {
+            span.in_scope(|| debug!("the pod's policy decides request by request"));
+            let from = Sender {
+                identity: source,
+                addr: peer,
+                workload: info.source.workload,
+                mode: Mode::Inbound,
+                service: None,
+            };
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(
+                async move {
+                    match on_upgrade.await {
+                        Ok(u) => {
+                            let stream = ServedStream(TokioIo::new(u));
+                            // Not HTTP: the stream ends without a byte from the app.
+                            let _ = gate::serve(stream, from, pod, target, ctx, permit).await;
+                        }
+                        Err(e) => warn!(error = %e, "CONNECT stream was not upgraded"),
+                    }
+                }
+                .instrument(span),
+            );
+            return status(StatusCode::OK);
+        }
         Err(e) => {
             span.in_scope(|| warn!(reason = e.reason(), error = %e, "inbound connection refused"));
             ctx.telemetry

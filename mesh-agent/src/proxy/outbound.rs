@@ -20,9 +20,13 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
     InboundError, OutboundError, PodContext, ProxyContext, TunnelError,
-    deliver::deliver,
+    deliver::{deliver, per_request},
     dial::{DialError, dial_from},
-    http::detect::{Detected, Prefixed, detect},
+    http::{
+        detect::{Detected, Prefixed, detect},
+        gate,
+        inbound::Sender,
+    },
     plan::{Hop, Plan, TcpPlan, Way, plan},
     podhop::PodHop,
     relay::{RelayEnd, relay, reset},
@@ -69,6 +73,11 @@ enum Upstream {
     },
     Tunnel(tunnel::TunnelStream),
     Passthrough(TcpStream),
+    /// A pod of this node whose policy decides each request (`http::gate`).
+    PerRequest {
+        dest: Arc<PodContext>,
+        permit: crate::limits::ConnPermit<u64>,
+    },
 }
 
 /// `addrs`: the accepted connection's own address (when known) and its peer's.
@@ -188,6 +197,29 @@ async fn handle(
         Upstream::Passthrough(mut up) => {
             (relay(&mut client, &mut up, &never, &[&conn]).await, None)
         }
+        Upstream::PerRequest { dest, permit } => {
+            // Same node: the destination's view is its requests, which the gate
+            // reports one by one.
+            let from = Sender {
+                identity: pod.identity.clone(),
+                addr: src_addr,
+                workload: Some(pod.workload_ref()),
+                mode: Mode::Local,
+                service: tcp.service.map(|(s, _)| s),
+            };
+            let endpoint = tcp.hop.endpoint;
+            let served = gate::serve(client, from, dest, endpoint, ctx.clone(), permit).await;
+            let outcome = match served {
+                gate::Served::Done => Outcome::ok(),
+                gate::Served::NotHttp(client) => {
+                    let (_, hop) = client.into_parts();
+                    reset(hop);
+                    Outcome::failed(ResponseFlag::Unauthorized, "not_http", gate::NotHttp)
+                }
+            };
+            conn.close(outcome);
+            return;
+        }
     };
     let outcome = match &result {
         Ok(_) => Outcome::ok(),
@@ -281,9 +313,21 @@ async fn connect(
                 source_ip: pod.ip.unwrap_or(endpoint.ip()),
                 dest_port: endpoint.port(),
             };
-            let delivered = deliver(dest, ctx, attrs, Some(endpoint))
-                .await
-                .map_err(|source| OutboundError::Local { endpoint, source })?;
+            let delivered = match deliver(dest, ctx, &attrs, Some(endpoint)).await {
+                Ok(d) => d,
+                Err(e) => {
+                    return match per_request(dest, ctx, &attrs, &e) {
+                        Some(permit) => Ok(Upstream::PerRequest {
+                            dest: dest.clone(),
+                            permit,
+                        }),
+                        None => Err(OutboundError::Local {
+                            endpoint,
+                            source: e,
+                        }),
+                    };
+                }
+            };
             Ok(Upstream::Local {
                 app: delivered.app,
                 guard: delivered.guard,

@@ -95,7 +95,7 @@ async fn handle(
         reset(client);
         return;
     }
-    let delivered = match deliver(&pod, &ctx, attrs, Some(target)).await {
+    let delivered = match deliver(&pod, &ctx, &attrs, Some(target)).await {
         Ok(d) => d,
         Err(e) => {
             warn!(reason = e.reason(), error = %e, port = target.port(), "plaintext connection refused");

@@ -45,6 +45,7 @@ fn authorize(
 }
 
 /// Who sent a request to a destination pod.
+#[derive(Clone)]
 pub struct Sender {
     pub identity: Identity,
     pub addr: SocketAddr,

@@ -19,6 +19,7 @@ mod cors;
 pub mod detect;
 mod errors;
 mod filters;
+pub mod gate;
 pub mod inbound;
 mod metered;
 mod replay;
