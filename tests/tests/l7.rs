@@ -815,9 +815,20 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
     // agent carries bytes, not requests. Only the DENY's L7 parts stand against such a
     // connection, so the destination's agent, seeing HTTP, checks each request of it:
     // across nodes (v1) and on one node (local). (Before, it refused the whole
-    // connection, and with it every client of the pod that used its IP.)
-    for (pod, prefix, node) in [("v1", "", "node-2"), ("local", "/local", "node-1")] {
-        let addr = sa(c.pod_ip(pod), ECHO_PORT);
+    // connection, and with it every client of the pod that used its IP or a Service
+    // without routes.)
+    // A Service with no route attached (`echo-v1`) takes the same way.
+    let cases = [
+        (sa(c.pod_ip("v1"), ECHO_PORT), "v1", "", "node-2"),
+        (
+            sa(c.pod_ip("local"), ECHO_PORT),
+            "local",
+            "/local",
+            "node-1",
+        ),
+        (sa(vip(21), 80), "v1", "", "node-2"),
+    ];
+    for (addr, pod, prefix, node) in cases {
         let before = c.agent_log(node).matches("routed request refused").count();
         let out = get(
             &mut c,
