@@ -856,6 +856,23 @@ fn l7_policy_denies_one_request_and_the_connection_serves_the_next() {
         );
         let after = c.agent_log(node).matches("routed request refused").count();
         assert!(after >= before + 2, "{node} logged no refusal");
+        // HTTP/2 with prior knowledge is served the same way, and reaches the app as
+        // HTTP/2.
+        let out = get(
+            &mut c,
+            &client,
+            Get {
+                addr: Some(addr.clone()),
+                host: None,
+                h2: true,
+                path: &format!("{prefix}/public"),
+                then: &[format!("POST {prefix}/admin/users")],
+                ..Get::default()
+            },
+        );
+        assert_eq!(out["statuses"]["200"], 1, "{pod} h2: {out}");
+        assert_eq!(out["last"]["proto"], "HTTP/2.0", "{out}");
+        assert_eq!(out["then"], serde_json::json!([403]), "{pod} h2: {out}");
         // A connection that is not HTTP cannot be checked request by request: it is
         // refused, and the application never sees its bytes.
         let who = c.run_in(&client, &["who", "--addr", &addr], SECS);
