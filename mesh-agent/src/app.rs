@@ -158,6 +158,7 @@ pub async fn run(args: RunArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         loads: Arc::new(crate::proxy::http::Loads::default()),
         app_conns: Arc::new(crate::proxy::http::AppConns::default()),
         detect_timeout: args.detect_timeout,
+        server_first_ports: args.server_first_ports.clone(),
         live: Arc::new(LiveConns::default()),
         secrets: secrets.clone(),
         pool: pool.clone(),

@@ -6,10 +6,7 @@ use anyhow::Context as _;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::{
-    Message,
-    handshake::server::{ErrorResponse, Request, Response},
-};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Echoes every text or binary message back, prefixed with the pod's name.
 pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
@@ -19,8 +16,7 @@ pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
         let (stream, _) = listener.accept().await?;
         let name = name.clone();
         tokio::spawn(async move {
-            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, tell_client_cert).await
-            else {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                 return;
             };
             while let Some(Ok(msg)) = ws.next().await {
@@ -38,18 +34,8 @@ pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
     }
 }
 
-/// The client identity the mesh told this server goes back in the 101.
-// The error type is tungstenite's own (a whole HTTP response), not ours to shrink.
-#[allow(clippy::result_large_err)]
-fn tell_client_cert(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
-    if let Some(v) = req.headers().get("x-forwarded-client-cert") {
-        resp.headers_mut().insert("x-seen-client-cert", v.clone());
-    }
-    Ok(resp)
-}
-
 /// Connects to `addr` (speaking to `host`), sends `count` text messages one at a
-/// time and reports the echoes and the client identity the server was told.
+/// time and reports the echoes.
 pub async fn get(addr: SocketAddr, host: &str, path: &str, count: usize) -> anyhow::Result<Value> {
     let tcp = TcpStream::connect(addr)
         .await
@@ -66,9 +52,5 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str, count: usize) -> anyh
         }
     }
     ws.close(None).await?;
-    let client_cert = resp
-        .headers()
-        .get("x-seen-client-cert")
-        .and_then(|v| v.to_str().ok());
-    Ok(json!({ "status": resp.status().as_u16(), "echoes": echoes, "client_cert": client_cert }))
+    Ok(json!({ "status": resp.status().as_u16(), "echoes": echoes }))
 }

@@ -59,6 +59,8 @@ pub struct ProxyContext {
     pub app_conns: Arc<http::AppConns>,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
+    /// Ports where the server speaks first (`--server-first-ports`): never detected.
+    pub server_first_ports: Vec<u16>,
     pub live: Arc<LiveConns>,
     pub secrets: Arc<SecretManager>,
     pub pool: Arc<Pool>,

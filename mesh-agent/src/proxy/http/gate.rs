@@ -61,6 +61,12 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _permit = permit;
+    // A server-first port (MySQL, Redis, memcached, SMTP...) is never taken for HTTP:
+    // HTTP-shaped bytes sent there would reach a protocol that may act on them.
+    if ctx.server_first_ports.contains(&target.port()) {
+        warn!(source = %from.identity, port = target.port(), error = %NotHttp, "connection refused (a server-first port)");
+        return Served::NotHttp(io);
+    }
     let (wire, prefix) = match detect(&mut io, ctx.detect_timeout).await {
         Ok((Detected::Http1, prefix)) => (Wire::Http1, prefix),
         Ok((Detected::Http2, prefix)) => (Wire::Http2, prefix),

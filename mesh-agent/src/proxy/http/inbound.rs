@@ -20,7 +20,7 @@ use super::{
     errors::Failure,
     is_grpc,
     metered::{self, Report},
-    request_target, set_client_identity, strip_headers,
+    request_target, strip_headers,
     upstream::shape,
 };
 use crate::{
@@ -117,9 +117,6 @@ pub async fn deliver(
                 RequestAttrs::new(req.method().as_str(), &pq, into.authority, req.headers());
             let allowed = authorize(snap, into.pod, &attrs, &request);
             shape(&mut req, into.wire, into.authority, &pq);
-            if let Some(client) = &facts.source.identity {
-                set_client_identity(req.headers_mut(), &into.pod.identity, client);
-            }
             allowed
         }
         Err(f) => Err(f),

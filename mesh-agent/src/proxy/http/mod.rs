@@ -49,7 +49,6 @@ use route::{Decision, Incoming, decide};
 use super::{PodContext, ProxyContext, plan::HttpPlan};
 use crate::{
     config::{Filter, NamespacedName},
-    identity::Identity,
     state::{PortProtocol, RequestView},
     telemetry::{Mode, Peer, Reporter, RequestFacts, ResponseFlag, access::TARGET as ACCESS},
 };
@@ -154,25 +153,11 @@ fn authority_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
     })
 }
 
-/// Envoy's `x-forwarded-client-cert`, as Istio's sidecars give it to the application:
-/// `By=<the application's identity>;URI=<the client's identity>`, the identity the
-/// mesh proved (mTLS between nodes, the agent's own knowledge on one node). A pod
-/// cannot set it: it is removed from every request a pod sends and set again where
-/// the request is delivered, so an application may trust it.
-pub const CLIENT_CERT_HEADER: &str = "x-forwarded-client-cert";
-
-fn set_client_identity(h: &mut HeaderMap, by: &Identity, client: &Identity) {
-    if let Ok(v) = HeaderValue::from_str(&format!("By={by};URI={client}")) {
-        h.insert(CLIENT_CERT_HEADER, v);
-    }
-}
-
 /// Headers only agents may set, and hop-by-hop headers that end at this hop.
 fn strip_headers(h: &mut HeaderMap) {
     h.remove(DST_HEADER);
     h.remove(PROTO_HEADER);
     h.remove(SVC_HEADER);
-    h.remove(CLIENT_CERT_HEADER);
     for name in [
         "keep-alive",
         "proxy-connection",

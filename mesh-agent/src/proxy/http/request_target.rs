@@ -15,7 +15,15 @@ pub fn normalize(path_and_query: &str) -> Result<Cow<'_, str>, Failure> {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
     };
+    // `?x` (an empty path, which the URI parser accepts) is `/?x` to every server; a
+    // policy must see `/`, not an empty path no pattern matches.
+    let p = if p.is_empty() { "/" } else { p };
+    let borrowed = p.len() + query.map_or(0, |q| q.len() + 1) == path_and_query.len();
     match path::normalize(p).map_err(|e| Failure::BadRequest(e.to_string()))? {
+        Cow::Borrowed(_) if !borrowed => Ok(Cow::Owned(match query {
+            Some(q) => format!("/?{q}"),
+            None => "/".to_owned(),
+        })),
         Cow::Borrowed(_) => Ok(Cow::Borrowed(path_and_query)),
         Cow::Owned(mut p) => {
             if let Some(q) = query {
@@ -92,6 +100,13 @@ mod tests {
             assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
         }
         assert!(matches!(normalize("/a%2?x"), Err(Failure::BadRequest(_))));
+        // An empty path is the root, for routing, policy and the application alike.
+        assert_eq!(normalize("?x=1").unwrap(), "/?x=1");
+        assert_eq!(normalize("").unwrap(), "/");
+        let mut p = parts("POST", "http://svc?x");
+        normalize_parts(&mut p).unwrap();
+        assert_eq!(p.uri.path(), "/");
+        assert_eq!(p.uri.to_string(), "http://svc/?x");
         assert_eq!(normalize("/a/../b?c=%zz").unwrap(), "/b?c=%zz");
     }
 }

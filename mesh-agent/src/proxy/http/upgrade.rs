@@ -18,12 +18,10 @@ use super::{
     Conn, RequestLog, Wire,
     body::{self, Body},
     errors::Failure,
-    set_client_identity,
     upstream::{pick, shape},
 };
 use crate::{
     authz::{ConnAttrs, RequestAttrs},
-    identity::Identity,
     proxy::{
         Snapshot, deciding_policy,
         dial::dial_from,
@@ -72,7 +70,7 @@ async fn connect(
     req: &Request<Body>,
     up: &Upgrade<'_>,
     log: &mut RequestLog<'_>,
-) -> Result<(Stream, Option<Identity>), Failure> {
+) -> Result<Stream, Failure> {
     let ctx = &conn.ctx;
     let hop = hop_to(snap, endpoint);
     log.destination = hop.peer();
@@ -96,22 +94,21 @@ async fn connect(
                 .map_err(|d| Failure::Denied(deciding_policy(&d)))?;
             dial_from(&dest.netns, endpoint, ctx.connect_timeout)
                 .await
-                .map(|s| (Either::Left(s), Some(dest.identity.clone())))
+                .map(Either::Left)
                 .map_err(|e| Failure::Upstream(e.to_string()))
         }
         Way::Hbone(identity) => {
             log.mode = Mode::Hbone;
             tunnel::open(&conn.pod, ctx, identity, endpoint)
                 .await
-                .map(|s| (Either::Right(s), Some(identity.clone())))
+                .map(Either::Right)
                 .map_err(|e| Failure::Upstream(e.to_string()))
         }
-        // Outside the mesh: no identity to tell.
         Way::Passthrough => {
             log.mode = Mode::Passthrough;
             dial_from(&conn.pod.netns, endpoint, ctx.connect_timeout)
                 .await
-                .map(|s| (Either::Left(s), None))
+                .map(Either::Left)
                 .map_err(|e| Failure::Upstream(e.to_string()))
         }
     }
@@ -129,9 +126,7 @@ pub async fn send(
 ) -> Result<Response<Body>, Failure> {
     let (endpoint, in_flight) = pick(conn, snap, endpoints)?;
     log.upstream = super::Upstream(Some(endpoint));
-    // The destination agent sees only bytes once the tunnel stream is open, so the
-    // upgrade request carries the client's identity from here.
-    let (stream, dest) = match connect(conn, snap, endpoint, &req, &up, log).await {
+    let stream = match connect(conn, snap, endpoint, &req, &up, log).await {
         Ok(s) => s,
         Err(e) => {
             in_flight.failed();
@@ -148,9 +143,6 @@ pub async fn send(
     });
     shape(&mut req, Wire::Http1, up.authority, up.path_and_query);
     let h = req.headers_mut();
-    if let Some(dest) = &dest {
-        set_client_identity(h, dest, &conn.pod.identity);
-    }
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, up.protocol.clone());
     let mut resp = match sender.send_request(req).await {
