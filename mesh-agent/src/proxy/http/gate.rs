@@ -17,20 +17,15 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http::{Method, Request};
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::{
-    HEADER_READ_TIMEOUT, Wire, authority_of,
-    body::{self},
+    Wire, client_server,
     detect::{Detected, Prefixed, detect},
     errors::Failure,
-    inbound::{PodTarget, Sender, deliver},
-    strip_headers,
+    inbound::{PodTarget, Sender, deliver, for_delivery},
 };
 use crate::proxy::{PodContext, ProxyContext};
 
@@ -92,15 +87,7 @@ where
                 );
                 return Ok::<_, Infallible>(f.response(false));
             }
-            let authority =
-                authority_of(req.uri(), req.headers()).unwrap_or_else(|| target.to_string());
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-            let (mut parts, incoming) = req.into_parts();
-            strip_headers(&mut parts.headers);
-            let req = Request::from_parts(parts, body::incoming(incoming));
+            let (req, authority, pq) = for_delivery(req, target);
             let snap = ctx.snapshot.load();
             let into = PodTarget {
                 pod: &pod,
@@ -112,18 +99,7 @@ where
             Ok(deliver(&ctx, &snap, from, into, req).await)
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(crate::proxy::inbound::MAX_STREAMS)
-        .keep_alive_interval(crate::proxy::tunnel::KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(crate::proxy::tunnel::KEEPALIVE_TIMEOUT);
+    let builder = client_server();
     let served = builder.serve_connection(TokioIo::new(Prefixed::new(prefix, io)), service);
     tokio::pin!(served);
     let result = tokio::select! {

@@ -160,6 +160,27 @@ pub async fn deliver(
     )
 }
 
+/// A request as `deliver` takes it: its authority (the target's address if it names
+/// none), its path and query as sent, and the request without the headers only agents
+/// may set and the hop-by-hop ones.
+pub fn for_delivery(
+    req: Request<hyper::body::Incoming>,
+    target: SocketAddr,
+) -> (Request<Body>, String, String) {
+    let authority = authority_of(req.uri(), req.headers()).unwrap_or_else(|| target.to_string());
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let (mut parts, incoming) = req.into_parts();
+    strip_headers(&mut parts.headers);
+    (
+        Request::from_parts(parts, body::incoming(incoming)),
+        authority,
+        pq,
+    )
+}
+
 /// One routed request that arrived through the tunnel.
 pub async fn serve_request(
     req: Request<hyper::body::Incoming>,
@@ -199,14 +220,7 @@ pub async fn serve_request(
             name: name.to_owned(),
         });
     let snap = ctx.snapshot.load();
-    let authority = authority_of(req.uri(), req.headers()).unwrap_or_else(|| target.to_string());
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map_or("/".to_owned(), |p| p.as_str().to_owned());
-    let (mut parts, incoming) = req.into_parts();
-    strip_headers(&mut parts.headers);
-    let req = Request::from_parts(parts, body::incoming(incoming));
+    let (req, authority, pq) = for_delivery(req, target);
     let from = Sender {
         identity: source.clone(),
         addr: peer,

@@ -106,18 +106,7 @@ pub async fn serve<IO>(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(super::inbound::MAX_STREAMS)
-        .keep_alive_interval(super::tunnel::KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(super::tunnel::KEEPALIVE_TIMEOUT);
+    let builder = client_server();
     let draining = conn_ctx.draining.clone();
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
@@ -134,6 +123,25 @@ pub async fn serve<IO>(
     if let Err(e) = result {
         debug!(error = %e, "HTTP client connection ended with an error");
     }
+}
+
+/// The HTTP server for a client's connection (HTTP/1.1 or HTTP/2, as it speaks), with
+/// the bounds a client gets: a header-read timeout, a stream cap and keepalive. Routed
+/// connections and those the destination checks request by request (`gate`) share it.
+fn client_server() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(super::inbound::MAX_STREAMS)
+        .keep_alive_interval(super::tunnel::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(super::tunnel::KEEPALIVE_TIMEOUT);
+    builder
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

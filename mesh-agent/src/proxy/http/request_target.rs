@@ -17,13 +17,12 @@ pub fn normalize(path_and_query: &str) -> Result<Cow<'_, str>, Failure> {
     };
     // `?x` (an empty path, which the URI parser accepts) is `/?x` to every server; a
     // policy must see `/`, not an empty path no pattern matches.
-    let p = if p.is_empty() { "/" } else { p };
-    let borrowed = p.len() + query.map_or(0, |q| q.len() + 1) == path_and_query.len();
-    match path::normalize(p).map_err(|e| Failure::BadRequest(e.to_string()))? {
-        Cow::Borrowed(_) if !borrowed => Ok(Cow::Owned(match query {
-            Some(q) => format!("/?{q}"),
-            None => "/".to_owned(),
-        })),
+    let normal = if p.is_empty() {
+        Cow::Owned("/".to_owned())
+    } else {
+        path::normalize(p).map_err(|e| Failure::BadRequest(e.to_string()))?
+    };
+    match normal {
         Cow::Borrowed(_) => Ok(Cow::Borrowed(path_and_query)),
         Cow::Owned(mut p) => {
             if let Some(q) = query {
